@@ -1,0 +1,158 @@
+"""FeatureExtractor: images -> {layer1, layer2, layer3, pool}, and weights resolution (SPEC 1.2)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from .config import BACKBONES, LEVELS
+
+log = logging.getLogger(__name__)
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be obtained or do not fit the backbone."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> the first CUDA device when one is usable, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r}: expected 'auto', 'cpu' or 'cuda[:N]'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: expected 'auto', 'cpu' or 'cuda[:N]'")
+    return dev
+
+
+def imagenet_weights(backbone: str):
+    """The torchvision ImageNet weights enum member used for ``backbone`` (IMAGENET1K_V1)."""
+    return torchvision.models.get_model_weights(backbone).IMAGENET1K_V1
+
+
+def imagenet_cache_path(backbone: str) -> Path:
+    """Where the torch hub cache (``TORCH_HOME``) keeps the ImageNet file of ``backbone``."""
+    url = imagenet_weights(backbone).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def load_state_dict(backbone: str, weights) -> dict | None:
+    """``"imagenet"`` (torch hub cache, downloading when missing), a path, or None (random)."""
+    if weights is None:
+        return None
+    if weights == "imagenet":
+        w = imagenet_weights(backbone)
+        try:
+            return w.get_state_dict(progress=True, check_hash=True)
+        except Exception as e:  # urllib/OSError/hash errors all mean "could not obtain"
+            raise WeightsError(
+                f"could not obtain ImageNet weights for {backbone} from {w.url} ({e}). "
+                f"Without network, copy that file to {imagenet_cache_path(backbone)} or pass "
+                f"a local state_dict with weights=PATH (CLI: --weights PATH)") from None
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights={str(weights)!r}: no such file "
+                                f"(expected 'imagenet', a state_dict file, or None)")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"{path}: not a loadable torch state_dict ({e})") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise WeightsError(f"{path}: expected a state_dict (a dict of tensors), got {type(sd).__name__}")
+    return sd
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the parameter and buffer tensors (sorted names, raw bytes).
+
+    Hashing the tensors rather than a file gives one identity for the same weights whatever
+    their source (hub cache, a local file, or a seeded random init).
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def build_model(backbone: str, weights, seed: int = 0) -> torch.nn.Module:
+    """A torchvision classifier with the requested weights, in eval mode, float32."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone={backbone!r}: expected one of {list(BACKBONES)}")
+    state = load_state_dict(backbone, weights)
+    # Random init draws from torch's global RNG: fork it so building a model leaves the
+    # caller's random state untouched (no global side effects), and seed it for determinism.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = torchvision.models.get_model(backbone, weights=None)
+    if state is not None:
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = str(e).splitlines()[0:3]
+            raise WeightsError(f"weights={str(weights)!r} do not fit backbone {backbone}: "
+                               + " ".join(s.strip() for s in first)) from None
+    return model.eval().float()
+
+
+class FeatureExtractor:
+    """A backbone cut at ``layer1..3`` and ``avgpool``.
+
+    Parameters
+    ----------
+    backbone : str
+        ``wide_resnet50_2`` (default), ``wide_resnet101_2``, ``resnet18`` or ``resnet50``.
+    weights : {"imagenet"} or path or None
+        ImageNet weights via the torch hub cache, a local state_dict, or seeded random init.
+    device : str
+        ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``.
+    seed : int
+        Seed of the random init (``weights=None`` only).
+
+    Attributes
+    ----------
+    weights_sha256 : str
+        Identity of the loaded weights, stored in corpora and checked on every query.
+    """
+
+    def __init__(self, backbone="wide_resnet50_2", weights="imagenet", device="auto", seed=0):
+        self.backbone = backbone
+        self.weights = weights
+        self.device = resolve_device(device)
+        model = build_model(backbone, weights, seed)
+        self.weights_sha256 = state_dict_sha256(model)
+        nodes = {lv: lv for lv in LEVELS} | {"avgpool": "pool"}
+        self.model = create_feature_extractor(model, return_nodes=nodes).to(self.device).eval()
+
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Features of a preprocessed batch.
+
+        Parameters
+        ----------
+        batch : ndarray, float32, (B, 3, crop, crop)
+
+        Returns
+        -------
+        dict
+            ``layer1..3``: float32 (B, h, w, C) channels-last; ``pool``: float32 (B, D).
+        """
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+        # float32 math: no TF32 in cuDNN convolutions (it is on by default for convs).
+        with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            out = self.model(x)
+        feats = {lv: out[lv].permute(0, 2, 3, 1).contiguous().cpu().numpy() for lv in LEVELS}
+        feats["pool"] = out["pool"].flatten(1).cpu().numpy()
+        return feats

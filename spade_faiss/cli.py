@@ -1,0 +1,226 @@
+"""``spade-faiss`` command line: index, reindex, info, score.
+
+Exit status: 0 success; 1 error (one line on stderr naming the file or value); 3 finished but
+some inputs were skipped (each listed with its reason).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+
+from . import __version__
+
+EXIT_ERROR = 1
+EXIT_PARTIAL = 3
+
+
+def _weights(value: str):
+    return None if value in ("none", "random") else value
+
+
+def _add_feature_args(p: argparse.ArgumentParser, defaults: bool):
+    d = (lambda v: v) if defaults else (lambda v: None)
+    p.add_argument("--backbone", default=d("wide_resnet50_2"), help="wide_resnet50_2 | wide_resnet101_2 | resnet18 | resnet50")
+    p.add_argument("--weights", default="imagenet", type=_weights,
+                   help="'imagenet' (torch hub cache, downloaded if missing), a local state_dict file, "
+                        "or 'none' for seeded random init")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random init (--weights none)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    p.add_argument("--resize", type=int, default=d(256))
+    p.add_argument("--crop", type=int, default=d(224))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="spade-faiss", description="SPADE anomaly detection over faiss-indexed HDF5 corpora")
+    ap.add_argument("--version", action="version", version=__version__)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("index", help="index normal images into a corpus file (appends new images only)")
+    p.add_argument("src", help="a folder, a text file of paths, or an MVTec category (uses train/good)")
+    p.add_argument("--out", required=True, help="corpus file, e.g. indexes/NAME.h5")
+    _add_feature_args(p, defaults=True)
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--index", default="auto", choices=["auto", "flat", "ivf"])
+    p.add_argument("--nlist", type=int)
+    p.add_argument("--nprobe", type=int)
+
+    p = sub.add_parser("reindex", help="rebuild and retrain the image index of a corpus")
+    p.add_argument("store")
+    p.add_argument("--index", default="auto", choices=["auto", "flat", "ivf"])
+    p.add_argument("--nlist", type=int)
+    p.add_argument("--nprobe", type=int)
+    p.add_argument("--encoding", default="Flat", help="IVF list encoding: Flat, SQ8, PQ{m}")
+
+    p = sub.add_parser("info", help="print a corpus file's metadata")
+    p.add_argument("store")
+
+    p = sub.add_parser("score", help="score images against a corpus: scores.csv, maps.h5, overlays")
+    p.add_argument("store")
+    p.add_argument("src", help="a folder, a text file of paths, or an MVTec category (uses test/)")
+    p.add_argument("--out", required=True, help="run directory")
+    _add_feature_args(p, defaults=False)
+    p.add_argument("--k-image", type=int, default=5)
+    p.add_argument("--k-gallery", type=int, default=50)
+    p.add_argument("--kappa", type=int, default=1)
+    p.add_argument("--pixel-mode", default="per_level", choices=["per_level", "concat"])
+    p.add_argument("--sigma", type=float, default=4.0)
+    p.add_argument("--nprobe", type=int)
+    p.add_argument("--segment", default="all", choices=["all", "anomalous"],
+                   help="'anomalous': pixel maps only for images above the image threshold")
+    p.add_argument("--tau", type=float, help="image threshold (default: the corpus's calibrated one)")
+    p.add_argument("--theta", type=float, help="pixel threshold (default: the corpus's calibrated one)")
+    p.add_argument("--no-overlays", action="store_true")
+    p.add_argument("--shard-index", type=int, default=0)
+    p.add_argument("--num-shards", type=int, default=1)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    warnings.simplefilter("default")
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("spade-faiss: interrupted; committed work is kept, re-run to resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, OSError, RuntimeError) as e:
+        print(f"spade-faiss: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _progress(total, desc):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=None, dynamic_ncols=True)
+
+
+def _report_errors(errors, what) -> int:
+    if not errors:
+        return 0
+    print(f"spade-faiss: {len(errors)} input(s) {what}:", file=sys.stderr)
+    for _, reason in errors:
+        print(f"  {reason}", file=sys.stderr)
+    return EXIT_PARTIAL
+
+
+def cmd_index(args) -> int:
+    from .detector import Spade
+    from .images import discover
+
+    samples = discover(args.src, split="train")
+    params = dict(backbone=args.backbone, weights=args.weights, seed=args.seed, device=args.device,
+                  batch_size=args.batch_size, workers=args.workers, resize=args.resize, crop=args.crop,
+                  dtype=args.dtype, index=args.index, nlist=args.nlist, nprobe=args.nprobe)
+    if os.path.exists(args.out):
+        spade = Spade.open(args.out, mode="a", **params)
+    else:
+        spade = Spade.create(args.out, **params)
+    with spade, _progress(len(samples), "indexing") as bar:
+        report = spade.add(samples, on_batch=bar.update)
+        n, size = len(spade.store_), spade.store_.nbytes_on_disk()
+    rate = report.added / report.seconds if report.seconds else 0.0
+    print(json.dumps({"store": args.out, "added": report.added, "duplicates": report.duplicates,
+                      "errors": len(report.errors), "images": n, "bytes": size,
+                      "seconds": round(report.seconds, 2), "images_per_s": round(rate, 2)}))
+    if report.added == 0 and report.duplicates == 0:
+        print(f"spade-faiss: error: no image of {args.src} could be indexed", file=sys.stderr)
+        _report_errors(report.errors, "skipped")
+        return EXIT_ERROR
+    return _report_errors(report.errors, "skipped")
+
+
+def cmd_reindex(args) -> int:
+    from .image_index import ImageIndex
+    from .store import FeatureStore
+
+    with FeatureStore.open(args.store, "a") as store:
+        t = time.perf_counter()
+        index = ImageIndex.build(store.pool(), args.index, args.nlist, args.nprobe, args.encoding)
+        index.save(store)
+        print(json.dumps({"store": args.store, **index.attrs(), "seconds": round(time.perf_counter() - t, 2)}))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .image_index import ImageIndex
+    from .store import FeatureStore
+
+    with FeatureStore.open(args.store) as store:
+        index = ImageIndex.load(store)
+        attrs = store.attrs
+        info = {"store": args.store, "format_version": int(attrs["format_version"]),
+                "library_version": str(attrs.get("library_version")), "created": str(attrs.get("created")),
+                "images": len(store), "bytes": store.nbytes_on_disk(), "config": store.config.feature_dict(),
+                "levels": {k: list(v) for k, v in store.level_shapes.items()}, "pool_dim": store.pool_dim,
+                "index": index.attrs() if index else None,
+                "thresholds": json.loads(attrs["thresholds"]) if "thresholds" in attrs else None}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_score(args) -> int:
+    from . import images as imglib
+    from .detector import Spade
+    from .runs import RunWriter, overlay
+    from .scoring import map_to_original
+
+    if not 0 <= args.shard_index < args.num_shards:
+        raise ValueError(f"--shard-index {args.shard_index}: expected 0 <= i < --num-shards {args.num_shards}")
+    samples = imglib.discover(args.src, split="test")[args.shard_index::args.num_shards]
+    params = {k: v for k, v in dict(backbone=args.backbone, resize=args.resize, crop=args.crop).items() if v is not None}
+    spade = Spade.open(args.store, weights=args.weights, seed=args.seed, device=args.device,
+                       batch_size=args.batch_size, workers=args.workers, k_image=args.k_image,
+                       k_gallery=args.k_gallery, kappa=args.kappa, pixel_mode=args.pixel_mode,
+                       sigma=args.sigma, nprobe=args.nprobe, **params)
+    thresholds = json.loads(spade.store_.attrs.get("thresholds", "{}"))
+    tau = args.tau if args.tau is not None else thresholds.get("tau")
+    theta = args.theta if args.theta is not None else thresholds.get("theta")
+    if args.segment == "anomalous" and tau is None:
+        raise ValueError("--segment anomalous needs an image threshold: run `spade-faiss calibrate` or pass --tau")
+    writer = RunWriter(args.out, spade.crop, args.shard_index, args.num_shards, overlays=not args.no_overlays)
+    todo = [s for s in samples if s.path not in writer.done and s.path not in writer.failed]
+    errors = []
+    with spade, _progress(len(samples), "scoring") as bar:
+        bar.update(len(samples) - len(todo))
+        paths = spade.store_.paths()
+        for batch in imglib.iter_prepared(todo, spade.batch_size, spade.resize, spade.crop, spade.workers):
+            result = spade.score_prepared(batch, segment=True if args.segment == "all" else float(tau))
+            rows, pictures = [], []
+            ok = [p for p in batch if p.error is None]
+            for i, path in enumerate(result.paths):
+                amap = result.maps[i] if result.segmented[i] else None
+                rows.append({"image_path": path, "score": f"{result.image_scores[i]:.6g}",
+                             "is_anomalous": "" if tau is None else int(result.image_scores[i] > tau),
+                             "map_max": "" if amap is None else f"{amap.max():.6g}",
+                             "neighbour_paths": ";".join(paths[j] for j in result.neighbour_ids[i][: spade.k_image])})
+                rgb = ok[i].image.rgb
+                pictures.append(None if args.no_overlays or amap is None else
+                                overlay(rgb, map_to_original(amap, rgb.shape[:2], spade.resize), theta))
+            maps = result.maps if result.maps is not None else np.zeros((len(rows), spade.crop, spade.crop), np.float32)
+            writer.write(rows, maps, pictures)
+            writer.write_errors(result.errors)
+            errors += result.errors
+            bar.update(len(batch))
+    writer.close()
+    print(json.dumps({"run": args.out, "scored": len(todo) - len(errors), "skipped_done": len(samples) - len(todo),
+                      "errors": len(errors)}))
+    return _report_errors(errors, "skipped (see errors.csv)")
+
+
+COMMANDS = {"index": cmd_index, "reindex": cmd_reindex, "info": cmd_info, "score": cmd_score}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Stage 2: exact kNN of query patches over the retrieved images' galleries (SPEC 1.1, 4).
+
+Galleries arrive as per-image arrays; they are searched in chunks of at most ``chunk_bytes``
+so memory stays bounded for any ``k_gallery``, and per-chunk results are merged exactly (the
+``kappa`` smallest of a union are among the ``kappa`` smallest of each part).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Iterable, Iterator, Sequence
+
+import faiss
+import numpy as np
+
+from .resample import bilinear
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+# --- devices -----------------------------------------------------------------------------
+
+def gpu_available() -> bool:
+    """True when this faiss build has GPU support and sees a GPU (faiss-gpu)."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def resolve_search_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when faiss-gpu sees a GPU, else ``cpu``; ``cuda[:N]`` is checked."""
+    if device == "auto":
+        return "cuda" if gpu_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device.startswith("cuda"):
+        if not gpu_available():
+            raise ValueError(f"device={device!r}: faiss has no GPU here (install faiss-gpu "
+                             f"instead of faiss-cpu, never both)")
+        return device
+    raise ValueError(f"device={device!r}: expected 'auto', 'cpu' or 'cuda[:N]'")
+
+
+_thread_local = threading.local()
+
+
+def gpu_resources():
+    """One ``StandardGpuResources`` per thread, created once and reused (SPEC 4)."""
+    res = getattr(_thread_local, "gpu_res", None)
+    if res is None:
+        res = _thread_local.gpu_res = faiss.StandardGpuResources()
+    return res
+
+
+def _gpu_id(device: str) -> int:
+    return int(device.split(":")[1]) if ":" in device else 0
+
+
+def _knn(queries: np.ndarray, gallery: np.ndarray, k: int, device: str) -> np.ndarray:
+    """Squared L2 distances to the ``k`` nearest gallery rows, ascending, (nq, k) float32."""
+    if device == "cpu":
+        dist, _ = faiss.knn(queries, gallery, k, metric=faiss.METRIC_L2)
+    else:  # float16 galleries are searched as float16 by the GPU kernels
+        dist, _ = faiss.knn_gpu(gpu_resources(), queries, gallery, k, device=_gpu_id(device))
+    return np.maximum(dist, 0.0, out=dist)
+
+
+# --- chunked exact search ----------------------------------------------------------------
+
+def iter_chunks(galleries: Iterable[np.ndarray], chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                dtype=np.float32) -> Iterator[np.ndarray]:
+    """Concatenate per-image galleries (each (n_i, C)) into chunks of at most ``chunk_bytes``
+    (an image larger than the budget forms a chunk by itself)."""
+    parts, size = [], 0
+    for g in galleries:
+        g = g.reshape(-1, g.shape[-1])
+        nbytes = g.shape[0] * g.shape[1] * np.dtype(dtype).itemsize
+        if parts and size + nbytes > chunk_bytes:
+            yield _join(parts, dtype)
+            parts, size = [], 0
+        parts.append(g)
+        size += nbytes
+    if parts:
+        yield _join(parts, dtype)
+
+
+def _join(parts, dtype) -> np.ndarray:
+    if len(parts) == 1:
+        return np.ascontiguousarray(parts[0], dtype=dtype)
+    out = np.empty((sum(p.shape[0] for p in parts), parts[0].shape[1]), dtype=dtype)
+    np.concatenate(parts, axis=0, out=out, casting="same_kind")
+    return out
+
+
+def knn_mean(queries: np.ndarray, chunks: Iterable[np.ndarray], kappa: int = 1,
+             device: str = "cpu") -> np.ndarray:
+    """Mean of the ``kappa`` smallest squared L2 distances of each query to the union of
+    ``chunks``.
+
+    Parameters
+    ----------
+    queries : float32 (nq, C)
+    chunks : iterable of (n_i, C) arrays (float32; float16 on GPU)
+    kappa : int
+
+    Returns
+    -------
+    float32 (nq,)
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    best = None  # (nq, <=kappa) smallest distances so far
+    total = 0
+    for chunk in chunks:
+        total += chunk.shape[0]
+        dist = _knn(queries, chunk, min(kappa, chunk.shape[0]), device)
+        if best is None:
+            best = dist
+        elif kappa == 1:
+            np.minimum(best, dist, out=best)
+        else:
+            both = np.concatenate([best, dist], axis=1)
+            keep = min(kappa, both.shape[1])
+            best = np.partition(both, keep - 1, axis=1)[:, :keep]
+    if best is None or total < kappa:
+        raise ValueError(f"kappa={kappa} needs at least {kappa} gallery vectors, got {total}")
+    return best.mean(axis=1, dtype=np.float64).astype(np.float32)
+
+
+def level_maps(query: np.ndarray, galleries: Sequence[np.ndarray], kappa: int = 1,
+               device: str = "cpu", chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> np.ndarray:
+    """Distance maps of several query images that share one gallery.
+
+    Parameters
+    ----------
+    query : (B, h, w, C) feature maps of the queries at one level
+    galleries : per-image (h, w, C) maps of the retrieved images at the same level
+
+    Returns
+    -------
+    float32 (B, h, w): mean of the ``kappa`` smallest squared distances per location
+    """
+    b, h, w, c = query.shape
+    dtype = np.float16 if device != "cpu" and galleries and galleries[0].dtype == np.float16 else np.float32
+    scores = knn_mean(query.reshape(-1, c), iter_chunks(galleries, chunk_bytes, dtype), kappa, device)
+    return scores.reshape(b, h, w)
+
+
+# --- concat mode -------------------------------------------------------------------------
+
+def concat_levels(levels: Sequence[np.ndarray]) -> np.ndarray:
+    """``concat`` mode features: every level upsampled to the first level's grid and
+    concatenated along channels, (B, h1, w1, sum C)."""
+    size = levels[0].shape[1]
+    return np.concatenate([bilinear(m, size) for m in levels], axis=-1)

@@ -1,0 +1,231 @@
+"""FeatureStore: one HDF5 file per corpus, format v1 (SPEC 2). No torch here.
+
+Crash safety: an append resizes the datasets, writes the rows, flushes, and only then bumps
+``n_committed``. Rows past ``n_committed`` are leftovers of a crash: ignored by readers and
+overwritten by the next append.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from . import __version__
+from .config import SpadeConfig, feature_mismatch
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SHA_DTYPE = "S64"
+POOL_CHUNK_ROWS = 256
+
+
+class StoreError(ValueError):
+    """A corpus file that is missing parts, corrupt, or built with another configuration."""
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class FeatureStore:
+    """An open corpus file. Use :meth:`create` or :meth:`open`; closes on ``with`` exit.
+
+    Attributes
+    ----------
+    path : str
+    config : SpadeConfig
+        The configuration the features were extracted with (feature half only).
+    level_shapes : dict of str -> (h, w, C)
+    pool_dim : int
+    """
+
+    def __init__(self, h5: h5py.File, path: str):
+        self.h5 = h5
+        self.path = path
+        self._validate()
+        attrs = self.h5.attrs
+        self.config = SpadeConfig(**json.loads(attrs["config"]))
+        self.level_shapes = {lv: tuple(self.h5["levels"][lv].shape[1:]) for lv in self.config.levels}
+        self.pool_dim = int(self.h5["images/pool"].shape[1])
+
+    # --- opening -------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path, config: SpadeConfig, level_shapes: dict, pool_dim: int,
+               in_memory: bool = False) -> FeatureStore:
+        """A new, empty corpus; ``in_memory`` keeps it in RAM only (for ``Spade.fit``)."""
+        path = str(path)
+        if in_memory:
+            h5 = h5py.File(path, "w", driver="core", backing_store=False)
+        else:
+            if os.path.exists(path):
+                raise FileExistsError(f"{path}: already exists")
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            h5 = h5py.File(path, "w")
+        dtype = np.dtype(config.dtype)
+        h5.attrs.update(format_version=FORMAT_VERSION, library_version=__version__,
+                        created=_utc_now(), config=json.dumps(config.feature_dict(), sort_keys=True),
+                        n_committed=0)
+        img = h5.create_group("images")
+        img.create_dataset("path", (0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"), chunks=(1024,))
+        img.create_dataset("sha256", (0,), maxshape=(None,), dtype=SHA_DTYPE, chunks=(1024,))
+        img.create_dataset("pool", (0, pool_dim), maxshape=(None, pool_dim), dtype=np.float32,
+                           chunks=(POOL_CHUNK_ROWS, pool_dim))
+        lv = h5.create_group("levels")
+        for name in config.levels:
+            shape = tuple(level_shapes[name])
+            lv.create_dataset(name, (0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(1, *shape))
+        h5.create_group("index")
+        h5.flush()
+        return cls(h5, path)
+
+    @classmethod
+    def open(cls, path, mode: str = "r") -> FeatureStore:
+        """Open an existing corpus, ``mode`` ``"r"`` (read) or ``"a"`` (append)."""
+        path = str(path)
+        if mode not in ("r", "a"):
+            raise ValueError(f"mode={mode!r}: expected 'r' or 'a'")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such corpus file")
+        try:
+            h5 = h5py.File(path, "r" if mode == "r" else "r+")
+        except OSError as e:
+            raise StoreError(f"{path}: not a readable HDF5 corpus ({e})") from None
+        try:
+            return cls(h5, path)
+        except Exception:
+            h5.close()
+            raise
+
+    def _validate(self):
+        attrs = self.h5.attrs
+        for key in ("format_version", "config", "n_committed"):
+            if key not in attrs:
+                raise StoreError(f"{self.path}: missing attribute {key!r}: not a spade_faiss corpus")
+        if int(attrs["format_version"]) != FORMAT_VERSION:
+            raise StoreError(f"{self.path}: format_version {attrs['format_version']}, "
+                             f"this library reads {FORMAT_VERSION}")
+        levels = json.loads(attrs["config"])["levels"]
+        needed = ["images/path", "images/sha256", "images/pool", "index"] + [f"levels/{lv}" for lv in levels]
+        for name in needed:
+            if name not in self.h5:
+                raise StoreError(f"{self.path}: missing dataset {name!r}")
+        n = int(attrs["n_committed"])
+        for name in needed[:3] + needed[4:]:
+            if self.h5[name].shape[0] < n:
+                raise StoreError(f"{self.path}: {name} has {self.h5[name].shape[0]} rows, "
+                                 f"n_committed is {n}")
+
+    def check_config(self, config: SpadeConfig) -> None:
+        """Refuse a configuration whose feature half differs from the store's."""
+        diff = feature_mismatch(self.config.feature_dict(), config.feature_dict())
+        if diff:
+            raise StoreError(f"{self.path} was built with another configuration: " + "; ".join(diff))
+
+    def close(self):
+        if self.h5.id.valid:
+            self.h5.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __len__(self) -> int:
+        return int(self.h5.attrs["n_committed"])
+
+    # --- reading -------------------------------------------------------------------------
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.h5.attrs)
+
+    def paths(self) -> list[str]:
+        return [p.decode("utf-8") if isinstance(p, bytes) else p
+                for p in self.h5["images/path"][: len(self)]]
+
+    def sha256s(self) -> list[str]:
+        return [s.decode("ascii") for s in self.h5["images/sha256"][: len(self)]]
+
+    def pool(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Pooled vectors of rows ``start:stop`` (default all committed), float32 (n, D)."""
+        stop = len(self) if stop is None else min(stop, len(self))
+        return self.h5["images/pool"][start:stop]
+
+    def level(self, name: str, ids) -> np.ndarray:
+        """Feature maps of image ``ids`` at ``name``, stored dtype, (len(ids), h, w, C).
+
+        Rows are read in ascending id order (one chunk each) and returned in the given order.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        n = len(self)
+        if ids.size and (ids.min() < 0 or ids.max() >= n):
+            raise IndexError(f"image ids must lie in [0, {n}), got {ids.min()}..{ids.max()}")
+        ds = self.h5["levels"][name]
+        order = np.argsort(ids, kind="stable")
+        out = np.empty((len(ids), *ds.shape[1:]), dtype=ds.dtype)
+        for k in order:
+            ds.read_direct(out, np.s_[int(ids[k])], np.s_[int(k)])
+        return out
+
+    # --- writing -------------------------------------------------------------------------
+
+    def append(self, paths, sha256s, feats: dict) -> np.ndarray:
+        """Write a batch of images and commit it; returns their row ids (int64).
+
+        ``feats`` holds ``pool`` (B, D) and every stored level (B, h, w, C).
+        """
+        b = len(paths)
+        if not (len(sha256s) == b == len(feats["pool"])):
+            raise ValueError("paths, sha256s and features must have the same length")
+        n = len(self)
+        groups = [self.h5["images/path"], self.h5["images/sha256"], self.h5["images/pool"]] + \
+                 [self.h5["levels"][lv] for lv in self.config.levels]
+        for ds in groups:
+            if ds.shape[0] < n + b:
+                ds.resize(n + b, axis=0)
+        self.h5["images/path"][n:n + b] = list(paths)
+        self.h5["images/sha256"][n:n + b] = np.array([s.encode("ascii") for s in sha256s], dtype=SHA_DTYPE)
+        self.h5["images/pool"][n:n + b] = feats["pool"]
+        for lv in self.config.levels:
+            self.h5["levels"][lv][n:n + b] = feats[lv].astype(self.config.dtype, copy=False)
+        self.h5.flush()
+        self.h5.attrs["n_committed"] = n + b
+        self.h5.flush()
+        return np.arange(n, n + b, dtype=np.int64)
+
+    # --- the image index blob (image_index.py owns its meaning) --------------------------
+
+    def write_index(self, blob: np.ndarray | None, attrs: dict) -> None:
+        """Replace the stored index: ``blob`` (uint8 bytes) or None when it lives in a sidecar."""
+        grp = self.h5["index"]
+        if "faiss" in grp:
+            del grp["faiss"]
+        if blob is not None:
+            grp.create_dataset("faiss", data=blob)
+        for k in list(grp.attrs):
+            del grp.attrs[k]
+        grp.attrs.update(attrs)
+        self.h5.flush()
+
+    def read_index(self) -> tuple[np.ndarray | None, dict]:
+        grp = self.h5["index"]
+        blob = grp["faiss"][()] if "faiss" in grp else None
+        return blob, dict(grp.attrs)
+
+    def sidecar_path(self, name: str) -> str:
+        return os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
+
+    def nbytes_on_disk(self) -> int:
+        try:
+            return os.path.getsize(self.path)
+        except OSError:
+            return 0
