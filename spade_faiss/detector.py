@@ -155,6 +155,7 @@ class Spade:
                         self.index_.ntotal, len(store))
             self.index_.add(store.pool(self.index_.ntotal))
         self.cache_ = GalleryCache(self._load_galleries, self.cache_bytes)
+        self.cache_mode_ = self.pixel_mode
 
     @classmethod
     def create(cls, path, **params) -> Spade:
@@ -317,6 +318,8 @@ class Spade:
         groups: dict[tuple, list[int]] = {}
         for i in np.flatnonzero(todo):
             groups.setdefault(tuple(sorted(ids[i].tolist())), []).append(int(i))
+        if self.cache_mode_ != self.pixel_mode:  # cached features depend on the mode
+            self.cache_, self.cache_mode_ = GalleryCache(self._load_galleries, self.cache_bytes), self.pixel_mode
         for key, members in groups.items():
             galleries = self.cache_.get(key)
             if self.pixel_mode == "concat":

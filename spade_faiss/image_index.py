@@ -110,7 +110,7 @@ class ImageIndex:
         if self.ivf is None:
             dist, ids = self.index.search(queries, k)
         else:
-            probes = nprobe or self.nprobe or 1
+            probes = int(nprobe or self.nprobe or 1)
             dist, ids = self.index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=probes))
             short = np.flatnonzero((ids < 0).any(axis=1))
             if short.size:  # too few vectors in the probed lists: probe them all for those rows
@@ -157,7 +157,8 @@ class ImageIndex:
         except (RuntimeError, OSError) as e:
             raise ValueError(f"{store.path}: the image index cannot be read ({str(e).splitlines()[0]}); "
                              f"rebuild it with `spade-faiss reindex {store.path}`") from None
-        return cls(index, attrs.get("nprobe"))
+        nprobe = attrs.get("nprobe")
+        return cls(index, None if nprobe is None else int(nprobe))
 
 
 def _read_sidecar(path: str, attrs: dict) -> faiss.Index:

@@ -24,7 +24,7 @@ def paste_defect(rng: np.random.Generator, img: np.ndarray) -> tuple[np.ndarray,
     """A dark or bright blob pasted in a random place; returns the image and its mask (uint8)."""
     h, w = img.shape[:2]
     mask = np.zeros((h, w), np.uint8)
-    r = max(3, int(min(h, w) * rng.uniform(0.08, 0.14)))
+    r = max(3, int(min(h, w) * rng.uniform(0.14, 0.22)))
     cy = int(rng.integers(h // 4, 3 * h // 4))
     cx = int(rng.integers(w // 4, 3 * w // 4))
     cv2.ellipse(mask, (cx, cy), (r, r // 2 + 1), float(rng.uniform(0, 180)), 0, 360, 255, -1)

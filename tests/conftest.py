@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny seeded datasets written as real PNG files, and small-backbone params."""
+
+import numpy as np
+import pytest
+
+from spade_faiss.synthetic import make_dataset
+
+# A small backbone at a small crop keeps most tests fast; a few end-to-end tests use the real
+# default (wide_resnet50_2 at 224).
+SMALL = dict(backbone="resnet18", weights=None, resize=72, crop=64, device="cpu", seed=0)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """An MVTec-layout category: 12 train, 3 good test, 4 defect test images (96x96)."""
+    return make_dataset(tmp_path_factory.mktemp("data") / "tile", n_train=12, n_good=3, n_defect=4,
+                        size=(96, 96), seed=0)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

@@ -1,0 +1,92 @@
+"""Features equal a direct torchvision forward; weights resolution and its errors."""
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from spade_faiss import backbone
+from spade_faiss.backbone import FeatureExtractor, WeightsError
+
+
+def _direct_forward(model, x):
+    # Written out from torchvision's ResNet.forward, independent of create_feature_extractor.
+    with torch.no_grad():
+        h = model.maxpool(model.relu(model.bn1(model.conv1(torch.from_numpy(x)))))
+        l1 = model.layer1(h)
+        l2 = model.layer2(l1)
+        l3 = model.layer3(l2)
+        pool = torch.flatten(model.avgpool(model.layer4(l3)), 1)
+    return {"layer1": l1, "layer2": l2, "layer3": l3, "pool": pool}
+
+
+def _seeded_model(name, seed):
+    torch.manual_seed(seed)
+    return torchvision.models.get_model(name, weights=None).eval()
+
+
+def test_features_equal_direct_forward(rng):
+    ext = FeatureExtractor("resnet18", weights=None, device="cpu", seed=3)
+    x = rng.standard_normal((2, 3, 64, 64)).astype(np.float32)
+    got = ext(x)
+    want = _direct_forward(_seeded_model("resnet18", 3), x)
+    for lv in ("layer1", "layer2", "layer3"):
+        assert got[lv].shape == tuple(want[lv].permute(0, 2, 3, 1).shape)  # channels-last
+        np.testing.assert_allclose(got[lv], want[lv].permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["pool"], want["pool"].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_random_init_is_seeded_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = FeatureExtractor("resnet18", weights=None, device="cpu", seed=0)
+    after = torch.rand(1)
+    assert before == after
+    assert a.weights_sha256 == FeatureExtractor("resnet18", weights=None, device="cpu", seed=0).weights_sha256
+    assert a.weights_sha256 != FeatureExtractor("resnet18", weights=None, device="cpu", seed=1).weights_sha256
+
+
+def test_local_state_dict_file_gives_the_same_identity(tmp_path):
+    model = _seeded_model("resnet18", 7)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    ext = FeatureExtractor("resnet18", weights=str(tmp_path / "w.pth"), device="cpu")
+    assert ext.weights_sha256 == backbone.state_dict_sha256(model)
+
+
+def test_weights_that_do_not_fit_are_refused(tmp_path):
+    torch.save(_seeded_model("resnet18", 0).state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(WeightsError, match="do not fit backbone resnet50"):
+        FeatureExtractor("resnet50", weights=str(tmp_path / "r18.pth"), device="cpu")
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(WeightsError, match="junk.pth: not a loadable"):
+        FeatureExtractor("resnet18", weights=str(tmp_path / "junk.pth"), device="cpu")
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        FeatureExtractor("resnet18", weights=str(tmp_path / "missing.pth"), device="cpu")
+
+
+def test_unknown_backbone_and_device():
+    with pytest.raises(ValueError, match="backbone='vgg16'"):
+        FeatureExtractor("vgg16", weights=None, device="cpu")
+    with pytest.raises(ValueError, match="device='tpu'"):
+        backbone.resolve_device("tpu")
+
+
+def test_imagenet_failure_says_how_to_pass_a_local_file(monkeypatch, tmp_path):
+    # The download itself is the network boundary: make it fail as it does without network.
+    def offline(*a, **k):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsError) as e:
+        backbone.load_state_dict("resnet18", "imagenet")
+    msg = str(e.value)
+    assert "weights=PATH" in msg and "--weights PATH" in msg
+    assert str(tmp_path) in msg and "resnet18-f37072fd.pth" in msg
+
+
+def test_imagenet_weights_are_v1_from_the_hub_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    w = backbone.imagenet_weights("wide_resnet50_2")
+    assert w.name == "IMAGENET1K_V1"
+    assert backbone.imagenet_cache_path("wide_resnet50_2") == tmp_path / "hub" / "checkpoints" / w.url.rsplit("/", 1)[1]

@@ -1,0 +1,100 @@
+"""The HDF5 file matches SPEC 2 exactly; appends commit last; configs are checked."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from spade_faiss.config import SpadeConfig
+from spade_faiss.store import FeatureStore, StoreError
+
+SHAPES = {"layer1": (8, 8, 4), "layer2": (4, 4, 6), "layer3": (2, 2, 8)}
+
+
+def _feats(rng, b, dtype=np.float32):
+    f = {lv: rng.standard_normal((b, *s)).astype(dtype) for lv, s in SHAPES.items()}
+    f["pool"] = rng.standard_normal((b, 16)).astype(np.float32)
+    return f
+
+
+def _create(tmp_path, dtype="float16"):
+    cfg = SpadeConfig(backbone="resnet18", weights_sha256="ab" * 32, resize=72, crop=64, dtype=dtype)
+    return FeatureStore.create(tmp_path / "c.h5", cfg, SHAPES, 16), cfg
+
+
+def test_layout_matches_spec(tmp_path, rng):
+    store, cfg = _create(tmp_path)
+    f = _feats(rng, 3)
+    store.append(["a.png", "b/ü.png", "c.png"], ["0" * 64, "1" * 64, "2" * 64], f)
+    store.close()
+    with h5py.File(tmp_path / "c.h5", "r") as h:
+        a = h.attrs
+        assert a["format_version"] == 1 and a["n_committed"] == 3 and a["library_version"]
+        assert a["created"].endswith("+00:00")
+        assert json.loads(a["config"]) == cfg.feature_dict()
+        assert h["images/path"].dtype.kind == "O" and h["images/path"].shape == (3,)
+        assert h["images/path"][1].decode() == "b/ü.png"
+        assert h["images/sha256"].shape == (3,)
+        assert h["images/pool"].dtype == np.float32 and h["images/pool"].shape == (3, 16)
+        for lv, s in SHAPES.items():
+            d = h["levels"][lv]
+            assert d.shape == (3, *s) and d.dtype == np.float16 and d.chunks == (1, *s)
+            assert d.maxshape == (None, *s)
+            np.testing.assert_array_equal(d[:], f[lv].astype(np.float16))
+        assert "index" in h
+
+
+def test_round_trip_float32_exact(tmp_path, rng):
+    store, _ = _create(tmp_path, "float32")
+    f = _feats(rng, 4)
+    store.append(list("abcd"), [c * 64 for c in "0123"], f)
+    store.close()
+    with FeatureStore.open(tmp_path / "c.h5") as s:
+        assert len(s) == 4 and s.paths() == list("abcd") and s.sha256s()[2] == "2" * 64
+        np.testing.assert_array_equal(s.pool(), f["pool"])
+        np.testing.assert_array_equal(s.level("layer2", [3, 0, 2]), f["layer2"][[3, 0, 2]])
+        with pytest.raises(IndexError):
+            s.level("layer1", [4])
+
+
+def test_rows_past_n_committed_are_ignored_and_overwritten(tmp_path, rng):
+    store, _ = _create(tmp_path, "float32")
+    store.append(["a"], ["0" * 64], _feats(rng, 1))
+    # Simulate a crash after the rows were written but before the commit.
+    for name in ("images/path", "images/sha256", "images/pool", "levels/layer1", "levels/layer2", "levels/layer3"):
+        store.h5[name].resize(3, axis=0)
+    store.h5["images/path"][1:3] = ["garbage1", "garbage2"]
+    store.close()
+    s = FeatureStore.open(tmp_path / "c.h5", "a")
+    assert len(s) == 1 and s.paths() == ["a"]
+    f = _feats(rng, 1)
+    s.append(["b"], ["1" * 64], f)
+    assert s.paths() == ["a", "b"]
+    np.testing.assert_array_equal(s.pool(1), f["pool"])
+    s.close()
+
+
+def test_other_config_is_refused_naming_both(tmp_path):
+    store, cfg = _create(tmp_path)
+    with pytest.raises(StoreError, match=r"resize: store has 72, requested 40; crop: store has 64, requested 32"):
+        store.check_config(cfg.replace(crop=32, resize=40))
+    store.close()
+
+
+def test_bad_files_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.h5"):
+        FeatureStore.open(tmp_path / "nope.h5")
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all")
+    with pytest.raises(StoreError, match="junk.h5: not a readable HDF5"):
+        FeatureStore.open(tmp_path / "junk.h5")
+    store, _ = _create(tmp_path)
+    store.close()
+    with h5py.File(tmp_path / "c.h5", "a") as h:
+        del h["levels/layer2"]
+    with pytest.raises(StoreError, match="missing dataset 'levels/layer2'"):
+        FeatureStore.open(tmp_path / "c.h5")
+    with h5py.File(tmp_path / "plain.h5", "w"):
+        pass
+    with pytest.raises(StoreError, match="not a spade_faiss corpus"):
+        FeatureStore.open(tmp_path / "plain.h5")
