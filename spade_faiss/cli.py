@@ -28,7 +28,8 @@ def _weights(value: str):
 
 def _add_feature_args(p: argparse.ArgumentParser, defaults: bool):
     d = (lambda v: v) if defaults else (lambda v: None)
-    p.add_argument("--backbone", default=d("wide_resnet50_2"), help="wide_resnet50_2 | wide_resnet101_2 | resnet18 | resnet50")
+    p.add_argument("--backbone", default=d("wide_resnet50_2"),
+                   help="wide_resnet50_2 | wide_resnet101_2 | resnet18 | resnet50")
     p.add_argument("--weights", default="imagenet", type=_weights,
                    help="'imagenet' (torch hub cache, downloaded if missing), a local state_dict file, "
                         "or 'none' for seeded random init")
@@ -41,7 +42,8 @@ def _add_feature_args(p: argparse.ArgumentParser, defaults: bool):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="spade-faiss", description="SPADE anomaly detection over faiss-indexed HDF5 corpora")
+    ap = argparse.ArgumentParser(prog="spade-faiss",
+                                 description="SPADE anomaly detection over faiss-indexed HDF5 corpora")
     ap.add_argument("--version", action="version", version=__version__)
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -123,10 +125,8 @@ def cmd_index(args) -> int:
     params = dict(backbone=args.backbone, weights=args.weights, seed=args.seed, device=args.device,
                   batch_size=args.batch_size, workers=args.workers, resize=args.resize, crop=args.crop,
                   dtype=args.dtype, index=args.index, nlist=args.nlist, nprobe=args.nprobe)
-    if os.path.exists(args.out):
-        spade = Spade.open(args.out, mode="a", **params)
-    else:
-        spade = Spade.create(args.out, **params)
+    created = not os.path.exists(args.out)
+    spade = Spade.create(args.out, **params) if created else Spade.open(args.out, mode="a", **params)
     with spade, _progress(len(samples), "indexing") as bar:
         report = spade.add(samples, on_batch=bar.update)
         n, size = len(spade.store_), spade.store_.nbytes_on_disk()
@@ -135,6 +135,8 @@ def cmd_index(args) -> int:
                       "errors": len(report.errors), "images": n, "bytes": size,
                       "seconds": round(report.seconds, 2), "images_per_s": round(rate, 2)}))
     if report.added == 0 and report.duplicates == 0:
+        if created:
+            os.remove(args.out)
         print(f"spade-faiss: error: no image of {args.src} could be indexed", file=sys.stderr)
         _report_errors(report.errors, "skipped")
         return EXIT_ERROR
@@ -179,7 +181,8 @@ def cmd_score(args) -> int:
     if not 0 <= args.shard_index < args.num_shards:
         raise ValueError(f"--shard-index {args.shard_index}: expected 0 <= i < --num-shards {args.num_shards}")
     samples = imglib.discover(args.src, split="test")[args.shard_index::args.num_shards]
-    params = {k: v for k, v in dict(backbone=args.backbone, resize=args.resize, crop=args.crop).items() if v is not None}
+    params = {k: v for k, v in dict(backbone=args.backbone, resize=args.resize, crop=args.crop).items()
+              if v is not None}
     spade = Spade.open(args.store, weights=args.weights, seed=args.seed, device=args.device,
                        batch_size=args.batch_size, workers=args.workers, k_image=args.k_image,
                        k_gallery=args.k_gallery, kappa=args.kappa, pixel_mode=args.pixel_mode,

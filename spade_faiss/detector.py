@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 import warnings
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -231,7 +231,7 @@ class Spade:
                     report.added += len(fresh)
                 if on_batch:
                     on_batch(len(batch))
-        for path, reason in report.errors:
+        for _, reason in report.errors:
             log.warning("skipped %s", reason)
         self._update_index(n_before)
         report.seconds = time.perf_counter() - start
@@ -268,7 +268,9 @@ class Spade:
         n = len(self.store_)
         k_gallery = self.k_gallery
         if k_gallery > n:
-            warnings.warn(f"k_gallery={k_gallery} > {n} images in the corpus: using {n}", stacklevel=3)
+            if getattr(self, "_clamp_warned_", None) != n:  # once per corpus size, not per batch
+                warnings.warn(f"k_gallery={k_gallery} > {n} images in the corpus: using {n}", stacklevel=3)
+                self._clamp_warned_ = n
             k_gallery = n
         return min(self.k_image, k_gallery), k_gallery
 

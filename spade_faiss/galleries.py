@@ -4,7 +4,7 @@ queries which share neighbours do not re-read (or re-convert) them from the stor
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -36,8 +36,7 @@ class GalleryCache:
         self.hits += len(ids) - len([i for i in ids if i in missing])
         self.misses += len(missing)
         fresh = dict(zip(missing, self.load(np.array(missing, dtype=np.int64)))) if missing else {}
-        for i, v in fresh.items():
-            self.bytes_read += _size(v)
+        self.bytes_read += sum(_size(v) for v in fresh.values())
         out = [fresh[i] if i in fresh else self._touch(i) for i in ids]
         for i, v in fresh.items():
             self._put(i, v)

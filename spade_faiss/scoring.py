@@ -3,7 +3,7 @@ smooth, and place back onto the original image. Higher = more anomalous."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np

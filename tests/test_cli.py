@@ -1,0 +1,129 @@
+"""The CLI on real files: index (dedupe, append, bad input), info, reindex, score (resume, shards)."""
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from spade_faiss import cli
+from spade_faiss.runs import read_rows, read_run
+
+FEAT = ["--backbone", "resnet18", "--weights", "none", "--resize", "72", "--crop", "64", "--device", "cpu"]
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def corpus(tmp_path, dataset, capsys):
+    out = tmp_path / "c.h5"
+    code, stdout, _ = run(capsys, "index", dataset, "--out", out, *FEAT)
+    assert code == 0 and json.loads(stdout)["added"] == 12
+    return out
+
+
+def test_reindexing_adds_nothing_and_new_files_add_exactly_those(tmp_path, dataset, corpus, capsys):
+    code, out, _ = run(capsys, "index", dataset, "--out", corpus, *FEAT)
+    assert code == 0 and json.loads(out)["added"] == 0 and json.loads(out)["duplicates"] == 12
+    more = tmp_path / "more"
+    shutil.copytree(dataset / "train", more)
+    for i, src in enumerate(sorted((dataset / "test" / "defect").glob("*.png"))[:3]):
+        shutil.copy(src, more / "good" / f"new{i}.png")
+    code, out, _ = run(capsys, "index", more, "--out", corpus, *FEAT)
+    assert code == 0 and json.loads(out)["added"] == 3 and json.loads(out)["images"] == 15
+    code, out, _ = run(capsys, "info", corpus)
+    info = json.loads(out)
+    assert info["images"] == 15 and info["index"]["ntotal"] == 15 and info["index"]["factory"] == "Flat"
+
+
+def test_partly_unreadable_folder_indexes_the_rest_and_lists_the_bad(tmp_path, dataset, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(dataset / "train" / "good", src)
+    (src / "text.png").write_text("hello")
+    data = (src / "000.png").read_bytes()
+    (src / "trunc.png").write_bytes(data[: len(data) // 3])
+    code, out, err = run(capsys, "index", src, "--out", tmp_path / "c.h5", *FEAT)
+    assert code == cli.EXIT_PARTIAL
+    assert json.loads(out)["added"] == 12 and json.loads(out)["errors"] == 2
+    assert "text.png: not a decodable image" in err and "trunc.png: truncated PNG" in err
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "only_bad", "backbone", "weights", "config"])
+def test_bad_input_gives_one_line_error_and_nonzero_exit(tmp_path, dataset, corpus, capsys, case):
+    args = {"missing": ["index", tmp_path / "nope", "--out", tmp_path / "x.h5", *FEAT],
+            "empty": ["index", tmp_path / "empty", "--out", tmp_path / "x.h5", *FEAT],
+            "only_bad": ["index", tmp_path / "bad", "--out", tmp_path / "x.h5", *FEAT],
+            "backbone": ["index", dataset, "--out", tmp_path / "x.h5", *FEAT, "--backbone", "vgg16"],
+            "weights": ["index", dataset, "--out", tmp_path / "x.h5", *FEAT, "--weights", tmp_path / "w.pth"],
+            "config": ["index", dataset, "--out", corpus, *FEAT, "--crop", "48"]}[case]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.png").write_text("not an image")
+    (tmp_path / "w.pth").write_bytes(b"junk")
+    code, _, err = run(capsys, *args)
+    assert code == cli.EXIT_ERROR
+    first = err.strip().splitlines()[0]
+    expected = {"missing": "nope", "empty": "no images found", "only_bad": "no image of",
+                "backbone": "vgg16", "weights": "w.pth", "config": "crop: store has 64, requested 48"}[case]
+    assert first.startswith("spade-faiss: error:") and expected in first, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "x.h5").exists()  # a failed first run leaves no empty corpus behind
+
+
+def test_score_writes_outputs_and_resumes(tmp_path, dataset, corpus, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = run(capsys, "score", corpus, dataset, "--out", out, *FEAT, "--k-gallery", "5")
+    assert code == 0 and json.loads(stdout)["scored"] == 7
+    rows = read_rows(out / "scores.csv")
+    assert [r["image_path"] for r in rows] == sorted(r["image_path"] for r in rows)
+    assert len(rows[0]["neighbour_paths"].split(";")) == 5
+    with h5py.File(out / "maps.h5") as h:
+        assert h["maps"].shape == (7, 64, 64)
+        assert [p.decode() for p in h["path"][:]] == [r["image_path"] for r in rows]
+        first = h["maps"][:]
+    assert len(list((out / "overlays").glob("*.png"))) == 7
+    # An interrupted run: keep the first 3 rows, as a crash after 3 images would.
+    (tmp_path / "cut").mkdir()
+    lines = (out / "scores.csv").read_text().splitlines(keepends=True)
+    (tmp_path / "cut" / "scores.csv").write_text("".join(lines[:4]))
+    shutil.copy(out / "maps.h5", tmp_path / "cut" / "maps.h5")
+    code, stdout, _ = run(capsys, "score", corpus, dataset, "--out", tmp_path / "cut", *FEAT, "--k-gallery", "5",
+                          "--no-overlays")
+    assert json.loads(stdout) == {"run": str(tmp_path / "cut"), "scored": 4, "skipped_done": 3, "errors": 0}
+    assert read_rows(tmp_path / "cut" / "scores.csv") == rows
+    with h5py.File(tmp_path / "cut" / "maps.h5") as h:
+        np.testing.assert_allclose(h["maps"][:], first, rtol=1e-6)
+
+
+def test_shards_union_equals_one_run(tmp_path, dataset, corpus, capsys):
+    run(capsys, "score", corpus, dataset, "--out", tmp_path / "one", *FEAT, "--no-overlays")
+    for i in range(3):
+        code, _, _ = run(capsys, "score", corpus, dataset, "--out", tmp_path / "sharded", *FEAT, "--no-overlays",
+                         "--shard-index", i, "--num-shards", 3)
+        assert code == 0
+    assert read_run(tmp_path / "sharded") == read_run(tmp_path / "one")
+    assert len(list((tmp_path / "sharded").glob("scores.shard-*-of-00003.csv"))) == 3
+
+
+def test_score_lists_failures_in_errors_csv(tmp_path, dataset, corpus, capsys):
+    src = tmp_path / "q"
+    shutil.copytree(dataset / "test" / "good", src)
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    code, out, err = run(capsys, "score", corpus, src, "--out", tmp_path / "run", *FEAT)
+    assert code == cli.EXIT_PARTIAL and json.loads(out)["scored"] == 3
+    errs = read_rows(tmp_path / "run" / "errors.csv")
+    assert [e["image_path"] for e in errs] == [str(src / "broken.png")] and "truncated PNG" in errs[0]["reason"]
+
+
+def test_reindex_to_ivf_and_corrupt_store(tmp_path, corpus, capsys):
+    code, out, _ = run(capsys, "reindex", corpus, "--index", "ivf", "--nlist", "2")
+    assert code == 0 and json.loads(out)["factory"] == "IVF2"
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(corpus.read_bytes()[:5000])
+    code, _, err = run(capsys, "info", bad)
+    assert code == cli.EXIT_ERROR and "bad.h5" in err and "Traceback" not in err
