@@ -6,12 +6,14 @@ images -> features -> store -> index -> neighbours -> galleries -> maps -> score
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import queue
 import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -100,6 +102,9 @@ class Spade:
     store_ : FeatureStore
     index_ : ImageIndex
     extractor_ : FeatureExtractor
+    timings_ : Counter
+        Seconds spent per stage (``backbone``, ``stage1``, ``gallery_io``, ``stage2``,
+        ``post``), accumulated over calls, for benchmarks.
     """
 
     def __init__(self, k_image=5, k_gallery=50, kappa=1, pixel_mode="per_level", sigma=4.0,
@@ -136,7 +141,14 @@ class Spade:
                            k_image=self.k_image, k_gallery=self.k_gallery, kappa=self.kappa,
                            pixel_mode=self.pixel_mode, sigma=self.sigma, nprobe=self.nprobe)
 
+    @contextlib.contextmanager
+    def _timed(self, stage: str):
+        t = time.perf_counter()
+        yield
+        self.timings_[stage] += time.perf_counter() - t
+
     def _start(self, store: FeatureStore | None):
+        self.timings_ = Counter()
         self._config()  # validate parameters before the (slow) model build
         self.extractor_ = FeatureExtractor(self.backbone, self.weights, self.device, self.seed)
         self.config_ = self._config(self.extractor_.weights_sha256)
@@ -302,9 +314,11 @@ class Spade:
         if q == 0:
             return SpadeResult([], np.zeros(0, np.float32), None, np.zeros((0, k_gallery), np.int64),
                                np.zeros((0, k_gallery), np.float32), [], np.zeros(0, bool), errors)
-        feats = self.extractor_(np.stack([p.tensor for p in ok]))
-        dist, ids = self.index_.search(feats["pool"], k_gallery, self.nprobe)
-        scores = scoring.image_scores(dist, k_image)
+        with self._timed("backbone"):
+            feats = self.extractor_(np.stack([p.tensor for p in ok]))
+        with self._timed("stage1"):
+            dist, ids = self.index_.search(feats["pool"], k_gallery, self.nprobe)
+            scores = scoring.image_scores(dist, k_image)
         if isinstance(segment, float):
             todo = scores > segment
         else:
@@ -323,17 +337,21 @@ class Spade:
         if self.cache_mode_ != self.pixel_mode:  # cached features depend on the mode
             self.cache_, self.cache_mode_ = GalleryCache(self._load_galleries, self.cache_bytes), self.pixel_mode
         for key, members in groups.items():
-            galleries = self.cache_.get(key)
-            if self.pixel_mode == "concat":
-                query = {"concat": patch_search.concat_levels([feats[lv][members] for lv in levels])}
-                names = ["concat"]
-            else:
-                query = {lv: feats[lv][members] for lv in levels}
-                names = list(levels)
-            per_level = [patch_search.level_maps(query[n], [g[n] for g in galleries], self.kappa,
-                                                 self.search_device_, self.chunk_bytes) for n in names]
-            maps[members] = scoring.assemble_maps(per_level, self.crop)
-        maps[todo] = scoring.smooth(maps[todo], self.sigma)
+            with self._timed("gallery_io"):
+                galleries = self.cache_.get(key)
+            with self._timed("stage2"):
+                if self.pixel_mode == "concat":
+                    query = {"concat": patch_search.concat_levels([feats[lv][members] for lv in levels])}
+                    names = ["concat"]
+                else:
+                    query = {lv: feats[lv][members] for lv in levels}
+                    names = list(levels)
+                per_level = [patch_search.level_maps(query[n], [g[n] for g in galleries], self.kappa,
+                                                     self.search_device_, self.chunk_bytes) for n in names]
+            with self._timed("post"):
+                maps[members] = scoring.assemble_maps(per_level, self.crop)
+        with self._timed("post"):
+            maps[todo] = scoring.smooth(maps[todo], self.sigma)
         return maps
 
     def _load_galleries(self, ids: np.ndarray) -> list[dict]:
