@@ -137,22 +137,27 @@ class FeatureExtractor:
         nodes = {lv: lv for lv in LEVELS} | {"avgpool": "pool"}
         self.model = create_feature_extractor(model, return_nodes=nodes).to(self.device).eval()
 
-    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, batch: np.ndarray, level_dtype: str = "float32") -> dict[str, np.ndarray]:
         """Features of a preprocessed batch.
 
         Parameters
         ----------
         batch : ndarray, float32, (B, 3, crop, crop)
+        level_dtype : {"float32", "float16"}
+            dtype of the level maps; the cast happens inside the channels-last copy, so a
+            float16 store costs no extra pass.
 
         Returns
         -------
         dict
-            ``layer1..3``: float32 (B, h, w, C) channels-last; ``pool``: float32 (B, D).
+            ``layer1..3``: (B, h, w, C) channels-last in ``level_dtype``; ``pool``: float32 (B, D).
         """
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
         # float32 math: no TF32 in cuDNN convolutions (it is on by default for convs).
         with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
             out = self.model(x)
-        feats = {lv: out[lv].permute(0, 2, 3, 1).contiguous().cpu().numpy() for lv in LEVELS}
+        dtype = getattr(torch, level_dtype)
+        feats = {lv: out[lv].permute(0, 2, 3, 1).to(dtype=dtype, memory_format=torch.contiguous_format).cpu().numpy()
+                 for lv in LEVELS}
         feats["pool"] = out["pool"].flatten(1).cpu().numpy()
         return feats

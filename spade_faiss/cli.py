@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -41,6 +42,24 @@ def _add_feature_args(p: argparse.ArgumentParser, defaults: bool):
     p.add_argument("--crop", type=int, default=d(224))
 
 
+def _add_scoring_args(p: argparse.ArgumentParser):
+    p.add_argument("--k-image", type=int, default=5)
+    p.add_argument("--k-gallery", type=int, default=50)
+    p.add_argument("--kappa", type=int, default=1)
+    p.add_argument("--pixel-mode", default="per_level", choices=["per_level", "concat"])
+    p.add_argument("--sigma", type=float, default=4.0)
+    p.add_argument("--nprobe", type=int)
+
+
+def _scoring_params(args) -> dict:
+    params = dict(weights=args.weights, seed=args.seed, device=args.device, batch_size=args.batch_size,
+                  workers=args.workers, k_image=args.k_image, k_gallery=args.k_gallery, kappa=args.kappa,
+                  pixel_mode=args.pixel_mode, sigma=args.sigma, nprobe=args.nprobe)
+    params.update({k: v for k, v in dict(backbone=args.backbone, resize=args.resize, crop=args.crop).items()
+                   if v is not None})
+    return params
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="spade-faiss",
                                  description="SPADE anomaly detection over faiss-indexed HDF5 corpora")
@@ -64,6 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=int)
     p.add_argument("--encoding", default="Flat", help="IVF list encoding: Flat, SQ8, PQ{m}")
 
+    p = sub.add_parser("calibrate", help="set image/pixel thresholds from held-out normal images")
+    p.add_argument("store")
+    p.add_argument("src", help="held-out normal images: a folder, a list file, or an MVTec category (train/good)")
+    _add_feature_args(p, defaults=False)
+    _add_scoring_args(p)
+    p.add_argument("--fpr", type=float, default=0.01, help="false-positive rate on normal images and pixels")
+
+    p = sub.add_parser("evaluate", help="paper-style evaluation of MVTec-layout categories")
+    p.add_argument("dataset", help="a dataset root with categories, or one category")
+    p.add_argument("--categories", nargs="*")
+    p.add_argument("--out", required=True, help="run directory (corpora are built or reused there)")
+    _add_feature_args(p, defaults=True)
+    _add_scoring_args(p)
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--fpr", type=float, default=0.01)
+
     p = sub.add_parser("info", help="print a corpus file's metadata")
     p.add_argument("store")
 
@@ -72,12 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="a folder, a text file of paths, or an MVTec category (uses test/)")
     p.add_argument("--out", required=True, help="run directory")
     _add_feature_args(p, defaults=False)
-    p.add_argument("--k-image", type=int, default=5)
-    p.add_argument("--k-gallery", type=int, default=50)
-    p.add_argument("--kappa", type=int, default=1)
-    p.add_argument("--pixel-mode", default="per_level", choices=["per_level", "concat"])
-    p.add_argument("--sigma", type=float, default=4.0)
-    p.add_argument("--nprobe", type=int)
+    _add_scoring_args(p)
     p.add_argument("--segment", default="all", choices=["all", "anomalous"],
                    help="'anomalous': pixel maps only for images above the image threshold")
     p.add_argument("--tau", type=float, help="image threshold (default: the corpus's calibrated one)")
@@ -181,13 +211,13 @@ def cmd_score(args) -> int:
     if not 0 <= args.shard_index < args.num_shards:
         raise ValueError(f"--shard-index {args.shard_index}: expected 0 <= i < --num-shards {args.num_shards}")
     samples = imglib.discover(args.src, split="test")[args.shard_index::args.num_shards]
-    params = {k: v for k, v in dict(backbone=args.backbone, resize=args.resize, crop=args.crop).items()
-              if v is not None}
-    spade = Spade.open(args.store, weights=args.weights, seed=args.seed, device=args.device,
-                       batch_size=args.batch_size, workers=args.workers, k_image=args.k_image,
-                       k_gallery=args.k_gallery, kappa=args.kappa, pixel_mode=args.pixel_mode,
-                       sigma=args.sigma, nprobe=args.nprobe, **params)
-    thresholds = json.loads(spade.store_.attrs.get("thresholds", "{}"))
+    spade = Spade.open(args.store, **_scoring_params(args))
+    thresholds = spade.store_.thresholds() or {}
+    if thresholds and args.tau is None:
+        used = {k: getattr(spade, k) for k in thresholds.get("scoring", {})}
+        if used != thresholds.get("scoring", used):
+            print(f"spade-faiss: warning: thresholds were calibrated with {thresholds['scoring']}, "
+                  f"scoring uses {used}", file=sys.stderr)
     tau = args.tau if args.tau is not None else thresholds.get("tau")
     theta = args.theta if args.theta is not None else thresholds.get("theta")
     if args.segment == "anomalous" and tau is None:
@@ -222,7 +252,32 @@ def cmd_score(args) -> int:
     return _report_errors(errors, "skipped (see errors.csv)")
 
 
-COMMANDS = {"index": cmd_index, "reindex": cmd_reindex, "info": cmd_info, "score": cmd_score}
+def cmd_calibrate(args) -> int:
+    from .detector import Spade
+    from .evaluation import calibrate
+    from .images import discover
+
+    samples = discover(args.src, split="train")
+    with Spade.open(args.store, mode="a", **_scoring_params(args)) as spade, \
+            _progress(len(samples), "calibrating") as bar:
+        th = calibrate(spade, samples, args.fpr, on_batch=bar.update)
+    print(json.dumps({"store": args.store, **th}))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate
+
+    params = _scoring_params(args)
+    params["dtype"] = args.dtype
+    report = evaluate(args.dataset, args.out, args.categories, params, args.fpr, progress=None)
+    print(Path(args.out, "table.md").read_text())
+    print(json.dumps({"run": args.out, "mean": report["mean"]}))
+    return 0
+
+
+COMMANDS = {"index": cmd_index, "reindex": cmd_reindex, "info": cmd_info, "score": cmd_score,
+            "calibrate": cmd_calibrate, "evaluate": cmd_evaluate}
 
 
 if __name__ == "__main__":

@@ -238,7 +238,7 @@ class Spade:
                         known.add(p.image.sha256)
                         fresh.append(p)
                 if fresh:
-                    feats = self.extractor_(np.stack([p.tensor for p in fresh]))
+                    feats = self.extractor_(np.stack([p.tensor for p in fresh]), self.dtype)
                     writer.put([p.image.path for p in fresh], [p.image.sha256 for p in fresh], feats)
                     report.added += len(fresh)
                 if on_batch:

@@ -221,6 +221,14 @@ class FeatureStore:
         blob = grp["faiss"][()] if "faiss" in grp else None
         return blob, dict(grp.attrs)
 
+    def write_thresholds(self, thresholds: dict) -> None:
+        """Store calibrated thresholds (JSON in the ``thresholds`` attribute)."""
+        self.h5.attrs["thresholds"] = json.dumps(thresholds, sort_keys=True)
+        self.h5.flush()
+
+    def thresholds(self) -> dict | None:
+        return json.loads(self.h5.attrs["thresholds"]) if "thresholds" in self.h5.attrs else None
+
     def sidecar_path(self, name: str) -> str:
         return os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
 

@@ -90,3 +90,13 @@ def test_imagenet_weights_are_v1_from_the_hub_cache(monkeypatch, tmp_path):
     w = backbone.imagenet_weights("wide_resnet50_2")
     assert w.name == "IMAGENET1K_V1"
     assert backbone.imagenet_cache_path("wide_resnet50_2") == tmp_path / "hub" / "checkpoints" / w.url.rsplit("/", 1)[1]
+
+
+def test_float16_levels_are_the_rounded_float32_levels(rng):
+    ext = FeatureExtractor("resnet18", weights=None, device="cpu")
+    x = rng.standard_normal((1, 3, 64, 64)).astype(np.float32)
+    a, b = ext(x), ext(x, "float16")
+    for lv in ("layer1", "layer2", "layer3"):
+        assert b[lv].dtype == np.float16
+        np.testing.assert_array_equal(b[lv], a[lv].astype(np.float16))
+    np.testing.assert_array_equal(a["pool"], b["pool"])
