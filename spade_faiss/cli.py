@@ -43,7 +43,7 @@ def _add_feature_args(p: argparse.ArgumentParser, defaults: bool):
 
 
 def _add_scoring_args(p: argparse.ArgumentParser):
-    p.add_argument("--k-image", type=int, default=5)
+    p.add_argument("--k-image", type=int, help="default: min(5, --k-gallery)")
     p.add_argument("--k-gallery", type=int, default=50)
     p.add_argument("--kappa", type=int, default=1)
     p.add_argument("--pixel-mode", default="per_level", choices=["per_level", "concat"])
@@ -53,7 +53,8 @@ def _add_scoring_args(p: argparse.ArgumentParser):
 
 def _scoring_params(args) -> dict:
     params = dict(weights=args.weights, seed=args.seed, device=args.device, batch_size=args.batch_size,
-                  workers=args.workers, k_image=args.k_image, k_gallery=args.k_gallery, kappa=args.kappa,
+                  workers=args.workers, k_gallery=args.k_gallery, kappa=args.kappa,
+                  k_image=args.k_image if args.k_image is not None else min(5, args.k_gallery),
                   pixel_mode=args.pixel_mode, sigma=args.sigma, nprobe=args.nprobe)
     params.update({k: v for k, v in dict(backbone=args.backbone, resize=args.resize, crop=args.crop).items()
                    if v is not None})
@@ -98,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scoring_args(p)
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--fpr", type=float, default=0.01)
+
+    p = sub.add_parser("bench", help="run the benchmark scripts of benchmarks/ (JSON lines on stdout)")
+    p.add_argument("which", nargs="*", default=list(BENCHES), help=f"any of {list(BENCHES)} (default: all)")
+    p.add_argument("--quick", action="store_true", help="small sizes: a minute or two in all")
+
+    p = sub.add_parser("verify", help="check a corpus file's integrity; non-zero exit on any problem")
+    p.add_argument("store")
+    p.add_argument("--rehash", action="store_true", help="re-hash the source images and compare")
+    p.add_argument("--deep", action="store_true", help="read every level row")
 
     p = sub.add_parser("info", help="print a corpus file's metadata")
     p.add_argument("store")
@@ -223,7 +233,7 @@ def cmd_score(args) -> int:
     if args.segment == "anomalous" and tau is None:
         raise ValueError("--segment anomalous needs an image threshold: run `spade-faiss calibrate` or pass --tau")
     writer = RunWriter(args.out, spade.crop, args.shard_index, args.num_shards, overlays=not args.no_overlays)
-    todo = [s for s in samples if s.path not in writer.done and s.path not in writer.failed]
+    todo = [s for s in samples if s.path not in writer.done and imglib.printable(s.path) not in writer.failed]
     errors = []
     with spade, _progress(len(samples), "scoring") as bar:
         bar.update(len(samples) - len(todo))
@@ -252,6 +262,45 @@ def cmd_score(args) -> int:
     return _report_errors(errors, "skipped (see errors.csv)")
 
 
+# Script name and its --quick arguments.
+BENCHES = {
+    "patch_search": ("bench_patch_search.py", ["--ks", "5", "--modes", "per_level", "--repeat", "1"]),
+    "image_index": ("bench_image_index.py", ["--sizes", "10000", "--queries", "50"]),
+    "scaling": ("bench_scaling.py", ["--sizes", "100,1000", "--queries", "5"]),
+    "index": ("bench_index.py", ["--backbone", "resnet18", "--throughput-n", "16", "--rss-ns", "50"]),
+    "score": ("bench_score.py", ["--backbone", "resnet18", "--n-train", "10", "--n-test", "2", "--ks", "5"]),
+}
+
+
+def cmd_bench(args) -> int:
+    import subprocess
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: benchmarks/ ships with the source tree; run from a checkout")
+    unknown = sorted(set(args.which) - set(BENCHES))
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}: expected any of {list(BENCHES)}")
+    for name in args.which:
+        script, quick = BENCHES[name]
+        cmd = [sys.executable, str(folder / script)] + (quick if args.quick else [])
+        print(f"# {' '.join(cmd)}", file=sys.stderr, flush=True)
+        code = subprocess.call(cmd)
+        if code:
+            raise RuntimeError(f"{script} exited with status {code}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .verify import verify
+
+    problems = verify(args.store, rehash=args.rehash, deep=args.deep)
+    for p in problems:
+        print(f"spade-faiss: problem: {p}", file=sys.stderr)
+    print(json.dumps({"store": args.store, "ok": not problems, "problems": len(problems)}))
+    return EXIT_ERROR if problems else 0
+
+
 def cmd_calibrate(args) -> int:
     from .detector import Spade
     from .evaluation import calibrate
@@ -277,7 +326,8 @@ def cmd_evaluate(args) -> int:
 
 
 COMMANDS = {"index": cmd_index, "reindex": cmd_reindex, "info": cmd_info, "score": cmd_score,
-            "calibrate": cmd_calibrate, "evaluate": cmd_evaluate}
+            "calibrate": cmd_calibrate, "evaluate": cmd_evaluate, "bench": cmd_bench,
+            "verify": cmd_verify}
 
 
 if __name__ == "__main__":

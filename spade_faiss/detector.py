@@ -95,6 +95,10 @@ class Spade:
     nlist : int or None
     workers : int
         Decoding threads.
+    chunk_bytes : int
+        Gallery bytes searched per faiss call (bounds stage-2 memory for any K).
+    gpu_float16 : bool
+        Stage 2 on GPU in float16 (see :func:`patch_search.level_maps`).
 
     Attributes
     ----------
@@ -111,7 +115,7 @@ class Spade:
                  nprobe=None, device="auto", backbone="wide_resnet50_2", weights="imagenet",
                  resize=256, crop=224, levels=LEVELS, dtype="float16", seed=0, batch_size=8,
                  cache_bytes=DEFAULT_CACHE_BYTES, index="auto", nlist=None, workers=2,
-                 chunk_bytes=patch_search.DEFAULT_CHUNK_BYTES):
+                 chunk_bytes=patch_search.DEFAULT_CHUNK_BYTES, gpu_float16=False):
         self.k_image = k_image
         self.k_gallery = k_gallery
         self.kappa = kappa
@@ -132,6 +136,7 @@ class Spade:
         self.nlist = nlist
         self.workers = workers
         self.chunk_bytes = chunk_bytes
+        self.gpu_float16 = gpu_float16
 
     # --- construction --------------------------------------------------------------------
 
@@ -347,7 +352,8 @@ class Spade:
                     query = {lv: feats[lv][members] for lv in levels}
                     names = list(levels)
                 per_level = [patch_search.level_maps(query[n], [g[n] for g in galleries], self.kappa,
-                                                     self.search_device_, self.chunk_bytes) for n in names]
+                                                     self.search_device_, self.chunk_bytes, self.gpu_float16)
+                             for n in names]
             with self._timed("post"):
                 maps[members] = scoring.assemble_maps(per_level, self.crop)
         with self._timed("post"):
@@ -358,7 +364,7 @@ class Spade:
         """Per-image gallery features (float32 (h, w, C) per level, or ``concat``)."""
         levels = self.config_.levels
         raw = {lv: self.store_.level(lv, ids) for lv in levels}
-        keep16 = self.search_device_ != "cpu" and self.dtype == "float16"
+        keep16 = self.search_device_ != "cpu" and self.gpu_float16  # else float32 once, at load
         out = []
         for j in range(len(ids)):
             per = {lv: raw[lv][j] for lv in levels}

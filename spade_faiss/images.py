@@ -64,7 +64,11 @@ def decode(data: bytes, name: str = "<bytes>") -> np.ndarray:
         raise ImageError(f"{name}: empty file")
     _check_complete(data, name)
     buf = np.frombuffer(data, dtype=np.uint8)
-    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    try:
+        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    except cv2.error as e:  # e.g. a header claiming more pixels than OpenCV accepts (a bomb)
+        reason = [ln for ln in str(e).splitlines() if ln.strip()][-1].strip()
+        raise ImageError(f"{name}: cannot decode ({reason})") from None
     if bgr is None:
         raise ImageError(f"{name}: not a decodable image")
     if bgr.shape[0] * bgr.shape[1] > MAX_PIXELS:
@@ -78,6 +82,11 @@ def _check_complete(data: bytes, name: str) -> None:
     # A JPEG ends with the EOI marker; some writers append padding after it, so look near the end.
     if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-4096:]:
         raise ImageError(f"{name}: truncated JPEG (no end-of-image marker)")
+
+
+def printable(path: str) -> str:
+    """A path as text that any UTF-8 writer accepts (undecodable bytes as backslash escapes)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def load_image(path: str | os.PathLike) -> LoadedImage:
@@ -157,7 +166,8 @@ def list_file(path: str | os.PathLike) -> list[str]:
     """Paths listed one per line in a text file (blank lines and ``#`` comments skipped);
     relative paths are relative to the list's folder."""
     base = Path(path).parent
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    # Paths are bytes on POSIX: decode like os.listdir does, so any file name round-trips.
+    lines = [os.fsdecode(ln) for ln in Path(path).read_bytes().splitlines()]
     return [str(p if os.path.isabs(p) else base / p)
             for p in (ln.strip() for ln in lines) if p and not p.startswith("#")]
 
@@ -225,8 +235,12 @@ def prepare(sample: Sample | str | np.ndarray, resize: int, crop: int) -> Prepar
         return Prepared(Sample("<array>"), img, preprocess(rgb, resize, crop))
     sample = sample if isinstance(sample, Sample) else Sample(str(sample))
     try:
+        sample.path.encode("utf-8")
+    except UnicodeEncodeError:  # the store and the CSVs keep paths as UTF-8 text
+        return Prepared(sample, error=f"{printable(sample.path)}: file name is not valid UTF-8")
+    try:
         img = load_image(sample.path)
-    except (ImageError, FileNotFoundError, cv2.error) as e:
+    except (ImageError, FileNotFoundError) as e:
         return Prepared(sample, error=str(e) if str(e).startswith(sample.path) else f"{sample.path}: {e}")
     return Prepared(sample, img, preprocess(img.rgb, resize, crop))
 

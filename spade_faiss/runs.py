@@ -15,6 +15,8 @@ import cv2
 import h5py
 import numpy as np
 
+from .images import printable
+
 SCORE_FIELDS = ["image_path", "score", "is_anomalous", "map_max", "neighbour_paths"]
 ERROR_FIELDS = ["image_path", "reason"]
 
@@ -85,6 +87,7 @@ class RunWriter:
 
     def write_errors(self, errors: list[tuple[str, str]]) -> None:
         for path, reason in errors:
+            path = printable(path)
             if path not in self.failed:
                 self._errors.writerow({"image_path": path, "reason": reason})
                 self.failed.add(path)

@@ -100,9 +100,12 @@ class FeatureStore:
             raise StoreError(f"{path}: not a readable HDF5 corpus ({e})") from None
         try:
             return cls(h5, path)
-        except Exception:
+        except StoreError:
             h5.close()
             raise
+        except Exception as e:  # h5py raises KeyError/OSError/... on damaged metadata
+            h5.close()
+            raise StoreError(f"{path}: damaged HDF5 structure ({type(e).__name__}: {e})") from None
 
     def _validate(self):
         attrs = self.h5.attrs

@@ -1,0 +1,107 @@
+"""Image-index benchmark: build time, query time, memory and recall@K against Flat for Flat,
+IVF (nlist and nprobe sweeps) and IVF-SQ8 on seeded clustered 2048-d vectors. Prints JSON lines
+and writes a recall-vs-query-time plot.
+
+    .venv/bin/python benchmarks/bench_image_index.py                 # 10k and 100k vectors
+    .venv/bin/python benchmarks/bench_image_index.py --sizes 1000000 # 1M (minutes, ~8 GB RAM)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import faiss
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import ROOT, emit, machine  # noqa: E402
+
+from spade_faiss.image_index import ImageIndex, ivf_nlist  # noqa: E402
+
+
+def clustered(n: int, d: int, seed: int, clusters: int = 1000) -> np.ndarray:
+    """Vectors around seeded cluster centres, generated in blocks (bounded temporaries)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d), dtype=np.float32) * 2
+    out = np.empty((n, d), np.float32)
+    for s in range(0, n, 50_000):
+        e = min(n, s + 50_000)
+        out[s:e] = centres[rng.integers(0, clusters, e - s)] + rng.standard_normal((e - s, d), dtype=np.float32)
+    return out
+
+
+def recall(got: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(g) & set(t)) / len(t) for g, t in zip(got, truth)]))
+
+
+def timed_search(index: ImageIndex, xq, k, nprobe=None):
+    t = time.perf_counter()
+    _, ids = index.search(xq, k, nprobe)
+    return ids, (time.perf_counter() - t) / len(xq)
+
+
+def run_size(n: int, d: int, nq: int, k: int, rows: list) -> None:
+    # Queries come from the same distribution as the corpus (new draws around the same centres),
+    # as test images of a product line resemble its normal images.
+    both = clustered(n + nq, d, seed=1)
+    xb, xq = both[:n], both[n:]
+    t = time.perf_counter()
+    flat = ImageIndex.build(xb, "flat")
+    build = time.perf_counter() - t
+    truth, q_s = timed_search(flat, xq, k)
+    rows.append(dict(n=n, index="Flat", nprobe=None, recall=1.0, query_ms=q_s * 1e3))
+    emit(bench="image_index", n=n, index="Flat", build_s=round(build, 2), query_ms=round(q_s * 1e3, 3),
+         recall_at_k=1.0, k=k, bytes=int(faiss.serialize_index(flat.index).nbytes))
+    base = ivf_nlist(n)
+    for nlist, enc in [(base // 4, "Flat"), (base, "Flat"), (base * 4, "Flat"), (base, "SQ8")]:
+        nlist = max(1, min(nlist, n // 39))
+        t = time.perf_counter()
+        ivf = ImageIndex.build(xb, "ivf", nlist=nlist, encoding=enc)
+        build = time.perf_counter() - t
+        size = int(faiss.serialize_index(ivf.index).nbytes)
+        for nprobe in sorted({1, 4, 16, 64, ivf.nprobe, nlist // 4} & set(range(1, nlist + 1))):
+            ids, q_s = timed_search(ivf, xq, k, nprobe)
+            r = recall(ids, truth)
+            name = f"IVF{nlist},{enc}"
+            rows.append(dict(n=n, index=name, nprobe=nprobe, recall=r, query_ms=q_s * 1e3))
+            emit(bench="image_index", n=n, index=name, nprobe=nprobe, default_nprobe=nprobe == ivf.nprobe,
+                 build_s=round(build, 2), query_ms=round(q_s * 1e3, 3), recall_at_k=round(r, 4), k=k, bytes=size)
+
+
+def plot(rows: list, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len({r["n"] for r in rows}), figsize=(11, 4), squeeze=False)
+    for ax, n in zip(axes[0], sorted({r["n"] for r in rows})):
+        for name in dict.fromkeys(r["index"] for r in rows if r["n"] == n):
+            pts = sorted((r["query_ms"], r["recall"]) for r in rows if r["n"] == n and r["index"] == name)
+            ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set(xscale="log", xlabel="query time per image (ms)", ylabel="recall@50 vs Flat", title=f"N={n:,}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="10000,100000")
+    ap.add_argument("--dim", type=int, default=2048)
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--k", type=int, default=50)
+    ap.add_argument("--plot", default=str(ROOT / "benchmarks" / "image_index.png"))
+    args = ap.parse_args()
+    emit(bench="image_index", step="machine", **machine())
+    rows: list = []
+    for n in map(int, args.sizes.split(",")):
+        run_size(n, args.dim, args.queries, args.k, rows)
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Integrity checks of a corpus file (``spade-faiss verify``): structure, committed count,
+config, the image index against the rows, pooled vectors, and optionally the source files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from .config import FEATURE_KEYS, SpadeConfig
+from .image_index import ImageIndex
+from .images import read_bytes, sha256_bytes
+from .store import FeatureStore
+
+BLOCK_ROWS = 4096
+
+
+def verify(path, rehash: bool = False, deep: bool = False) -> list[str]:
+    """Problems found in the corpus at ``path`` (an empty list means it is sound).
+
+    ``deep`` reads every committed level row (finds unreadable chunks and non-finite values);
+    ``rehash`` re-reads each source image and compares its sha256 with the stored one.
+    """
+    try:
+        store = FeatureStore.open(path)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        return [str(e)]
+    problems = []
+    with store:
+        n = len(store)
+        problems += _check_config(store)
+        problems += _check_index(store, n)
+        problems += _check_pool(store, n)
+        shas = store.sha256s()
+        if len(set(shas)) != len(shas):
+            problems.append(f"{path}: {len(shas) - len(set(shas))} duplicate image sha256 values")
+        bad = [s for s in shas if len(s) != 64 or any(c not in "0123456789abcdef" for c in s)]
+        if bad:
+            problems.append(f"{path}: {len(bad)} malformed sha256 values, first {bad[0]!r}")
+        rows = range(n) if deep else (sorted({0, n - 1}) if n else [])
+        for lv in store.config.levels:
+            for i in rows:
+                try:
+                    row = store.level(lv, [i])
+                except Exception as e:  # any HDF5 read failure is a finding, not a crash
+                    problems.append(f"{path}: levels/{lv} row {i} unreadable ({e})")
+                    break
+                if not np.isfinite(row).all():
+                    problems.append(f"{path}: levels/{lv} row {i} holds nan or inf")
+                    break
+        if rehash:
+            problems += _check_sources(store.paths(), shas)
+    return problems
+
+
+def _check_config(store) -> list[str]:
+    raw = json.loads(store.h5.attrs["config"])
+    missing = [k for k in FEATURE_KEYS if k not in raw]
+    if missing:
+        return [f"{store.path}: config lacks {missing}"]
+    try:
+        SpadeConfig(**raw)
+    except ValueError as e:
+        return [f"{store.path}: invalid config ({e})"]
+    return []
+
+
+def _check_index(store, n) -> list[str]:
+    try:
+        index = ImageIndex.load(store)
+    except ValueError as e:
+        return [str(e)]
+    if index is None:
+        return [f"{store.path}: no image index (run `spade-faiss reindex {store.path}`)"] if n else []
+    problems = []
+    if index.ntotal != n:
+        problems.append(f"{store.path}: image index holds {index.ntotal} vectors, the store {n} rows "
+                        f"(run `spade-faiss reindex {store.path}`)")
+    _, attrs = store.read_index()
+    if "sidecar" in attrs:
+        side = store.sidecar_path(attrs["sidecar"])
+        h = hashlib.sha256()
+        with open(side, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        if h.hexdigest() != attrs.get("sidecar_sha256"):
+            problems.append(f"{side}: sha256 differs from the one recorded in {store.path}")
+    return problems
+
+
+def _check_pool(store, n) -> list[str]:
+    for s in range(0, n, BLOCK_ROWS):
+        block = store.pool(s, s + BLOCK_ROWS)
+        if not np.isfinite(block).all():
+            return [f"{store.path}: images/pool rows {s}..{s + len(block) - 1} hold nan or inf"]
+    return []
+
+
+def _check_sources(paths, shas) -> list[str]:
+    problems = []
+    for p, s in zip(paths, shas):
+        if not os.path.isfile(p):
+            problems.append(f"{p}: source image missing")
+            continue
+        try:
+            if sha256_bytes(read_bytes(p)) != s:
+                problems.append(f"{p}: content changed since indexing (sha256 differs)")
+        except (OSError, ValueError) as e:
+            problems.append(f"{p}: unreadable ({e})")
+    return problems

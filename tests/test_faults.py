@@ -1,0 +1,145 @@
+"""Crashes and corruption: SIGKILL during indexing at seeded points, truncated and bit-flipped
+files, a stale index, changed sources. Real subprocesses, real files."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from spade_faiss import cli
+from spade_faiss.store import FeatureStore
+from spade_faiss.synthetic import texture, write_png
+from spade_faiss.verify import verify
+
+FEAT = ["--backbone", "resnet18", "--weights", "none", "--resize", "72", "--crop", "64", "--device", "cpu"]
+KILL_POINTS = 10
+
+
+def index_cmd(src, out):
+    return [sys.executable, "-m", "spade_faiss.cli", "index", str(src), "--out", str(out), *FEAT,
+            "--batch-size", "2", "--dtype", "float32"]
+
+
+def read_all(path):
+    with FeatureStore.open(path) as s:
+        return s.paths(), s.pool(), {lv: s.level(lv, range(len(s))) for lv in s.config.levels}
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("many")
+    for i in range(40):
+        write_png(folder / f"{i:03d}.png", texture(np.random.default_rng(i), (64, 64)))
+    return folder
+
+
+def start_and_wait_for_store(src, out):
+    """Start `index` and return (process, time the corpus file appeared): start-up (imports,
+    model) is not what a kill should land in."""
+    proc = subprocess.Popen(index_cmd(src, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not out.exists() and proc.poll() is None:
+        time.sleep(0.005)
+    return proc, time.perf_counter()
+
+
+def test_sigkill_during_index_always_resumes_to_the_same_store(tmp_path, many_images):
+    ref = tmp_path / "ref.h5"
+    proc, created = start_and_wait_for_store(many_images, ref)
+    assert proc.wait() == 0
+    window = time.perf_counter() - created  # from the file's creation to the end of the run
+    want = read_all(ref)
+    rng = np.random.default_rng(0)
+    committed_seen = []
+    for k, delay in enumerate(rng.uniform(0.0, 1.0, KILL_POINTS) * window):
+        out = tmp_path / f"k{k}.h5"
+        proc, _ = start_and_wait_for_store(many_images, out)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if out.exists():
+            assert verify(out) == [] or "image index" in " ".join(verify(out)), verify(out)
+            with FeatureStore.open(out) as s:
+                committed_seen.append(len(s))
+        subprocess.run(index_cmd(many_images, out), check=True, capture_output=True)
+        got = read_all(out)
+        assert got[0] == want[0]
+        np.testing.assert_array_equal(got[1], want[1])
+        for lv in want[2]:
+            np.testing.assert_array_equal(got[2][lv], want[2][lv])
+        assert verify(out) == []
+    assert any(0 < c < 40 for c in committed_seen), committed_seen  # some kills landed mid-run
+
+
+@pytest.fixture
+def store(tmp_path, dataset, capsys):
+    out = tmp_path / "c.h5"
+    assert cli.main(["index", str(dataset), "--out", str(out), *FEAT]) == 0
+    capsys.readouterr()
+    return out
+
+
+def test_verify_passes_a_sound_store_and_cli_exit_codes(store, capsys):
+    assert verify(store, rehash=True, deep=True) == []
+    assert cli.main(["verify", str(store), "--deep", "--rehash"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+
+
+def test_truncated_and_bit_flipped_files(store, tmp_path, capsys):
+    data = store.read_bytes()
+    (tmp_path / "trunc.h5").write_bytes(data[: len(data) // 2])
+    assert verify(tmp_path / "trunc.h5")
+    code = cli.main(["verify", str(tmp_path / "trunc.h5")])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_ERROR and "trunc.h5" in err and "Traceback" not in err
+    rng = np.random.default_rng(1)
+    flagged = 0
+    for trial in range(5):  # flip bytes in the first 4 KiB (superblock and object headers)
+        flipped = bytearray(data)
+        for pos in rng.integers(0, 4096, 8):
+            flipped[pos] ^= 0xFF
+        p = tmp_path / f"flip{trial}.h5"
+        p.write_bytes(bytes(flipped))
+        code = cli.main(["verify", str(p), "--deep"])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        flagged += code != 0
+    assert flagged >= 4  # metadata damage is found (a flip may land in unused padding)
+
+
+def test_missing_dataset_stale_index_and_changed_source(store, tmp_path, dataset):
+    broken = tmp_path / "broken.h5"
+    shutil.copy(store, broken)
+    with h5py.File(broken, "a") as h:
+        del h["images/pool"]
+    assert any("missing dataset 'images/pool'" in p for p in verify(broken))
+
+    stale = tmp_path / "stale.h5"
+    shutil.copy(store, stale)
+    with h5py.File(stale, "a") as h:
+        h["index"].attrs["ntotal"] = 3
+        del h["index/faiss"]
+    assert any("no image index" in p for p in verify(stale))
+
+    bad_blob = tmp_path / "blob.h5"
+    shutil.copy(store, bad_blob)
+    with h5py.File(bad_blob, "a") as h:
+        del h["index/faiss"]
+        h["index"].create_dataset("faiss", data=np.frombuffer(b"garbage" * 10, np.uint8))
+    assert any("cannot be read" in p and "reindex" in p for p in verify(bad_blob))
+
+    moved = tmp_path / "src"
+    shutil.copytree(dataset / "train" / "good", moved)
+    copy = tmp_path / "moved.h5"
+    assert cli.main(["index", str(moved), "--out", str(copy), *FEAT]) == 0
+    (moved / "000.png").write_bytes((moved / "001.png").read_bytes())
+    os.remove(moved / "002.png")
+    problems = verify(copy, rehash=True)
+    assert any("000.png: content changed" in p for p in problems)
+    assert any("002.png: source image missing" in p for p in problems)
