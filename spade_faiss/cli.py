@@ -109,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rehash", action="store_true", help="re-hash the source images and compare")
     p.add_argument("--deep", action="store_true", help="read every level row")
 
+    p = sub.add_parser("serve", help="online scoring over HTTP (needs the 'serve' extra)")
+    p.add_argument("store")
+    p.add_argument("--host", default="127.0.0.1", help="default loopback only")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token-file", help="file holding the bearer token required by every endpoint but /v1/health")
+    p.add_argument("--max-upload-mb", type=float, default=32)
+    p.add_argument("--max-pixels", type=int, default=50_000_000)
+    p.add_argument("--timeout", type=float, default=30.0, help="per-request seconds")
+    p.add_argument("--queue-size", type=int, default=64)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--batch-window-ms", type=float, default=5.0)
+    _add_feature_args(p, defaults=False)
+    _add_scoring_args(p)
+
     p = sub.add_parser("info", help="print a corpus file's metadata")
     p.add_argument("store")
 
@@ -301,6 +315,24 @@ def cmd_verify(args) -> int:
     return EXIT_ERROR if problems else 0
 
 
+def cmd_serve(args) -> int:
+    from .detector import Spade
+    from .serve import run
+
+    token = None
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+        if not token:
+            raise ValueError(f"{args.token_file}: empty token file")
+    spade = Spade.open(args.store, **_scoring_params(args))
+    print(json.dumps({"serving": args.store, "url": f"http://{args.host}:{args.port}"}), flush=True)
+    with spade:
+        run(spade, args.host, args.port, token=token, max_upload_bytes=int(args.max_upload_mb * 2**20),
+            max_pixels=args.max_pixels, timeout_s=args.timeout, queue_size=args.queue_size,
+            max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     from .detector import Spade
     from .evaluation import calibrate
@@ -327,7 +359,7 @@ def cmd_evaluate(args) -> int:
 
 COMMANDS = {"index": cmd_index, "reindex": cmd_reindex, "info": cmd_info, "score": cmd_score,
             "calibrate": cmd_calibrate, "evaluate": cmd_evaluate, "bench": cmd_bench,
-            "verify": cmd_verify}
+            "verify": cmd_verify, "serve": cmd_serve}
 
 
 if __name__ == "__main__":

@@ -245,6 +245,33 @@ def prepare(sample: Sample | str | np.ndarray, resize: int, crop: int) -> Prepar
     return Prepared(sample, img, preprocess(img.rgb, resize, crop))
 
 
+def header_pixels(data: bytes) -> int | None:
+    """Width x height from the file header without decoding (None when PIL cannot tell), so a
+    service can refuse decompression bombs before allocating them."""
+    import io
+    import warnings
+
+    from PIL import Image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return int(im.size[0]) * int(im.size[1])
+    except Image.DecompressionBombError:  # PIL refuses above twice its own limit: a lower bound
+        return 2 * int(Image.MAX_IMAGE_PIXELS) + 1
+    except Exception:  # unknown or broken headers are left to the decoder's own error
+        return None
+
+
+def prepare_bytes(data: bytes, name: str, resize: int, crop: int) -> Prepared:
+    """Like :func:`prepare` for an in-memory file (an upload); errors are returned as text."""
+    try:
+        img = LoadedImage(name, sha256_bytes(data), decode(data, name))
+    except ImageError as e:
+        return Prepared(Sample(name), error=str(e))
+    return Prepared(Sample(name), img, preprocess(img.rgb, resize, crop))
+
+
 def _as_rgb(a: np.ndarray) -> np.ndarray:
     if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] != 3):
         raise ValueError(f"expected an RGB uint8 array (H, W, 3) or (H, W), got {a.dtype} {a.shape}")
