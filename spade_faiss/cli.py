@@ -15,8 +15,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 from . import __version__
 
 EXIT_ERROR = 1
@@ -40,6 +38,13 @@ def _add_feature_args(p: argparse.ArgumentParser, defaults: bool):
     p.add_argument("--workers", type=int, default=2, help="image decoding threads")
     p.add_argument("--resize", type=int, default=d(256))
     p.add_argument("--crop", type=int, default=d(224))
+
+
+def _add_engine_args(p: argparse.ArgumentParser):
+    p.add_argument("--engine", default="local", choices=["local", "ray"], help="'ray' needs the 'ray' extra")
+    p.add_argument("--ray-workers", type=int, default=2, help="Ray actors (--engine ray)")
+    p.add_argument("--ray-address", help="join an existing Ray cluster (default: start a local one)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPU share of each Ray actor")
 
 
 def _add_scoring_args(p: argparse.ArgumentParser):
@@ -76,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", default="auto", choices=["auto", "flat", "ivf"])
     p.add_argument("--nlist", type=int)
     p.add_argument("--nprobe", type=int)
+    _add_engine_args(p)
 
     p = sub.add_parser("reindex", help="rebuild and retrain the image index of a corpus")
     p.add_argument("store")
@@ -139,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overlays", action="store_true")
     p.add_argument("--shard-index", type=int, default=0)
     p.add_argument("--num-shards", type=int, default=1)
+    _add_engine_args(p)
     return ap
 
 
@@ -177,8 +184,17 @@ def cmd_index(args) -> int:
 
     samples = discover(args.src, split="train")
     params = dict(backbone=args.backbone, weights=args.weights, seed=args.seed, device=args.device,
-                  batch_size=args.batch_size, workers=args.workers, resize=args.resize, crop=args.crop,
+                  batch_size=args.batch_size, resize=args.resize, crop=args.crop,
                   dtype=args.dtype, index=args.index, nlist=args.nlist, nprobe=args.nprobe)
+    if args.engine == "ray":
+        from .distributed import index_ray
+        t = time.perf_counter()
+        summary = index_ray([s.path for s in samples], args.out, params, args.ray_workers, args.batch_size,
+                            args.ray_address, args.gpus_per_worker)
+        errors = summary.pop("errors")
+        print(json.dumps({**summary, "errors": len(errors), "seconds": round(time.perf_counter() - t, 2)}))
+        return _report_errors(errors, "skipped")
+    params["workers"] = args.workers
     created = not os.path.exists(args.out)
     spade = Spade.create(args.out, **params) if created else Spade.open(args.out, mode="a", **params)
     with spade, _progress(len(samples), "indexing") as bar:
@@ -229,12 +245,19 @@ def cmd_info(args) -> int:
 def cmd_score(args) -> int:
     from . import images as imglib
     from .detector import Spade
-    from .runs import RunWriter, overlay
-    from .scoring import map_to_original
+    from .runs import RunWriter, score_rows
 
     if not 0 <= args.shard_index < args.num_shards:
         raise ValueError(f"--shard-index {args.shard_index}: expected 0 <= i < --num-shards {args.num_shards}")
     samples = imglib.discover(args.src, split="test")[args.shard_index::args.num_shards]
+    if args.engine == "ray":
+        from .distributed import score_ray
+        summary = score_ray(args.store, [s.path for s in samples], args.out, _scoring_params(args),
+                            args.ray_workers, args.batch_size, not args.no_overlays, args.ray_address,
+                            args.gpus_per_worker)
+        errors = summary.pop("errors")
+        print(json.dumps({**summary, "errors": len(errors)}))
+        return _report_errors(errors, "skipped (see errors.*.csv)")
     spade = Spade.open(args.store, **_scoring_params(args))
     thresholds = spade.store_.thresholds() or {}
     if thresholds and args.tau is None:
@@ -254,23 +277,10 @@ def cmd_score(args) -> int:
         paths = spade.store_.paths()
         for batch in imglib.iter_prepared(todo, spade.batch_size, spade.resize, spade.crop, spade.workers):
             result = spade.score_prepared(batch, segment=True if args.segment == "all" else float(tau))
-            rows, pictures = [], []
-            ok = [p for p in batch if p.error is None]
-            for i, path in enumerate(result.paths):
-                amap = result.maps[i] if result.segmented[i] else None
-                rows.append({"image_path": path, "score": f"{result.image_scores[i]:.6g}",
-                             "is_anomalous": "" if tau is None else int(result.image_scores[i] > tau),
-                             "map_max": "" if amap is None else f"{amap.max():.6g}",
-                             "neighbour_paths": ";".join(paths[j] for j in result.neighbour_ids[i][: spade.k_image])})
-                rgb = ok[i].image.rgb
-                pictures.append(None if args.no_overlays or amap is None else
-                                overlay(rgb, map_to_original(amap, rgb.shape[:2], spade.resize), theta))
-            maps = result.maps if result.maps is not None else np.zeros((len(rows), spade.crop, spade.crop), np.float32)
-            writer.write(rows, maps, pictures)
+            writer.write(*score_rows(spade, batch, result, tau, theta, not args.no_overlays, paths))
             writer.write_errors(result.errors)
             errors += result.errors
             bar.update(len(batch))
-    writer.close()
     print(json.dumps({"run": args.out, "scored": len(todo) - len(errors), "skipped_done": len(samples) - len(todo),
                       "errors": len(errors)}))
     return _report_errors(errors, "skipped (see errors.csv)")

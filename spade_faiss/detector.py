@@ -216,6 +216,17 @@ class Spade:
         if getattr(self, "store_", None) is not None:
             self.store_.close()
 
+    def reopen(self, mode: str = "r") -> Spade:
+        """Open the same corpus file again (after :meth:`close`), e.g. once per batch in a
+        worker that must not hold the file between batches."""
+        store = FeatureStore.open(self.store_.path, mode)
+        store.check_config(self.config_)
+        if mode == "r" and self.index_ is not None and len(store) == self.index_.ntotal:
+            self.store_ = store  # same committed rows: the index and the gallery cache stay valid
+        else:
+            self._attach(store)
+        return self
+
     def __enter__(self):
         return self
 

@@ -187,6 +187,9 @@ class FeatureStore:
         ``feats`` holds ``pool`` (B, D) and every stored level (B, h, w, C).
         """
         b = len(paths)
+        if any(self.h5["levels"][lv].is_virtual for lv in self.config.levels):
+            raise StoreError(f"{self.path} joins shards built on Ray (virtual datasets) and cannot grow: "
+                             f"index the new images into a new corpus, or rebuild with --engine ray")
         if not (len(sha256s) == b == len(feats["pool"])):
             raise ValueError("paths, sha256s and features must have the same length")
         n = len(self)

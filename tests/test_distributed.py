@@ -1,0 +1,102 @@
+"""Ray engine on a real local cluster (ray.init(num_cpus=2)): the distributed build has the same
+features per image path as one process, and distributed scoring the same scores and maps."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from spade_faiss import cli
+from spade_faiss.detector import Spade
+from spade_faiss.distributed import join_shards
+from spade_faiss.images import discover
+from spade_faiss.runs import read_run
+from spade_faiss.store import FeatureStore, StoreError
+from spade_faiss.verify import verify
+
+ray = pytest.importorskip("ray")
+FEAT = ["--backbone", "resnet18", "--weights", "none", "--resize", "72", "--crop", "64", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def by_path(store_path):
+    with FeatureStore.open(store_path) as s:
+        paths = s.paths()
+        levels = {lv: s.level(lv, range(len(s))) for lv in s.config.levels}
+        return {p: (s.pool()[i], {lv: levels[lv][i] for lv in levels}) for i, p in enumerate(paths)}
+
+
+def test_ray_build_and_scoring_equal_one_process(cluster, tmp_path, dataset, capsys):
+    local, dist = tmp_path / "local.h5", tmp_path / "dist.h5"
+    assert cli.main(["index", str(dataset), "--out", str(local), *FEAT]) == 0
+    assert cli.main(["index", str(dataset), "--out", str(dist), *FEAT, "--engine", "ray", "--ray-workers", "2",
+                     "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(out)["images"] == 12 and json.loads(out)["shards"] in (1, 2)
+    a, b = by_path(local), by_path(dist)
+    assert sorted(a) == sorted(b)
+    for p in a:
+        np.testing.assert_array_equal(a[p][0], b[p][0])
+        for lv in a[p][1]:
+            np.testing.assert_array_equal(a[p][1][lv], b[p][1][lv])
+    with h5py.File(dist) as h:
+        assert h["levels/layer1"].is_virtual and h["images/pool"].shape == (12, 512)
+    assert verify(dist, deep=True) == []
+    with FeatureStore.open(dist, "a") as s, pytest.raises(StoreError, match="cannot grow"):
+        s.append(["x"], ["0" * 64], {})
+
+    assert cli.main(["score", str(local), str(dataset), "--out", str(tmp_path / "r1"), *FEAT, "--k-gallery", "4",
+                     "--no-overlays"]) == 0
+    assert cli.main(["score", str(dist), str(dataset), "--out", str(tmp_path / "r2"), *FEAT, "--k-gallery", "4",
+                     "--engine", "ray", "--ray-workers", "2", "--batch-size", "2"]) == 0
+    capsys.readouterr()
+    one, many = read_run(tmp_path / "r1"), read_run(tmp_path / "r2")
+    assert [r["image_path"] for r in one] == [r["image_path"] for r in many]
+    for x, y in zip(one, many):
+        assert float(x["score"]) == pytest.approx(float(y["score"]), rel=1e-5)
+        assert float(x["map_max"]) == pytest.approx(float(y["map_max"]), rel=1e-4)
+        assert sorted(x["neighbour_paths"].split(";")) == sorted(y["neighbour_paths"].split(";"))
+    maps = {}
+    for f in (tmp_path / "r2").glob("maps.*.h5"):
+        with h5py.File(f) as h:
+            maps.update({p.decode(): m for p, m in zip(h["path"][:], h["maps"][:])})
+    with h5py.File(tmp_path / "r1" / "maps.h5") as h:
+        for p, m in zip(h["path"][:], h["maps"][:]):
+            np.testing.assert_allclose(maps[p.decode()], m, rtol=1e-4, atol=1e-5)
+    # Resume: nothing left to do.
+    assert cli.main(["score", str(dist), str(dataset), "--out", str(tmp_path / "r2"), *FEAT, "--k-gallery", "4",
+                     "--engine", "ray"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped_done"] == 7
+
+
+def test_join_shards_maps_rows_across_files_and_dedupes(tmp_path, dataset):
+    from .conftest import SMALL
+    train = discover(dataset)
+    parts = [train[:5], train[4:9], train[9:]]  # image 4 is in two shards
+    shards = []
+    for i, part in enumerate(parts):
+        shards.append(str(tmp_path / "shards" / f"s{i}.h5"))
+        with Spade.create(shards[-1], **SMALL) as s:
+            s.add(part)
+    with Spade.create(tmp_path / "local.h5", **SMALL) as s:
+        s.add(train)
+    summary = join_shards(shards, str(tmp_path / "joined.h5"))
+    assert summary == {"store": str(tmp_path / "joined.h5"), "images": 12, "shards": 3}
+    a, b = by_path(tmp_path / "local.h5"), by_path(tmp_path / "joined.h5")
+    assert sorted(a) == sorted(b)
+    for p in a:
+        for lv in a[p][1]:
+            np.testing.assert_array_equal(a[p][1][lv], b[p][1][lv])
+    # The corpus and its shards move together (relative virtual sources).
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (tmp_path / "joined.h5").rename(moved / "joined.h5")
+    (tmp_path / "shards").rename(moved / "shards")
+    assert verify(moved / "joined.h5", deep=True) == []
