@@ -52,11 +52,13 @@ class ImageIndex:
 
     @classmethod
     def build(cls, vectors: np.ndarray, kind: str = "auto", nlist: int | None = None,
-              nprobe: int | None = None, encoding: str = "Flat", seed: int = 0) -> ImageIndex:
+              nprobe: int | None = None, encoding: str = "Flat", seed: int = 0,
+              max_train_points: int | None = None) -> ImageIndex:
         """Index ``vectors`` (float32 (N, D)), ids ``0..N-1``.
 
         ``kind``: ``auto``/``flat``/``ivf``; ``encoding`` of IVF lists: ``Flat``, ``SQ8`` or
-        ``PQ{m}``; IVF is trained on at most ``256*nlist`` vectors drawn with ``seed``.
+        ``PQ{m}``; IVF is trained on at most ``256*nlist`` vectors (or ``max_train_points``)
+        drawn with ``seed``.
         """
         vectors = _as_f32(vectors)
         if kind not in KINDS:
@@ -73,8 +75,8 @@ class ImageIndex:
             raise ValueError(f"IVF with nlist={nlist} needs at least {nlist} vectors, got {n}")
         index = faiss.index_factory(d, f"IVF{nlist},{encoding}", faiss.METRIC_L2)
         rng = np.random.default_rng(seed)
-        sample = vectors if n <= TRAIN_POINTS_PER_LIST * nlist else \
-            vectors[np.sort(rng.choice(n, TRAIN_POINTS_PER_LIST * nlist, replace=False))]
+        n_train = min(TRAIN_POINTS_PER_LIST * nlist, max_train_points or n)
+        sample = vectors if n <= n_train else vectors[np.sort(rng.choice(n, n_train, replace=False))]
         faiss.extract_index_ivf(index).cp.seed = seed
         index.train(sample)
         index.add(vectors)

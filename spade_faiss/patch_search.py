@@ -77,6 +77,26 @@ def _blas_blocks():
             faiss.cvar.distance_compute_blas_database_bs = old
 
 
+def _is_out_of_memory(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or any(w in text for w in ("out of memory", "cudamalloc", "bad_alloc",
+                                                                  "cannot allocate"))
+
+
+def _knn_splitting(queries: np.ndarray, gallery: np.ndarray, k: int, device: str) -> np.ndarray:
+    """``_knn``, halving the gallery chunk (and merging exactly) whenever memory runs out."""
+    try:
+        return _knn(queries, gallery, k, device)
+    except (MemoryError, RuntimeError) as e:
+        if not _is_out_of_memory(e) or gallery.shape[0] < 2:
+            raise
+        half = gallery.shape[0] // 2
+        log.warning("out of memory searching %d gallery vectors on %s: splitting in two", gallery.shape[0], device)
+        a = _knn_splitting(queries, gallery[:half], min(k, half), device)
+        b = _knn_splitting(queries, gallery[half:], min(k, gallery.shape[0] - half), device)
+        return np.sort(np.concatenate([a, b], axis=1), axis=1)[:, :k]
+
+
 def _knn(queries: np.ndarray, gallery: np.ndarray, k: int, device: str) -> np.ndarray:
     """Squared L2 distances to the ``k`` nearest gallery rows, ascending, (nq, k) float32."""
     if device == "cpu":
@@ -135,7 +155,7 @@ def knn_mean(queries: np.ndarray, chunks: Iterable[np.ndarray], kappa: int = 1,
     total = 0
     for chunk in chunks:
         total += chunk.shape[0]
-        dist = _knn(queries, chunk, min(kappa, chunk.shape[0]), device)
+        dist = _knn_splitting(queries, chunk, min(kappa, chunk.shape[0]), device)
         if best is None:
             best = dist
         elif kappa == 1:

@@ -97,6 +97,10 @@ class FeatureStore:
         try:
             h5 = h5py.File(path, "r" if mode == "r" else "r+")
         except OSError as e:
+            # HDF5 locks files: one writer excludes everyone, readers share (documented in README).
+            if "unable to lock file" in str(e):
+                raise StoreError(f"{path}: is being written by another process (HDF5 file lock); "
+                                 f"retry when it has finished") from None
             raise StoreError(f"{path}: not a readable HDF5 corpus ({e})") from None
         try:
             return cls(h5, path)

@@ -143,3 +143,27 @@ def test_missing_dataset_stale_index_and_changed_source(store, tmp_path, dataset
     problems = verify(copy, rehash=True)
     assert any("000.png: content changed" in p for p in problems)
     assert any("002.png: source image missing" in p for p in problems)
+
+
+def test_concurrent_scorers_agree_and_a_writer_locks_readers_out(store, tmp_path, dataset):
+    runs = [tmp_path / f"r{i}" for i in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-m", "spade_faiss.cli", "score", str(store), str(dataset),
+                               "--out", str(r), *FEAT, "--k-gallery", "5", "--no-overlays"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for r in runs]
+    assert [p.wait() for p in procs] == [0, 0, 0]
+    from spade_faiss.runs import read_run
+    first = read_run(runs[0])
+    assert len(first) == 7 and all(read_run(r) == first for r in runs[1:])
+    # A writer holds the corpus: readers get a clear refusal, never a torn view.
+    holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time; f = h5py.File(sys.argv[1], 'r+'); "
+                               "print('open', flush=True); time.sleep(30)", str(store)],
+                              stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"open"
+        with pytest.raises(ValueError, match="being written by another process"):
+            FeatureStore.open(store)
+    finally:
+        holder.kill()
+        holder.wait()
+    with FeatureStore.open(store) as s:
+        assert len(s) == 12

@@ -63,3 +63,22 @@ def test_devices():
         assert patch_search.resolve_search_device("auto") == "cpu"
         with pytest.raises(ValueError, match="faiss-gpu"):
             patch_search.resolve_search_device("cuda")
+
+
+def test_out_of_memory_splits_the_chunk_and_stays_exact(rng, monkeypatch):
+    # Stand-in for a GPU (or RAM) allocation failure above a size, around the real faiss search.
+    real = patch_search._knn
+
+    def small_memory(q, g, k, device):
+        if g.shape[0] > 30:
+            raise RuntimeError("Error in virtual void* faiss::gpu::StandardGpuResourcesImpl: cudaMalloc: out of memory")
+        return real(q, g, k, device)
+    monkeypatch.setattr(patch_search, "_knn", small_memory)
+    galleries = [rng.standard_normal((50, 8)).astype(np.float32) for _ in range(3)]
+    q = rng.standard_normal((20, 8)).astype(np.float32)
+    for kappa in (1, 4):
+        got = patch_search.knn_mean(q, patch_search.iter_chunks(galleries, 10**9), kappa)
+        np.testing.assert_allclose(got, oracle_knn_mean(q, np.concatenate(galleries), kappa), rtol=1e-4)
+    monkeypatch.setattr(patch_search, "_knn", lambda *a: (_ for _ in ()).throw(RuntimeError("other failure")))
+    with pytest.raises(RuntimeError, match="other failure"):
+        patch_search.knn_mean(q, patch_search.iter_chunks(galleries, 10**9), 1)
