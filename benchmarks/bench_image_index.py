@@ -22,8 +22,13 @@ from common import ROOT, emit, machine  # noqa: E402
 from spade_faiss.image_index import ImageIndex, ivf_nlist  # noqa: E402
 
 
-def clustered(n: int, d: int, seed: int, clusters: int = 1000) -> np.ndarray:
-    """Vectors around seeded cluster centres, generated in blocks (bounded temporaries)."""
+def clustered(n: int, d: int, seed: int, clusters: int | None = None) -> np.ndarray:
+    """Vectors around seeded cluster centres, generated in blocks (bounded temporaries).
+
+    About 500 vectors per cluster (a product line has a few modes with many images each), so
+    a query's 50 nearest neighbours are real neighbours, not near-ties between far clusters.
+    """
+    clusters = clusters or max(10, n // 500)
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, d), dtype=np.float32) * 2
     out = np.empty((n, d), np.float32)

@@ -157,8 +157,7 @@ class Spade:
         self._config()  # validate parameters before the (slow) model build
         self.extractor_ = FeatureExtractor(self.backbone, self.weights, self.device, self.seed)
         self.config_ = self._config(self.extractor_.weights_sha256)
-        self.search_device_ = patch_search.resolve_search_device(
-            "auto" if self.device == "auto" else self.device)
+        self.search_device_ = patch_search.resolve_search_device(self.device)
         if store is not None:
             store.check_config(self.config_)
             self._attach(store)
