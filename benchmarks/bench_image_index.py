@@ -9,6 +9,7 @@ and writes a recall-vs-query-time plot.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -61,8 +62,9 @@ def run_size(n: int, d: int, nq: int, k: int, rows: list) -> None:
     emit(bench="image_index", n=n, index="Flat", build_s=round(build, 2), query_ms=round(q_s * 1e3, 3),
          recall_at_k=1.0, k=k, bytes=int(faiss.serialize_index(flat.index).nbytes))
     base = ivf_nlist(n)
-    for nlist, enc in [(base // 4, "Flat"), (base, "Flat"), (base * 4, "Flat"), (base, "SQ8")]:
-        nlist = max(1, min(nlist, n // 39))
+    configs = [(max(1, min(nl, n // 39)), enc) for nl, enc in
+               [(base // 4, "Flat"), (base, "Flat"), (base * 4, "Flat"), (base, "SQ8")]]
+    for nlist, enc in dict.fromkeys(configs):  # clamping can repeat a configuration
         t = time.perf_counter()
         ivf = ImageIndex.build(xb, "ivf", nlist=nlist, encoding=enc)
         build = time.perf_counter() - t
@@ -101,9 +103,11 @@ def plot(rows: list, path: str) -> None:
     fig, axes = plt.subplots(1, len({r["n"] for r in rows}), figsize=(11, 4), squeeze=False)
     for ax, n in zip(axes[0], sorted({r["n"] for r in rows})):
         for name in dict.fromkeys(r["index"] for r in rows if r["n"] == n):
-            pts = sorted((r["query_ms"], r["recall"]) for r in rows if r["n"] == n and r["index"] == name)
-            ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set(xscale="log", xlabel="query time per image (ms)", ylabel="recall@50 vs Flat", title=f"N={n:,}")
+            pts = sorted((r["nprobe"] or 0, r["query_ms"], r["recall"]) for r in rows
+                         if r["n"] == n and r["index"] == name)  # a line follows nprobe
+            ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", label=name)
+        ax.set(xscale="log", xlabel="query time per image (ms), nprobe rising along each line",
+               ylabel="recall@50 vs Flat", title=f"N={n:,}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -117,10 +121,15 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--plot", default=str(ROOT / "benchmarks" / "image_index.png"))
+    ap.add_argument("--replot", help="only redraw the plot from the JSON lines of an earlier run")
     ap.add_argument("--large", type=int, help="instead: one IVF over this many vectors (e.g. 1000000)")
     ap.add_argument("--nlist", type=int, default=1024, help="with --large")
     ap.add_argument("--train-per-list", type=int, default=64, help="with --large")
     args = ap.parse_args()
+    if args.replot:
+        lines = [json.loads(ln) for ln in open(args.replot) if ln.startswith("{")]
+        return plot([dict(n=r["n"], index=r["index"], nprobe=r.get("nprobe"), recall=r["recall_at_k"],
+                          query_ms=r["query_ms"]) for r in lines if "index" in r], args.plot)
     emit(bench="image_index", step="machine", **machine())
     if args.large:
         return run_large(args.large, args.dim, args.queries, args.k, args.nlist, args.train_per_list)
