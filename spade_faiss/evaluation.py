@@ -102,7 +102,8 @@ def evaluate_category(root, out_dir, params: dict, fpr: float = 0.01, progress=N
             result["calibrated"] = {"tau": th["tau"], "theta": th["theta"], "fpr": fpr,
                                     "image_precision": _ratio((pred & (labels == 1)).sum(), pred.sum()),
                                     "image_recall": _ratio((pred & (labels == 1)).sum(), (labels == 1).sum())}
-        result.update(n_train=len(train), n_holdout=len(held), n_test=len(ok), errors=[r for _, r in errors],
+        result.update(config=json.loads(spade.config_.to_json()),
+                      n_train=len(train), n_holdout=len(held), n_test=len(ok), errors=[r for _, r in errors],
                       empty_mask_anomalies=int(sum(1 for s, m in zip(ok, masks) if s.sample.label and not m.any())),
                       timings={k: round(v, 2) for k, v in timings.items()})
         _pictures(out_dir, spade, ok, labels, scores, maps, masks, nearest, th)
@@ -158,8 +159,7 @@ def evaluate(dataset_root, out_dir, categories=None, params=None, fpr: float = 0
     params = dict(params or {})
     per = {name: evaluate_category(path, out_dir / name, params, fpr, progress) for name, path in found.items()}
     mean = {m: float(np.mean([per[c][m] for c in per])) for m in METRIC_NAMES}
-    with Spade.open(out_dir / next(iter(per)) / "corpus.h5", **params) as spade:
-        config = json.loads(spade.config_.to_json())
+    config = next(iter(per.values()))["config"]
     weights = params.get("weights", "imagenet")
     report = {"categories": per, "mean": mean, "config": config,
               "weights": "random-init (seeded; not ImageNet)" if weights is None else str(weights),
