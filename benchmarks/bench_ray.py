@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--k-gallery", type=int, default=10)
     args = ap.parse_args()
     emit(bench="ray", step="machine", **machine())
-    cli = [sys.executable, "-m", "spade_faiss.cli"]
+    cli = [sys.executable, "-m", "spade_faiss"]
     feat = ["--backbone", args.backbone, "--weights", "none", "--device", "cpu"]
     with tempfile.TemporaryDirectory() as d:
         train, test = os.path.join(d, "train.txt"), os.path.join(d, "test.txt")

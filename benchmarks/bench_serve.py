@@ -75,7 +75,7 @@ def main() -> None:
         with Spade.create(store, backbone=args.backbone, weights=None, device="cpu") as spade:
             spade.add(real_images("train", args.n_train))
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "spade_faiss.cli", "serve", store, "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "spade_faiss", "serve", store, "--port", str(port),
                                  "--weights", "none", "--device", args.device, "--k-gallery", str(args.k_gallery)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         url = f"http://127.0.0.1:{port}"

@@ -11,7 +11,7 @@ import socket
 import sys
 from pathlib import Path
 
-from spade_faiss import cli
+from spade_faiss.apps import cli
 from spade_faiss.backbone import WeightsError, imagenet_cache_path, load_state_dict
 from spade_faiss.synthetic import make_dataset
 
@@ -42,11 +42,12 @@ def main() -> int:
     code = cli.main(["index", str(data), "--out", str(store), *common])
     if code:
         return code
-    code = cli.main(["score", str(store), str(data), "--out", str(out / "run"), *common, "--k-gallery", "10"])
+    code = cli.main(["score", str(store), str(data), "--out", str(out / "run"), "--k-gallery", "10", "--restart"])
     if code:
         return code
     print(json.dumps({"corpus": str(store), "scores": str(out / "run" / "scores.csv"),
-                      "maps": str(out / "run" / "maps.h5"), "overlays": str(out / "run" / "overlays")}))
+                      "maps": str(out / "run" / "maps.h5"), "overlays": str(out / "run" / "overlays"),
+                      "report": str(out / "run" / "report.html")}))
     return 0
 
 

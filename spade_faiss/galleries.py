@@ -1,52 +1,54 @@
-"""GalleryCache: a bounded-bytes LRU of per-image gallery features keyed by image id, so that
-queries which share neighbours do not re-read (or re-convert) them from the store."""
+"""GalleryCache: a bounded-bytes LRU of per-image gallery features, so that queries which share
+neighbours do not re-read (or re-convert) them from the store."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 
+from .resample import concat_levels
+
 
 class GalleryCache:
-    """LRU cache of ``load(ids) -> list of values`` where a value is a dict of arrays.
+    """LRU cache of ``load(keys) -> list of values`` where a value is a dict of arrays.
 
     Parameters
     ----------
     load : callable
-        Reads the values of several image ids at once (the ids arrive sorted ascending).
+        Reads the values of several keys at once (hashable keys, e.g. ``(mode, image id)``;
+        they arrive sorted ascending).
     max_bytes : int
         Cached arrays beyond this many bytes are evicted, least recently used first.
     """
 
-    def __init__(self, load: Callable[[np.ndarray], list], max_bytes: int):
+    def __init__(self, load: Callable[[list], list], max_bytes: int):
         self.load = load
         self.max_bytes = int(max_bytes)
-        self._items: OrderedDict[int, dict] = OrderedDict()
+        self._items: OrderedDict[Hashable, dict] = OrderedDict()
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
         self.bytes_read = 0
 
-    def get(self, ids: Sequence[int]) -> list[dict]:
-        """Values for ``ids`` in the given order."""
-        ids = [int(i) for i in ids]
-        missing = sorted({i for i in ids if i not in self._items})
-        self.hits += len(ids) - len([i for i in ids if i in missing])
+    def get(self, keys: Sequence[Hashable]) -> list[dict]:
+        """Values for ``keys`` in the given order."""
+        missing = sorted({k for k in keys if k not in self._items})
+        self.hits += sum(1 for k in keys if k not in missing)
         self.misses += len(missing)
-        fresh = dict(zip(missing, self.load(np.array(missing, dtype=np.int64)))) if missing else {}
+        fresh = dict(zip(missing, self.load(missing))) if missing else {}
         self.bytes_read += sum(_size(v) for v in fresh.values())
-        out = [fresh[i] if i in fresh else self._touch(i) for i in ids]
-        for i, v in fresh.items():
-            self._put(i, v)
+        out = [fresh[k] if k in fresh else self._touch(k) for k in keys]
+        for k, v in fresh.items():
+            self._put(k, v)
         return out
 
-    def _touch(self, i: int) -> dict:
-        self._items.move_to_end(i)
-        return self._items[i]
+    def _touch(self, key: Hashable) -> dict:
+        self._items.move_to_end(key)
+        return self._items[key]
 
-    def _put(self, i: int, value: dict) -> None:
+    def _put(self, i: Hashable, value: dict) -> None:
         size = _size(value)
         if size > self.max_bytes:
             return
@@ -64,3 +66,20 @@ class GalleryCache:
 
 def _size(value: dict) -> int:
     return sum(a.nbytes for a in value.values())
+
+
+def load_entries(read_level: Callable, keys: list, levels: tuple, keep_float16: bool = False) -> list[dict]:
+    """Gallery entries of ``keys`` = ``(pixel_mode, image id)``: per image, float32 (h, w, C)
+    per level, or one ``concat`` array. ``read_level(level, ids)`` reads the stored rows;
+    ``keep_float16`` keeps the stored dtype (a GPU searching in float16)."""
+    ids = np.array([i for _, i in keys], dtype=np.int64)
+    raw = {lv: read_level(lv, ids) for lv in levels}
+    out = []
+    for j, (mode, _) in enumerate(keys):
+        per = {lv: raw[lv][j] for lv in levels}
+        if mode == "concat":
+            per = {"concat": concat_levels([per[lv][None] for lv in levels])[0]}
+        elif not keep_float16:
+            per = {k: v.astype(np.float32) for k, v in per.items()}
+        out.append(per)
+    return out

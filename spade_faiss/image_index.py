@@ -1,8 +1,14 @@
 """ImageIndex: the stage-1 kNN over pooled image vectors (SPEC 3).
 
-``auto`` is an exact ``Flat`` index up to ``FLAT_MAX_IMAGES`` and ``IVF{nlist},Flat`` above.
-Row ids of the store are faiss ids. Results are ordered by (squared distance, id): ties go to
-the lower image id (SPEC 1.1).
+``auto`` is an exact ``Flat`` index up to ``FLAT_MAX_IMAGES`` and ``IVF{nlist},{encoding}``
+above, unless IVF would not be faster. The default ``nprobe`` of an IVF index is chosen by
+measurement at build time: the smallest reaching ``target_recall`` (recall@k against exact
+search, leave-one-out over a seeded sample of the corpus), stored with the index.
+
+Distances are re-computed exactly (float64, rounded to float32) for the candidates faiss
+returns, and results are ordered by (squared distance, id): ties go to the lower image id
+(SPEC 1.1), and an image's distances do not depend on which other queries share its batch.
+Row ids of the store are faiss ids.
 """
 
 from __future__ import annotations
@@ -11,26 +17,28 @@ import hashlib
 import logging
 import math
 import os
+import time
 
 import faiss
 import numpy as np
+
+from .config import INDEX_KINDS, check_choice, check_encoding
 
 log = logging.getLogger(__name__)
 
 FLAT_MAX_IMAGES = 50_000
 # Serialized indexes larger than this go to a memory-mapped sidecar .faiss file.
 SIDECAR_MIN_BYTES = 512 * 2**20
-KINDS = ("auto", "flat", "ivf")
 TRAIN_POINTS_PER_LIST = 256
+# Extra candidates re-ranked exactly, so that faiss's rounding cannot change the k kept.
+RERANK_MARGIN = 8
+TUNING_QUERIES = 200
+TUNING_K = 50
 
 
 def ivf_nlist(n: int) -> int:
     """``4*sqrt(n)`` lists, at most ``n/39`` so that every list gets 39 training points."""
     return int(max(1, min(round(4 * math.sqrt(n)), n // 39)))
-
-
-def default_nprobe(nlist: int) -> int:
-    return int(min(nlist, max(8, nlist // 8)))
 
 
 class ImageIndex:
@@ -41,35 +49,40 @@ class ImageIndex:
     index : faiss.Index
     nprobe : int or None
         Default IVF probes at search time (None for Flat).
+    encoding : str
+        IVF list encoding (``Flat``, ``SQ8``, ``PQ{m}``).
+    tuning : dict
+        How the default nprobe was chosen (target and measured recall, k, queries).
     """
 
-    def __init__(self, index: faiss.Index, nprobe: int | None = None):
+    def __init__(self, index: faiss.Index, nprobe: int | None = None, encoding: str = "Flat",
+                 tuning: dict | None = None):
         self.index = index
         self.ivf = faiss.try_extract_index_ivf(index)
+        if self.ivf is not None:
+            self.ivf.make_direct_map()  # reconstruct() for the exact re-ranking
         self.nprobe = nprobe
+        self.encoding = encoding
+        self.tuning = tuning or {}
 
     # --- building ------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, vectors: np.ndarray, kind: str = "auto", nlist: int | None = None,
-              nprobe: int | None = None, encoding: str = "Flat", seed: int = 0,
+    def build(cls, vectors: np.ndarray, kind: str = "auto", nlist: int | None = None, nprobe: int | None = None,
+              encoding: str = "Flat", seed: int = 0, target_recall: float = 0.99, k: int = TUNING_K,
               max_train_points: int | None = None) -> ImageIndex:
         """Index ``vectors`` (float32 (N, D)), ids ``0..N-1``.
 
-        ``kind``: ``auto``/``flat``/``ivf``; ``encoding`` of IVF lists: ``Flat``, ``SQ8`` or
-        ``PQ{m}``; IVF is trained on at most ``256*nlist`` vectors (or ``max_train_points``)
-        drawn with ``seed``.
+        ``kind``: ``auto``/``flat``/``ivf``. IVF is trained on at most ``256*nlist`` vectors (or
+        ``max_train_points``) drawn with ``seed``; without ``nprobe`` its default is tuned to
+        ``target_recall`` at ``k``. ``auto`` keeps Flat when the tuned IVF is not faster.
         """
         vectors = _as_f32(vectors)
-        if kind not in KINDS:
-            raise ValueError(f"kind={kind!r}: expected one of {list(KINDS)}")
+        check_choice("kind", kind, INDEX_KINDS)
+        check_encoding(encoding)
         n, d = vectors.shape
-        if kind == "auto":
-            kind = "flat" if n <= FLAT_MAX_IMAGES else "ivf"
-        if kind == "flat":
-            index = faiss.IndexFlatL2(d)
-            index.add(vectors)
-            return cls(index)
+        if kind == "flat" or (kind == "auto" and n <= FLAT_MAX_IMAGES):
+            return cls._flat(vectors)
         nlist = nlist or ivf_nlist(n)
         if n < nlist:
             raise ValueError(f"IVF with nlist={nlist} needs at least {nlist} vectors, got {n}")
@@ -80,11 +93,60 @@ class ImageIndex:
         faiss.extract_index_ivf(index).cp.seed = seed
         index.train(sample)
         index.add(vectors)
-        return cls(index, nprobe or default_nprobe(nlist))
+        ivf = cls(index, nprobe, encoding)
+        if nprobe is None:
+            flat = cls._flat(vectors)
+            rows = np.sort(np.random.default_rng(seed + 1).choice(n, min(TUNING_QUERIES, n), replace=False))
+            ivf.tuning = ivf.tune(flat, vectors, rows, target_recall, min(k, n - 1))
+            ivf.nprobe = ivf.tuning["nprobe"]
+            if kind == "auto" and ivf.tuning["ivf_ms"] >= ivf.tuning["flat_ms"]:
+                log.info("IVF (%.2f ms/query) is not faster than Flat (%.2f ms): keeping Flat",
+                         ivf.tuning["ivf_ms"], ivf.tuning["flat_ms"])
+                return flat
+        return ivf
+
+    @classmethod
+    def _flat(cls, vectors: np.ndarray) -> ImageIndex:
+        index = faiss.IndexFlatL2(vectors.shape[1])
+        index.add(vectors)
+        return cls(index)
+
+    def tune(self, exact: ImageIndex, vectors: np.ndarray, rows: np.ndarray, target_recall: float, k: int) -> dict:
+        """The smallest nprobe whose recall@k against ``exact`` reaches ``target_recall``,
+        leave-one-out over the corpus vectors ``rows`` (each query's own row is left out of
+        both answers, so they act as held-out images); returns the measurements."""
+        q = vectors[rows]
+        t = time.perf_counter()
+        truth = _drop_self(exact.index.search(q, k + 1)[1], rows, k)
+        flat_ms = 1e3 * (time.perf_counter() - t) / len(rows)
+
+        measured = {}
+
+        def recall(p: int) -> float:
+            if p not in measured:
+                found = self.index.search(q, k + 1, params=faiss.SearchParametersIVF(nprobe=p))[1]
+                measured[p] = float(np.mean([len(set(a) & set(b)) / k
+                                             for a, b in zip(_drop_self(found, rows, k), truth)]))
+            return measured[p]
+        nlist = self.ivf.nlist
+        lo, hi = 0, 1  # recall(lo) < target (lo=0: none measured) <= recall(hi)
+        while hi < nlist and recall(hi) < target_recall:
+            lo, hi = hi, min(nlist, 2 * hi)
+        while hi - lo > 1:  # recall grows with nprobe: bisect between the powers of two
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if recall(mid) < target_recall else (lo, mid)
+        recall(hi)
+        t = time.perf_counter()
+        self.index.search(q, k, params=faiss.SearchParametersIVF(nprobe=hi))
+        ivf_ms = 1e3 * (time.perf_counter() - t) / len(rows)
+        return {"nprobe": int(hi), "target_recall": float(target_recall), "recall": measured[hi], "k": int(k),
+                "queries": int(len(rows)), "ivf_ms": round(ivf_ms, 4), "flat_ms": round(flat_ms, 4)}
 
     def add(self, vectors: np.ndarray) -> None:
         """Append vectors; their ids continue from ``ntotal`` (no retraining)."""
         self.index.add(_as_f32(vectors))
+        if self.ivf is not None:
+            self.ivf.make_direct_map()
 
     @property
     def ntotal(self) -> int:
@@ -92,9 +154,10 @@ class ImageIndex:
 
     @property
     def factory(self) -> str:
+        """The faiss factory string, e.g. ``Flat``, ``IVF1024,Flat`` or ``IVF1024,SQ8``."""
         if self.ivf is None:
             return "Flat"
-        return f"IVF{self.ivf.nlist}"
+        return f"IVF{self.ivf.nlist},{self.encoding}"
 
     # --- searching -----------------------------------------------------------------------
 
@@ -103,22 +166,30 @@ class ImageIndex:
 
         Returns
         -------
-        distances : float32 (Q, k), squared L2, ascending
+        distances : float32 (Q, k), squared L2 computed exactly (float64, then rounded), ascending
         ids : int64 (Q, k), ties ordered by lower id
         """
         queries = _as_f32(queries)
         if not 1 <= k <= self.ntotal:
             raise ValueError(f"k={k}: expected 1 <= k <= {self.ntotal} (images in the index)")
+        wide = min(self.ntotal, k + RERANK_MARGIN)
         if self.ivf is None:
-            dist, ids = self.index.search(queries, k)
+            _, ids = self.index.search(queries, wide)
         else:
             probes = int(nprobe or self.nprobe or 1)
-            dist, ids = self.index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=probes))
-            short = np.flatnonzero((ids < 0).any(axis=1))
-            if short.size:  # too few vectors in the probed lists: probe them all for those rows
-                params = faiss.SearchParametersIVF(nprobe=self.ivf.nlist)
-                dist[short], ids[short] = self.index.search(queries[short], k, params=params)
-        order = np.lexsort((ids, dist), axis=1)
+            _, ids = self.index.search(queries, wide, params=faiss.SearchParametersIVF(nprobe=probes))
+            while (ids < 0).any() and probes < self.ivf.nlist:
+                # Too few vectors in the probed lists: probe more for those rows.
+                short = np.flatnonzero((ids < 0).any(axis=1))
+                probes = min(self.ivf.nlist, 2 * probes)
+                ids[short] = self.index.search(queries[short], wide, params=faiss.SearchParametersIVF(nprobe=probes))[1]
+        return self._rerank(queries, ids, k)
+
+    def _rerank(self, queries: np.ndarray, ids: np.ndarray, k: int):
+        vectors = self.index.reconstruct_batch(ids.ravel()).reshape(*ids.shape, -1)
+        diff = vectors.astype(np.float64) - queries[:, None, :].astype(np.float64)
+        dist = np.einsum("qkd,qkd->qk", diff, diff).astype(np.float32)
+        order = np.lexsort((ids, dist), axis=1)[:, :k]
         return np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
 
     # --- persistence ---------------------------------------------------------------------
@@ -126,7 +197,8 @@ class ImageIndex:
     def attrs(self) -> dict:
         a = {"factory": self.factory, "ntotal": self.ntotal, "faiss_version": faiss.__version__}
         if self.ivf is not None:
-            a.update(nlist=int(self.ivf.nlist), nprobe=int(self.nprobe or 1))
+            a.update(nlist=int(self.ivf.nlist), nprobe=int(self.nprobe or 1), encoding=self.encoding)
+            a.update({f"tuning_{key}": value for key, value in self.tuning.items() if key != "nprobe"})
         return a
 
     def save(self, store) -> None:
@@ -141,8 +213,7 @@ class ImageIndex:
         tmp = path + ".tmp"
         blob.tofile(tmp)
         os.replace(tmp, path)  # atomic: a crash leaves the old sidecar or the new one
-        attrs.update(sidecar=name, sidecar_sha256=hashlib.sha256(blob).hexdigest(),
-                     sidecar_bytes=int(blob.nbytes))
+        attrs.update(sidecar=name, sidecar_sha256=hashlib.sha256(blob).hexdigest(), sidecar_bytes=int(blob.nbytes))
         store.write_index(None, attrs)
 
     @classmethod
@@ -160,7 +231,12 @@ class ImageIndex:
             raise ValueError(f"{store.path}: the image index cannot be read ({str(e).splitlines()[0]}); "
                              f"rebuild it with `spade-faiss reindex {store.path}`") from None
         nprobe = attrs.get("nprobe")
-        return cls(index, None if nprobe is None else int(nprobe))
+        tuning = {k[len("tuning_"):]: v for k, v in attrs.items() if k.startswith("tuning_")}
+        return cls(index, None if nprobe is None else int(nprobe), str(attrs.get("encoding", "Flat")), tuning)
+
+
+def _drop_self(ids: np.ndarray, rows: np.ndarray, k: int) -> list[np.ndarray]:
+    return [row_ids[row_ids != self_id][:k] for row_ids, self_id in zip(ids, rows)]
 
 
 def _read_sidecar(path: str, attrs: dict) -> faiss.Index:

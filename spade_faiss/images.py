@@ -1,6 +1,6 @@
-"""Decoding, preprocessing and masks (SPEC 1.1), and discovery of image sets.
+"""Decoding, preprocessing and masks (SPEC 1.1), and batches of inputs decoded ahead.
 
-Everything here is a plain function of bytes or paths: no model, no store.
+Everything here is a plain function of bytes, paths or pixels: no model, no store.
 """
 
 from __future__ import annotations
@@ -8,12 +8,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from pathlib import Path
+import re
 
 import cv2
 import numpy as np
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 # Decompression-bomb guard: a larger decoded image is refused before it is resized.
@@ -63,6 +62,9 @@ def decode(data: bytes, name: str = "<bytes>") -> np.ndarray:
     if not data:
         raise ImageError(f"{name}: empty file")
     _check_complete(data, name)
+    pixels = header_pixels(data)
+    if pixels is not None and pixels > MAX_PIXELS:
+        raise ImageError(f"{name}: {pixels} pixels exceed the limit of {MAX_PIXELS} (a decompression bomb?)")
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
         bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
@@ -132,117 +134,44 @@ def load_mask(path: str | os.PathLike | None, image_size: tuple[int, int],
     return resize_crop(m, resize, crop, cv2.INTER_NEAREST) > 127
 
 
-# --- discovery -----------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Sample:
-    """One input of an image set: path, optional mask path, label (0 normal, 1 anomalous)."""
-
-    path: str
-    mask: str | None = None
-    label: int | None = None
-    defect: str | None = None
-
-
-def is_image_name(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
-
-
-def list_folder(root: str | os.PathLike) -> list[str]:
-    """Images under ``root``, recursive, case-insensitive suffixes, hidden entries skipped, sorted."""
-    root = Path(root)
-    if not root.exists():
-        raise FileNotFoundError(f"{root}: no such folder")
-    if not root.is_dir():
-        raise ValueError(f"{root}: expected a folder")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [os.path.join(dirpath, f) for f in filenames if is_image_name(f)]
-    return sorted(found)
-
-
-def list_file(path: str | os.PathLike) -> list[str]:
-    """Paths listed one per line in a text file (blank lines and ``#`` comments skipped);
-    relative paths are relative to the list's folder."""
-    base = Path(path).parent
-    # Paths are bytes on POSIX: decode like os.listdir does, so any file name round-trips.
-    lines = [os.fsdecode(ln) for ln in Path(path).read_bytes().splitlines()]
-    return [str(p if os.path.isabs(p) else base / p)
-            for p in (ln.strip() for ln in lines) if p and not p.startswith("#")]
-
-
-def is_mvtec_category(root: str | os.PathLike) -> bool:
-    return (Path(root) / "train" / "good").is_dir()
-
-
-def discover(src: str | os.PathLike, split: str = "train") -> list[Sample]:
-    """Samples of ``src``: an MVTec category (``split`` train or test), a folder, or a list file.
-
-    Raises ``FileNotFoundError`` for a missing source and ``ValueError`` for one without images.
-    """
-    src = Path(src)
-    if not src.exists():
-        raise FileNotFoundError(f"{src}: no such file or folder")
-    if src.is_file():
-        samples = [Sample(p) for p in list_file(src)]
-    elif is_mvtec_category(src):
-        samples = mvtec_split(src, split)
-    else:
-        samples = [Sample(p) for p in list_folder(src)]
-    if not samples:
-        raise ValueError(f"{src}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
-    return samples
-
-
-def mvtec_split(root: str | os.PathLike, split: str) -> list[Sample]:
-    """``train``: ``train/good``; ``test``: ``test/<defect>`` with masks from ``ground_truth``."""
-    root = Path(root)
-    if split == "train":
-        return [Sample(p, None, 0, "good") for p in list_folder(root / "train" / "good")]
-    if split != "test":
-        raise ValueError(f"split={split!r}: expected 'train' or 'test'")
-    samples = []
-    test = root / "test"
-    for defect in sorted(d.name for d in test.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        for p in list_folder(test / defect):
-            if defect == "good":
-                samples.append(Sample(p, None, 0, defect))
-                continue
-            mask = root / "ground_truth" / defect / (Path(p).stem + "_mask.png")
-            samples.append(Sample(p, str(mask) if mask.exists() else None, 1, defect))
-    return samples
-
-
-# --- batches with decoding overlapped ----------------------------------------------------
+# --- inputs prepared for the backbone, decoded ahead ---------------------------------------
 
 @dataclasses.dataclass
 class Prepared:
-    """A sample ready for the backbone, or the reason it is not."""
+    """An input ready for the backbone, or the reason it is not.
 
-    sample: Sample
+    ``sample`` is what the caller gave (a :class:`~spade_faiss.datasets.Sample`, a path, an
+    array or a :class:`LoadedImage`), kept so that results can carry labels and masks.
+    """
+
+    sample: object
+    path: str
     image: LoadedImage | None = None
     tensor: np.ndarray | None = None  # float32 (3, crop, crop)
     error: str | None = None
 
 
-def prepare(sample: Sample | str | np.ndarray, resize: int, crop: int) -> Prepared:
-    """Load (path) or take (RGB uint8 array) one input and preprocess it; errors are caught
-    and returned as text so that one bad input never stops a batch."""
-    if isinstance(sample, np.ndarray):
-        rgb = _as_rgb(sample)
+def prepare(item, resize: int, crop: int) -> Prepared:
+    """Load a path (str, PathLike or anything with a ``path`` attribute such as a dataset
+    Sample), or take an RGB uint8 array or a :class:`LoadedImage`, and preprocess it. Decoding
+    errors are returned as text so that one bad input never stops a batch; an array of the
+    wrong type is a programming error and raises ``ValueError``."""
+    if isinstance(item, LoadedImage):
+        return Prepared(item, item.path, item, preprocess(item.rgb, resize, crop))
+    if isinstance(item, np.ndarray):
+        rgb = _as_rgb(item)
         img = LoadedImage("<array>", sha256_bytes(rgb.tobytes()), rgb)
-        return Prepared(Sample("<array>"), img, preprocess(rgb, resize, crop))
-    sample = sample if isinstance(sample, Sample) else Sample(str(sample))
+        return Prepared(item, img.path, img, preprocess(rgb, resize, crop))
+    path = str(getattr(item, "path", item))
     try:
-        sample.path.encode("utf-8")
+        path.encode("utf-8")
     except UnicodeEncodeError:  # the store and the CSVs keep paths as UTF-8 text
-        return Prepared(sample, error=f"{printable(sample.path)}: file name is not valid UTF-8")
+        return Prepared(item, path, error=f"{printable(path)}: file name is not valid UTF-8")
     try:
-        img = load_image(sample.path)
+        img = load_image(path)
     except (ImageError, FileNotFoundError) as e:
-        return Prepared(sample, error=str(e) if str(e).startswith(sample.path) else f"{sample.path}: {e}")
-    return Prepared(sample, img, preprocess(img.rgb, resize, crop))
+        return Prepared(item, path, error=str(e) if str(e).startswith(path) else f"{path}: {e}")
+    return Prepared(item, path, img, preprocess(img.rgb, resize, crop))
 
 
 def header_pixels(data: bytes) -> int | None:
@@ -257,19 +186,16 @@ def header_pixels(data: bytes) -> int | None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 return int(im.size[0]) * int(im.size[1])
-    except Image.DecompressionBombError:  # PIL refuses above twice its own limit: a lower bound
-        return 2 * int(Image.MAX_IMAGE_PIXELS) + 1
+    except Image.DecompressionBombError as e:  # PIL refuses above twice its own limit; it says the size
+        said = re.search(r"\((\d+) pixels\)", str(e))
+        return int(said.group(1)) if said else 2 * int(Image.MAX_IMAGE_PIXELS) + 1
     except Exception:  # unknown or broken headers are left to the decoder's own error
         return None
 
 
-def prepare_bytes(data: bytes, name: str, resize: int, crop: int) -> Prepared:
-    """Like :func:`prepare` for an in-memory file (an upload); errors are returned as text."""
-    try:
-        img = LoadedImage(name, sha256_bytes(data), decode(data, name))
-    except ImageError as e:
-        return Prepared(Sample(name), error=str(e))
-    return Prepared(Sample(name), img, preprocess(img.rgb, resize, crop))
+def load_bytes(data: bytes, name: str) -> LoadedImage:
+    """An in-memory file (an upload) decoded like :func:`load_image`; raises ``ImageError``."""
+    return LoadedImage(name, sha256_bytes(data), decode(data, name))
 
 
 def _as_rgb(a: np.ndarray) -> np.ndarray:
@@ -278,24 +204,22 @@ def _as_rgb(a: np.ndarray) -> np.ndarray:
     return np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a
 
 
-def iter_prepared(samples, batch_size: int, resize: int, crop: int, workers: int = 2):
-    """Yield lists of :class:`Prepared` of up to ``batch_size`` inputs, in order.
+def iter_prepared(items, batch_size: int, resize: int, crop: int, workers: int = 2):
+    """Yield lists of :class:`Prepared` of up to ``batch_size`` inputs, in input order.
 
     Decoding runs in ``workers`` threads (OpenCV releases the GIL) up to two batches ahead of
-    the consumer, so the backbone does not wait on disk.
+    the consumer, so the backbone does not wait on disk; ``items`` may be any iterable (it is
+    consumed as the batches are taken, so memory stays bounded).
     """
+    import collections
+    import itertools
     from concurrent.futures import ThreadPoolExecutor
 
-    samples = list(samples)
+    items = iter(items)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(prepare, s, resize, crop) for s in samples[: 2 * batch_size]]
-        nxt = len(futures)
-        for start in range(0, len(samples), batch_size):
-            batch = [f.result() for f in futures[start:start + batch_size]]
-            for s in samples[nxt: nxt + batch_size]:
-                futures.append(pool.submit(prepare, s, resize, crop))
-            nxt = min(len(samples), nxt + batch_size)
-            for i in range(start, start + batch_size):  # drop finished work: bounded memory
-                if i < len(futures):
-                    futures[i] = None
+        ahead = collections.deque(pool.submit(prepare, s, resize, crop)
+                                  for s in itertools.islice(items, 2 * batch_size))
+        while ahead:
+            batch = [ahead.popleft().result() for _ in range(min(batch_size, len(ahead)))]
+            ahead.extend(pool.submit(prepare, s, resize, crop) for s in itertools.islice(items, batch_size))
             yield batch

@@ -15,8 +15,6 @@ from collections.abc import Iterable, Iterator, Sequence
 import faiss
 import numpy as np
 
-from .resample import bilinear
-
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
@@ -190,12 +188,3 @@ def level_maps(query: np.ndarray, galleries: Sequence[np.ndarray], kappa: int = 
     dtype = np.float16 if gpu_float16 and device != "cpu" else np.float32
     scores = knn_mean(query.reshape(-1, c), iter_chunks(galleries, chunk_bytes, dtype), kappa, device)
     return scores.reshape(b, h, w)
-
-
-# --- concat mode -------------------------------------------------------------------------
-
-def concat_levels(levels: Sequence[np.ndarray]) -> np.ndarray:
-    """``concat`` mode features: every level upsampled to the first level's grid and
-    concatenated along channels, (B, h1, w1, sum C)."""
-    size = levels[0].shape[1]
-    return np.concatenate([bilinear(m, size) for m in levels], axis=-1)

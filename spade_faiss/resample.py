@@ -15,3 +15,10 @@ def bilinear(maps: np.ndarray, size: int) -> np.ndarray:
     t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32)).permute(0, 3, 1, 2)
     out = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
     return out.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def concat_levels(levels) -> np.ndarray:
+    """``concat`` mode features: every level upsampled to the first level's grid and
+    concatenated along channels, (B, h1, w1, sum C) float32."""
+    size = levels[0].shape[1]
+    return np.concatenate([bilinear(m, size) for m in levels], axis=-1)

@@ -50,14 +50,29 @@ def smooth(maps: np.ndarray, sigma: float) -> np.ndarray:
     return out
 
 
-def map_to_original(amap: np.ndarray, image_size: tuple[int, int], resize: int = 256) -> np.ndarray:
-    """Place a (crop, crop) map back onto the original (H, W) image, bilinear.
+def crop_box(image_size: tuple[int, int], resize: int, crop: int) -> tuple[float, float, float, float]:
+    """Where the centre crop lies in the original image: (top, bottom, left, right) in
+    (fractional) pixels of the original, which is stretched to ``resize x resize`` first."""
+    h, w = image_size
+    lo = (resize - crop) // 2
+    return lo * h / resize, (lo + crop) * h / resize, lo * w / resize, (lo + crop) * w / resize
 
-    The crop covers the centre of the ``resize`` square; the border the model never saw is
-    filled with the nearest map value before the square is stretched back to (H, W).
+
+def map_to_original(amap: np.ndarray, image_size: tuple[int, int], resize: int = 256) -> np.ndarray:
+    """A (crop, crop) map in the original image's (H, W) pixels, float32.
+
+    The crop covers the centre of the ``resize`` square the image was stretched to: the map is
+    resampled (bilinear) onto that region of the original image, and every pixel outside it,
+    which the model never saw, is NaN (not extrapolated).
     """
     crop = amap.shape[0]
-    lo = (resize - crop) // 2
-    square = np.pad(amap, ((lo, resize - crop - lo),) * 2, mode="edge")
     h, w = image_size
-    return cv2.resize(square, (w, h), interpolation=cv2.INTER_LINEAR)
+    top, bottom, left, right = crop_box(image_size, resize, crop)
+    # Pixel centres of the original in the crop's pixel coordinates (cv2.remap, bilinear).
+    ys = (np.arange(h, dtype=np.float32) + 0.5 - top) * crop / (bottom - top) - 0.5
+    xs = (np.arange(w, dtype=np.float32) + 0.5 - left) * crop / (right - left) - 0.5
+    out = cv2.remap(amap.astype(np.float32), *np.meshgrid(xs, ys), interpolation=cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_REPLICATE)
+    inside = ((ys >= -0.5) & (ys <= crop - 0.5))[:, None] & ((xs >= -0.5) & (xs <= crop - 0.5))[None, :]
+    out[~inside] = np.nan
+    return out

@@ -20,3 +20,8 @@ def dataset(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+# CLI options: features for `index` (a small backbone), and the run options for commands that
+# open a corpus (they take its features and weights from the corpus).
+FEAT = ["--backbone", "resnet18", "--weights", "none", "--resize", "72", "--crop", "64", "--device", "cpu"]
+RUN = ["--device", "cpu"]

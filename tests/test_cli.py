@@ -7,10 +7,10 @@ import h5py
 import numpy as np
 import pytest
 
-from spade_faiss import cli
-from spade_faiss.runs import read_rows, read_run
+from spade_faiss.apps import cli
+from spade_faiss.apps.runs import read_rows, read_run
 
-FEAT = ["--backbone", "resnet18", "--weights", "none", "--resize", "72", "--crop", "64", "--device", "cpu"]
+from .conftest import FEAT, RUN
 
 
 def run(capsys, *argv):
@@ -67,17 +67,17 @@ def test_bad_input_gives_one_line_error_and_nonzero_exit(tmp_path, dataset, corp
     (tmp_path / "w.pth").write_bytes(b"junk")
     code, _, err = run(capsys, *args)
     assert code == cli.EXIT_ERROR
-    first = err.strip().splitlines()[0]
+    errors = [ln for ln in err.splitlines() if ln.startswith("spade-faiss: error:")]
     expected = {"missing": "nope", "empty": "no images found", "only_bad": "no image of",
                 "backbone": "vgg16", "weights": "w.pth", "config": "crop: store has 64, requested 48"}[case]
-    assert first.startswith("spade-faiss: error:") and expected in first, err
+    assert len(errors) == 1 and expected in errors[0], err
     assert "Traceback" not in err
     assert not (tmp_path / "x.h5").exists()  # a failed first run leaves no empty corpus behind
 
 
 def test_score_writes_outputs_and_resumes(tmp_path, dataset, corpus, capsys):
     out = tmp_path / "run"
-    code, stdout, _ = run(capsys, "score", corpus, dataset, "--out", out, *FEAT, "--k-gallery", "5")
+    code, stdout, _ = run(capsys, "score", corpus, dataset, "--out", out, *RUN, "--k-gallery", "5")
     assert code == 0 and json.loads(stdout)["scored"] == 7
     rows = read_rows(out / "scores.csv")
     assert [r["image_path"] for r in rows] == sorted(r["image_path"] for r in rows)
@@ -86,24 +86,28 @@ def test_score_writes_outputs_and_resumes(tmp_path, dataset, corpus, capsys):
         assert h["maps"].shape == (7, 64, 64)
         assert [p.decode() for p in h["path"][:]] == [r["image_path"] for r in rows]
         first = h["maps"][:]
-    assert len(list((out / "overlays").glob("*.png"))) == 7
+    assert sorted(p.relative_to(out / "overlays").as_posix() for p in (out / "overlays").rglob("*.png")) == \
+        [f"defect/{i:03d}.png" for i in range(4)] + [f"good/{i:03d}.png" for i in range(3)]
+    assert [r["overlay"] for r in rows] == [f"overlays/{r['folder']}/{r['image_path'][-7:]}" for r in rows]
     # An interrupted run: keep the first 3 rows, as a crash after 3 images would.
     (tmp_path / "cut").mkdir()
     lines = (out / "scores.csv").read_text().splitlines(keepends=True)
     (tmp_path / "cut" / "scores.csv").write_text("".join(lines[:4]))
     shutil.copy(out / "maps.h5", tmp_path / "cut" / "maps.h5")
-    code, stdout, _ = run(capsys, "score", corpus, dataset, "--out", tmp_path / "cut", *FEAT, "--k-gallery", "5",
+    shutil.copy(out / "run.json", tmp_path / "cut" / "run.json")
+    code, stdout, _ = run(capsys, "score", corpus, dataset, "--out", tmp_path / "cut", *RUN, "--k-gallery", "5",
                           "--no-overlays")
     assert json.loads(stdout) == {"run": str(tmp_path / "cut"), "scored": 4, "skipped_done": 3, "errors": 0}
-    assert read_rows(tmp_path / "cut" / "scores.csv") == rows
+    resumed = read_rows(tmp_path / "cut" / "scores.csv")
+    assert resumed[:3] == rows[:3] and [dict(r, overlay="") for r in rows[3:]] == resumed[3:]  # --no-overlays
     with h5py.File(tmp_path / "cut" / "maps.h5") as h:
         np.testing.assert_allclose(h["maps"][:], first, rtol=1e-6)
 
 
 def test_shards_union_equals_one_run(tmp_path, dataset, corpus, capsys):
-    run(capsys, "score", corpus, dataset, "--out", tmp_path / "one", *FEAT, "--no-overlays")
+    run(capsys, "score", corpus, dataset, "--out", tmp_path / "one", *RUN, "--no-overlays")
     for i in range(3):
-        code, _, _ = run(capsys, "score", corpus, dataset, "--out", tmp_path / "sharded", *FEAT, "--no-overlays",
+        code, _, _ = run(capsys, "score", corpus, dataset, "--out", tmp_path / "sharded", *RUN, "--no-overlays",
                          "--shard-index", i, "--num-shards", 3)
         assert code == 0
     assert read_run(tmp_path / "sharded") == read_run(tmp_path / "one")
@@ -114,7 +118,7 @@ def test_score_lists_failures_in_errors_csv(tmp_path, dataset, corpus, capsys):
     src = tmp_path / "q"
     shutil.copytree(dataset / "test" / "good", src)
     (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    code, out, err = run(capsys, "score", corpus, src, "--out", tmp_path / "run", *FEAT)
+    code, out, err = run(capsys, "score", corpus, src, "--out", tmp_path / "run", *RUN)
     assert code == cli.EXIT_PARTIAL and json.loads(out)["scored"] == 3
     errs = read_rows(tmp_path / "run" / "errors.csv")
     assert [e["image_path"] for e in errs] == [str(src / "broken.png")] and "truncated PNG" in errs[0]["reason"]
@@ -122,7 +126,7 @@ def test_score_lists_failures_in_errors_csv(tmp_path, dataset, corpus, capsys):
 
 def test_reindex_to_ivf_and_corrupt_store(tmp_path, corpus, capsys):
     code, out, _ = run(capsys, "reindex", corpus, "--index", "ivf", "--nlist", "2")
-    assert code == 0 and json.loads(out)["factory"] == "IVF2"
+    assert code == 0 and json.loads(out)["factory"] == "IVF2,Flat"
     bad = tmp_path / "bad.h5"
     bad.write_bytes(corpus.read_bytes()[:5000])
     code, _, err = run(capsys, "info", bad)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from spade_faiss import images
+from spade_faiss import datasets, images
 from spade_faiss.detector import Spade
 from spade_faiss.store import StoreError
 
@@ -19,7 +19,7 @@ MIN_SYNTHETIC_AUROC = 0.95
 def oracle(spade, query_paths, k_image, k_gallery, kappa, mode, sigma):
     """SPADE from the contract: exact stage 1 with (distance, id) ordering, exact stage 2."""
     store = spade.store_
-    q = spade.extractor_(np.stack([images.preprocess(images.load_image(p).rgb, spade.resize, spade.crop)
+    q = spade.load_backbone().extractor_(np.stack([images.preprocess(images.load_image(p).rgb, spade.resize, spade.crop)
                                    for p in query_paths]))
     pool = torch.from_numpy(store.pool()).double()
     d_img = (torch.cdist(torch.from_numpy(q["pool"]).double(), pool) ** 2).numpy()
@@ -51,28 +51,31 @@ def oracle(spade, query_paths, k_image, k_gallery, kappa, mode, sigma):
 
 @pytest.fixture(scope="module")
 def fitted(dataset):
-    train = [s.path for s in images.discover(dataset)]
+    """Shared by the tests of this module: they use ``with_params`` copies, never mutate it."""
+    train = [s.path for s in datasets.discover(dataset)]
     return Spade(dtype="float32", k_gallery=6, k_image=3, **SMALL).fit(train)
 
 
+@pytest.mark.parametrize("stage2", ["pruned", "faiss"])
 @pytest.mark.parametrize("mode, kappa", [("per_level", 1), ("per_level", 3), ("concat", 1), ("concat", 3)])
-def test_equals_brute_force_oracle(fitted, dataset, mode, kappa):
-    fitted.pixel_mode, fitted.kappa = mode, kappa
-    fitted.chunk_bytes = 200_000  # several chunks per gallery: exercises the exact merge
-    queries = [s.path for s in images.discover(dataset, "test")]
-    r = fitted.score(queries)
-    s, m, ids, d = oracle(fitted, queries, 3, 6, kappa, mode, 4.0)
+def test_equals_brute_force_oracle(fitted, dataset, mode, kappa, stage2):
+    # chunk_bytes: several chunks per gallery exercise the exact merge of the faiss engine
+    spade = fitted.with_params(pixel_mode=mode, kappa=kappa, chunk_bytes=200_000, stage2=stage2)
+    queries = [s.path for s in datasets.discover(dataset, "test")]
+    r = spade.score(queries)
+    s, m, ids, d = oracle(spade, queries, 3, 6, kappa, mode, 4.0)
     np.testing.assert_array_equal(r.neighbour_ids, ids)
     np.testing.assert_allclose(r.neighbour_distances, d, rtol=1e-4)
     np.testing.assert_allclose(r.image_scores, s, rtol=1e-4)
     np.testing.assert_array_equal(np.argsort(r.image_scores), np.argsort(s))
     assert r.maps.shape == (len(queries), 64, 64) and r.maps.dtype == np.float32
     np.testing.assert_allclose(r.maps, m, rtol=1e-4, atol=1e-4 * np.abs(m).max())
+    assert fitted.pixel_mode == "per_level" and fitted.kappa == 1  # the shared fixture is untouched
 
 
 def test_float16_store_is_close_to_float32(dataset):
-    train = [s.path for s in images.discover(dataset)]
-    test = [s.path for s in images.discover(dataset, "test")]
+    train = [s.path for s in datasets.discover(dataset)]
+    test = [s.path for s in datasets.discover(dataset, "test")]
     a = Spade(dtype="float32", k_gallery=6, **SMALL).fit(train).score(test)
     b = Spade(dtype="float16", k_gallery=6, **SMALL).fit(train).score(test)
     np.testing.assert_array_equal(a.image_scores, b.image_scores)  # pool vectors stay float32
@@ -88,8 +91,8 @@ def test_finds_synthetic_defects(tmp_path):
     from spade_faiss.synthetic import make_dataset
     root = make_dataset(tmp_path / "d", n_train=16, n_good=8, n_defect=8, size=(128, 128), seed=5)
     params = dict(SMALL, resize=144, crop=128)
-    spade = Spade(k_gallery=8, **params).fit([s.path for s in images.discover(root)])
-    test = images.discover(root, "test")
+    spade = Spade(k_gallery=8, **params).fit([s.path for s in datasets.discover(root)])
+    test = datasets.discover(root, "test")
     r = spade.score([s.path for s in test])
     labels = np.array([s.label for s in test])
     assert auroc(labels, r.image_scores) > MIN_SYNTHETIC_AUROC
@@ -100,41 +103,83 @@ def test_finds_synthetic_defects(tmp_path):
 
 
 def test_k_gallery_larger_than_corpus_is_clamped_with_a_warning(fitted, dataset):
-    fitted.pixel_mode, fitted.kappa, fitted.k_gallery = "per_level", 1, 50
+    spade = fitted.with_params(k_gallery=50)
     with pytest.warns(UserWarning, match="k_gallery=50 > 12 images"):
-        r = fitted.score([images.discover(dataset, "test")[0].path])
+        r = spade.score([datasets.discover(dataset, "test")[0].path])
     assert r.neighbour_ids.shape == (1, 12)
-    fitted.k_gallery = 6
 
 
-def test_segment_gating_and_bad_inputs(fitted, dataset, tmp_path):
-    test = [s.path for s in images.discover(dataset, "test")]
+def test_maps_none_all_and_gated_and_bad_inputs(fitted, dataset, tmp_path):
+    test = [s.path for s in datasets.discover(dataset, "test")]
     (tmp_path / "bad.png").write_text("nope")
-    r = fitted.score(test[:2] + [str(tmp_path / "bad.png")] + test[2:3], segment=False)
-    assert r.maps is None and len(r.paths) == 3
+    r = fitted.score(test[:2] + [str(tmp_path / "bad.png")] + test[2:3], maps=False)
+    assert r.maps is None and len(r.paths) == 3 and r.is_anomalous is None
     assert r.errors == [(str(tmp_path / "bad.png"), f"{tmp_path / 'bad.png'}: not a decodable image")]
     full = fitted.score(test)
+    with pytest.raises(ValueError, match="calibrate first"):
+        fitted.score(test, maps="auto")
+    with pytest.raises(ValueError, match="maps=0.5"):
+        fitted.score(test, maps=0.5)
     tau = float(np.median(full.image_scores))
-    gated = fitted.score(test, segment=tau)
+    spade = fitted.with_params().set_thresholds(tau=tau)
+    gated = spade.score(test, maps="auto")
     np.testing.assert_array_equal(gated.segmented, full.image_scores > tau)
-    np.testing.assert_allclose(gated.maps[gated.segmented], full.maps[gated.segmented], rtol=1e-6)
+    np.testing.assert_array_equal(gated.is_anomalous, full.image_scores > tau)
+    np.testing.assert_array_equal(gated.maps[gated.segmented], full.maps[gated.segmented])
     assert np.all(gated.maps[~gated.segmented] == 0)
+    assert fitted.tau_ is None  # thresholds of a copy stay with the copy
 
 
-def test_open_refuses_other_weights(tmp_path, dataset):
+def test_iter_score_yields_one_result_per_input_in_order(fitted, dataset, tmp_path):
+    test = [s.path for s in datasets.discover(dataset, "test")]
+    (tmp_path / "bad.png").write_text("nope")
+    inputs = [test[0], str(tmp_path / "bad.png")] + test[1:]
+    spade = fitted.with_params(batch_size=2)
+    out = list(spade.iter_score(iter(inputs), maps=False))
+    assert [r.path for r in out] == inputs
+    assert out[1].error and out[1].score is None and all(r.error is None for r in out[:1] + out[2:])
+    whole = fitted.score(test, maps=False)
+    np.testing.assert_array_equal([r.score for r in out if not r.error], whole.image_scores)
+    assert out[0].neighbour_paths == [fitted.paths_[i] for i in whole.neighbour_ids[0][:3]]
+
+
+def test_open_uses_the_stored_weights_and_refuses_others(tmp_path, dataset):
     path = tmp_path / "c.h5"
-    with Spade.create(path, **SMALL) as s:
-        s.add(images.discover(dataset))
-    with pytest.raises(StoreError, match="weights_sha256: store has"):
-        Spade.open(path, **dict(SMALL, seed=1))
-    with Spade.open(path, **SMALL) as s:
-        assert len(s.store_) == 12 and s.index_.ntotal == 12
+    with Spade.create(path, k_gallery=6, **SMALL) as s:
+        s.add(datasets.discover(dataset))
+        want = s.score(datasets.discover(dataset, "test"), maps=False).image_scores
+    with pytest.raises(StoreError, match="differ from those the corpus was built with"):
+        Spade.open(path, seed=1).load_backbone()
+    with Spade.open(path, k_gallery=6) as s:  # backbone, crop, weights (random init, seed 0) from the corpus
+        assert len(s.store_) == 12 and s.index_.ntotal == 12 and s.backbone == "resnet18" and s.weights is None
+        np.testing.assert_array_equal(s.score(datasets.discover(dataset, "test"), maps=False).image_scores, want)
+
+
+def test_parameters_are_checked_before_any_model_is_built(tmp_path):
+    for bad, match in [(dict(index="hnsw"), "index='hnsw'"), (dict(batch_size=0), "batch_size=0"),
+                       (dict(workers=-1), "workers=-1"), (dict(encoding="PQx"), "encoding='PQx'"),
+                       (dict(k_image=9, k_gallery=3), "k_image=9"), (dict(stage2="gpu"), "stage2='gpu'"),
+                       (dict(weights=str(tmp_path / "w.pth")), "no such file")]:
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            Spade(**dict(SMALL, **bad)).fit(["never-read.png"])
+    with pytest.raises(TypeError):
+        Spade("wide_resnet50_2")  # keyword-only
+    with pytest.raises(ValueError, match="unknown parameter"):
+        Spade().set_params(k=3)
+
+
+def test_feature_parameters_cannot_change_after_fit(fitted):
+    with pytest.raises(ValueError, match="decide the stored features"):
+        fitted.with_params(crop=32)
+    with pytest.raises(ValueError, match="kappa=0"):
+        fitted.with_params(kappa=0)
+    assert fitted.kappa == 1 and fitted.config_.kappa == 1
 
 
 def test_unfitted_and_array_inputs(dataset):
     with pytest.raises(ValueError, match="not fitted"):
         Spade(**SMALL).score(["x.png"])
-    rgb = images.load_image(images.discover(dataset)[0].path).rgb
+    rgb = images.load_image(datasets.discover(dataset)[0].path).rgb
     spade = Spade(k_gallery=2, k_image=1, **SMALL).fit([rgb, rgb[::-1].copy(), rgb[:, ::-1].copy()])
     r = spade.score([rgb])
     assert r.neighbour_ids[0, 0] == 0 and r.image_scores[0] == pytest.approx(0, abs=1e-6)

@@ -7,16 +7,16 @@ import h5py
 import numpy as np
 import pytest
 
-from spade_faiss import cli
+from spade_faiss.apps import cli
+from spade_faiss.apps.runs import read_run
+from spade_faiss.apps.verify import verify
+from spade_faiss.datasets import discover
 from spade_faiss.detector import Spade
-from spade_faiss.distributed import join_shards
-from spade_faiss.images import discover
-from spade_faiss.runs import read_run
-from spade_faiss.store import FeatureStore, StoreError
-from spade_faiss.verify import verify
+from spade_faiss.store import FeatureStore, StoreError, join_shards
+
+from .conftest import FEAT, RUN, SMALL
 
 ray = pytest.importorskip("ray")
-FEAT = ["--backbone", "resnet18", "--weights", "none", "--resize", "72", "--crop", "64", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -52,32 +52,28 @@ def test_ray_build_and_scoring_equal_one_process(cluster, tmp_path, dataset, cap
     with FeatureStore.open(dist, "a") as s, pytest.raises(StoreError, match="cannot grow"):
         s.append(["x"], ["0" * 64], {})
 
-    assert cli.main(["score", str(local), str(dataset), "--out", str(tmp_path / "r1"), *FEAT, "--k-gallery", "4",
+    assert cli.main(["score", str(local), str(dataset), "--out", str(tmp_path / "r1"), *RUN, "--k-gallery", "4",
                      "--no-overlays"]) == 0
-    assert cli.main(["score", str(dist), str(dataset), "--out", str(tmp_path / "r2"), *FEAT, "--k-gallery", "4",
-                     "--engine", "ray", "--ray-workers", "2", "--batch-size", "2"]) == 0
+    assert cli.main(["score", str(dist), str(dataset), "--out", str(tmp_path / "r2"), *RUN, "--k-gallery", "4",
+                     "--engine", "ray", "--ray-workers", "2", "--batch-size", "2", "--no-overlays"]) == 0
     capsys.readouterr()
+    # The same run layout as the local engine: one scores.csv, one maps.h5, the same numbers.
+    assert sorted(p.name for p in (tmp_path / "r2").iterdir()) == ["maps.h5", "report.html", "run.json", "scores.csv"]
     one, many = read_run(tmp_path / "r1"), read_run(tmp_path / "r2")
     assert [r["image_path"] for r in one] == [r["image_path"] for r in many]
     for x, y in zip(one, many):
-        assert float(x["score"]) == pytest.approx(float(y["score"]), rel=1e-5)
-        assert float(x["map_max"]) == pytest.approx(float(y["map_max"]), rel=1e-4)
-        assert sorted(x["neighbour_paths"].split(";")) == sorted(y["neighbour_paths"].split(";"))
-    maps = {}
-    for f in (tmp_path / "r2").glob("maps.*.h5"):
-        with h5py.File(f) as h:
-            maps.update({p.decode(): m for p, m in zip(h["path"][:], h["maps"][:])})
-    with h5py.File(tmp_path / "r1" / "maps.h5") as h:
-        for p, m in zip(h["path"][:], h["maps"][:]):
-            np.testing.assert_allclose(maps[p.decode()], m, rtol=1e-4, atol=1e-5)
+        assert x["score"] == y["score"] and x["map_max"] == y["map_max"]
+        assert x["neighbour_paths"].split(";") == y["neighbour_paths"].split(";")
+    with h5py.File(tmp_path / "r1" / "maps.h5") as a, h5py.File(tmp_path / "r2" / "maps.h5") as b:
+        assert list(a["path"][:]) == list(b["path"][:])
+        np.testing.assert_array_equal(a["maps"][:], b["maps"][:])
     # Resume: nothing left to do.
-    assert cli.main(["score", str(dist), str(dataset), "--out", str(tmp_path / "r2"), *FEAT, "--k-gallery", "4",
-                     "--engine", "ray"]) == 0
+    assert cli.main(["score", str(dist), str(dataset), "--out", str(tmp_path / "r2"), *RUN, "--k-gallery", "4",
+                     "--engine", "ray", "--no-overlays"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped_done"] == 7
 
 
 def test_join_shards_maps_rows_across_files_and_dedupes(tmp_path, dataset):
-    from .conftest import SMALL
     train = discover(dataset)
     parts = [train[:5], train[4:9], train[9:]]  # image 4 is in two shards
     shards = []
@@ -87,8 +83,9 @@ def test_join_shards_maps_rows_across_files_and_dedupes(tmp_path, dataset):
             s.add(part)
     with Spade.create(tmp_path / "local.h5", **SMALL) as s:
         s.add(train)
-    summary = join_shards(shards, str(tmp_path / "joined.h5"))
-    assert summary == {"store": str(tmp_path / "joined.h5"), "images": 12, "shards": 3}
+    assert join_shards(shards, str(tmp_path / "joined.h5")) == 12
+    with Spade.open(tmp_path / "joined.h5", "a") as s:  # weights and features from the shards
+        assert s.reindex()["ntotal"] == 12 and s.weights is None
     a, b = by_path(tmp_path / "local.h5"), by_path(tmp_path / "joined.h5")
     assert sorted(a) == sorted(b)
     for p in a:

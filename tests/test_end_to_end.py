@@ -1,5 +1,6 @@
 """End to end with the real default backbone (wide_resnet50_2 at 224, seeded random init):
-the corpus file has SPEC 2's exact shapes and its features equal a plain torchvision forward."""
+the corpus file has SPEC 2's exact shapes, its features equal a plain torchvision forward, and
+the command line's scores and maps equal the brute-force SPADE oracle."""
 
 import json
 
@@ -9,14 +10,20 @@ import pytest
 import torch
 import torchvision
 
-from spade_faiss import cli, images
+from spade_faiss import images
+from spade_faiss.apps import cli
+from spade_faiss.apps.runs import read_rows
+from spade_faiss.datasets import discover
+from spade_faiss.detector import Spade
+
+from .test_detector import oracle
 
 pytestmark = pytest.mark.slow
 
 
 def test_default_backbone_corpus_matches_spec_and_direct_forward(tmp_path, dataset, capsys):
     out = tmp_path / "c.h5"
-    train = images.discover(dataset)[:3]
+    train = discover(dataset)[:3]
     lst = tmp_path / "list.txt"
     lst.write_text("\n".join(s.path for s in train))
     assert cli.main(["index", str(lst), "--out", str(out), "--weights", "none", "--device", "cpu",
@@ -42,7 +49,13 @@ def test_default_backbone_corpus_matches_spec_and_direct_forward(tmp_path, datas
                                atol=1e-4 * l3.abs().max().item())
 
     code = cli.main(["score", str(out), str(dataset / "test" / "defect"), "--out", str(tmp_path / "run"),
-                     "--weights", "none", "--device", "cpu", "--k-gallery", "3", "--k-image", "2"])
+                     "--device", "cpu", "--k-gallery", "3", "--k-image", "2"])
     assert code == 0
+    rows = read_rows(tmp_path / "run" / "scores.csv")
     with h5py.File(tmp_path / "run" / "maps.h5") as h:
-        assert h["maps"].shape == (4, 224, 224) and np.isfinite(h["maps"][:]).all()
+        maps = h["maps"][:]
+    assert maps.shape == (4, 224, 224)
+    with Spade.open(out, k_gallery=3, k_image=2) as spade:
+        want_scores, want_maps, _, _ = oracle(spade, [r["image_path"] for r in rows], 2, 3, 1, "per_level", 4.0)
+    np.testing.assert_allclose([float(r["score"]) for r in rows], want_scores, rtol=1e-5)
+    np.testing.assert_allclose(maps, want_maps, rtol=1e-4, atol=1e-5 * want_maps.max())

@@ -8,14 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spade_faiss import cli, evaluation, metrics
+from spade_faiss import metrics
+from spade_faiss.apps import cli, evaluation
+from spade_faiss.apps.runs import read_run
+from spade_faiss.datasets import discover
 from spade_faiss.detector import Spade
-from spade_faiss.images import discover
 
-from .conftest import SMALL
+from .conftest import FEAT, RUN, SMALL
 
 MAGNETIC_TILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"
-FEAT = ["--backbone", "resnet18", "--weights", "none", "--resize", "72", "--crop", "64", "--device", "cpu"]
 
 
 def test_calibrate_sets_thresholds_at_the_requested_fpr(tmp_path, dataset, capsys):
@@ -24,24 +25,27 @@ def test_calibrate_sets_thresholds_at_the_requested_fpr(tmp_path, dataset, capsy
     assert len(held) == 1 and held[0] == discover(dataset)[9]
     with Spade.create(store, **SMALL) as s:
         s.add(train)
-    assert cli.main(["calibrate", str(store), str(dataset), *FEAT, "--k-gallery", "5", "--fpr", "0.1"]) == 0
+    held_dir = tmp_path / "held"
+    held_dir.mkdir()
+    shutil.copy(held[0].path, held_dir)
+    assert cli.main(["calibrate", str(store), str(held_dir), *RUN, "--k-gallery", "5", "--fpr", "0.1"]) == 0
     th = json.loads(capsys.readouterr().out)
-    with Spade.open(store, k_gallery=5, **SMALL) as s:
-        assert s.store_.thresholds()["tau"] == th["tau"]
-        r = s.score(discover(dataset))  # the calibration images themselves
+    with Spade.open(store, k_gallery=5) as s:
+        assert (s.tau_, s.theta_) == (th["tau"], th["theta"]) and s.calibration_["n_images"] == 1
+        r = s.score(held)  # the calibration images themselves
     assert (r.image_scores > th["tau"]).mean() <= 0.1
     assert (r.maps > th["theta"]).mean() <= 0.1
     assert th["tau"] == metrics.threshold_at_fpr(r.image_scores, 0.1)
 
 
-def small_magnetic_tile(dst: Path, n_train=10, per_class=2) -> Path:
-    root = dst / "magnetic_tile"
-    for p in sorted((MAGNETIC_TILE / "train" / "good").glob("*.png"))[:n_train]:
+def small_magnetic_tile(dst: Path, n_train=10, per_class=2, name="magnetic_tile", offset=0) -> Path:
+    root = dst / name
+    for p in sorted((MAGNETIC_TILE / "train" / "good").glob("*.png"))[offset:offset + n_train]:
         (root / "train" / "good").mkdir(parents=True, exist_ok=True)
         shutil.copy(p, root / "train" / "good")
     for cls in sorted(d.name for d in (MAGNETIC_TILE / "test").iterdir()):
         (root / "test" / cls).mkdir(parents=True)
-        for p in sorted((MAGNETIC_TILE / "test" / cls).glob("*.png"))[:per_class]:
+        for p in sorted((MAGNETIC_TILE / "test" / cls).glob("*.png"))[offset:offset + per_class]:
             shutil.copy(p, root / "test" / cls)
             mask = MAGNETIC_TILE / "ground_truth" / cls / f"{p.stem}_mask.png"
             if mask.exists():
@@ -52,24 +56,34 @@ def small_magnetic_tile(dst: Path, n_train=10, per_class=2) -> Path:
 
 @pytest.mark.skipif(not MAGNETIC_TILE.is_dir(), reason="../shared/data/magnetic_tile is not beside the repo")
 def test_evaluate_on_a_few_real_magnetic_tile_images(tmp_path, capsys):
-    root = small_magnetic_tile(tmp_path)
+    data = tmp_path / "data"
+    small_magnetic_tile(data, name="tiles_a")
+    small_magnetic_tile(data, name="tiles_b", offset=10)
     out = tmp_path / "eval"
-    assert cli.main(["evaluate", str(root), "--out", str(out), *FEAT, "--k-gallery", "5"]) == 0
+    assert cli.main(["evaluate", str(data), "--out", str(out), *FEAT, "--k-gallery", "5"]) == 0
     report = json.loads((out / "metrics.json").read_text())
-    cat = report["categories"]["magnetic_tile"]
-    assert cat["n_train"] == 9 and cat["n_holdout"] == 1 and cat["n_test"] == 12
+    cats = report["categories"]
+    assert sorted(cats) == ["tiles_a", "tiles_b"]
+    for cat in cats.values():
+        assert cat["n_train"] == 9 and cat["n_holdout"] == 1 and cat["n_test"] == 12
+        assert "test_label_derived" in cat and cat["calibrated"]["fpr"] == 0.01
     for m in evaluation.METRIC_NAMES:
-        assert 0 <= cat[m] <= 1 and report["mean"][m] == cat[m]
+        assert 0 <= cats["tiles_a"][m] <= 1
+        assert report["mean"][m] == pytest.approx((cats["tiles_a"][m] + cats["tiles_b"][m]) / 2)
+    assert cats["tiles_a"]["image_AUROC"] != cats["tiles_b"]["image_AUROC"]  # two categories, two answers
     assert report["weights"].startswith("random-init")
-    assert "test_label_derived" in cat and cat["calibrated"]["fpr"] == 0.01
-    for f in ("roc.png", "pro.png", "worst_cases.png", "metrics.json", "corpus.h5"):
-        assert (out / "magnetic_tile" / f).is_file(), f
+    for f in ("roc.png", "pro.png", "worst_cases.png", "metrics.json", "corpus.h5", "scores.csv", "maps.h5",
+              "report.html", "run.json"):
+        assert (out / "tiles_a" / f).is_file(), f
+    rows = read_run(out / "tiles_a")  # per-image scores and overlays
+    assert len(rows) == 12 and all((out / "tiles_a" / r["overlay"]).is_file() for r in rows)
     table = (out / "table.md").read_text()
-    assert "| magnetic_tile |" in table and "**mean**" in table
-    # Re-running reuses the corpus (nothing re-indexed) and gives the same metrics.
-    assert cli.main(["evaluate", str(root), "--out", str(out), *FEAT, "--k-gallery", "5"]) == 0
-    again = json.loads((out / "metrics.json").read_text())["categories"]["magnetic_tile"]
-    assert {m: again[m] for m in evaluation.METRIC_NAMES} == {m: cat[m] for m in evaluation.METRIC_NAMES}
+    assert "| tiles_a |" in table and "**mean**" in table
+    # Re-running reuses the corpora (nothing re-indexed) and gives the same metrics.
+    assert cli.main(["evaluate", str(data), "--out", str(out), *FEAT, "--k-gallery", "5",
+                     "--categories", "tiles_a"]) == 0
+    again = json.loads((out / "metrics.json").read_text())["categories"]["tiles_a"]
+    assert {m: again[m] for m in evaluation.METRIC_NAMES} == {m: cats["tiles_a"][m] for m in evaluation.METRIC_NAMES}
 
 
 def test_evaluate_rejects_bad_roots(tmp_path):

@@ -1,5 +1,6 @@
 """Flat equals brute force; IVF recall; ties; persistence in the store and in a sidecar."""
 
+import faiss
 import numpy as np
 import pytest
 
@@ -37,16 +38,49 @@ def test_ties_go_to_the_lower_id(rng):
     assert ids.tolist() == [[3, 9, 17, 25]] and np.all(dist == 0)
 
 
+def clustered_split(rng, n, n_queries):
+    """Corpus and queries from the same distribution (queries resemble the corpus)."""
+    x = clustered(rng, n + n_queries)
+    return x[:n], x[n:]
+
+
 def test_ivf_recall_against_flat(rng):
-    xb, xq = clustered(rng, 4000), clustered(rng, 100)
-    ivf = ImageIndex.build(xb, "ivf")
-    assert ivf.factory == f"IVF{image_index.ivf_nlist(4000)}"
+    xb, xq = clustered_split(rng, 4000, 100)
+    ivf = ImageIndex.build(xb, "ivf", target_recall=0.99)
+    assert ivf.factory == f"IVF{image_index.ivf_nlist(4000)},Flat"
     _, got = ivf.search(xq, 50)
     _, want = ImageIndex.build(xb, "flat").search(xq, 50)
     recall = np.mean([len(set(g) & set(w)) / 50 for g, w in zip(got, want)])
     assert recall >= IVF_MIN_RECALL_AT_50, recall
     _, one_probe = ivf.search(xq, 50, nprobe=1)
     assert np.all(one_probe >= 0)  # short lists are completed, never -1
+
+
+def leave_one_out_recall(index, xb, rows, k, nprobe):
+    """Recall@k of IVF at ``nprobe`` for corpus vectors ``rows`` as queries, their own row left
+    out, against a numpy brute force."""
+    d = ((xb[rows, None, :].astype(np.float64) - xb[None].astype(np.float64)) ** 2).sum(-1)
+    d[np.arange(len(rows)), rows] = np.inf
+    truth = np.argsort(d, axis=1, kind="stable")[:, :k]
+    got = index.index.search(xb[rows], k + 1, params=faiss.SearchParametersIVF(nprobe=nprobe))[1]
+    got = [g[g != r][:k] for g, r in zip(got, rows)]
+    return np.mean([len(set(a) & set(b)) / k for a, b in zip(got, truth)])
+
+
+def test_default_nprobe_is_the_smallest_reaching_the_target_recall(rng):
+    xb, xq = clustered_split(rng, 3000, 100)
+    ivf = ImageIndex.build(xb, "ivf", target_recall=0.9, k=20)
+    assert ivf.nprobe == ivf.tuning["nprobe"] and ivf.tuning["target_recall"] == 0.9 and ivf.tuning["k"] == 20
+    rows = np.arange(0, 3000, 30)
+    tuning = ivf.tune(ImageIndex.build(xb, "flat"), xb, rows, 0.9, 20)
+    p = tuning["nprobe"]
+    assert leave_one_out_recall(ivf, xb, rows, 20, p) == pytest.approx(tuning["recall"]) and tuning["recall"] >= 0.9
+    assert p == 1 or leave_one_out_recall(ivf, xb, rows, 20, p - 1) < 0.9  # the smallest
+    _, got = ivf.search(xq, 20)  # fresh queries from the same distribution
+    _, want = brute_force(xb, xq, 20)
+    assert np.mean([len(set(g) & set(w)) / 20 for g, w in zip(got, want)]) >= 0.9 - 0.03
+    attrs = ivf.attrs()
+    assert attrs["nprobe"] == ivf.nprobe and attrs["tuning_recall"] == ivf.tuning["recall"]
 
 
 def test_nlist_rule():

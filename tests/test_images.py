@@ -1,12 +1,12 @@
 """Preprocessing per SPEC 1.1, checked against values computed independently here."""
 
-import os
 
 import cv2
 import numpy as np
 import pytest
 
 from spade_faiss import images
+from spade_faiss.datasets import Sample, discover
 
 
 def _write(path, arr):
@@ -91,38 +91,19 @@ def test_bad_inputs_name_the_file(tmp_path):
         images.load_image(tmp_path / "e.png")
     with pytest.raises(FileNotFoundError, match="nope.png"):
         images.load_image(tmp_path / "nope.png")
-    p = images.prepare(images.Sample(str(tmp_path / "x.png")), 72, 64)
+    p = images.prepare(Sample(str(tmp_path / "x.png")), 72, 64)
     assert p.error.startswith(str(tmp_path / "x.png")) and p.tensor is None
 
 
-def test_folder_discovery_recursive_sorted_case_insensitive(tmp_path):
-    for rel in ["b/2.PNG", "a.jpg", "b/1.tiff", ".hidden.png", ".dir/x.png", "c.txt", "d.JpEg", "e.webp"]:
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_bytes(b"x")
-    got = [os.path.relpath(p, tmp_path) for p in images.list_folder(tmp_path)]
-    assert got == ["a.jpg", "b/1.tiff", "b/2.PNG", "d.JpEg", "e.webp"]
-
-
-def test_discovery_of_list_files_and_mvtec(tmp_path, dataset):
-    lst = tmp_path / "list.txt"
-    lst.write_text("# comment\n\n/abs/a.png\nrel/b.png\n")
-    assert [s.path for s in images.discover(lst)] == ["/abs/a.png", str(tmp_path / "rel/b.png")]
-    train = images.discover(dataset)
-    assert len(train) == 12 and all(s.label == 0 for s in train)
-    test = images.discover(dataset, split="test")
-    assert [s.label for s in test] == [1] * 4 + [0] * 3
-    assert all(s.mask and os.path.exists(s.mask) for s in test if s.label == 1)
-    with pytest.raises(FileNotFoundError):
-        images.discover(tmp_path / "missing")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no images found"):
-        images.discover(tmp_path / "empty")
-
-
 def test_prepared_batches_keep_order_and_errors(tmp_path, dataset):
-    samples = images.discover(dataset)[:5] + [images.Sample(str(tmp_path / "missing.png"))]
-    batches = list(images.iter_prepared(samples, 2, 72, 64, workers=2))
+    samples = discover(dataset)[:5] + [Sample(str(tmp_path / "missing.png"))]
+    rgb = images.load_image(samples[0].path)
+    inputs = iter(samples + [rgb.rgb, rgb])  # any iterable: samples, arrays, decoded images
+    batches = list(images.iter_prepared(inputs, 2, 72, 64, workers=2))
     flat = [p for b in batches for p in b]
-    assert [len(b) for b in batches] == [2, 2, 2]
-    assert [p.sample.path for p in flat] == [s.path for s in samples]
-    assert flat[-1].error and "missing.png" in flat[-1].error
+    assert [len(b) for b in batches] == [2, 2, 2, 2]
+    assert [p.path for p in flat] == [s.path for s in samples] + ["<array>", samples[0].path]
+    assert [p.sample for p in flat[:6]] == samples
+    assert flat[5].error and "missing.png" in flat[5].error
+    for p in flat[6:]:
+        np.testing.assert_array_equal(p.tensor, flat[0].tensor)

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spade_faiss import cli, images
-from spade_faiss.runs import read_rows
+from spade_faiss import images
+from spade_faiss.apps import cli
+from spade_faiss.apps.runs import read_rows
 from spade_faiss.synthetic import texture
 
-FEAT = ["--backbone", "resnet18", "--weights", "none", "--resize", "72", "--crop", "64", "--device", "cpu"]
+from .conftest import FEAT, RUN
 
 
 def png_bomb(width, height) -> bytes:
@@ -68,8 +69,8 @@ def make_odd_corpus(root):
     w("html.jpg", b"<html><body>404</body></html>", "not a decodable image")
     w("random.bmp", rng.integers(0, 256, 500, dtype=np.uint8).tobytes(), "not a decodable image")
     w("zeros.tif", b"\0" * 1000, "not a decodable image")
-    w("bomb.png", png_bomb(200_000, 200_000), "")
-    w("bad_crc.png", ok_png[:33] + b"\0\0\0\0" + ok_png[37:], "")
+    w("bomb.png", png_bomb(200_000, 200_000), "pixels exceed the limit")
+    w("bad_crc.png", ok_png[:33] + b"\0\0\0\0" + ok_png[37:], "not a decodable image")
     os.symlink(root / "does_not_exist.png", root / "broken_link.png")
     exp["broken_link.png"] = "no such file"
     (root / "folder.png").mkdir()
@@ -89,7 +90,7 @@ def test_every_odd_input_is_scored_or_skipped_with_a_reason(tmp_path, dataset, c
     assert len(expected) >= 30
     listing = tmp_path / "list.txt"
     listing.write_bytes(b"\n".join(os.fsencode(odd / n) for n in sorted(expected)))
-    code = cli.main(["score", str(store), str(listing), "--out", str(tmp_path / "run"), *FEAT, "--k-gallery", "3"])
+    code = cli.main(["score", str(store), str(listing), "--out", str(tmp_path / "run"), *RUN, "--k-gallery", "3"])
     err = capsys.readouterr().err
     assert code == cli.EXIT_PARTIAL, err
     scored = {os.path.basename(r["image_path"]) for r in read_rows(tmp_path / "run" / "scores.csv")}

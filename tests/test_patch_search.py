@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from spade_faiss import patch_search
+from spade_faiss.resample import concat_levels
 
 
 def oracle_knn_mean(q, g, kappa):
@@ -49,7 +50,7 @@ def test_level_maps_shape_and_zero_on_self(rng):
 def test_concat_levels_equals_torch_interpolate(rng):
     l1 = rng.standard_normal((2, 8, 8, 3)).astype(np.float32)
     l2 = rng.standard_normal((2, 4, 4, 5)).astype(np.float32)
-    got = patch_search.concat_levels([l1, l2])
+    got = concat_levels([l1, l2])
     up = F.interpolate(torch.from_numpy(l2).permute(0, 3, 1, 2), size=(8, 8), mode="bilinear", align_corners=False)
     want = np.concatenate([l1, up.permute(0, 2, 3, 1).numpy()], axis=-1)
     np.testing.assert_allclose(got, want, rtol=1e-6)

@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
 
 from spade_faiss import scoring
 
@@ -26,19 +25,44 @@ def test_assemble_maps_upsamples_bilinear_and_averages(rng):
     np.testing.assert_allclose(got, (up(a) + up(b)) / 2, rtol=1e-6)
 
 
-def test_smooth_is_scipy_gaussian_reflect(rng):
+def gaussian_by_hand(m: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian, kernel radius int(4 * sigma + 0.5), 'reflect' borders (d c b a | a b c d),
+    written out with numpy: the contract scipy.ndimage.gaussian_filter's defaults implement."""
+    r = int(4.0 * sigma + 0.5)
+    x = np.arange(-r, r + 1)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    k /= k.sum()
+    out = m.astype(np.float64)
+    for axis in (0, 1):
+        padded = np.pad(out, [(r, r) if a == axis else (0, 0) for a in (0, 1)], mode="symmetric")
+        out = sum(k[i] * np.take(padded, np.arange(i, i + m.shape[axis]), axis=axis) for i in range(2 * r + 1))
+    return out
+
+
+def test_smooth_is_a_reflect_gaussian(rng):
     m = rng.random((2, 20, 20)).astype(np.float32)
     got = scoring.smooth(m, 4)
     for i in range(2):
-        np.testing.assert_allclose(got[i], gaussian_filter(m[i], 4, mode="reflect", truncate=4.0), rtol=1e-6)
+        np.testing.assert_allclose(got[i], gaussian_by_hand(m[i], 4), rtol=1e-5)
+    impulse = np.zeros((1, 41, 41), np.float32)
+    impulse[0, 20, 20] = 1
+    row = scoring.smooth(impulse, 2)[0, 20]
+    np.testing.assert_allclose(row / row.max(), np.exp(-0.5 * ((np.arange(41) - 20) / 2) ** 2), atol=1e-3)
     assert scoring.smooth(m, 0) is m
 
 
-def test_map_to_original_places_the_crop_in_the_centre():
+def test_map_to_original_places_the_crop_in_the_centre_and_nothing_outside():
     amap = np.zeros((4, 4), np.float32)
     amap[1:3, 1:3] = 1
+    # resize 8, crop 4: the crop is rows/cols 2..6 of the 8x8 square = rows 4..12, cols 8..24 of 16x32
+    assert scoring.crop_box((16, 32), 8, 4) == (4.0, 12.0, 8.0, 24.0)
     out = scoring.map_to_original(amap, (16, 32), resize=8)
-    assert out.shape == (16, 32)
-    assert out[8, 16] == pytest.approx(1.0) and out[0, 0] == 0.0
+    assert out.shape == (16, 32) and out.dtype == np.float32
+    seen = np.isfinite(out)
+    assert seen[4:12, 8:24].all() and seen.sum() == 8 * 16  # exactly the crop's pixels, no streaks
+    assert out[8, 16] == pytest.approx(1.0) and out[4, 8] == 0.0
+    # Pixel (row 6, col 12) has its centre at crop coordinates (0.75, 0.625): bilinear by hand.
+    want = (1 - 0.75) * ((1 - 0.625) * 0 + 0.625 * 0) + 0.75 * ((1 - 0.625) * 0 + 0.625 * 1)
+    assert out[6, 12] == pytest.approx(want)
     const = scoring.map_to_original(np.full((4, 4), 3.0, np.float32), (10, 7), resize=6)
-    np.testing.assert_allclose(const, 3.0)
+    np.testing.assert_allclose(const[np.isfinite(const)], 3.0)

@@ -1,4 +1,5 @@
-"""FeatureStore: one HDF5 file per corpus, format v1 (SPEC 2). No torch here.
+"""FeatureStore: one open corpus file, format v1 (SPEC 2): creation, validation, reads and
+crash-safe appends. No torch here.
 
 Crash safety: an append resizes the datasets, writes the rows, flushes, and only then bumps
 ``n_committed``. Rows past ``n_committed`` are leftovers of a crash: ignored by readers and
@@ -16,14 +17,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import __version__
-from .config import SpadeConfig, feature_mismatch
+from .. import __version__
+from ..config import SpadeConfig, feature_mismatch
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SHA_DTYPE = "S64"
 POOL_CHUNK_ROWS = 256
+STRING_CHUNK_ROWS = 1024
 
 
 class StoreError(ValueError):
@@ -32,6 +34,29 @@ class StoreError(ValueError):
 
 def _utc_now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def write_layout(h5: h5py.File, attrs: dict, level_shapes: dict, pool_dim: int, dtype, n: int = 0) -> None:
+    """The attributes and the (empty, resizable) datasets of format v1, ``n`` rows long."""
+    h5.attrs.update(attrs)
+    h5.attrs["n_committed"] = n
+    img = h5.create_group("images")
+    img.create_dataset("path", (n,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"), chunks=(STRING_CHUNK_ROWS,))
+    img.create_dataset("sha256", (n,), maxshape=(None,), dtype=SHA_DTYPE, chunks=(STRING_CHUNK_ROWS,))
+    img.create_dataset("pool", (n, pool_dim), maxshape=(None, pool_dim), dtype=np.float32,
+                       chunks=(POOL_CHUNK_ROWS, pool_dim))
+    levels = h5.create_group("levels")
+    for name, shape in level_shapes.items():
+        if isinstance(shape, h5py.VirtualLayout):  # a joined corpus: rows live in shard files
+            levels.create_virtual_dataset(name, shape, fillvalue=0)
+        else:
+            levels.create_dataset(name, (n, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(1, *shape))
+    h5.create_group("index")
+
+
+def _plain(attrs: dict) -> dict:
+    """HDF5 attribute values (numpy scalars and strings) as JSON-ready Python values."""
+    return {k: v.item() if isinstance(v, np.generic) else v for k, v in attrs.items()}
 
 
 class FeatureStore:
@@ -50,40 +75,35 @@ class FeatureStore:
         self.h5 = h5
         self.path = path
         self._validate()
-        attrs = self.h5.attrs
-        self.config = SpadeConfig(**json.loads(attrs["config"]))
+        self.config = SpadeConfig(**self.raw_config())
         self.level_shapes = {lv: tuple(self.h5["levels"][lv].shape[1:]) for lv in self.config.levels}
         self.pool_dim = int(self.h5["images/pool"].shape[1])
 
     # --- opening -------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path, config: SpadeConfig, level_shapes: dict, pool_dim: int,
-               in_memory: bool = False) -> FeatureStore:
-        """A new, empty corpus; ``in_memory`` keeps it in RAM only (for ``Spade.fit``)."""
+    def create(cls, path, config: SpadeConfig, level_shapes: dict, pool_dim: int, in_memory: bool = False,
+               weights_source: dict | None = None) -> FeatureStore:
+        """A new, empty corpus; ``in_memory`` keeps it in RAM only (for ``Spade.fit``).
+        ``weights_source`` records where the backbone weights came from (for later opens)."""
         path = str(path)
+        attrs = dict(format_version=FORMAT_VERSION, library_version=__version__, created=_utc_now(),
+                     config=json.dumps(config.feature_dict(), sort_keys=True),
+                     weights_source=json.dumps(weights_source or {}, sort_keys=True))
+        shapes = {lv: level_shapes[lv] for lv in config.levels}
         if in_memory:
             h5 = h5py.File(path, "w", driver="core", backing_store=False)
-        else:
-            if os.path.exists(path):
-                raise FileExistsError(f"{path}: already exists")
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            h5 = h5py.File(path, "w")
-        dtype = np.dtype(config.dtype)
-        h5.attrs.update(format_version=FORMAT_VERSION, library_version=__version__,
-                        created=_utc_now(), config=json.dumps(config.feature_dict(), sort_keys=True),
-                        n_committed=0)
-        img = h5.create_group("images")
-        img.create_dataset("path", (0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"), chunks=(1024,))
-        img.create_dataset("sha256", (0,), maxshape=(None,), dtype=SHA_DTYPE, chunks=(1024,))
-        img.create_dataset("pool", (0, pool_dim), maxshape=(None, pool_dim), dtype=np.float32,
-                           chunks=(POOL_CHUNK_ROWS, pool_dim))
-        lv = h5.create_group("levels")
-        for name in config.levels:
-            shape = tuple(level_shapes[name])
-            lv.create_dataset(name, (0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(1, *shape))
-        h5.create_group("index")
-        h5.flush()
+            write_layout(h5, attrs, shapes, pool_dim, np.dtype(config.dtype))
+            return cls(h5, path)
+        if os.path.exists(path):
+            raise FileExistsError(f"{path}: already exists (open it to append, or choose a new name)")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # Written whole under a temporary name, then renamed: a crash leaves no half-made corpus.
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with h5py.File(tmp, "w") as h5:
+            write_layout(h5, attrs, shapes, pool_dim, np.dtype(config.dtype))
+        os.replace(tmp, path)
+        h5 = h5py.File(path, "r+")
         return cls(h5, path)
 
     @classmethod
@@ -92,8 +112,10 @@ class FeatureStore:
         path = str(path)
         if mode not in ("r", "a"):
             raise ValueError(f"mode={mode!r}: expected 'r' or 'a'")
+        if os.path.isdir(path):
+            raise FileNotFoundError(f"{path}: is a folder; expected a corpus file (e.g. {path.rstrip('/')}/NAME.h5)")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such corpus file")
+            raise FileNotFoundError(f"{path}: no such corpus file (build one with `spade-faiss index`)")
         try:
             h5 = h5py.File(path, "r" if mode == "r" else "r+")
         except OSError as e:
@@ -119,7 +141,7 @@ class FeatureStore:
         if int(attrs["format_version"]) != FORMAT_VERSION:
             raise StoreError(f"{self.path}: format_version {attrs['format_version']}, "
                              f"this library reads {FORMAT_VERSION}")
-        levels = json.loads(attrs["config"])["levels"]
+        levels = self.raw_config()["levels"]
         needed = ["images/path", "images/sha256", "images/pool", "index"] + [f"levels/{lv}" for lv in levels]
         for name in needed:
             if name not in self.h5:
@@ -134,7 +156,8 @@ class FeatureStore:
         """Refuse a configuration whose feature half differs from the store's."""
         diff = feature_mismatch(self.config.feature_dict(), config.feature_dict())
         if diff:
-            raise StoreError(f"{self.path} was built with another configuration: " + "; ".join(diff))
+            raise StoreError(f"{self.path} was built with another configuration ({'; '.join(diff)}); "
+                             f"leave these options out to use the store's own, or build a new corpus")
 
     def close(self):
         if self.h5.id.valid:
@@ -154,6 +177,14 @@ class FeatureStore:
     @property
     def attrs(self) -> dict:
         return dict(self.h5.attrs)
+
+    def raw_config(self) -> dict:
+        """The stored feature configuration as written (JSON), before validation."""
+        return json.loads(self.h5.attrs["config"])
+
+    def weights_source(self) -> dict:
+        """Where the weights came from at creation: ``{"weights": ..., "seed": ...}`` or {}."""
+        return json.loads(self.h5.attrs.get("weights_source", "{}"))
 
     def paths(self) -> list[str]:
         return [p.decode("utf-8") if isinstance(p, bytes) else p
@@ -177,11 +208,23 @@ class FeatureStore:
         if ids.size and (ids.min() < 0 or ids.max() >= n):
             raise IndexError(f"image ids must lie in [0, {n}), got {ids.min()}..{ids.max()}")
         ds = self.h5["levels"][name]
-        order = np.argsort(ids, kind="stable")
         out = np.empty((len(ids), *ds.shape[1:]), dtype=ds.dtype)
-        for k in order:
+        for k in np.argsort(ids, kind="stable"):
             ds.read_direct(out, np.s_[int(ids[k])], np.s_[int(k)])
         return out
+
+    def describe(self) -> dict:
+        """What ``spade-faiss info`` prints: metadata, shapes, the index's attributes, thresholds."""
+        attrs = self.attrs
+        return {"store": self.path, "format_version": int(attrs["format_version"]),
+                "library_version": str(attrs.get("library_version")), "created": str(attrs.get("created")),
+                "images": len(self), "bytes": self.nbytes_on_disk(), "config": self.config.feature_dict(),
+                "weights_source": self.weights_source(), "levels": {k: list(v) for k, v in self.level_shapes.items()},
+                "pool_dim": self.pool_dim, "index": _plain(self.read_index()[1]) or None,
+                "thresholds": self.thresholds()}
+
+    def is_joined(self) -> bool:
+        return any(self.h5["levels"][lv].is_virtual for lv in self.config.levels)
 
     # --- writing -------------------------------------------------------------------------
 
@@ -191,9 +234,9 @@ class FeatureStore:
         ``feats`` holds ``pool`` (B, D) and every stored level (B, h, w, C).
         """
         b = len(paths)
-        if any(self.h5["levels"][lv].is_virtual for lv in self.config.levels):
-            raise StoreError(f"{self.path} joins shards built on Ray (virtual datasets) and cannot grow: "
-                             f"index the new images into a new corpus, or rebuild with --engine ray")
+        if self.is_joined():
+            raise StoreError(f"{self.path} joins shard files (HDF5 virtual datasets) and cannot grow: "
+                             f"index the new images into a new corpus")
         if not (len(sha256s) == b == len(feats["pool"])):
             raise ValueError("paths, sha256s and features must have the same length")
         n = len(self)

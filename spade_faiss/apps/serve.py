@@ -17,15 +17,13 @@ import threading
 import time
 from concurrent.futures import Future
 
-import cv2
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from . import images as imglib
-from .detector import Spade
-from .plots import colour
+from .. import images as imglib
+from ..detector import Spade
+from . import pictures
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +87,10 @@ class Batcher:
         self.thread = threading.Thread(target=self._run, name="spade-batcher", daemon=True)
         self.thread.start()
 
-    def submit(self, prepared) -> Future:
-        """Queue one prepared image; raises ``queue.Full`` when the queue is full."""
+    def submit(self, image, want_map: bool) -> Future:
+        """Queue one decoded image; raises ``queue.Full`` when the queue is full."""
         fut: Future = Future()
-        self.queue.put_nowait((prepared, fut))
+        self.queue.put_nowait(((image, want_map), fut))
         return fut
 
     def _gather(self) -> list:
@@ -113,10 +111,10 @@ class Batcher:
                 continue
             self.metrics.batch(len(live))
             try:
-                r = self.spade.score_prepared([p for p, _ in live])
-                for i, (_, f) in enumerate(live):
-                    f.set_result({"score": float(r.image_scores[i]), "ids": r.neighbour_ids[i],
-                                  "map": r.maps[i] if r.maps is not None else None})
+                retrieved = self.spade.retrieve([image for (image, _), _ in live])
+                self.spade.segment([r for r, ((_, want), _) in zip(retrieved, live) if want])
+                for r, (_, f) in zip(retrieved, live):
+                    f.set_result(self.spade.result(r))
             except Exception as e:  # answer every waiting request, keep serving
                 log.exception("scoring failed")
                 for _, f in live:
@@ -130,11 +128,8 @@ def create_app(spade: Spade, token: str | None = None, max_upload_bytes: int = 3
     app = FastAPI(title="spade-faiss", version="1")
     metrics = Metrics()
     batcher = Batcher(spade, max_batch, batch_window_ms / 1000, queue_size, metrics)
-    paths = spade.store_.paths()
-    thresholds = spade.store_.thresholds() or {}
-    info = {"images": len(spade.store_), "config": spade.config_.feature_dict(),
-            "index": spade.index_.attrs(), "thresholds": thresholds or None,
-            "scoring": {k: getattr(spade, k) for k in ("k_image", "k_gallery", "kappa", "pixel_mode", "sigma")}}
+    info = spade.info()
+    scale = pictures.colour_scale_max(spade.theta_, 2 * spade.leave_one_out_theta())
 
     def error(code: int, message: str, headers=None):
         return JSONResponse({"error": message}, status_code=code, headers=headers)
@@ -185,11 +180,12 @@ def create_app(spade: Spade, token: str | None = None, max_upload_bytes: int = 3
         pixels = await run_in_threadpool(imglib.header_pixels, data)
         if pixels is not None and pixels > max_pixels:
             return error(413, f"image has {pixels} pixels, more than {max_pixels}")
-        prepared = await run_in_threadpool(imglib.prepare_bytes, data, name, spade.resize, spade.crop)
-        if prepared.error:
-            return error(400, prepared.error)
         try:
-            fut = batcher.submit(prepared)
+            image = await run_in_threadpool(imglib.load_bytes, data, name)
+        except imglib.ImageError as e:
+            return error(400, str(e))
+        try:
+            fut = batcher.submit(image, map)
         except queue.Full:
             return error(503, "server busy: queue full", headers={"Retry-After": "1"})
         try:
@@ -199,12 +195,12 @@ def create_app(spade: Spade, token: str | None = None, max_upload_bytes: int = 3
             return error(504, f"scoring took longer than {timeout_s} s")
         except Exception as e:
             return error(500, f"scoring failed: {type(e).__name__}")
-        out = {"score": r["score"], "neighbours": [paths[int(i)] for i in r["ids"][: spade.k_image]]}
-        if "tau" in thresholds:
-            out["is_anomalous"] = r["score"] > thresholds["tau"]
-        if map and r["map"] is not None:
-            out["map_max"] = float(r["map"].max())
-            out["map_png"] = base64.b64encode(_map_png(r["map"], thresholds.get("theta"))).decode()
+        out = {"score": r.score, "neighbours": r.neighbour_paths}
+        if r.is_anomalous is not None:
+            out["is_anomalous"] = r.is_anomalous
+        if r.map is not None:
+            out["map_max"] = r.map_max
+            out["map_png"] = base64.b64encode(pictures.map_png(r.map, scale)).decode()
         return out
 
     app.state.batcher = batcher
@@ -221,12 +217,6 @@ async def _multipart_file(request, body: bytes):
     if upload is None or isinstance(upload, str):
         return None, None
     return await upload.read(), upload.filename or "upload"
-
-
-def _map_png(amap: np.ndarray, theta) -> bytes:
-    hi = 2 * theta if theta else float(amap.max())
-    ok, png = cv2.imencode(".png", cv2.cvtColor(colour(amap, 0.0, hi), cv2.COLOR_RGB2BGR))
-    return png.tobytes()
 
 
 def run(spade: Spade, host: str = "127.0.0.1", port: int = 8000, **options) -> None:

@@ -4,15 +4,14 @@ config, the image index against the rows, pooled vectors, and optionally the sou
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 import numpy as np
 
-from .config import FEATURE_KEYS, SpadeConfig
-from .image_index import ImageIndex
-from .images import read_bytes, sha256_bytes
-from .store import FeatureStore
+from ..config import FEATURE_KEYS, SpadeConfig
+from ..image_index import ImageIndex
+from ..images import read_bytes, sha256_bytes
+from ..store import FeatureStore
 
 BLOCK_ROWS = 4096
 
@@ -56,7 +55,7 @@ def verify(path, rehash: bool = False, deep: bool = False) -> list[str]:
 
 
 def _check_config(store) -> list[str]:
-    raw = json.loads(store.h5.attrs["config"])
+    raw = store.raw_config()
     missing = [k for k in FEATURE_KEYS if k not in raw]
     if missing:
         return [f"{store.path}: config lacks {missing}"]

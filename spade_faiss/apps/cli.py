@@ -1,0 +1,217 @@
+"""``spade-faiss`` command line: the parser, and ``main`` (one-line errors, exit codes).
+
+Exit status: 0 success; 1 error (one line on stderr naming the file or value and what to do);
+3 finished but some inputs were skipped (each listed with its reason); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+
+from .. import __version__
+from . import commands
+
+EXIT_ERROR = commands.EXIT_ERROR
+EXIT_PARTIAL = commands.EXIT_PARTIAL
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default (options without one say so in their help)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, argparse.SUPPRESS) or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _weights(value: str):
+    return None if value.lower() in ("none", "random") else value
+
+
+def _common(parser):
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log what the library does (INFO level)")
+
+
+def _feature_args(p):
+    # No parser defaults: a new corpus gets the library's, an existing one keeps its own.
+    g = p.add_argument_group("features (fixed for a corpus; an existing corpus keeps its own)")
+    g.add_argument("--backbone", default=argparse.SUPPRESS,
+                   help="wide_resnet50_2 | wide_resnet101_2 | resnet18 | resnet50 (default: wide_resnet50_2)")
+    g.add_argument("--weights", type=_weights, default=argparse.SUPPRESS,
+                   help="'imagenet' (torch hub cache, downloaded when missing), a local state_dict file, "
+                        "or 'none' for seeded random init, for tests (default: imagenet)")
+    g.add_argument("--seed", type=int, default=argparse.SUPPRESS,
+                   help="seed of the random init (--weights none) and of IVF training (default: 0)")
+    g.add_argument("--resize", type=int, default=argparse.SUPPRESS,
+                   help="square resize (INTER_AREA) before the crop (default: 256)")
+    g.add_argument("--crop", type=int, default=argparse.SUPPRESS, help="centre crop the model sees (default: 224)")
+    g.add_argument("--dtype", choices=["float16", "float32"], default=argparse.SUPPRESS,
+                   help="stored feature dtype (default: float16)")
+
+
+def _model_args(p):
+    g = p.add_argument_group("model (default: what the corpus was built with)")
+    g.add_argument("--weights", type=_weights, default=argparse.SUPPRESS,
+                   help="override the corpus's weights: 'imagenet', a state_dict file, or 'none' "
+                        "(they must be the same weights, checked by sha256; default: the corpus's own)")
+    g.add_argument("--seed", type=int, default=argparse.SUPPRESS,
+                   help="random-init seed (--weights none; default: the corpus's own)")
+
+
+def _run_args(p):
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto: a GPU when one is usable)")
+    g.add_argument("--batch-size", type=int, default=8, help="images per backbone batch")
+    g.add_argument("--workers", type=int, default=2, help="image decoding threads")
+
+
+def _index_args(p):
+    g = p.add_argument_group("image index")
+    g.add_argument("--index", default="auto", choices=["auto", "flat", "ivf"],
+                   help="auto: exact Flat below 50,000 images (or when IVF would not be faster), IVF above")
+    g.add_argument("--nlist", type=int, help="IVF lists (default: 4*sqrt(N), at most N/39)")
+    g.add_argument("--nprobe", type=int, help="IVF probes (default: the smallest reaching --target-recall)")
+    g.add_argument("--encoding", default="Flat", help="IVF list encoding: Flat, SQ8 or PQ<m>")
+    g.add_argument("--target-recall", type=float, default=0.99,
+                   help="IVF: recall@k_gallery against exact search that the default nprobe must reach")
+
+
+def _scoring_args(p):
+    g = p.add_argument_group("scoring (SPEC 1.1; defaults are the paper's)")
+    g.add_argument("--k-gallery", type=int, default=50, help="retrieved normal images per query (stage 1)")
+    g.add_argument("--k-image", type=int, help="image score = mean of the k_image smallest distances "
+                                               "(default: min(5, --k-gallery))")
+    g.add_argument("--kappa", type=int, default=1, help="pixel score = mean of the kappa smallest patch distances")
+    g.add_argument("--pixel-mode", default="per_level", choices=["per_level", "concat"], help="stage-2 features")
+    g.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of maps (pixels; 0: none)")
+    g.add_argument("--nprobe", type=int, help="IVF probes (default: the index's tuned value)")
+    g.add_argument("--stage2", default="auto", choices=["auto", "pruned", "faiss"],
+                   help="exact stage-2 engine: pruned (bounds, CPU), faiss (brute force, CPU/GPU); "
+                        "auto: pruned on CPU, faiss on GPU")
+
+
+def _engine_args(p):
+    g = p.add_argument_group("engine")
+    g.add_argument("--engine", default="local", choices=["local", "ray"], help="'ray' needs the 'ray' extra")
+    g.add_argument("--ray-workers", type=int, default=2, help="Ray actors (--engine ray)")
+    g.add_argument("--ray-address", help="join an existing Ray cluster (default: start a local one)")
+    g.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPU share of each Ray actor")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="spade-faiss", formatter_class=_Formatter,
+                                 description="SPADE anomaly detection over faiss-indexed HDF5 corpora. "
+                                             "Scores: higher = more anomalous.")
+    ap.add_argument("--version", action="version", version=__version__)
+    _common(ap)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, help_, *groups):
+        """A subcommand with the common options and the given option groups."""
+        p = sub.add_parser(name, help=help_, description=help_, formatter_class=_Formatter)
+        _common(p)
+        for group in groups:
+            group(p)
+        return p
+
+    p = command("index", "index normal images into a corpus file (appends only images not yet in it)",
+                _feature_args, _index_args, _run_args, _engine_args)
+    p.add_argument("src", help="a folder, a text file of paths, or an MVTec category (indexes train/good)")
+    p.add_argument("--out", required=True, help="corpus file, e.g. indexes/NAME.h5 (created or appended to)")
+
+    p = command("reindex", "rebuild and retrain the image index of a corpus", _index_args)
+    p.add_argument("store", help="corpus file")
+    p.add_argument("--seed", type=int, default=0, help="seed of the IVF training sample")
+
+    p = command("calibrate", "set image/pixel thresholds from held-out normal images (not in the corpus)",
+                _model_args, _scoring_args, _run_args)
+    p.add_argument("store", help="corpus file")
+    p.add_argument("src", help="held-out normal images: a folder, a list file, or an MVTec category "
+                               "(train/good; its images must not be indexed)")
+    p.add_argument("--fpr", type=float, default=0.01, help="false-positive rate on normal images and pixels")
+
+    p = command("score", "score images against a corpus into a run directory (resumable)",
+                _model_args, _scoring_args, _run_args, _engine_args)
+    p.add_argument("store", help="corpus file")
+    p.add_argument("src", help="a folder, a text file of paths, or an MVTec category (scores test/)")
+    p.add_argument("--out", required=True, help="run directory: run.json, scores.csv, maps.h5, overlays/, "
+                                                "report.html")
+    p.add_argument("--maps", default="all", choices=["all", "none", "auto"],
+                   help="pixel maps for every image, none (image scores only: fast), or auto (only images "
+                        "above the image threshold tau, the paper's gating; needs calibration)")
+    p.add_argument("--tau", type=float, help="image threshold (default: the corpus's calibrated one)")
+    p.add_argument("--theta", type=float, help="pixel threshold (default: the corpus's calibrated one)")
+    p.add_argument("--no-overlays", action="store_true", help="do not write overlays/*.png")
+    p.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
+    p.add_argument("--restart", action="store_true", help="delete the results already in --out first")
+    p.add_argument("--shard-index", type=int, default=0, help="score every --num-shards-th image from this one")
+    p.add_argument("--num-shards", type=int, default=1, help="shards run by any scheduler into one run directory")
+
+    p = command("evaluate", "paper-style evaluation of MVTec-layout categories (index, calibrate, score)",
+                _feature_args, _scoring_args, _run_args)
+    p.add_argument("dataset", help="a dataset root with categories, or one category")
+    p.add_argument("--categories", nargs="*", help="only these categories (default: all found)")
+    p.add_argument("--out", required=True, help="output directory (corpora are built or reused there)")
+    p.add_argument("--fpr", type=float, default=0.01, help="false-positive rate of the calibrated thresholds")
+    p.add_argument("--no-overlays", action="store_true", help="do not write per-image overlays")
+
+    p = command("report", "write RUN_DIR/report.html: one self-contained page (no server, no network)")
+    p.add_argument("run", help="run directory written by `score`")
+
+    p = command("info", "print a corpus file's metadata (JSON)")
+    p.add_argument("store", help="corpus file")
+
+    p = command("verify", "check a corpus file's integrity; exit status 1 on any problem")
+    p.add_argument("store", help="corpus file")
+    p.add_argument("--rehash", action="store_true", help="re-hash the source images and compare")
+    p.add_argument("--deep", action="store_true", help="read every level row")
+
+    p = command("serve", "online scoring over HTTP (needs the 'serve' extra)", _model_args, _scoring_args, _run_args)
+    p.add_argument("store", help="corpus file")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback only by default)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--token-file", help="file holding the bearer token every endpoint but /v1/health requires")
+    p.add_argument("--max-upload-mb", type=float, default=32, help="larger uploads are refused (413)")
+    p.add_argument("--max-pixels", type=int, default=50_000_000, help="larger images are refused (413)")
+    p.add_argument("--timeout", type=float, default=30.0, help="per-request deadline in seconds")
+    p.add_argument("--queue-size", type=int, default=64, help="waiting requests per lane before 503")
+    p.add_argument("--max-batch", type=int, default=8, help="images per backbone batch")
+    p.add_argument("--batch-window-ms", type=float, default=5.0, help="how long a batch waits to fill")
+
+    p = command("bench", "run the benchmark scripts of benchmarks/ (JSON lines on stdout)")
+    p.add_argument("which", nargs="*", default=list(commands.BENCHES),
+                   help=f"any of {list(commands.BENCHES)} (default: all)")
+    p.add_argument("--quick", action="store_true", help="small sizes on generated data: a few minutes in all")
+    p.add_argument("--out", default="bench-out", help="folder for the plots and corpora the benchmarks write")
+    return ap
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"spade-faiss: warning: {message}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = _one_line_warning
+        try:
+            return commands.COMMANDS[args.command](args)
+        except KeyboardInterrupt:
+            print("spade-faiss: interrupted; committed work is kept, re-run the same command to resume",
+                  file=sys.stderr)
+            return 130
+        except (ValueError, FileNotFoundError, FileExistsError, OSError, RuntimeError, ImportError) as e:
+            text = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"spade-faiss: error: {text}", file=sys.stderr)
+            return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

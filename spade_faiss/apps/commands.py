@@ -1,0 +1,260 @@
+"""What each ``spade-faiss`` command does: parse results into Spade calls, print one JSON line
+on stdout, report skipped inputs on stderr, return the exit status."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .. import datasets
+from ..detector import Spade, describe
+from .progress import Progress
+
+EXIT_ERROR = 1
+EXIT_PARTIAL = 3
+# Argument names that are Spade parameters; None means "not given" except for the weights.
+SPADE_ARGS = ("k_gallery", "k_image", "kappa", "pixel_mode", "sigma", "nprobe", "stage2", "backbone", "weights",
+              "seed", "resize", "crop", "dtype", "device", "batch_size", "workers", "index", "nlist", "encoding",
+              "target_recall")
+
+
+def spade_params(args) -> dict:
+    params = {k: getattr(args, k) for k in SPADE_ARGS
+              if hasattr(args, k) and (getattr(args, k) is not None or k == "weights")}
+    if "k_gallery" in params and "k_image" not in params:
+        params["k_image"] = min(5, params["k_gallery"])
+    return params
+
+
+def report_errors(errors, what: str) -> int:
+    if not errors:
+        return 0
+    print(f"spade-faiss: {len(errors)} input(s) {what}:", file=sys.stderr)
+    for _, reason in errors:
+        print(f"  {reason}", file=sys.stderr)
+    return EXIT_PARTIAL
+
+
+def describe_source(src, split: str, samples) -> None:
+    """One line on stderr when an MVTec category decides what is read."""
+    if datasets.source_kind(src) == "category":
+        part = "train/good" if split == "train" else "test/*"
+        left = "test/ and ground_truth/ are" if split == "train" else "train/ is"
+        print(f"spade-faiss: {src} is an MVTec category: using {part} ({len(samples)} images); {left} left out",
+              file=sys.stderr)
+
+
+def cmd_index(args) -> int:
+    samples = datasets.discover(args.src, split="train")
+    describe_source(args.src, "train", samples)
+    params = spade_params(args)
+    if args.engine == "ray":
+        from .distributed import index_ray
+        t = time.perf_counter()
+        summary = index_ray([s.path for s in samples], args.out, params, args.ray_workers, args.batch_size,
+                            args.ray_address, args.gpus_per_worker)
+        errors = summary.pop("errors")
+        print(json.dumps({**summary, "errors": len(errors), "seconds": round(time.perf_counter() - t, 2)}))
+        return report_errors(errors, "skipped")
+    created = not os.path.exists(args.out)
+    spade = Spade.create(args.out, **params) if created else Spade.open(args.out, mode="a", **params).load_backbone()
+    try:
+        with spade, Progress(len(samples), "indexing") as bar:
+            report = spade.add(samples, on_progress=bar.update)
+            info = spade.info()
+    except BaseException:
+        if created and os.path.exists(args.out) and not _has_images(args.out):
+            os.remove(args.out)
+        raise
+    rate = report.added / report.seconds if report.seconds else 0.0
+    print(json.dumps({"store": args.out, "added": report.added, "duplicates": report.duplicates,
+                      "errors": len(report.errors), "images": info["images"], "bytes": info["bytes"],
+                      "seconds": round(report.seconds, 2), "images_per_s": round(rate, 2)}))
+    if report.added == 0 and report.duplicates == 0:
+        if created:
+            os.remove(args.out)
+        print(f"spade-faiss: error: no image of {args.src} could be indexed", file=sys.stderr)
+        report_errors(report.errors, "skipped")
+        return EXIT_ERROR
+    return report_errors(report.errors, "skipped")
+
+
+def _has_images(path) -> bool:
+    try:
+        return describe(path)["images"] > 0
+    except (ValueError, OSError):
+        return False
+
+
+def cmd_reindex(args) -> int:
+    params = dict(index=args.index, nlist=args.nlist, nprobe=args.nprobe, encoding=args.encoding,
+                  target_recall=args.target_recall, seed=args.seed)
+    with Spade.open(args.store, mode="a", **params) as spade:
+        t = time.perf_counter()
+        attrs = spade.reindex()
+    print(json.dumps({"store": args.store, **attrs, "seconds": round(time.perf_counter() - t, 2)}))
+    return 0
+
+
+def cmd_info(args) -> int:
+    print(json.dumps(describe(args.store), indent=2))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    if not 0 <= args.fpr < 1:
+        raise ValueError(f"--fpr {args.fpr}: expected 0 <= fpr < 1")
+    samples = datasets.discover(args.src, split="train")
+    describe_source(args.src, "train", samples)
+    with Spade.open(args.store, mode="a", **spade_params(args)) as spade:
+        spade.load_backbone()
+        with Progress(len(samples), "calibrating") as bar:
+            th = spade.calibrate(samples, args.fpr, on_progress=bar.update)
+    print(json.dumps({"store": args.store, **{k: v for k, v in th.items() if k != "skipped"}}))
+    return report_errors([(None, e) for e in th["skipped"]], "skipped")
+
+
+MAPS = {"all": True, "none": False, "auto": "auto"}
+
+
+def run_manifest(spade: Spade, args) -> dict:
+    info = spade.info()
+    return {"corpus": os.path.abspath(args.store), "corpus_created": info["created"],
+            "corpus_images": info["images"], "weights_sha256": info["config"]["weights_sha256"],
+            "weights": info["weights_source"], "scoring": info["scoring"], "maps": args.maps,
+            "tau": spade.tau_, "theta": spade.theta_, "source": os.path.abspath(args.src),
+            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "command": " ".join(["spade-faiss"] + sys.argv[1:])}
+
+
+def cmd_score(args) -> int:
+    from . import pictures
+    from .runs import RunWriter, open_run, record_invocation
+
+    if not 0 <= args.shard_index < args.num_shards:
+        raise ValueError(f"--shard-index {args.shard_index}: expected 0 <= i < --num-shards {args.num_shards}")
+    samples = datasets.discover(args.src, split="test")
+    describe_source(args.src, "test", samples)
+    samples = samples[args.shard_index::args.num_shards]
+    spade = Spade.open(args.store, **spade_params(args))
+    with spade:
+        spade.set_thresholds(tau=args.tau, theta=args.theta)
+        maps = MAPS[args.maps]
+        if maps == "auto" and spade.tau_ is None:
+            raise ValueError("--maps auto needs an image threshold: run `spade-faiss calibrate` or pass --tau")
+        spade.load_backbone()
+        open_run(args.out, run_manifest(spade, args), args.restart)
+        scale = None
+        if not args.no_overlays and maps is not False:
+            scale = pictures.colour_scale_max(spade.theta_, 2 * spade.leave_one_out_theta())
+        writer = RunWriter(args.out, spade.crop, spade.resize, args.shard_index, args.num_shards,
+                           overlays=not args.no_overlays, colour_max=scale, theta=spade.theta_)
+        todo = [s for s in samples if not writer.is_done(s.path)]
+        errors, start = [], time.perf_counter()
+        with Progress(len(samples), "scoring", done=len(samples) - len(todo)) as bar:
+            if args.engine == "ray":
+                from .distributed import score_ray
+                results = score_ray(args.store, todo, spade.get_params(), maps, args.ray_workers, args.batch_size,
+                                    args.ray_address, args.gpus_per_worker)
+            else:
+                results = spade.iter_score(todo, maps=maps)
+            for r in results:
+                writer.write([r])
+                if r.error:
+                    errors.append((r.path, r.error))
+                bar.update(1)
+    summary = {"run": args.out, "scored": len(todo) - len(errors), "skipped_done": len(samples) - len(todo),
+               "errors": len(errors)}
+    record_invocation(args.out, {**summary, "seconds": round(time.perf_counter() - start, 2),
+                                 "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
+    if not args.no_report:
+        from .report import write_report
+        write_report(args.out)
+    print(json.dumps(summary))
+    return report_errors(errors, "skipped (see errors.csv)")
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate
+
+    params = spade_params(args)
+    report = evaluate(args.dataset, args.out, args.categories, params, args.fpr, overlays=not args.no_overlays)
+    print(Path(args.out, "table.md").read_text())
+    print(json.dumps({"run": args.out, "mean": report["mean"]}))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    print(json.dumps({"report": str(write_report(args.run))}))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .verify import verify
+
+    problems = verify(args.store, rehash=args.rehash, deep=args.deep)
+    for p in problems:
+        print(f"spade-faiss: problem: {p}", file=sys.stderr)
+    print(json.dumps({"store": args.store, "ok": not problems, "problems": len(problems)}))
+    return EXIT_ERROR if problems else 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .serve import run
+    except ImportError as e:
+        raise ImportError(f"`serve` needs the 'serve' extra: pip install 'spade_faiss[serve]' "
+                          f"({e.name} is missing)") from None
+    token = None
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+        if not token:
+            raise ValueError(f"{args.token_file}: empty token file")
+    with Spade.open(args.store, **spade_params(args)) as spade:
+        spade.load_backbone()
+        print(json.dumps({"serving": args.store, "url": f"http://{args.host}:{args.port}"}), flush=True)
+        run(spade, args.host, args.port, token=token, max_upload_bytes=int(args.max_upload_mb * 2**20),
+            max_pixels=args.max_pixels, timeout_s=args.timeout, queue_size=args.queue_size,
+            max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
+    return 0
+
+
+# Script name and its --quick arguments (generated data, small sizes).
+BENCHES = {
+    "patch_search": ("bench_patch_search.py", ["--quick"]),
+    "image_index": ("bench_image_index.py", ["--sizes", "10000", "--queries", "50"]),
+    "scaling": ("bench_scaling.py", ["--sizes", "100,1000", "--queries", "5"]),
+    "index": ("bench_index.py", ["--quick"]),
+    "score": ("bench_score.py", ["--quick"]),
+}
+
+
+def cmd_bench(args) -> int:
+    import subprocess
+
+    folder = Path(__file__).resolve().parents[2] / "benchmarks"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: benchmarks/ ships with the source tree; run from a checkout")
+    unknown = sorted(set(args.which) - set(BENCHES))
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}: expected any of {list(BENCHES)}")
+    os.makedirs(args.out, exist_ok=True)
+    for name in args.which:
+        script, quick = BENCHES[name]
+        cmd = [sys.executable, str(folder / script), "--out", args.out] + (quick if args.quick else [])
+        print(f"# {' '.join(cmd)}", file=sys.stderr, flush=True)
+        code = subprocess.call(cmd)
+        if code:
+            raise RuntimeError(f"{script} exited with status {code} (its message is above)")
+    return 0
+
+
+COMMANDS = {"index": cmd_index, "reindex": cmd_reindex, "info": cmd_info, "score": cmd_score,
+            "calibrate": cmd_calibrate, "evaluate": cmd_evaluate, "report": cmd_report, "bench": cmd_bench,
+            "verify": cmd_verify, "serve": cmd_serve}

@@ -1,0 +1,150 @@
+"""Every picture the applications make: the colour scale of anomaly maps, overlays with a
+colour bar and a caption, map PNGs for the service, ROC/PRO curves and the worst-case sheet.
+
+One colour scale everywhere: 0 (blue) to ``hi`` (red), where ``hi`` is twice the calibrated
+pixel threshold theta (so theta sits in the middle of the scale and colours compare across
+images), or, before calibration, a scale given by the caller (a corpus-wide statistic).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+BAR_WIDTH = 56
+WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+
+
+def colour_scale_max(theta: float | None, fallback: float | None = None) -> float:
+    """The top of the colour scale: ``2 * theta`` when calibrated, else ``fallback``."""
+    if theta is not None and theta > 0:
+        return 2.0 * float(theta)
+    if fallback is None or not fallback > 0:
+        raise ValueError("no colour scale: calibrate the corpus, or give a positive fallback scale")
+    return float(fallback)
+
+
+def colourize(amap: np.ndarray, hi: float) -> np.ndarray:
+    """JET colours of ``amap`` on the fixed scale [0, hi], RGB uint8 (NaN pixels black)."""
+    norm = np.clip(np.nan_to_num(amap, nan=0.0) / hi, 0, 1)
+    return cv2.applyColorMap((norm * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1].copy()
+
+
+def map_png(amap: np.ndarray, hi: float) -> bytes:
+    """The map as a colour PNG (the service's ``map_png``)."""
+    ok, png = cv2.imencode(".png", cv2.cvtColor(colourize(amap, hi), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return png.tobytes()
+
+
+def overlay(rgb: np.ndarray, amap: np.ndarray, hi: float, theta: float | None = None,
+            caption: list[str] | None = None, alpha: float = 0.5) -> np.ndarray:
+    """The image with its map as a colour layer, the contour of ``map > theta``, a colour bar
+    (0 to ``hi``, theta marked) and a caption band.
+
+    ``amap`` has the image's size; NaN marks pixels the model never saw (outside the centre
+    crop): they keep their original colours.
+    """
+    seen = np.isfinite(amap)
+    layer = cv2.addWeighted(rgb, 1 - alpha, colourize(amap, hi), alpha, 0)
+    out = np.where(seen[..., None], layer, rgb)
+    if theta is not None:
+        above = (np.nan_to_num(amap, nan=-np.inf) > theta).astype(np.uint8)
+        contours, _ = cv2.findContours(above, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, WHITE, max(1, min(out.shape[:2]) // 200))
+    out = np.concatenate([out, colour_bar(out.shape[0], hi, theta)], axis=1)
+    return np.concatenate([caption_band(caption or [], out.shape[1]), out], axis=0)
+
+
+def colour_bar(height: int, hi: float, theta: float | None) -> np.ndarray:
+    """A vertical bar of the scale, 0 at the bottom and ``hi`` at the top, with ticks."""
+    bar = np.full((height, BAR_WIDTH, 3), 255, np.uint8)
+    ramp = np.linspace(hi, 0, height, dtype=np.float32)[:, None].repeat(14, axis=1)
+    bar[:, 4:18] = colourize(ramp, hi)
+    scale = max(0.3, min(0.45, height / 600))
+    for value in (hi, hi / 2 if theta is None else theta, 0.0):
+        y = int(round((1 - value / hi) * (height - 1)))
+        cv2.line(bar, (18, y), (24, y), BLACK, 1)
+        cv2.putText(bar, f"{value:.3g}", (25, min(height - 3, max(10, y + 4))), FONT, scale, BLACK, 1, cv2.LINE_AA)
+    return bar
+
+
+def caption_band(lines: list[str], width: int) -> np.ndarray:
+    """White band with one line of text per entry (cut to the width)."""
+    if not lines:
+        return np.zeros((0, width, 3), np.uint8)
+    scale, step = 0.42, 16
+    band = np.full((6 + step * len(lines), width, 3), 255, np.uint8)
+    chars = max(8, int(width / (scale * 22)))
+    for i, text in enumerate(lines):
+        text = text if len(text) <= chars else "..." + text[-(chars - 3):]
+        cv2.putText(band, text, (4, 4 + step * (i + 1) - 4), FONT, scale, BLACK, 1, cv2.LINE_AA)
+    return band
+
+
+def save_png(path, rgb: np.ndarray) -> None:
+    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"{path}: could not write the picture")
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def curve_png(path, curves: dict, xlabel: str, ylabel: str, title: str, xmax: float = 1.0) -> None:
+    """One PNG with a line per ``label -> (x, y)`` (put the area in the label)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    for name, (x, y) in curves.items():
+        ax.plot(x, y, label=name)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, xlim=(0, xmax), ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def histogram_png(path, scores, tau: float | None = None) -> None:
+    """Histogram of image scores, with the image threshold tau when there is one."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+    ax.hist(scores, bins=min(50, max(5, len(scores) // 4)), color="#4477aa")
+    if tau is not None:
+        ax.axvline(tau, color="#cc3311", label=f"tau {tau:.4g}")
+        ax.legend(fontsize=8)
+    ax.set(xlabel="image score (higher = more anomalous)", ylabel="images", title="image scores")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def worst_cases_png(path, rows: list[dict], hi: float, theta: float | None, size: int = 160) -> None:
+    """A sheet, one row per case: image, nearest normal image, map (on the scale [0, hi]),
+    predicted mask (with the ground-truth contour in green). Each row dict has ``image``,
+    ``neighbour`` (RGB uint8), ``map`` (float), ``mask`` (bool or None) and ``title``."""
+    if not rows:
+        return
+    lines = []
+    for r in rows:
+        pred = (r["map"] > theta) if theta is not None else np.zeros(r["map"].shape, bool)
+        pred_rgb = np.repeat((pred * 255).astype(np.uint8)[..., None], 3, axis=2)
+        if r.get("mask") is not None:
+            contours, _ = cv2.findContours(r["mask"].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            cv2.drawContours(pred_rgb, contours, -1, (0, 200, 0), 1)
+        tiles = [r["image"], r["neighbour"], colourize(r["map"], hi), pred_rgb]
+        tiles = [cv2.resize(t, (size, size), interpolation=cv2.INTER_AREA) for t in tiles]
+        line = np.concatenate(tiles, axis=1)
+        lines += [caption_band([r["title"]], line.shape[1]), line]
+    names = ["image", "nearest normal", f"anomaly map (0..{hi:.3g})", "predicted mask (gt: green)"]
+    header = np.concatenate([caption_band([n], size) for n in names], axis=1)
+    save_png(path, np.concatenate([header] + lines, axis=0))

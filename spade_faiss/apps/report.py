@@ -1,0 +1,177 @@
+"""``report.html`` of a run directory: one self-contained page (pictures inlined as data URIs,
+no script or style from the network) that opens from disk: a summary, the plots, and a
+sortable, filterable table of every image with its overlay beside its nearest normal image."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .. import metrics
+from ..images import ImageError, load_image
+from . import pictures
+from .runs import read_manifest, read_run
+
+THUMB = 150
+NORMAL_FOLDERS = ("good", "normal", "ok")
+
+
+def _data_uri(rgb: np.ndarray, size: int = THUMB) -> str:
+    h, w = rgb.shape[:2]
+    scale = size / max(h, w)
+    small = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    return "data:image/jpeg;base64," + base64.b64encode(jpg.tobytes()).decode() if ok else ""
+
+
+def _file_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode() if path.is_file() else ""
+
+
+def _thumb(path) -> str:
+    try:
+        return _data_uri(load_image(path).rgb)
+    except (ImageError, OSError):
+        return ""
+
+
+def _labels(rows: list[dict]) -> np.ndarray | None:
+    """1 for images outside a normal folder (``good``...), when both kinds are present."""
+    labels = np.array([r["folder"].lower() not in NORMAL_FOLDERS for r in rows], dtype=int)
+    return labels if 0 < labels.sum() < len(labels) else None
+
+
+def summary(run_dir, rows: list[dict]) -> dict:
+    """Counts, thresholds, timing and, when the folders tell normal from anomalous, metrics."""
+    manifest = read_manifest(run_dir) or {}
+    scored = [r for r in rows if r["score"]]
+    flagged = sum(1 for r in scored if r["is_anomalous"] == "1")
+    out = {"images": len(scored), "flagged anomalous": flagged if manifest.get("tau") is not None else "n/a",
+           "errors": len(_errors(run_dir)), "tau (image threshold)": manifest.get("tau"),
+           "theta (pixel threshold)": manifest.get("theta"), "corpus": manifest.get("corpus"),
+           "corpus images": manifest.get("corpus_images"), "scoring": manifest.get("scoring"),
+           "started": manifest.get("started"), "last run": (manifest.get("runs") or [{}])[-1]}
+    metrics_file = Path(run_dir) / "metrics.json"
+    if metrics_file.is_file():
+        m = json.loads(metrics_file.read_text())
+        out["metrics"] = {k: round(m[k], 4) for k in ("image_AUROC", "pixel_AUROC", "AUPRO") if k in m}
+    else:
+        labels = _labels(scored)
+        if labels is not None:
+            scores = np.array([float(r["score"]) for r in scored])
+            out["metrics"] = {"image_AUROC (folders as labels)": round(metrics.auroc(labels, scores), 4)}
+    return out
+
+
+def _errors(run_dir) -> list[dict]:
+    from .runs import read_rows
+    rows = []
+    for p in sorted(Path(run_dir).glob("errors*.csv")):
+        rows += read_rows(p)
+    return rows
+
+
+def _plots(run_dir: Path, rows: list[dict], tau) -> list[tuple[str, str]]:
+    plots = [(name, _file_uri(run_dir / f"{name}.png")) for name in ("roc", "pro", "worst_cases")]
+    scores = [float(r["score"]) for r in rows if r["score"]]
+    if scores:
+        tmp = run_dir / ".histogram.png"
+        pictures.histogram_png(tmp, scores, tau)
+        plots.append(("score histogram", _file_uri(tmp)))
+        tmp.unlink()
+    return [(n, uri) for n, uri in plots if uri]
+
+
+def write_report(run_dir) -> Path:
+    """Write ``run_dir/report.html`` from the run's files and return its path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    rows = read_run(run_dir)
+    if not rows and not _errors(run_dir):
+        raise ValueError(f"{run_dir}: no scores.csv: not a run directory (written by `spade-faiss score`)")
+    info = summary(run_dir, rows)
+    table = []
+    for r in sorted(rows, key=lambda r: -float(r["score"] or "nan")):
+        overlay = run_dir / r["overlay"] if r.get("overlay") else None
+        nearest = (r["neighbour_paths"].split(";") or [""])[0]
+        verdict = {"1": "anomalous", "0": "normal"}.get(r["is_anomalous"], "")
+        table.append(f"<tr data-score='{float(r['score']):.6g}' data-map='{r['map_max'] or 0}'>"
+                     f"<td class='name'>{html.escape(r['image_path'])}</td><td>{html.escape(r['folder'])}</td>"
+                     f"<td>{float(r['score']):.4g}</td><td class='{verdict}'>{verdict}</td>"
+                     f"<td>{r['map_max'] or ''}</td>"
+                     f"<td><img alt='overlay' src='{_thumb(overlay) if overlay else ''}'></td>"
+                     f"<td><img alt='nearest normal' src='{_thumb(nearest) if nearest else ''}'>"
+                     f"<div class='small'>{html.escape(Path(nearest).name)}</div></td></tr>")
+    errors = "".join(f"<li>{html.escape(e['image_path'])}: {html.escape(e['reason'])}</li>" for e in _errors(run_dir))
+    plots = "".join(f"<figure><img src='{uri}' alt='{html.escape(n)}'><figcaption>{html.escape(n)}</figcaption>"
+                    f"</figure>" for n, uri in _plots(run_dir, rows, info["tau (image threshold)"]))
+    facts = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(json.dumps(v) if isinstance(v, dict) else str(v))}"
+                    f"</td></tr>" for k, v in info.items() if v not in (None, {}))
+    page = TEMPLATE.format(title=html.escape(f"spade-faiss run {run_dir.name}"), facts=facts, plots=plots,
+                           rows="".join(table), errors=f"<h2>Skipped inputs</h2><ul>{errors}</ul>" if errors else "",
+                           written=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
+    out = run_dir / "report.html"
+    tmp = run_dir / "report.html.tmp"
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+TEMPLATE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 6px; vertical-align: middle; }}
+#images th {{ cursor: pointer; background: #eee; user-select: none; }}
+.anomalous {{ color: #b00; font-weight: bold; }} .normal {{ color: #070; }}
+.small {{ font-size: 75%; color: #666; }} .name {{ max-width: 28em; word-break: break-all; }}
+figure {{ display: inline-block; margin: 0 1em 1em 0; }} figure img {{ max-height: 320px; }}
+#controls {{ margin: 0.5em 0; }}
+</style></head><body>
+<h1>{title}</h1>
+<p class="small">Scores: higher = more anomalous. Overlays share one colour scale (blue 0 to red at twice the pixel
+threshold); white contours mark pixels above the threshold. Written {written}.</p>
+<h2>Summary</h2><table id="summary">{facts}</table>
+<h2>Plots</h2>{plots}
+<h2>Images</h2>
+<div id="controls"><input id="filter" placeholder="filter by name or folder" size="30">
+<select id="verdict"><option value="">all verdicts</option><option>anomalous</option><option>normal</option></select>
+<span id="count"></span></div>
+<table id="images"><thead><tr><th data-key="name">image</th><th data-key="folder">folder</th>
+<th data-key="score">score</th><th data-key="verdict">verdict</th><th data-key="map">map max</th>
+<th>overlay</th><th>nearest normal image</th></tr></thead><tbody>{rows}</tbody></table>
+{errors}
+<script>
+const body = document.querySelector('#images tbody');
+const rows = Array.from(body.rows);
+let sortKey = 'score', ascending = false;
+function cell(r, key) {{
+  if (key === 'score') return parseFloat(r.dataset.score);
+  if (key === 'map') return parseFloat(r.dataset.map);
+  const i = {{name: 0, folder: 1, verdict: 3}}[key];
+  return r.cells[i].textContent;
+}}
+function render() {{
+  const text = document.getElementById('filter').value.toLowerCase();
+  const verdict = document.getElementById('verdict').value;
+  const shown = rows.filter(r => (r.cells[0].textContent + ' ' + r.cells[1].textContent).toLowerCase().includes(text)
+                                 && (!verdict || r.cells[3].textContent === verdict));
+  shown.sort((a, b) => {{ const x = cell(a, sortKey), y = cell(b, sortKey);
+                          return (x < y ? -1 : x > y ? 1 : 0) * (ascending ? 1 : -1); }});
+  body.replaceChildren(...shown);
+  document.getElementById('count').textContent = shown.length + ' of ' + rows.length + ' images';
+}}
+document.querySelectorAll('#images th[data-key]').forEach(th => th.addEventListener('click', () => {{
+  ascending = sortKey === th.dataset.key ? !ascending : true; sortKey = th.dataset.key; render(); }}));
+document.getElementById('filter').addEventListener('input', render);
+document.getElementById('verdict').addEventListener('change', render);
+render();
+</script></body></html>
+"""

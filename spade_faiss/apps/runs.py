@@ -1,0 +1,204 @@
+"""The files of a scoring run: ``run.json`` (how it was made), ``scores.csv``, ``errors.csv``,
+``maps.h5`` and ``overlays/``.
+
+Appends are ordered so that a crash loses nothing that was reported: maps are written and
+flushed first, the CSV row last; on resume the CSV is the record of what is done and any map
+rows past it are overwritten. A run directory holds one run: resuming with another corpus or
+other parameters is refused (``restart`` clears it instead).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .. import __version__
+from ..images import printable
+from ..results import ScoredImage
+from ..scoring import map_to_original
+from . import pictures
+
+SCORE_FIELDS = ["image_path", "score", "is_anomalous", "map_max", "folder", "overlay", "neighbour_paths"]
+ERROR_FIELDS = ["image_path", "reason"]
+MANIFEST = "run.json"
+# What must be equal for two invocations to write into one run directory.
+MANIFEST_KEYS = ("corpus", "corpus_created", "corpus_images", "weights_sha256", "scoring", "maps", "tau", "theta")
+
+
+def shard_suffix(shard_index: int, num_shards: int) -> str:
+    return "" if num_shards == 1 else f".shard-{shard_index:05d}-of-{num_shards:05d}"
+
+
+def read_rows(path) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def read_run(run_dir) -> list[dict]:
+    """All score rows of a run directory, every shard included, sorted by path."""
+    rows = []
+    for p in sorted(Path(run_dir).glob("scores*.csv")):
+        rows += read_rows(p)
+    return sorted(rows, key=lambda r: r["image_path"])
+
+
+def read_manifest(run_dir) -> dict | None:
+    path = Path(run_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def open_run(run_dir, manifest: dict, restart: bool = False) -> None:
+    """Make ``run_dir`` hold the run described by ``manifest``: new, resumed (same manifest
+    keys), or refused with the way out; ``restart`` deletes an earlier run's results first."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out {run_dir}: is a file; expected a run directory")
+    old = read_manifest(run_dir)
+    if restart and run_dir.is_dir():
+        for p in list(run_dir.glob("scores*.csv")) + list(run_dir.glob("errors*.csv")) + \
+                list(run_dir.glob("maps*.h5")) + [run_dir / MANIFEST, run_dir / "report.html"]:
+            p.unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "overlays", ignore_errors=True)
+        old = None
+    if old is None and read_run(run_dir):
+        raise ValueError(f"{run_dir} holds results of a run without {MANIFEST} (an older version): "
+                         f"choose another --out, or pass --restart to replace them")
+    if old is not None:
+        diff = [k for k in MANIFEST_KEYS if old.get(k) != manifest.get(k)]
+        if diff:
+            shown = "; ".join(f"{k}: {old.get(k)!r} -> {manifest.get(k)!r}" for k in diff)
+            raise ValueError(f"{run_dir} holds a run made differently ({shown}): choose another --out, "
+                             f"or pass --restart to replace it")
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({**manifest, "spade_faiss": __version__}, indent=2))
+    os.replace(tmp, run_dir / MANIFEST)
+
+
+def record_invocation(run_dir, entry: dict) -> None:
+    """Append ``entry`` (what one invocation did) to the manifest's ``runs`` list."""
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        return
+    manifest.setdefault("runs", []).append(entry)
+    tmp = Path(run_dir) / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, Path(run_dir) / MANIFEST)
+
+
+class RunWriter:
+    """Appends results of one shard (or the only one) of a run, resumable.
+
+    No file stays open between writes, so any writer can be killed without leaving a handle
+    behind. ``colour_max`` is the top of the overlays' colour scale, ``theta`` the pixel
+    threshold drawn as a contour (None: no contour).
+    """
+
+    def __init__(self, run_dir, crop: int, resize: int, shard_index: int = 0, num_shards: int = 1,
+                 overlays: bool = True, colour_max: float | None = None, theta: float | None = None):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        sfx = self.suffix = shard_suffix(shard_index, num_shards)
+        self.scores_path = self.dir / f"scores{sfx}.csv"
+        self.errors_path = self.dir / f"errors{sfx}.csv"
+        self.maps_path = self.dir / f"maps{sfx}.h5"
+        self.crop, self.resize = crop, resize
+        self.colour_max, self.theta = colour_max, theta
+        # Resume knows everything done in this run directory, by any shard.
+        self.done = {r["image_path"] for r in read_run(self.dir)}
+        self.failed = {r["image_path"] for r in read_rows(self.errors_path)}
+        self.overlay_dir = self.dir / "overlays" if overlays else None
+        self.overlays_taken = {r["overlay"]: r["image_path"] for r in read_run(self.dir) if r.get("overlay")}
+        self.n_maps = len(read_rows(self.scores_path))  # map rows past the CSV: leftovers of a crash
+
+    def is_done(self, path: str) -> bool:
+        return path in self.done or printable(path) in self.failed
+
+    def write(self, results: list[ScoredImage]) -> None:
+        """Append results: errors to ``errors.csv``; the others' maps (zeros where there is no
+        map), overlays and CSV rows, in that order."""
+        self._write_errors([(r.path, r.error) for r in results if r.error])
+        ok = [r for r in results if r.error is None]
+        if not ok:
+            return
+        rows = [score_row(r, self._overlay_name(r)) for r in ok]
+        maps = np.stack([r.map if r.map is not None else np.zeros((self.crop, self.crop), np.float32) for r in ok])
+        with h5py.File(self.maps_path, "a") as h:
+            if "maps" not in h:
+                c = self.crop
+                h.create_dataset("maps", (0, c, c), maxshape=(None, c, c), dtype=np.float32, chunks=(1, c, c))
+                h.create_dataset("path", (0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"))
+            for name in ("maps", "path"):
+                h[name].resize(self.n_maps + len(ok), axis=0)
+            h["maps"][self.n_maps:] = maps
+            h["path"][self.n_maps:] = [r.path for r in ok]
+        self.n_maps += len(ok)
+        for r, row in zip(ok, rows):
+            if row["overlay"]:
+                self._write_overlay(r, self.dir / row["overlay"])
+        _append_csv(self.scores_path, SCORE_FIELDS, rows)
+        self.done.update(r.path for r in ok)
+
+    def _overlay_name(self, r: ScoredImage) -> str:
+        """``overlays/<folder>/<stem>.png`` relative to the run (the folder is the class in an
+        MVTec test set); a second image with the same name gets a hash of its path appended."""
+        if self.overlay_dir is None or r.map is None:
+            return ""
+        name = f"overlays/{folder_of(r.path) or '_'}/{Path(r.path).stem}"
+        if self.overlays_taken.get(name + ".png", r.path) != r.path:
+            name += "-" + hashlib.sha1(r.path.encode()).hexdigest()[:8]
+        self.overlays_taken[name + ".png"] = r.path
+        return name + ".png"
+
+    def _write_overlay(self, r: ScoredImage, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        verdict = {None: "not calibrated", True: "ANOMALOUS", False: "normal"}[r.is_anomalous]
+        caption = [f"{folder_of(r.path)}/{Path(r.path).name}",
+                   f"score {r.score:.4g}  {verdict}  map max {r.map_max:.4g}"]
+        amap = map_to_original(r.map, r.image.size, self.resize)
+        pictures.save_png(path, pictures.overlay(r.image.rgb, amap, self.colour_max, self.theta, caption))
+
+    def _write_errors(self, errors: list[tuple[str, str]]) -> None:
+        fresh = []
+        for path, reason in errors:
+            path = printable(path)
+            if path not in self.failed:
+                fresh.append({"image_path": path, "reason": reason})
+                self.failed.add(path)
+        _append_csv(self.errors_path, ERROR_FIELDS, fresh)
+
+
+def folder_of(path: str) -> str:
+    """The input's parent folder name: the class of an MVTec test image."""
+    return Path(path).parent.name
+
+
+def score_row(r: ScoredImage, overlay: str = "") -> dict:
+    return {"image_path": r.path, "score": f"{r.score:.6g}",
+            "is_anomalous": "" if r.is_anomalous is None else int(r.is_anomalous),
+            "map_max": "" if r.map is None else f"{r.map_max:.6g}", "folder": folder_of(r.path), "overlay": overlay,
+            "neighbour_paths": ";".join(r.neighbour_paths)}
+
+
+def _append_csv(path, fields, rows) -> None:
+    """Append rows (a header first in a new file) and fsync: a row on disk is a done image."""
+    if not rows:
+        return
+    new = not os.path.isfile(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,139 @@
+"""Discovery of image sets: folders, list files, and the MVTec AD layout (category and dataset
+roots). Only paths here: nothing is decoded."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MASK_FOLDER = "ground_truth"
+MASK_SUFFIX = "_mask"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One input of an image set: path, optional mask path, label (0 normal, 1 anomalous) and
+    the defect class (the MVTec test folder) when known."""
+
+    path: str
+    mask: str | None = None
+    label: int | None = None
+    defect: str | None = None
+
+
+def is_image_name(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def is_mask_name(name: str) -> bool:
+    return is_image_name(name) and Path(name).stem.lower().endswith(MASK_SUFFIX)
+
+
+def list_folder(root: str | os.PathLike) -> list[str]:
+    """Images under ``root``, recursive, case-insensitive suffixes, hidden entries skipped, sorted."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise ValueError(f"{root}: expected a folder")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [os.path.join(dirpath, f) for f in filenames if is_image_name(f)]
+    return sorted(found)
+
+
+def list_file(path: str | os.PathLike) -> list[str]:
+    """Paths listed one per line in a text file (blank lines and ``#`` comments skipped);
+    relative paths are relative to the list's folder."""
+    base = Path(path).parent
+    # Paths are bytes on POSIX: decode like os.listdir does, so any file name round-trips.
+    lines = [os.fsdecode(ln) for ln in Path(path).read_bytes().splitlines()]
+    return [str(p if os.path.isabs(p) else base / p)
+            for p in (ln.strip() for ln in lines) if p and not p.startswith("#")]
+
+
+def is_mvtec_category(root: str | os.PathLike) -> bool:
+    return (Path(root) / "train" / "good").is_dir()
+
+
+def mvtec_categories(root: str | os.PathLike) -> dict[str, Path]:
+    """``{name: path}`` of the MVTec categories directly under a dataset root (sorted)."""
+    root = Path(root)
+    if not root.is_dir():
+        return {}
+    return {d.name: d for d in sorted(root.iterdir()) if not d.name.startswith(".") and is_mvtec_category(d)}
+
+
+def source_kind(src: str | os.PathLike) -> str:
+    """``list``, ``category`` (MVTec), ``dataset`` (a root of MVTec categories) or ``folder``."""
+    src = Path(src)
+    if src.is_file():
+        return "list"
+    if is_mvtec_category(src):
+        return "category"
+    if mvtec_categories(src):
+        return "dataset"
+    return "folder"
+
+
+def discover(src: str | os.PathLike, split: str = "train") -> list[Sample]:
+    """Samples of ``src``: a list file, an MVTec category (``split`` ``train``: ``train/good``;
+    ``test``: ``test/*`` with masks), or a folder of images.
+
+    A dataset root holding several MVTec categories is refused (one corpus per category), and
+    so is a folder tree that holds ground-truth masks (``ground_truth/`` or ``*_mask.*``): masks
+    are not images to index or score.
+
+    Raises ``FileNotFoundError`` for a missing source and ``ValueError`` for one without images.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r}: expected 'train' or 'test'")
+    src = Path(src)
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such file or folder")
+    kind = source_kind(src)
+    if kind == "dataset":
+        names = list(mvtec_categories(src))
+        raise ValueError(f"{src} is an MVTec dataset root with categories {names}: give one category "
+                         f"(e.g. {src / names[0]}), or run `spade-faiss evaluate {src}` for all of them")
+    if kind == "list":
+        samples = [Sample(p) for p in list_file(src)]
+    elif kind == "category":
+        samples = mvtec_split(src, split)
+    else:
+        paths = list_folder(src)
+        _refuse_masks(src, paths)
+        samples = [Sample(p) for p in paths]
+    if not samples:
+        raise ValueError(f"{src}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return samples
+
+
+def _refuse_masks(src: Path, paths: list[str]) -> None:
+    masks = [p for p in paths if is_mask_name(os.path.basename(p)) or MASK_FOLDER in Path(p).relative_to(src).parts]
+    if masks:
+        raise ValueError(f"{src}: {len(masks)} of its {len(paths)} images look like ground-truth masks "
+                         f"(e.g. {masks[0]}); give the folder of images only (for an MVTec layout: "
+                         f"the category folder, which holds train/good)")
+
+
+def mvtec_split(root: str | os.PathLike, split: str) -> list[Sample]:
+    """``train``: ``train/good``; ``test``: ``test/<defect>`` with masks from ``ground_truth``."""
+    root = Path(root)
+    if split == "train":
+        return [Sample(p, None, 0, "good") for p in list_folder(root / "train" / "good")]
+    samples = []
+    test = root / "test"
+    if not test.is_dir():
+        raise FileNotFoundError(f"{test}: the MVTec category has no test/ folder")
+    for defect in sorted(d.name for d in test.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        for p in list_folder(test / defect):
+            if defect == "good":
+                samples.append(Sample(p, None, 0, defect))
+                continue
+            mask = root / MASK_FOLDER / defect / (Path(p).stem + MASK_SUFFIX + ".png")
+            samples.append(Sample(p, str(mask) if mask.exists() else None, 1, defect))
+    return samples

@@ -1,0 +1,11 @@
+"""The detector: the one composer of the library core.
+
+- ``spade``: :class:`Spade`, the public API (parameters, corpus, indexing, thresholds, scoring)
+- ``indexing``: :func:`append_new`, new images into the corpus
+- ``pipeline``: :class:`QueryPipeline`, the two stages of a query over an attached corpus
+"""
+
+from .pipeline import QueryPipeline
+from .spade import Spade, describe
+
+__all__ = ["Spade", "QueryPipeline", "describe"]

@@ -1,0 +1,102 @@
+"""QueryPipeline: the two stages of SPADE over one attached corpus, in the order data flows:
+backbone features -> stage 1 (image index, image scores) -> galleries (cache) -> stage 2 (patch
+search per level) -> maps (upsampled, averaged, smoothed)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+
+from .. import metrics, patch_search, scoring
+from ..galleries import GalleryCache, load_entries
+from ..image_index import ImageIndex
+from ..images import Prepared
+from ..resample import concat_levels
+from ..results import Retrieved
+from ..store import FeatureStore
+
+
+class QueryPipeline:
+    """Owns what queries share: the gallery cache and the per-stage timings.
+
+    Parameters
+    ----------
+    store : FeatureStore
+    index : ImageIndex
+    extractor : callable
+        Returns the (lazily built) FeatureExtractor.
+    cache_bytes : int
+        Bound of the gallery cache.
+    """
+
+    def __init__(self, store: FeatureStore, index: ImageIndex | None, extractor: Callable, cache_bytes: int):
+        self.store, self.index, self.extractor = store, index, extractor
+        self.cache = GalleryCache(self._load, cache_bytes)
+        self.timings = Counter()
+        self._keep16 = False
+
+    @contextlib.contextmanager
+    def timed(self, stage: str):
+        t = time.perf_counter()
+        yield
+        self.timings[stage] += time.perf_counter() - t
+
+    def retrieve(self, prepared: list[Prepared], k_image: int, k_gallery: int, config) -> list[Retrieved]:
+        """Backbone and stage 1 for prepared (decodable) inputs."""
+        with self.timed("backbone"):
+            feats = self.extractor()(np.stack([p.tensor for p in prepared]))
+        with self.timed("stage1"):
+            dist, ids = self.index.search(feats["pool"], k_gallery, config.nprobe)
+            scores = scoring.image_scores(dist, k_image)
+        return [Retrieved(p, {lv: feats[lv][i] for lv in config.levels}, float(scores[i]), ids[i], dist[i])
+                for i, p in enumerate(prepared)]
+
+    def leave_one_out_theta(self, n_images: int, fpr: float, config, options, device: str) -> float:
+        """A pixel threshold at ``fpr`` without held-out images: up to ``n_images`` corpus images
+        (evenly spaced rows) are segmented from their stored features against the rest of the
+        corpus (each one's own row left out of its neighbours)."""
+        n = len(self.store)
+        if n < 2:
+            raise ValueError("leave-one-out needs a corpus of at least 2 images")
+        rows = np.unique(np.linspace(0, n - 1, min(n_images, n)).round().astype(np.int64))
+        k_gallery = min(config.k_gallery, n - 1)
+        dist, ids = self.index.search(self.store.pool()[rows], k_gallery + 1, config.nprobe)
+        feats = {lv: self.store.level(lv, rows).astype(np.float32) for lv in config.levels}
+        retrieved = []
+        for j, row in enumerate(rows):
+            keep = ids[j] != row
+            retrieved.append(Retrieved(Prepared(None, ""), {lv: f[j] for lv, f in feats.items()}, 0.0,
+                                       ids[j][keep][:k_gallery], dist[j][keep][:k_gallery]))
+        self.segment(retrieved, config, options, device)
+        return metrics.threshold_at_fpr(np.stack([r.map for r in retrieved]), fpr)
+
+    def segment(self, retrieved: list[Retrieved], config, options, device: str) -> None:
+        """Stage 2: set ``map`` of each query; queries that retrieved the same images share one
+        search over that gallery."""
+        groups: dict[tuple, list[Retrieved]] = {}
+        for r in retrieved:
+            groups.setdefault(tuple(sorted(r.neighbour_ids.tolist())), []).append(r)
+        mode, levels = config.pixel_mode, config.levels
+        self._keep16 = device != "cpu" and options.gpu_float16  # else float32 once, at load
+        for key, members in groups.items():
+            with self.timed("gallery_io"):
+                galleries = self.cache.get([(mode, self._keep16, i) for i in key])
+            with self.timed("stage2"):
+                query = {lv: np.stack([m.features[lv] for m in members]) for lv in levels}
+                if mode == "concat":
+                    query = {"concat": concat_levels([query[lv] for lv in levels])}
+                per_level = [patch_search.level_maps(q, [g[name] for g in galleries], config.kappa, device,
+                                                     options.chunk_bytes, options.gpu_float16)
+                             for name, q in query.items()]
+            with self.timed("post"):
+                maps = scoring.smooth(scoring.assemble_maps(per_level, config.crop), config.sigma)
+            for m, amap in zip(members, maps):
+                m.map = amap
+
+    def _load(self, keys: list) -> list[dict]:
+        return load_entries(self.store.level, [(mode, i) for mode, _, i in keys], self.store.config.levels,
+                            keys[0][1])

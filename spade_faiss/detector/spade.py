@@ -1,0 +1,330 @@
+"""Spade: the public face of the detector (parameters, corpus, indexing, thresholds, scoring).
+
+Data flows one way: images -> features (backbone) -> store -> image index -> neighbours ->
+galleries (cache) -> stage-2 distances (patch_search) -> maps and scores (scoring) ->
+thresholds and verdicts. The applications (CLI, service, Ray, evaluation) call Spade; none of
+them reads the store or runs a stage itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .. import images, metrics, patch_search
+from ..backbone import FeatureExtractor, check_weights
+from ..config import LEVELS, Parameters, make_configs
+from ..image_index import ImageIndex
+from ..results import IndexReport, Retrieved, ScoredImage, SpadeResult
+from ..store import FeatureStore, StoreError
+from .indexing import append_new
+from .pipeline import QueryPipeline
+
+log = logging.getLogger(__name__)
+
+
+class Spade(Parameters):
+    """SPADE anomaly detector over a FAISS-indexed HDF5 corpus of normal images.
+
+    Scores are "higher = more anomalous" everywhere (image scores, maps, thresholds).
+    Parameters are keyword-only; :class:`~spade_faiss.config.SpadeConfig` documents the
+    scoring and feature parameters, :class:`~spade_faiss.config.RunOptions` the others.
+    ``weights`` is ``"imagenet"`` (torch hub cache), a local state_dict file, or None (seeded
+    random init, for tests); :meth:`open` defaults it to what the corpus was built with.
+
+    Attributes
+    ----------
+    config_ : SpadeConfig
+        The parameters in force (the one source of truth after fit/open).
+    options_ : RunOptions
+    store_ : FeatureStore
+    index_ : ImageIndex or None
+    tau_, theta_ : float or None
+        Image and pixel thresholds set by :meth:`calibrate` (stored in the corpus).
+    timings_ : Counter
+        Seconds spent per stage (``backbone``, ``stage1``, ``gallery_io``, ``stage2``, ``post``).
+    """
+
+    def __init__(self, *, k_image=5, k_gallery=50, kappa=1, pixel_mode="per_level", sigma=4.0, nprobe=None,
+                 search="exact", radius=1, backbone="wide_resnet50_2", weights="imagenet", resize=256, crop=224,
+                 levels=LEVELS, dtype="float16", seed=0, device="auto", batch_size=8, workers=2,
+                 cache_bytes=1 << 30, chunk_bytes=64 << 20, stage2="auto", gpu_float16=False, index="auto",
+                 nlist=None, encoding="Flat", target_recall=0.99):
+        for name, value in locals().items():
+            if name != "self":
+                setattr(self, name, value)
+
+    def validate_params(self) -> Spade:
+        """Check every parameter now (nothing is built); raises ``ValueError``. Returns self."""
+        self._configure(getattr(getattr(self, "config_", None), "weights_sha256", None))
+        return self
+
+    def _configure(self, weights_sha256=None) -> None:
+        """Validate every parameter (before any model is built) into ``config_``/``options_``."""
+        self.config_, self.options_ = make_configs(self.get_params(), weights_sha256)
+        check_weights(self.weights)
+        self.search_device_ = patch_search.resolve_search_device(self.options_.device)
+
+    # --- construction --------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path, **params) -> Spade:
+        """A new, empty corpus file at ``path`` (fill it with :meth:`add`)."""
+        spade = cls(**params)
+        spade._configure()
+        if os.path.exists(path):
+            raise FileExistsError(f"{path}: already exists (open it to append, or choose a new name)")
+        return spade._attach(spade._new_store(path, in_memory=False))
+
+    @classmethod
+    def open(cls, path, mode: str = "r", **params) -> Spade:
+        """Open a corpus. Feature parameters and the weights default to the corpus's own; other
+        weights are refused (compared by the sha256 of their tensors) when the model loads."""
+        store = FeatureStore.open(path, mode)
+        try:
+            c = store.config
+            for key in ("backbone", "resize", "crop", "levels", "dtype"):
+                params.setdefault(key, getattr(c, key))
+            source = store.weights_source()
+            for key in ("weights", "seed"):
+                if key in source:
+                    params.setdefault(key, source[key])
+            spade = cls(**params)
+            spade._configure(c.weights_sha256)
+            store.check_config(spade.config_)
+            return spade._attach(store)
+        except Exception:
+            store.close()
+            raise
+
+    def fit(self, images_, y=None) -> Spade:
+        """Index ``images_`` (paths, dataset samples or RGB uint8 arrays) in an in-memory corpus
+        and return self (scikit-learn style)."""
+        self._configure()
+        self._attach(self._new_store(f"spade-memory-{id(self)}.h5", in_memory=True))
+        report = self.add(images_)
+        if report.errors:
+            raise ValueError("cannot fit: " + "; ".join(r for _, r in report.errors[:5]))
+        return self
+
+    def _new_store(self, path, in_memory: bool) -> FeatureStore:
+        extractor = self._extractor()
+        self.config_ = self.config_.replace(weights_sha256=extractor.weights_sha256)
+        probe = extractor(np.zeros((1, 3, self.crop, self.crop), np.float32))
+        shapes = {lv: probe[lv].shape[1:] for lv in self.config_.levels}
+        weights = self.weights if self.weights in (None, "imagenet") else os.path.abspath(self.weights)
+        source = {"weights": weights, "seed": self.seed}
+        return FeatureStore.create(path, self.config_, shapes, probe["pool"].shape[1], in_memory, source)
+
+    def _attach(self, store: FeatureStore) -> Spade:
+        self.store_ = store
+        self.index_ = ImageIndex.load(store)
+        if self.index_ is not None and self.index_.ntotal < len(store):
+            # Rows committed after the index was last saved (a crash): add them from the store.
+            log.warning("%s: index has %d of %d images; adding the rest", store.path, self.index_.ntotal, len(store))
+            self.index_.add(store.pool(self.index_.ntotal))
+        self.calibration_ = store.thresholds()
+        self.tau_ = self.calibration_["tau"] if self.calibration_ else None
+        self.theta_ = self.calibration_["theta"] if self.calibration_ else None
+        self.pipeline_ = QueryPipeline(store, self.index_, self._extractor, self.options_.cache_bytes)
+        self.paths_ = store.paths()
+        return self
+
+    @property
+    def timings_(self):
+        """Seconds spent per stage, accumulated over calls (see the class docstring)."""
+        return self.pipeline_.timings
+
+    def _extractor(self) -> FeatureExtractor:
+        if getattr(self, "extractor_", None) is None:
+            extractor = FeatureExtractor(self.backbone, self.weights, self.options_.device, self.seed)
+            want = self.config_.weights_sha256
+            if want is not None and extractor.weights_sha256 != want:
+                raise StoreError(f"weights={str(self.weights)!r} differ from those the corpus was built with "
+                                 f"(sha256 {extractor.weights_sha256[:12]} vs {want[:12]}): leave --weights out "
+                                 f"to use the corpus's own, or pass the same file")
+            self.extractor_ = extractor
+        return self.extractor_
+
+    def load_backbone(self) -> Spade:
+        """Build the model now (it is otherwise built on first use); returns self."""
+        self._extractor()
+        return self
+
+    def close(self):
+        if getattr(self, "store_", None) is not None:
+            self.store_.close()
+
+    def reopen(self, mode: str = "r") -> Spade:
+        """Open the same corpus file again after :meth:`close`, keeping the model (a worker that
+        must not hold the file between batches); returns self."""
+        store = FeatureStore.open(self.store_.path, mode)
+        store.check_config(self.config_)
+        return self._attach(store)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- indexing ------------------------------------------------------------------------
+
+    def add(self, samples: Iterable, on_progress: Callable[[int], None] | None = None) -> IndexReport:
+        """Extract and append the images not yet in the corpus (dedupe by content sha256), then
+        update and save the image index. ``on_progress(n)`` is called after each batch of n."""
+        start = time.perf_counter()
+        n_before = len(self.store_)
+        report = append_new(self.store_, self._batches(samples), self._extractor, self.config_.dtype, on_progress)
+        if len(self.store_) > n_before or (self.index_ is None and len(self.store_)):
+            self._save_index(self.index_ is None)
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def _save_index(self, rebuild: bool) -> None:
+        o = self.options_
+        if rebuild:
+            self.index_ = ImageIndex.build(self.store_.pool(), o.index, o.nlist, self.config_.nprobe, o.encoding,
+                                           o.seed, o.target_recall, self.config_.k_gallery)
+        else:
+            self.index_.add(self.store_.pool(self.index_.ntotal))
+        self.index_.save(self.store_)
+        self.pipeline_.index = self.index_
+        self.paths_ = self.store_.paths()
+
+    def reindex(self) -> dict:
+        """Rebuild (and retrain) the image index over all committed rows with the ``index``,
+        ``nlist``, ``nprobe``, ``encoding`` and ``seed`` parameters, and save it."""
+        self._save_index(rebuild=True)
+        return self.index_.attrs()
+
+    # --- thresholds ----------------------------------------------------------------------
+
+    def calibrate(self, normals: Iterable, fpr: float = 0.01, on_progress=None) -> dict:
+        """Set ``tau_`` and ``theta_`` at false-positive rate ``fpr`` over held-out normal
+        images and their pixels, store them in the corpus and return the record.
+
+        Images already in the corpus are refused: their distances to themselves are 0, which
+        would give thresholds that flag every new normal image.
+        """
+        if not 0 <= fpr < 1:
+            raise ValueError(f"fpr={fpr}: expected 0 <= fpr < 1")
+        indexed = set(self.store_.sha256s())
+        scores, maps, errors = [], [], []
+        for r in self.iter_score(normals, maps=True, on_progress=on_progress):
+            if r.error:
+                errors.append(r.error)
+                continue
+            if r.image.sha256 in indexed:
+                raise ValueError(f"{r.path} is in the corpus: calibrate on held-out normal images that "
+                                 f"were not indexed (e.g. hold out every 10th image before `index`)")
+            scores.append(r.score)
+            maps.append(r.map)
+        if not scores:
+            raise ValueError("calibrate: none of the normal images could be scored")
+        th = {"tau": metrics.threshold_at_fpr(scores, fpr), "theta": metrics.threshold_at_fpr(np.stack(maps), fpr),
+              "fpr": fpr, "n_images": len(scores), "skipped": errors, "scoring": self.config_.scoring_dict()}
+        self.store_.write_thresholds(th)
+        self.calibration_, self.tau_, self.theta_ = th, th["tau"], th["theta"]
+        return th
+
+    def set_thresholds(self, tau: float | None = None, theta: float | None = None) -> Spade:
+        """Override the calibrated thresholds for this object (not stored); None keeps one."""
+        self.tau_ = self.tau_ if tau is None else float(tau)
+        self.theta_ = self.theta_ if theta is None else float(theta)
+        return self
+
+    def leave_one_out_theta(self, n_images: int = 8, fpr: float = 0.01) -> float:
+        """A pixel threshold estimated without held-out images (see
+        :meth:`QueryPipeline.leave_one_out_theta`), cached per corpus size: a calibration-free
+        colour scale for pictures."""
+        n = len(self.store_)
+        if getattr(self, "_loo_", (None,))[0] != n:
+            theta = self.pipeline_.leave_one_out_theta(n_images, fpr, self.config_, self.options_, self.search_device_)
+            self._loo_ = (n, theta)
+        return self._loo_[1]
+
+    # --- scoring -------------------------------------------------------------------------
+
+    def iter_score(self, samples: Iterable, *, maps=True, on_progress=None) -> Iterator[ScoredImage]:
+        """Score any number of inputs (paths, dataset samples, RGB uint8 arrays, decoded
+        images), decoding ahead in threads and batching the backbone; yields one
+        :class:`ScoredImage` per input, in input order (``error`` set for unusable inputs).
+
+        ``maps``: True (stage 2 for every image), False (image scores only: backbone and
+        stage 1), or ``"auto"`` (stage 2 only for images above ``tau_``, the paper's gating).
+        """
+        self._check_ready(maps)
+        for batch in self._batches(samples):
+            retrieved = self.retrieve([p for p in batch if p.error is None])
+            self.segment([r for r in retrieved if maps is True or (maps == "auto" and r.score > self.tau_)])
+            done = iter(retrieved)
+            for p in batch:
+                yield ScoredImage(p.path, p.sample, error=p.error) if p.error else self.result(next(done))
+            if on_progress:
+                on_progress(len(batch))
+
+    def score(self, samples: Iterable, *, maps=True) -> SpadeResult:
+        """:meth:`iter_score` collected into arrays (see :class:`SpadeResult`)."""
+        return SpadeResult.collect(list(self.iter_score(samples, maps=maps)), self.config_.k_gallery, self.crop)
+
+    def _batches(self, samples):
+        o, c = self.options_, self.config_
+        return images.iter_prepared(samples, o.batch_size, c.resize, c.crop, o.workers)
+
+    def _check_ready(self, maps=True):
+        if getattr(self, "store_", None) is None:
+            raise ValueError("this Spade is not fitted: call fit(images) or Spade.open(path)")
+        if self.index_ is None or len(self.store_) == 0:
+            raise ValueError(f"{self.store_.path}: the corpus holds no images")
+        if maps not in (True, False, "auto"):
+            raise ValueError(f"maps={maps!r}: expected True, False or 'auto'")
+        if maps == "auto" and self.tau_ is None:
+            raise ValueError("maps='auto' gates stage 2 on the image threshold: calibrate first")
+
+    def _ks(self) -> tuple[int, int]:
+        n = len(self.store_)
+        k_gallery = self.config_.k_gallery
+        if k_gallery > n:
+            if getattr(self, "_clamp_warned_", None) != n:  # once per corpus size, not per batch
+                warnings.warn(f"k_gallery={k_gallery} > {n} images in the corpus: using {n}", stacklevel=4)
+                self._clamp_warned_ = n
+            k_gallery = n
+        return min(self.config_.k_image, k_gallery), k_gallery
+
+    def retrieve(self, inputs: list) -> list[Retrieved]:
+        """Backbone and stage 1 for a batch of decodable inputs (paths, arrays, decoded images or
+        prepared ones); raises ``ValueError`` for an input that cannot be decoded."""
+        c = self.config_
+        prepared = [p if isinstance(p, images.Prepared) else images.prepare(p, c.resize, c.crop) for p in inputs]
+        bad = [p.error for p in prepared if p.error]
+        if bad:
+            raise ValueError(bad[0])
+        return self.pipeline_.retrieve(prepared, *self._ks(), c) if prepared else []
+
+    def segment(self, retrieved: list[Retrieved]) -> None:
+        """Stage 2: set ``map`` of each retrieved query (queries that retrieved the same images
+        share one search over that gallery)."""
+        self.pipeline_.segment(retrieved, self.config_, self.options_, self.search_device_)
+
+    def result(self, r: Retrieved) -> ScoredImage:
+        """The :class:`ScoredImage` of a retrieved (and possibly segmented) query."""
+        return ScoredImage(r.prepared.path, r.prepared.sample, r.score,
+                           None if self.tau_ is None else bool(r.score > self.tau_), r.map, r.neighbour_ids,
+                           r.neighbour_distances, [self.paths_[int(i)] for i in r.neighbour_ids[:self._ks()[0]]],
+                           r.prepared.image)
+
+    def info(self) -> dict:
+        """Corpus metadata, the image index, thresholds and the scoring parameters in force."""
+        return {**self.store_.describe(), "scoring": self.config_.scoring_dict()}
+
+
+def describe(path) -> dict:
+    """What ``spade-faiss info`` prints about a corpus file (no model is built)."""
+    with FeatureStore.open(path) as store:
+        return store.describe()

@@ -1,0 +1,67 @@
+"""The join of shard stores (built in parallel, e.g. by Ray workers) into one corpus file whose
+levels are HDF5 virtual datasets pointing into the shards."""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+
+from .corpus import SHA_DTYPE, FeatureStore, write_layout
+
+
+def join_shards(shards: list[str], out: str) -> int:
+    """One corpus file over several shard stores: paths, hashes and pooled vectors are copied
+    (the first occurrence of each sha256 kept), the levels become HDF5 virtual datasets that
+    point into the shards by relative names (the corpus and its shards may move together).
+    Returns the number of images; the caller builds the image index."""
+    stores = [FeatureStore.open(p) for p in shards]
+    try:
+        first = stores[0]
+        for s in stores[1:]:
+            s.check_config(first.config)
+        keep, seen = [], set()  # per shard: the rows to keep
+        for s in stores:
+            rows = [i for i, sha in enumerate(s.sha256s()) if not (sha in seen or seen.add(sha))]
+            keep.append(np.array(rows, dtype=np.int64))
+        n = int(sum(len(k) for k in keep))
+        base = os.path.dirname(os.path.abspath(out))
+        attrs = {k: v for k, v in first.h5.attrs.items() if k not in ("n_committed", "thresholds")}
+        attrs["shards"] = [os.path.relpath(p, base) for p in shards]
+        layouts = {lv: _virtual_layout(stores, keep, lv, base) for lv in first.config.levels}
+        with h5py.File(out, "w") as h:
+            write_layout(h, attrs, layouts, first.pool_dim, None, n)
+            row = 0
+            for s, k in zip(stores, keep):
+                if len(k):
+                    h["images/path"][row:row + len(k)] = list(np.array(s.paths(), dtype=object)[k])
+                    h["images/sha256"][row:row + len(k)] = np.array(s.sha256s(), dtype=SHA_DTYPE)[k]
+                    h["images/pool"][row:row + len(k)] = s.pool()[k]
+                    row += len(k)
+    finally:
+        for s in stores:
+            s.close()
+    return n
+
+
+def _virtual_layout(stores, keep, level: str, base: str) -> h5py.VirtualLayout:
+    ds0 = stores[0].h5["levels"][level]
+    layout = h5py.VirtualLayout(shape=(int(sum(len(k) for k in keep)), *ds0.shape[1:]), dtype=ds0.dtype)
+    row = 0
+    for s, k in zip(stores, keep):
+        ds = s.h5["levels"][level]
+        # Relative source names resolve against the virtual file's folder.
+        src = h5py.VirtualSource(os.path.relpath(s.path, base), f"levels/{level}", shape=ds.shape)
+        for a, b in _runs(k):  # one mapping per run of consecutive kept rows
+            layout[row:row + b - a] = src[a:b]
+            row += b - a
+    return layout
+
+
+def _runs(rows: np.ndarray):
+    if not len(rows):
+        return
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for part in np.split(rows, breaks):
+        yield int(part[0]), int(part[-1]) + 1
