@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import sys
 
 import h5py
 import numpy as np
@@ -131,3 +132,17 @@ def test_reindex_to_ivf_and_corrupt_store(tmp_path, corpus, capsys):
     bad.write_bytes(corpus.read_bytes()[:5000])
     code, _, err = run(capsys, "info", bad)
     assert code == cli.EXIT_ERROR and "bad.h5" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra, module, argv", [
+    ("ray", "ray", ["index", "{data}", "--out", "{tmp}/r.h5", *FEAT, "--engine", "ray"]),
+    ("serve", "fastapi", ["serve", "{corpus}", *RUN]),
+])
+def test_a_missing_extra_is_one_line_naming_it(tmp_path, dataset, corpus, capsys, monkeypatch, extra, module, argv):
+    monkeypatch.setitem(sys.modules, module, None)  # as if the extra were not installed
+    monkeypatch.delitem(sys.modules, "spade_faiss.apps.serve", raising=False)
+    args = [a.format(data=dataset, tmp=tmp_path, corpus=corpus) for a in argv]
+    code, _, err = run(capsys, *args)
+    lines = [ln for ln in err.splitlines() if ln.startswith("spade-faiss: error:")]
+    assert code == cli.EXIT_ERROR and len(lines) == 1 and f"'{extra}' extra" in lines[0], err
+    assert "Traceback" not in err

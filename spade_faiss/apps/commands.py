@@ -152,7 +152,7 @@ def cmd_score(args) -> int:
         if not args.no_overlays and maps is not False:
             scale = pictures.colour_scale_max(spade.theta_, 2 * spade.leave_one_out_theta())
         writer = RunWriter(args.out, spade.crop, spade.resize, args.shard_index, args.num_shards,
-                           overlays=not args.no_overlays, colour_max=scale, theta=spade.theta_)
+                           colour_max=scale, theta=spade.theta_)
         todo = [s for s in samples if not writer.is_done(s.path)]
         errors, start = [], time.perf_counter()
         with Progress(len(samples), "scoring", done=len(samples) - len(todo)) as bar:

@@ -64,7 +64,8 @@ def evaluate_category(root, out_dir, params: dict, fpr: float = 0.01, overlays: 
                     "theta": spade.theta_, "source": os.path.abspath(root / "test")}
         open_run(out_dir, manifest, restart=True)
         scale = pictures.colour_scale_max(spade.theta_, 2 * spade.leave_one_out_theta())
-        writer = RunWriter(out_dir, spade.crop, spade.resize, overlays=overlays, colour_max=scale, theta=spade.theta_)
+        writer = RunWriter(out_dir, spade.crop, spade.resize, colour_max=scale if overlays else None,
+                           theta=spade.theta_)
         results = []
         with Progress(len(test), f"{name}: scoring") as bar:
             for r in spade.iter_score(test, maps=True):

@@ -100,12 +100,12 @@ class RunWriter:
     """Appends results of one shard (or the only one) of a run, resumable.
 
     No file stays open between writes, so any writer can be killed without leaving a handle
-    behind. ``colour_max`` is the top of the overlays' colour scale, ``theta`` the pixel
-    threshold drawn as a contour (None: no contour).
+    behind. Overlays are written when ``colour_max`` (the top of their colour scale) is given;
+    ``theta`` is the pixel threshold drawn as a contour (None: no contour).
     """
 
     def __init__(self, run_dir, crop: int, resize: int, shard_index: int = 0, num_shards: int = 1,
-                 overlays: bool = True, colour_max: float | None = None, theta: float | None = None):
+                 colour_max: float | None = None, theta: float | None = None):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         sfx = self.suffix = shard_suffix(shard_index, num_shards)
@@ -117,7 +117,7 @@ class RunWriter:
         # Resume knows everything done in this run directory, by any shard.
         self.done = {r["image_path"] for r in read_run(self.dir)}
         self.failed = {r["image_path"] for r in read_rows(self.errors_path)}
-        self.overlay_dir = self.dir / "overlays" if overlays else None
+        self.overlay_dir = self.dir / "overlays" if colour_max is not None else None
         self.overlays_taken = {r["overlay"]: r["image_path"] for r in read_run(self.dir) if r.get("overlay")}
         self.n_maps = len(read_rows(self.scores_path))  # map rows past the CSV: leftovers of a crash
 

@@ -1,0 +1,48 @@
+"""The gallery cache: values by key in the given order, loads only what is missing (sorted),
+evicts least recently used entries by bytes."""
+
+import numpy as np
+
+from spade_faiss.galleries import GalleryCache, load_entries
+
+
+def entry(nbytes):
+    return {"x": np.zeros(nbytes, np.uint8)}
+
+
+def test_hits_misses_and_load_order():
+    loads = []
+
+    def load(keys):
+        loads.append(list(keys))
+        return [entry(10) | {"key": np.array([k])} for k in keys]
+    cache = GalleryCache(load, max_bytes=10_000)
+    got = cache.get([5, 2, 9])
+    assert [int(v["key"][0]) for v in got] == [5, 2, 9] and loads == [[2, 5, 9]]
+    got = cache.get([9, 7, 2])
+    assert [int(v["key"][0]) for v in got] == [9, 7, 2] and loads[-1] == [7]
+    assert (cache.hits, cache.misses) == (2, 4) and cache.hit_rate == 2 / 6
+
+
+def test_eviction_by_bytes_least_recently_used_first():
+    cache = GalleryCache(lambda keys: [entry(100) for _ in keys], max_bytes=350)
+    cache.get([1, 2, 3])                  # 300 bytes
+    cache.get([1])                        # 1 is now the most recent
+    cache.get([4])                        # 400 > 350: evicts 2, the least recently used
+    assert list(cache._items) == [3, 1, 4] and cache.nbytes == 300
+    cache.get([5, 6])                     # evicts 3 and 1
+    assert list(cache._items) == [4, 5, 6] and cache.nbytes == 300
+    too_big = GalleryCache(lambda keys: [entry(1000) for _ in keys], max_bytes=350)
+    too_big.get([1])
+    assert too_big.nbytes == 0 and not too_big._items  # never cached, still returned
+    assert too_big.bytes_read == 1000
+
+
+def test_load_entries_converts_and_concatenates():
+    rows = {"layer1": np.arange(2 * 4 * 4 * 2, dtype=np.float16).reshape(2, 4, 4, 2),
+            "layer2": np.ones((2, 2, 2, 3), np.float16)}
+    got = load_entries(lambda lv, ids: rows[lv][ids], [("per_level", 1), ("concat", 0)], ("layer1", "layer2"))
+    assert got[0]["layer1"].dtype == np.float32 and np.array_equal(got[0]["layer1"], rows["layer1"][1])
+    assert got[1]["concat"].shape == (4, 4, 5) and np.all(got[1]["concat"][..., 2:] == 1)
+    kept = load_entries(lambda lv, ids: rows[lv][ids], [("per_level", 0)], ("layer1",), keep_float16=True)
+    assert kept[0]["layer1"].dtype == np.float16

@@ -1,0 +1,51 @@
+"""Pictures: one fixed colour scale, overlays that colour only what the model saw, a colour bar,
+a caption, curves and sheets written as real PNG files."""
+
+import cv2
+import numpy as np
+import pytest
+
+from spade_faiss.apps import pictures
+
+
+def test_colour_scale_is_fixed_and_shared():
+    assert pictures.colour_scale_max(0.5) == 1.0
+    assert pictures.colour_scale_max(None, 3.0) == 3.0
+    with pytest.raises(ValueError, match="no colour scale"):
+        pictures.colour_scale_max(None)
+    m = np.array([[0.0, 1.0, 2.0, 4.0]], np.float32)
+    c = pictures.colourize(m, 2.0)
+    assert c.shape == (1, 4, 3) and c.dtype == np.uint8
+    assert tuple(c[0, 2]) == tuple(c[0, 3])           # clipped at the top of the scale
+    assert c[0, 0, 2] > c[0, 0, 0] and c[0, 2, 0] > c[0, 2, 2]  # blue at 0, red at the top
+    # The same value gets the same colour in any map (no per-map min-max).
+    np.testing.assert_array_equal(pictures.colourize(np.array([[1.0]]), 2.0)[0, 0], c[0, 1])
+    png = pictures.map_png(np.zeros((5, 7), np.float32), 1.0)
+    assert cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR).shape == (5, 7, 3)
+
+
+def test_overlay_colours_only_the_seen_region_and_adds_bar_and_caption():
+    rgb = np.full((40, 60, 3), 100, np.uint8)
+    amap = np.full((40, 60), np.nan, np.float32)
+    amap[10:30, 15:45] = 0.0
+    amap[18:22, 28:32] = 5.0                          # above theta: a contour
+    out = pictures.overlay(rgb, amap, hi=2.0, theta=1.0, caption=["crack/x.png", "score 3.2 ANOMALOUS"])
+    band = out.shape[0] - 40
+    assert band > 0 and out.shape[1] == 60 + pictures.BAR_WIDTH
+    body = out[band:, :60]
+    assert np.array_equal(body[0, 0], [100, 100, 100])          # outside the crop: untouched
+    assert not np.array_equal(body[12, 17], [100, 100, 100])     # inside: coloured
+    assert (body == 255).all(axis=2).any()                       # the white contour
+    assert (out[:band] < 128).any()                              # caption text drawn
+
+
+def test_curves_histogram_and_worst_cases_are_png_files(tmp_path):
+    pictures.curve_png(tmp_path / "roc.png", {"image (AUROC 0.9)": ([0, 0.5, 1], [0, 0.9, 1])}, "fpr", "tpr", "ROC")
+    pictures.histogram_png(tmp_path / "h.png", [0.1, 0.2, 0.3, 2.0], tau=1.0)
+    row = {"image": np.zeros((20, 20, 3), np.uint8), "neighbour": np.zeros((20, 20, 3), np.uint8),
+           "map": np.ones((20, 20), np.float32), "mask": np.eye(20, dtype=bool), "title": "crack/x.png"}
+    pictures.worst_cases_png(tmp_path / "w.png", [row, row], hi=2.0, theta=0.5, size=40)
+    for name in ("roc.png", "h.png", "w.png"):
+        img = cv2.imread(str(tmp_path / name))
+        assert img is not None and img.shape[0] > 20, name
+    assert cv2.imread(str(tmp_path / "w.png")).shape[1] == 4 * 40
