@@ -1,112 +1,163 @@
-"""Scoring benchmark: stage-2 time per image vs one sgemm of the same FLOP count (the hardware
-limit, timed in the same run), for K and both pixel modes; gallery I/O and cache hit rate;
-end-to-end images/s with the time per stage, and peak RSS. Prints JSON lines.
+"""Scoring benchmark: end-to-end marginal time per image of `spade-faiss score` against the
+float32 brute-force floor and the faiss engine, in the default environment and with the
+OPENBLAS variables unset; per level, the stage-2 time, effective GFLOP/s and fraction pruned of
+each engine for K in --ks and concat mode. Prints JSON lines; writes only under --out.
 
-    .venv/bin/python benchmarks/bench_score.py                 # 60 normal + 12 test real images
-    .venv/bin/python benchmarks/bench_score.py --ks 5 --modes per_level --n-test 2   # quick
-    .venv/bin/python benchmarks/bench_score.py --end-to-end-only --cache-gb 1        # defaults, peak RSS
+    .venv/bin/python benchmarks/bench_score.py --out bench-out             # 60 normal + 12 test real images
+    .venv/bin/python benchmarks/bench_score.py --out bench-out --quick     # small backbone, generated data
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import subprocess
 import sys
 import time
+from pathlib import Path
 
+import faiss
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import ROOT, emit, machine, peak_rss_mb, real_images  # noqa: E402
+from common import dataset_images, emit, machine  # noqa: E402
 
-from spade_faiss.detector import Spade  # noqa: E402
+from spade_faiss import Spade  # noqa: E402
 
-
-def build_corpus(path: str, n_train: int, backbone: str, dtype: str) -> None:
-    if os.path.exists(path):
-        return
-    with Spade.create(path, backbone=backbone, weights=None, dtype=dtype, device="cpu") as spade:
-        spade.add(real_images("train", n_train))
+OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
-def sgemm_seconds(shapes: list[tuple[int, int, int]], rng) -> float:
-    """Time (q @ g.T) for each (nq, ng, C), in column blocks so the output stays ~200 MB."""
-    total = 0.0
-    for nq, ng, c in shapes:
-        q = rng.standard_normal((nq, c), dtype=np.float32)
-        block = max(1, (50 * 2**20) // nq)
-        g = rng.standard_normal((min(ng, block), c), dtype=np.float32)
-        q @ g[:16].T  # warm up the BLAS threads
+def best_of(fn, repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
         t = time.perf_counter()
-        for start in range(0, ng, block):
-            q @ g[: min(block, ng - start)].T
-        total += time.perf_counter() - t
-    return total
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
-def stage2_shapes(spade: Spade, k: int, mode: str) -> list[tuple[int, int, int]]:
-    shapes = spade.store_.level_shapes
-    if mode == "concat":
-        h, w, _ = shapes["layer1"]
-        return [(h * w, k * h * w, sum(s[2] for s in shapes.values()))]
-    return [(h * w, k * h * w, c) for h, w, c in shapes.values()]
+def kernel_rates(m: int = 3136, n: int = 15680, k: int = 256) -> dict:
+    """GFLOP/s of one stage-2 block product (layer1 shape) on every kernel available here."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((n, k), dtype=np.float32)
+    flop = 2 * m * n * k / 1e9
+    out = np.empty((m, n), np.float32)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    to = torch.empty(m, n)
+    ha, hb, ho = ta.bfloat16(), tb.bfloat16(), torch.empty(m, n, dtype=torch.bfloat16)
+    rates = {"numpy_float32": flop / best_of(lambda: np.matmul(a, b.T, out=out)),
+             "torch_float32": flop / best_of(lambda: torch.mm(ta, tb.T, out=to)),
+             "torch_bfloat16": flop / best_of(lambda: torch.mm(ha, hb.T, out=ho)),
+             "faiss_knn": flop / best_of(lambda: faiss.knn(a, b, 1))}
+    return {key: round(v, 1) for key, v in rates.items()}
+
+
+def cli(*args, env=None) -> tuple[float, float | None]:
+    """Wall seconds and peak RSS (MB, when GNU time is there) of one `spade-faiss` process."""
+    cmd = [sys.executable, "-m", "spade_faiss", *map(str, args)]
+    timer = shutil.which("time") or ("/usr/bin/time" if os.path.exists("/usr/bin/time") else None)
+    if timer:
+        cmd = [timer, "-f", "%M"] + cmd
+    t = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if done.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    rss = float(done.stderr.strip().splitlines()[-1]) / 1024 if timer else None
+    return wall, rss
+
+
+def end_to_end(store: Path, test: list[str], out: Path, backbone_s: float, floor_gflop: float, rates: dict) -> None:
+    """The CLI's score time for len(test) images minus its time for one, per extra image."""
+    lists = {}
+    for n in (1, len(test)):
+        lists[n] = out / f"test{n}.txt"
+        lists[n].write_text("\n".join(test[:n]))
+    for env_name in ("default", "openblas_unset"):
+        env = dict(os.environ)
+        if env_name == "openblas_unset":
+            for var in OPENBLAS_VARS:
+                env.pop(var, None)
+        walls = {}
+        for stage2 in ("pruned", "faiss"):
+            runs = {n: cli("score", store, lists[n], "--out", out / f"run_{stage2}_{n}", "--restart", "--device", "cpu",
+                           "--stage2", stage2, env=env) for n in lists}
+            n = len(test)
+            marginal = (runs[n][0] - runs[1][0]) / (n - 1)
+            walls[stage2] = marginal
+            floor = backbone_s + floor_gflop / max(rates["numpy_float32"], rates["torch_float32"])
+            emit(bench="score", step="end_to_end", env=env_name, stage2=stage2, images=n,
+                 seconds_1=round(runs[1][0], 2), seconds_n=round(runs[n][0], 2),
+                 marginal_s_per_image=round(marginal, 3), float32_floor_s=round(floor, 3),
+                 ratio_to_floor=round(marginal / floor, 3), peak_rss_mb=runs[n][1] and round(runs[n][1]))
+        emit(bench="score", step="speedup", env=env_name, faiss_over_pruned=round(walls["faiss"] / walls["pruned"], 2))
+
+
+def per_level(store: Path, test: list[str], ks: list[int], concat_k: int) -> None:
+    """Stage-2 seconds per image and level, both engines, same process, warm caches."""
+    configs = [("per_level", k) for k in ks] + ([("concat", concat_k)] if concat_k else [])
+    for mode, k in configs:
+        queries = test if mode == "per_level" else test[:2]
+        times = {}
+        for stage2 in ("pruned", "faiss"):
+            spade = Spade.open(store, device="cpu", stage2=stage2, k_gallery=k, k_image=min(5, k), pixel_mode=mode)
+            spade.score(queries[:1])  # warm: model, caches, projections
+            spade.timings_.clear()
+            spade.score(queries)
+            shapes = spade.info()["levels"]
+            names = ["concat"] if mode == "concat" else list(shapes)
+            for name in names:
+                h, w, c = shapes["layer1"][:2] + [sum(s[2] for s in shapes.values())] if name == "concat" \
+                    else shapes[name]
+                gflop = 2 * (h * w) * (k * h * w) * c / 1e9
+                sec = spade.timings_[f"stage2.{name}"] / len(queries)
+                times[(stage2, name)] = sec
+                row = dict(bench="score", step="stage2", stage2=stage2, mode=mode, k_gallery=k, level=name,
+                           images=len(queries), seconds_per_image=round(sec, 4), brute_force_gflop=round(gflop, 2),
+                           effective_gflops_per_s=round(gflop / sec, 1))
+                if stage2 == "pruned":
+                    row["fraction_pruned"] = spade.pruning_stats_[name]["pruned"]
+                else:
+                    row["pruned_speedup"] = round(sec / times[("pruned", name)], 2)
+                emit(**row)
+            spade.close()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench-out", help="folder for corpora and runs (created)")
     ap.add_argument("--n-train", type=int, default=60)
     ap.add_argument("--n-test", type=int, default=12)
-    ap.add_argument("--n-test-concat", type=int, default=2, help="concat costs 6x: fewer images")
     ap.add_argument("--ks", default="5,10,50")
-    ap.add_argument("--modes", default="per_level,concat")
+    ap.add_argument("--concat-k", type=int, default=10, help="0: no concat row")
     ap.add_argument("--backbone", default="wide_resnet50_2")
-    ap.add_argument("--dtype", default="float16")
-    ap.add_argument("--cache-gb", type=float, default=2.0, help="the library default is 1")
-    ap.add_argument("--end-to-end-only", action="store_true",
-                    help="only the end-to-end row, in this fresh process (for its peak RSS)")
-    ap.add_argument("--store", default=None, help="corpus to build or reuse (default indexes/bench_*.h5)")
+    ap.add_argument("--quick", action="store_true", help="resnet18, generated data, 12 + 3 images, K=5")
     args = ap.parse_args()
-    store = args.store or str(ROOT / "indexes" / f"bench_{args.backbone}_{args.n_train}_{args.dtype}.h5")
-    t = time.perf_counter()
-    build_corpus(store, args.n_train, args.backbone, args.dtype)
-    emit(bench="score", step="corpus", store=store, seconds=round(time.perf_counter() - t, 1), **machine())
-    test = real_images("test", args.n_test)
-    rng = np.random.default_rng(0)
-    spade = Spade.open(store, weights=None, device="cpu", cache_bytes=int(args.cache_gb * 2**30))
-    spade.score(test[:1])  # warm up: model, BLAS threads
-    for mode in ([] if args.end_to_end_only else args.modes.split(",")):
-        for k in map(int, args.ks.split(",")):
-            queries = test if mode == "per_level" else test[: args.n_test_concat]
-            spade.pixel_mode, spade.k_gallery = mode, k
-            spade.k_image = min(5, k)
-            spade.cache_ = None
-            spade.cache_mode_ = None  # a cold cache for each configuration
-            spade.timings_.clear()
-            spade.score(queries)
-            cache = spade.cache_
-            per = {s: v / len(queries) for s, v in spade.timings_.items()}
-            shapes = stage2_shapes(spade, k, mode)
-            flops = sum(2 * nq * ng * c for nq, ng, c in shapes)
-            limit = sgemm_seconds(shapes, rng)
-            emit(bench="score", step="stage2", mode=mode, k_gallery=k, images=len(queries),
-                 stage2_s=round(per["stage2"], 3), sgemm_s=round(limit, 3),
-                 ratio_to_sgemm=round(per["stage2"] / limit, 2), gflop=round(flops / 1e9, 1),
-                 gflops_per_s=round(flops / per["stage2"] / 1e9, 1), gallery_io_s=round(per["gallery_io"], 3),
-                 gallery_mb_read_per_image=round(cache.bytes_read / len(queries) / 2**20, 1),
-                 cache_hit_rate=round(cache.hit_rate, 3))
-    # End to end at the defaults (per_level, K=50), warm cache as in a long batch run.
-    spade.pixel_mode, spade.k_gallery, spade.k_image = "per_level", 50, 5
-    spade.timings_.clear()
-    t = time.perf_counter()
-    spade.score(test)
-    wall = time.perf_counter() - t
-    shares = {s: round(v / wall, 3) for s, v in spade.timings_.items()}
-    shares["decode_and_rest"] = round(1 - sum(shares.values()), 3)
-    emit(bench="score", step="end_to_end", cache_gb=args.cache_gb, images=len(test),
-         seconds_per_image=round(wall / len(test), 3),
-         images_per_s=round(len(test) / wall, 3), share=shares, peak_rss_mb=round(peak_rss_mb()),
-         cache_hit_rate=round(spade.cache_.hit_rate, 3))
-    spade.close()
+    if args.quick:
+        args.backbone, args.n_train, args.n_test, args.ks, args.concat_k = "resnet18", 12, 3, "5", 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train, test, source = dataset_images(out, args.n_train, args.n_test, generated=args.quick)
+    store = out / f"score_{args.backbone}_{source}_{args.n_train}.h5"
+    if not store.exists():
+        (out / "train.txt").write_text("\n".join(train))
+        cli("index", out / "train.txt", "--out", store, "--weights", "none", "--backbone", args.backbone,
+            "--device", "cpu")
+    rates = kernel_rates()
+    emit(bench="score", step="kernels", gflops_per_s=rates, data=source, **machine())
+    with Spade.open(store, device="cpu") as spade:
+        spade.score(test[:1], maps=False)
+        spade.timings_.clear()
+        spade.score(test, maps=False)
+        backbone_s = spade.timings_["backbone"] / len(test)
+        shapes = spade.info()["levels"]
+    floor_gflop = sum(2 * (h * w) * (50 * h * w) * c / 1e9 for h, w, c in shapes.values())
+    emit(bench="score", step="floor", backbone_s_per_image=round(backbone_s, 3),
+         brute_force_gflop_k50=round(floor_gflop, 1))
+    end_to_end(store, test, out, backbone_s, floor_gflop, rates)
+    per_level(store, test, [int(k) for k in args.ks.split(",")], args.concat_k)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: JSON lines, peak RSS, the real dataset, corpora."""
+"""Helpers shared by the benchmark scripts: JSON lines, peak RSS, the machine, the data."""
 
 from __future__ import annotations
 
@@ -27,20 +27,35 @@ def machine() -> dict:
     import torch
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "faiss": faiss.__version__, "torch": torch.__version__,
-            "python": sys.version.split()[0]}
+            "python": sys.version.split()[0], "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE")}
 
 
 def real_images(split: str, n: int, data: Path = DATA) -> list[str]:
     """The first ``n`` images of the magnetic_tile dataset's ``train`` or ``test`` split
     (test: interleaved over the defect classes so that a few images cover all of them)."""
-    from spade_faiss.images import discover
+    from spade_faiss.datasets import discover
     samples = discover(data, split=split)
     if split == "test":
         by_class: dict[str, list] = {}
         for s in samples:
             by_class.setdefault(s.defect, []).append(s)
-        rows = [c[i] for i in range(max(map(len, by_class.values()))) for c in by_class.values() if i < len(c)]
-        samples = rows
+        samples = [c[i] for i in range(max(map(len, by_class.values()))) for c in by_class.values() if i < len(c)]
     if len(samples) < n:
         sys.exit(f"{data}: only {len(samples)} {split} images, {n} requested")
     return [s.path for s in samples[:n]]
+
+
+def dataset_images(out: Path, n_train: int, n_test: int, generated: bool = False) -> tuple[list, list, str]:
+    """(train paths, test paths, source name): the real magnetic_tile images beside the
+    repository, or, when they are absent (a fresh clone elsewhere) or ``generated`` is asked,
+    a seeded synthetic category written under ``out``."""
+    if not generated and DATA.is_dir():
+        return real_images("train", n_train), real_images("test", n_test), "magnetic_tile"
+    if not generated:
+        print(f"# {DATA} is not here: using generated images", file=sys.stderr)
+    from spade_faiss.datasets import discover
+    from spade_faiss.synthetic import make_dataset
+    root = out / "data" / f"synthetic_{n_train}_{n_test}"
+    if not (root / "train").is_dir():
+        make_dataset(root, n_train=n_train, n_good=n_test // 2, n_defect=n_test - n_test // 2, size=(128, 128))
+    return [s.path for s in discover(root, "train")], [s.path for s in discover(root, "test")], "synthetic"

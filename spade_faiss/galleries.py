@@ -65,13 +65,13 @@ class GalleryCache:
 
 
 def _size(value: dict) -> int:
-    return sum(a.nbytes for a in value.values())
+    return sum(a.nbytes for a in value.values())  # arrays, or engine entries with ``nbytes``
 
 
-def load_entries(read_level: Callable, keys: list, levels: tuple, keep_float16: bool = False) -> list[dict]:
-    """Gallery entries of ``keys`` = ``(pixel_mode, image id)``: per image, float32 (h, w, C)
-    per level, or one ``concat`` array. ``read_level(level, ids)`` reads the stored rows;
-    ``keep_float16`` keeps the stored dtype (a GPU searching in float16)."""
+def load_entries(read_level: Callable, keys: list, levels: tuple) -> list[dict]:
+    """Features of ``keys`` = ``(pixel_mode, image id)``: per image, the stored (h, w, C) array
+    per level (stored dtype), or one float32 ``concat`` array. ``read_level(level, ids)`` reads
+    the stored rows."""
     ids = np.array([i for _, i in keys], dtype=np.int64)
     raw = {lv: read_level(lv, ids) for lv in levels}
     out = []
@@ -79,7 +79,5 @@ def load_entries(read_level: Callable, keys: list, levels: tuple, keep_float16: 
         per = {lv: raw[lv][j] for lv in levels}
         if mode == "concat":
             per = {"concat": concat_levels([per[lv][None] for lv in levels])[0]}
-        elif not keep_float16:
-            per = {k: v.astype(np.float32) for k, v in per.items()}
         out.append(per)
     return out

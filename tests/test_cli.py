@@ -102,7 +102,7 @@ def test_score_writes_outputs_and_resumes(tmp_path, dataset, corpus, capsys):
     resumed = read_rows(tmp_path / "cut" / "scores.csv")
     assert resumed[:3] == rows[:3] and [dict(r, overlay="") for r in rows[3:]] == resumed[3:]  # --no-overlays
     with h5py.File(tmp_path / "cut" / "maps.h5") as h:
-        np.testing.assert_allclose(h["maps"][:], first, rtol=1e-6)
+        np.testing.assert_array_equal(h["maps"][:], first)  # resumed images score bitwise the same
 
 
 def test_shards_union_equals_one_run(tmp_path, dataset, corpus, capsys):

@@ -183,3 +183,17 @@ def test_unfitted_and_array_inputs(dataset):
     spade = Spade(k_gallery=2, k_image=1, **SMALL).fit([rgb, rgb[::-1].copy(), rgb[:, ::-1].copy()])
     r = spade.score([rgb])
     assert r.neighbour_ids[0, 0] == 0 and r.image_scores[0] == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("params", [dict(), dict(kappa=3), dict(pixel_mode="concat")], ids=["default", "kappa3",
+                                                                                              "concat"])
+def test_an_image_scores_bitwise_the_same_alone_and_in_any_batch(fitted, dataset, params):
+    test = [s.path for s in datasets.discover(dataset, "test")]
+    spade = fitted.with_params(**params)
+    alone = {p: spade.score([p]) for p in test}
+    for batch_size, order in ((1, test), (3, test[::-1]), (8, test[2:] + test[:2])):
+        together = spade.with_params(batch_size=batch_size).score(order)
+        for i, p in enumerate(order):
+            assert together.image_scores[i] == alone[p].image_scores[0], (batch_size, p)
+            np.testing.assert_array_equal(together.neighbour_ids[i], alone[p].neighbour_ids[0])
+            np.testing.assert_array_equal(together.maps[i], alone[p].maps[0])

@@ -3,6 +3,7 @@ the corpus file has SPEC 2's exact shapes, its features equal a plain torchvisio
 the command line's scores and maps equal the brute-force SPADE oracle."""
 
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -59,3 +60,24 @@ def test_default_backbone_corpus_matches_spec_and_direct_forward(tmp_path, datas
         want_scores, want_maps, _, _ = oracle(spade, [r["image_path"] for r in rows], 2, 3, 1, "per_level", 4.0)
     np.testing.assert_allclose([float(r["score"]) for r in rows], want_scores, rtol=1e-5)
     np.testing.assert_allclose(maps, want_maps, rtol=1e-4, atol=1e-5 * want_maps.max())
+
+
+MAGNETIC_TILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"
+
+
+@pytest.mark.skipif(not MAGNETIC_TILE.is_dir(), reason="../shared/data/magnetic_tile is not beside the repo")
+def test_real_images_pruned_engine_equals_the_oracle_and_faiss_within_its_rounding(tmp_path):
+    """Real magnetic_tile images, default backbone: the pruned engine's maps equal the float64
+    brute-force oracle to float32 rounding; the faiss engine's (norm expansion in float32)
+    differ from the oracle by its own rounding, well within 1e-3 of the map's maximum."""
+    train = sorted((MAGNETIC_TILE / "train" / "good").glob("*.png"))[:8]
+    test = [sorted((MAGNETIC_TILE / "test" / c).glob("*.png"))[0] for c in ("crack", "good")]
+    spade = Spade(weights=None, device="cpu", k_gallery=4, k_image=2, stage2="pruned").fit(train)
+    want_scores, want_maps, _, _ = oracle(spade, [str(p) for p in test], 2, 4, 1, "per_level", 4.0)
+    for stage2, tolerance in (("pruned", 1e-6), ("faiss", 1e-3)):
+        r = spade.with_params(stage2=stage2).score(test)
+        np.testing.assert_allclose(r.image_scores, want_scores, rtol=1e-6)
+        error = np.abs(r.maps - want_maps).max(axis=(1, 2)) / want_maps.max(axis=(1, 2))
+        assert (error < tolerance).all(), (stage2, error)
+    stats = spade.pruning_stats_
+    assert set(stats) == {"layer1", "layer2", "layer3"} and all(0 < s["pruned"] < 1 for s in stats.values())

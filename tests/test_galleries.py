@@ -38,11 +38,11 @@ def test_eviction_by_bytes_least_recently_used_first():
     assert too_big.bytes_read == 1000
 
 
-def test_load_entries_converts_and_concatenates():
+def test_load_entries_per_level_and_concatenated():
     rows = {"layer1": np.arange(2 * 4 * 4 * 2, dtype=np.float16).reshape(2, 4, 4, 2),
             "layer2": np.ones((2, 2, 2, 3), np.float16)}
     got = load_entries(lambda lv, ids: rows[lv][ids], [("per_level", 1), ("concat", 0)], ("layer1", "layer2"))
-    assert got[0]["layer1"].dtype == np.float32 and np.array_equal(got[0]["layer1"], rows["layer1"][1])
-    assert got[1]["concat"].shape == (4, 4, 5) and np.all(got[1]["concat"][..., 2:] == 1)
-    kept = load_entries(lambda lv, ids: rows[lv][ids], [("per_level", 0)], ("layer1",), keep_float16=True)
-    assert kept[0]["layer1"].dtype == np.float16
+    assert got[0]["layer1"].dtype == np.float16 and np.array_equal(got[0]["layer1"], rows["layer1"][1])
+    assert got[1]["concat"].shape == (4, 4, 5) and got[1]["concat"].dtype == np.float32
+    np.testing.assert_array_equal(got[1]["concat"][..., :2], rows["layer1"][0])
+    assert np.all(got[1]["concat"][..., 2:] == 1)

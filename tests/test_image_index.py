@@ -72,7 +72,7 @@ def test_default_nprobe_is_the_smallest_reaching_the_target_recall(rng):
     ivf = ImageIndex.build(xb, "ivf", target_recall=0.9, k=20)
     assert ivf.nprobe == ivf.tuning["nprobe"] and ivf.tuning["target_recall"] == 0.9 and ivf.tuning["k"] == 20
     rows = np.arange(0, 3000, 30)
-    tuning = ivf.tune(ImageIndex.build(xb, "flat"), xb, rows, 0.9, 20)
+    tuning = ivf.tune(xb, rows, 0.9, 20)
     p = tuning["nprobe"]
     assert leave_one_out_recall(ivf, xb, rows, 20, p) == pytest.approx(tuning["recall"]) and tuning["recall"] >= 0.9
     assert p == 1 or leave_one_out_recall(ivf, xb, rows, 20, p - 1) < 0.9  # the smallest

@@ -1,4 +1,6 @@
-"""Chunked exact patch kNN equals a brute-force oracle for any chunking and kappa."""
+"""Stage 2: the faiss engine's chunked exact kNN equals a brute-force oracle for any chunking and
+kappa; the pruned engine equals brute force with the same exact distance, bit for bit, on seeded
+and adversarial data, with consistent pruning statistics."""
 
 import numpy as np
 import pytest
@@ -6,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from spade_faiss import patch_search
+from spade_faiss.patch_search import brute, exact, pruned
 from spade_faiss.resample import concat_levels
 
 
@@ -68,18 +71,164 @@ def test_devices():
 
 def test_out_of_memory_splits_the_chunk_and_stays_exact(rng, monkeypatch):
     # Stand-in for a GPU (or RAM) allocation failure above a size, around the real faiss search.
-    real = patch_search._knn
+    real = brute._knn
 
     def small_memory(q, g, k, device):
         if g.shape[0] > 30:
             raise RuntimeError("Error in virtual void* faiss::gpu::StandardGpuResourcesImpl: cudaMalloc: out of memory")
         return real(q, g, k, device)
-    monkeypatch.setattr(patch_search, "_knn", small_memory)
+    monkeypatch.setattr(brute, "_knn", small_memory)
     galleries = [rng.standard_normal((50, 8)).astype(np.float32) for _ in range(3)]
     q = rng.standard_normal((20, 8)).astype(np.float32)
     for kappa in (1, 4):
         got = patch_search.knn_mean(q, patch_search.iter_chunks(galleries, 10**9), kappa)
         np.testing.assert_allclose(got, oracle_knn_mean(q, np.concatenate(galleries), kappa), rtol=1e-4)
-    monkeypatch.setattr(patch_search, "_knn", lambda *a: (_ for _ in ()).throw(RuntimeError("other failure")))
+    monkeypatch.setattr(brute, "_knn", lambda *a: (_ for _ in ()).throw(RuntimeError("other failure")))
     with pytest.raises(RuntimeError, match="other failure"):
         patch_search.knn_mean(q, patch_search.iter_chunks(galleries, 10**9), 1)
+
+
+# --- the pruned engine: bitwise equal to brute force with the same exact distance -------------
+
+def brute_with_exact(query, gallery, kappa):
+    """Brute force over every pair with the exact distance of exact.py: the pruned engine's
+    contract, bit for bit (mean of the kappa smallest; nearest with ties to the lowest image,
+    then the lowest position)."""
+    b, h, w, c = query.shape
+    flat = torch.from_numpy(np.concatenate([g.reshape(-1, c) for g in gallery]).astype(np.float32))
+    owner = np.concatenate([np.full(g.shape[0] * g.shape[1], i) for i, g in enumerate(gallery)])
+    pos = np.concatenate([np.arange(g.shape[0] * g.shape[1]) for g in gallery])
+    q = torch.from_numpy(query.reshape(-1, c))
+    d = exact.squared_distances(q[:, None, :], flat[None, :, :]).numpy()
+    order = np.lexsort((np.arange(d.shape[1])[None, :].repeat(len(d), 0), d), axis=1)
+    means = np.take_along_axis(d, order[:, :kappa], 1).astype(np.float64).mean(1).astype(np.float32)
+    first = order[:, 0]
+    return means.reshape(b, h, w), np.stack([owner[first], pos[first]], -1).reshape(b, h, w, 2), d
+
+
+def run_pruned(query, gallery, kappa, dims=None, dtype=torch.bfloat16):
+    c = query.shape[-1]
+    proj = pruned.Projection.fit(np.concatenate([g.reshape(-1, c) for g in gallery]), dims or min(c, 9))
+    prepared = [pruned.prepare_image(proj, g, dtype) for g in gallery]
+    stats = pruned.SearchStats()
+    dist, nearest = pruned.search(query, prepared, kappa, proj, stats)
+    return dist, nearest, stats
+
+
+@pytest.fixture(params=[torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def operand(request):
+    return request.param
+
+
+@pytest.fixture
+def small_steps(monkeypatch):
+    """Several row blocks, several GEMM chunks, a partial last chunk and padded blocks."""
+    monkeypatch.setattr(pruned, "ROWS", 8)
+    monkeypatch.setattr(pruned, "CHUNK", 64)
+
+
+@pytest.mark.parametrize("kappa", [1, 3])
+@pytest.mark.parametrize("seed", range(4))
+def test_pruned_equals_brute_force_bitwise(rng, operand, small_steps, kappa, seed):
+    rng = np.random.default_rng(seed)
+    c = int(rng.integers(4, 70))
+    h, w = int(rng.integers(1, 7)), int(rng.integers(1, 7))
+    gallery = [rng.standard_normal((int(rng.integers(1, 8)), int(rng.integers(1, 8)), c)).astype(np.float32)
+               for _ in range(int(rng.integers(1, 6)))]
+    query = rng.standard_normal((2, h, w, c)).astype(np.float32)
+    query[1, 0, 0] = gallery[-1][0, 0]  # a query equal to a gallery vector: distance 0
+    if sum(g.shape[0] * g.shape[1] for g in gallery) < kappa:
+        gallery.append(rng.standard_normal((2, 2, c)).astype(np.float32))
+    dist, nearest, _ = run_pruned(query, gallery, kappa, dtype=operand)
+    want, want_nearest, d = brute_with_exact(query, gallery, kappa)
+    np.testing.assert_array_equal(dist, want)
+    np.testing.assert_array_equal(nearest, want_nearest)
+    assert dist[1, 0, 0] == 0 or kappa > 1
+    # ... and within float32 rounding of a float64 oracle.
+    np.testing.assert_allclose(dist, oracle_knn_mean(query.reshape(-1, c), np.concatenate(
+        [g.reshape(-1, c) for g in gallery]), kappa).reshape(dist.shape), rtol=4e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("kappa", [1, 3])
+def test_pruned_near_ties_large_norms_and_duplicates(operand, small_steps, kappa):
+    """Adversarial: hundreds of gallery vectors within 1e-6 (relative) of the same distance to a
+    query, on features of norm ~1e4 (bfloat16 rounds far coarser than these gaps), exact
+    duplicates and exact ties. The bound must keep every one that can win."""
+    rng = np.random.default_rng(1)
+    c = 48
+    offset = 1e4 * rng.standard_normal(c).astype(np.float32)
+    query = (offset + rng.standard_normal((1, 4, 4, c))).astype(np.float32)
+    gallery = []
+    for _ in range(3):
+        img = np.empty((8, 8, c), np.float32)
+        for y in range(8):
+            for x in range(8):
+                u = rng.standard_normal(c)
+                u /= np.linalg.norm(u)
+                target = query[0, y % 4, x % 4]
+                img[y, x] = target + 0.5 * (1 + 1e-6 * rng.random()) * u  # distance ~0.25, gaps 1e-6
+        gallery.append(img)
+    gallery.append(gallery[1].copy())            # an exact duplicate image
+    gallery.append(gallery[0] + 1e3)             # far away, with large centred norms
+    gallery[2][3, 3] = gallery[0][3, 3]          # an exact tie between two images
+    dist, nearest, _ = run_pruned(query, gallery, kappa, dims=8, dtype=operand)
+    want, want_nearest, _ = brute_with_exact(query, gallery, kappa)
+    np.testing.assert_array_equal(dist, want)
+    np.testing.assert_array_equal(nearest, want_nearest)
+
+
+def test_one_image_gallery_and_too_few_vectors(operand):
+    rng = np.random.default_rng(2)
+    gallery = [rng.standard_normal((3, 2, 5)).astype(np.float32)]
+    query = rng.standard_normal((1, 2, 2, 5)).astype(np.float32)
+    for kappa in (1, 6):
+        dist, nearest, _ = run_pruned(query, gallery, kappa, dtype=operand)
+        want, want_nearest, _ = brute_with_exact(query, gallery, kappa)
+        np.testing.assert_array_equal(dist, want)
+        np.testing.assert_array_equal(nearest, want_nearest)
+    with pytest.raises(ValueError, match="kappa=7 needs at least 7"):
+        run_pruned(query, gallery, 7, dtype=operand)
+
+
+def test_pruning_statistics_identical_images_are_searched_once(operand):
+    rng = np.random.default_rng(3)
+    image = rng.standard_normal((16, 16, 32)).astype(np.float32)
+    query = (image[None] + 0.3 * rng.standard_normal((1, 16, 16, 32))).astype(np.float32)
+    for k in (1, 4, 8):
+        dist, nearest, stats = run_pruned(query, [image] * k, 1, dims=16, dtype=operand)
+        want, _, _ = brute_with_exact(query, [image] * k, 1)
+        np.testing.assert_array_equal(dist, want)
+        assert (nearest[..., 0] == 0).all()   # ties go to the first of the identical images
+        q, n = 256, 256
+        assert stats.pairs == q * n           # searched once: pairs of one image
+        assert stats.exact < stats.pairs and stats.pruned == 1 - stats.exact / stats.pairs
+    # A gallery that is far from the query except for one image: almost everything is skipped.
+    far = [image + 100.0 for _ in range(6)] + [image]
+    _, nearest, stats = run_pruned(query, far, 1, dims=16, dtype=operand)
+    assert (nearest[..., 0] == 6).all() and stats.pruned > 0.8
+
+
+def test_bf16_norm_parts_are_exact(rng):
+    values = torch.from_numpy((rng.random(1000) * 10.0 ** rng.integers(-20, 20, 1000)).astype(np.float32))
+    parts = pruned.norm_parts(values, torch.bfloat16).double()
+    np.testing.assert_array_equal(parts.sum(1).numpy(), values.double().numpy())
+
+
+def test_exact_distances_do_not_depend_on_the_batch(rng):
+    q = torch.from_numpy(rng.standard_normal((50, 300)).astype(np.float32))
+    g = torch.from_numpy(rng.standard_normal((50, 300)).astype(np.float32))
+    full = exact.squared_distances(q, g)
+    for size in (1, 3, 17):
+        np.testing.assert_array_equal(torch.cat([exact.squared_distances(q[i:i + size], g[i:i + size])
+                                                 for i in range(0, 50, size)]).numpy(), full.numpy())
+    np.testing.assert_allclose(full.numpy(), ((q.double() - g.double()) ** 2).sum(1).numpy(), rtol=exact.SUM_EPS)
+
+
+def test_engine_choice_depends_on_the_configuration_only():
+    assert patch_search.level_engine("auto", "cpu", 3136, 50 * 3136, 256) == "pruned"   # 252 GFLOP
+    assert patch_search.level_engine("auto", "cpu", 196, 5 * 196, 1024) == "faiss"     # 0.4 GFLOP
+    assert patch_search.level_engine("pruned", "cpu", 196, 5 * 196, 1024) == "pruned"  # asked for
+    assert patch_search.level_engine("faiss", "cpu", 3136, 50 * 3136, 256) == "faiss"
+    assert patch_search.resolve_engine("auto", "cuda") == "faiss"
+    with pytest.raises(ValueError, match="stage2='pruned' runs on the CPU"):
+        patch_search.resolve_engine("pruned", "cuda:0")

@@ -19,6 +19,9 @@ from ..resample import concat_levels
 from ..results import Retrieved
 from ..store import FeatureStore
 
+PROJECTION_IMAGES = 16
+PROJECTION_VECTORS = 16384
+
 
 class QueryPipeline:
     """Owns what queries share: the gallery cache and the per-stage timings.
@@ -37,7 +40,8 @@ class QueryPipeline:
         self.store, self.index, self.extractor = store, index, extractor
         self.cache = GalleryCache(self._load, cache_bytes)
         self.timings = Counter()
-        self._keep16 = False
+        self.stats: dict[str, patch_search.SearchStats] = {}
+        self.projections: dict[str, patch_search.Projection] = {}
 
     @contextlib.contextmanager
     def timed(self, stage: str):
@@ -81,22 +85,59 @@ class QueryPipeline:
         for r in retrieved:
             groups.setdefault(tuple(sorted(r.neighbour_ids.tolist())), []).append(r)
         mode, levels = config.pixel_mode, config.levels
-        self._keep16 = device != "cpu" and options.gpu_float16  # else float32 once, at load
+        keep16 = device != "cpu" and options.gpu_float16  # else float32 once, at load
         for key, members in groups.items():
+            engines = self._engines(mode, len(key), options.stage2, device)
+            variant = (tuple(sorted(engines.items())), keep16)
             with self.timed("gallery_io"):
-                galleries = self.cache.get([(mode, self._keep16, i) for i in key])
-            with self.timed("stage2"):
-                query = {lv: np.stack([m.features[lv] for m in members]) for lv in levels}
-                if mode == "concat":
-                    query = {"concat": concat_levels([query[lv] for lv in levels])}
-                per_level = [patch_search.level_maps(q, [g[name] for g in galleries], config.kappa, device,
-                                                     options.chunk_bytes, options.gpu_float16)
-                             for name, q in query.items()]
+                galleries = self.cache.get([(mode, variant, i) for i in key])
+            query = {lv: np.stack([m.features[lv] for m in members]) for lv in levels}
+            if mode == "concat":
+                query = {"concat": concat_levels([query[lv] for lv in levels])}
+            per_level = []
+            for name, q in query.items():
+                with self.timed("stage2"), self.timed(f"stage2.{name}"):
+                    per_level.append(patch_search.search_level(
+                        engines[name], q, [g[name] for g in galleries], config.kappa, device, options.chunk_bytes,
+                        options.gpu_float16, self.projections.get(name),
+                        self.stats.setdefault(name, patch_search.SearchStats())))
             with self.timed("post"):
                 maps = scoring.smooth(scoring.assemble_maps(per_level, config.crop), config.sigma)
             for m, amap in zip(members, maps):
                 m.map = amap
 
+    def _engines(self, mode: str, k_gallery: int, stage2: str, device: str) -> dict[str, str]:
+        """The engine of each searched level (or ``concat``) for this configuration."""
+        shapes = self.store.level_shapes
+        if mode == "concat":
+            h, w, _ = shapes["layer1"]
+            named = {"concat": (h, w, sum(s[2] for s in shapes.values()))}
+        else:
+            named = shapes
+        return {name: patch_search.level_engine(stage2, device, h * w, k_gallery * h * w, c)
+                for name, (h, w, c) in named.items()}
+
     def _load(self, keys: list) -> list[dict]:
-        return load_entries(self.store.level, [(mode, i) for mode, _, i in keys], self.store.config.levels,
-                            keys[0][1])
+        """Gallery entries of ``(pixel_mode, (engines, keep_float16), image id)`` keys."""
+        mode, (engines, keep16), _ = keys[0]
+        engines = dict(engines)
+        raw = load_entries(self.store.level, [(m, i) for m, _, i in keys], self.store.config.levels)
+        for name, engine in engines.items():
+            if engine == "pruned":
+                self._projection(name, mode)
+        return [{name: patch_search.prepare(engines[name], f, self.projections.get(name), keep16)
+                 for name, f in r.items()} for r in raw]
+
+    def _projection(self, name: str, mode: str) -> None:
+        """The principal directions of a level (or of concat features), fitted once on a
+        seeded sample of the corpus: up to 16 images (evenly spaced rows), 16384 vectors."""
+        if name in self.projections:
+            return
+        n = len(self.store)
+        rows = np.unique(np.linspace(0, n - 1, min(PROJECTION_IMAGES, n)).round().astype(np.int64))
+        feats = load_entries(self.store.level, [(mode, int(i)) for i in rows], self.store.config.levels)
+        sample = np.concatenate([f[name].reshape(-1, f[name].shape[-1]) for f in feats]).astype(np.float32)
+        if len(sample) > PROJECTION_VECTORS:
+            sample = sample[np.random.default_rng(0).choice(len(sample), PROJECTION_VECTORS, replace=False)]
+        grid = feats[0][name].shape[0] * feats[0][name].shape[1]
+        self.projections[name] = patch_search.Projection.fit(sample, patch_search.projection_dims(grid))

@@ -48,6 +48,8 @@ class Spade(Parameters):
         Image and pixel thresholds set by :meth:`calibrate` (stored in the corpus).
     timings_ : Counter
         Seconds spent per stage (``backbone``, ``stage1``, ``gallery_io``, ``stage2``, ``post``).
+    pruning_stats_ : dict
+        Per level: pairs covered, re-checked exactly, and the fraction skipped (``pruned``).
     """
 
     def __init__(self, *, k_image=5, k_gallery=50, kappa=1, pixel_mode="per_level", sigma=4.0, nprobe=None,
@@ -69,6 +71,7 @@ class Spade(Parameters):
         self.config_, self.options_ = make_configs(self.get_params(), weights_sha256)
         check_weights(self.weights)
         self.search_device_ = patch_search.resolve_search_device(self.options_.device)
+        patch_search.resolve_engine(self.options_.stage2, self.search_device_)
 
     # --- construction --------------------------------------------------------------------
 
@@ -139,6 +142,13 @@ class Spade(Parameters):
     def timings_(self):
         """Seconds spent per stage, accumulated over calls (see the class docstring)."""
         return self.pipeline_.timings
+
+    @property
+    def pruning_stats_(self) -> dict:
+        """Per level (or ``concat``), accumulated over calls: the (query, gallery) pairs stage 2
+        covered, those the ``pruned`` engine re-checked exactly, and the fraction it skipped."""
+        return {name: {"pairs": s.pairs, "exact": s.exact, "pruned": round(s.pruned, 6)}
+                for name, s in self.pipeline_.stats.items() if s.pairs}
 
     def _extractor(self) -> FeatureExtractor:
         if getattr(self, "extractor_", None) is None:

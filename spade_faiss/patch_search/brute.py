@@ -1,8 +1,10 @@
-"""Stage 2: exact kNN of query patches over the retrieved images' galleries (SPEC 1.1, 4).
+"""The ``faiss`` stage-2 engine: exact brute force, ``faiss.knn`` on CPU and ``faiss.knn_gpu``
+on GPU (one ``StandardGpuResources`` per thread, reused).
 
 Galleries arrive as per-image arrays; they are searched in chunks of at most ``chunk_bytes``
 so memory stays bounded for any ``k_gallery``, and per-chunk results are merged exactly (the
-``kappa`` smallest of a union are among the ``kappa`` smallest of each part).
+``kappa`` smallest of a union are among the ``kappa`` smallest of each part). An out-of-memory
+error (GPU or RAM) splits the chunk and merges exactly.
 """
 
 from __future__ import annotations

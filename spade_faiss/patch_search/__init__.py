@@ -1,0 +1,76 @@
+"""Stage 2 (SPEC 1.1, 4): for every query location, the ``kappa`` smallest squared distances to
+the locations of the retrieved images (the gallery). Engines, one contract:
+
+- ``pruned`` (``pruned.py``): exact, with lower bounds that skip most pairs and bfloat16
+  products with a rigorous error bound; the CPU default.
+- ``faiss`` (``brute.py``): exact brute force on CPU (``faiss.knn``) or GPU (``faiss.knn_gpu``).
+
+``exact.py`` computes the distances both the ``pruned`` engine and the tests trust.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import brute, pruned
+from .brute import gpu_available, iter_chunks, knn_mean, level_maps, resolve_search_device
+from .pruned import Projection, SearchStats
+
+ENGINES = ("pruned", "faiss")
+# Below this much brute-force work per query image (GFLOP), the pruned engine's fixed costs
+# (projections, screening, re-checks) exceed what it saves: ``auto`` uses faiss there.
+PRUNED_MIN_GFLOP = 8.0
+# Width of the pruned engine's bound GEMM by grid size: a large grid makes the GEMM dominate
+# (a narrow one is cheaper), a small grid makes the exact re-checks dominate (a wide bound
+# leaves fewer). Measured on layer1/2/3 of Wide-ResNet50-2 (benchmarks/README.md).
+WIDTHS = ((2048, 96), (512, 192), (0, 256))
+
+
+def resolve_engine(stage2: str, device: str) -> str:
+    """``auto`` -> ``pruned`` on the CPU (``faiss`` for small levels, see :func:`level_engine`),
+    ``faiss`` on a GPU."""
+    if stage2 == "auto":
+        return "pruned" if device == "cpu" else "faiss"
+    if stage2 == "pruned" and device != "cpu":
+        raise ValueError(f"stage2='pruned' runs on the CPU, the device is {device!r}: use stage2='faiss' or 'auto'")
+    return stage2
+
+
+def level_engine(stage2: str, device: str, grid: int, gallery_rows: int, channels: int) -> str:
+    """The engine for one level: as :func:`resolve_engine`, except that ``auto`` on the CPU
+    leaves small levels (brute force under ``PRUNED_MIN_GFLOP`` per query image) to faiss. The
+    choice depends on the configuration only, never on the batch."""
+    engine = resolve_engine(stage2, device)
+    if stage2 == "auto" and engine == "pruned" and 2 * grid * gallery_rows * channels < PRUNED_MIN_GFLOP * 1e9:
+        return "faiss"
+    return engine
+
+
+def projection_dims(grid: int) -> int:
+    """Projected dimensions of the pruned engine for a level with ``grid`` locations."""
+    return next(w for size, w in WIDTHS if grid >= size) - 7
+
+
+def prepare(engine: str, feats: np.ndarray, projection: Projection | None, keep_float16: bool = False):
+    """A gallery image's features (h, w, C) as its engine keeps them in the gallery cache."""
+    if engine == "pruned":
+        return pruned.prepare_image(projection, feats, pruned.operand_dtype())
+    return feats if keep_float16 else np.asarray(feats, dtype=np.float32)
+
+
+def search_level(engine: str, query: np.ndarray, gallery: list, kappa: int, device: str = "cpu",
+                 chunk_bytes: int = brute.DEFAULT_CHUNK_BYTES, gpu_float16: bool = False,
+                 projection: Projection | None = None, stats: SearchStats | None = None) -> np.ndarray:
+    """Mean of the ``kappa`` smallest squared distances of each query location, float32 (B, h, w).
+
+    ``query``: float32 (B, h, w, C); ``gallery``: per-image entries made by :func:`prepare`.
+    faiss searches one query image at a time, so that an image's result does not depend on
+    which images share its gallery (BLAS blocks by the number of query rows).
+    """
+    if engine == "pruned":
+        return pruned.search(query, gallery, kappa, projection, stats)[0]
+    return np.concatenate([level_maps(q[None], gallery, kappa, device, chunk_bytes, gpu_float16) for q in query])
+
+
+__all__ = ["ENGINES", "Projection", "SearchStats", "gpu_available", "iter_chunks", "knn_mean", "level_engine",
+           "level_maps", "prepare", "projection_dims", "resolve_engine", "resolve_search_device", "search_level"]

@@ -1,0 +1,355 @@
+"""The ``pruned`` stage-2 engine: the exact ``kappa`` nearest squared distances of every query
+location, with fewer and cheaper products than brute force.
+
+**Bound.** Let ``V`` hold the top ``d`` principal directions of the corpus features (orthonormal
+columns) and ``mu`` their mean. For a vector ``x`` let ``p(x) = V^T (x - mu)`` and
+``r(x) = ||(I - V V^T)(x - mu)||``, and call ``a(x) = [p(x), r(x)]`` its augmented vector
+(``d + 1`` values; ``d`` from 89 to 249 by level, see ``patch_search.WIDTHS``). For any query
+``q`` and gallery vector ``g``::
+
+    ||q - g||^2 = ||p(q) - p(g)||^2 + ||(I - V V^T)(q - g)||^2 >= ||a(q) - a(g)||^2     (1)
+
+(the second term is at least ``(r(q) - r(g))^2`` by the triangle inequality). So the distance
+in ``d + 1`` dimensions bounds the distance in ``C`` (256 to 1792) from below, and only pairs
+whose bound can still win need the full product.
+
+**Rounding, rigorously.** The augmented vectors are computed in float64 (error below
+``PROJ_EPS * ||x - mu||``) and rounded to the operand type (bfloat16 where it is the faster
+GEMM, else float32) as ``a~(x)``; ``rho(x) = ||a~(x) - a(x)|| + PROJ_EPS * ||x - mu||`` is
+computed per vector. By the triangle inequality in ``R^(d+1)``::
+
+    sqrt(||q - g||^2) >= ||a~(q) - a~(g)|| - rho(q) - rho(g)                            (2)
+
+One GEMM gives ``y`` ~ ``||a~(q) - a~(g)||^2 = ||a~(q)||^2 + ||a~(g)||^2 - 2 a~(q).a~(g)``
+(the squared norms enter as extra columns, each float32 norm split exactly into three
+bfloat16 parts; products of bfloat16 values are exact in float32). With float32 accumulation
+of ``m`` terms the accumulated value is within ``gamma * (N(q) + N(g))^2`` of that
+(``N = ||a~||``, ``gamma = m u / (1 - m u) + u``, ``u = 2^-24``), and the output rounding adds
+a relative ``2^-8`` (bfloat16) or ``2^-24``. The only assumption is that the GEMM accumulates
+in float32 or better (oneDNN's bfloat16 kernels do; the tests are adversarial about it).
+
+**Threshold.** Let ``U(q)`` be the ``kappa``-th smallest exact distance of ``q`` to some
+``kappa`` gallery vectors (an upper bound of its ``kappa``-th nearest distance). A gallery
+vector whose exact distance could be ``<= U(q)`` has, by (2) and the rounding bounds::
+
+    y <= T(q) = (1 + 2^-8) [ (sqrt(U(q) / (1 - SUM_EPS)) + rho(q) + rho_max)^2 + gamma (N(q) + N_max)^2 ]
+
+where the maxima run over the gallery. Every gallery vector with ``y > T(q)`` is skipped;
+every other one is re-checked with the exact distance of ``exact.py``; the ``kappa`` smallest
+of the re-checked ones are the answer, equal to brute force with that exact distance.
+
+**Schedule.** The bound GEMM is computed transposed (gallery x queries) in chunks and kept
+only as its minimum over each block of 16 consecutive gallery vectors (an elementwise minimum
+of contiguous rows). Each query's ``U`` is the exact distance of the vector of smallest bound
+in its best block; candidate blocks are those whose minimum passes ``T(q)`` (screened by
+super-blocks of 4 first), and within them the vectors whose recomputed bound passes. Identical
+gallery images (byte-equal features) are searched once when ``kappa == 1`` (a duplicate cannot
+change a minimum; the nearest is reported in the first of them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import numpy as np
+import torch
+
+from .exact import STEP_BYTES, SUM_EPS, pair_distances
+
+PROJ_EPS = 2.0**-19
+BLOCK = 16  # gallery columns per block: the GEMM output is kept only as minima over blocks
+SUPER = 4  # blocks per super-block, screened first
+PROBE_BLOCKS = 1  # best blocks where each query looks for its upper bound U (kappa <= 16)
+CHUNK = 4096  # gallery columns per GEMM call
+ROWS = 1024  # query rows per pass (bounds the block-minimum array: N/16 x ROWS values)
+PAD_NORM = 2.0**100  # squared norm of padding columns: they never pass a threshold
+TINY = 2.0**-100  # absolute slack for flushed subnormals
+
+
+@dataclasses.dataclass
+class Projection:
+    """Mean and top principal directions of one level's features (float64)."""
+
+    mean: np.ndarray  # (C,)
+    basis: np.ndarray  # (C, d), orthonormal columns
+
+    @classmethod
+    def fit(cls, sample: np.ndarray, dims: int) -> Projection:
+        """From a sample (n, C) of corpus vectors; any basis is exact, a good one prunes more."""
+        x = np.asarray(sample, dtype=np.float64)
+        mean = x.mean(axis=0)
+        xc = x - mean
+        _, vectors = np.linalg.eigh(xc.T @ xc)  # ascending eigenvalues
+        return cls(mean, np.ascontiguousarray(vectors[:, ::-1][:, : min(dims, x.shape[1])]))
+
+    def augment(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``a(x) = [p(x), r(x)]`` (n, d+1) float64 and ``||x - mu||`` (n,) of float32 rows."""
+        xc = np.asarray(x, dtype=np.float64) - self.mean
+        p = xc @ self.basis
+        n2 = np.einsum("ij,ij->i", xc, xc)
+        r = np.sqrt(np.maximum(n2 - np.einsum("ij,ij->i", p, p), 0.0))
+        return np.concatenate([p, r[:, None]], axis=1), np.sqrt(n2)
+
+
+@dataclasses.dataclass
+class Operands:
+    """GEMM rows of vectors (query or gallery side) and their rounding bounds."""
+
+    rows: torch.Tensor  # (n, m) in the operand dtype
+    rho: np.ndarray  # (n,) float64
+    norm: np.ndarray  # (n,) float64, ||a~||
+
+
+def make_operands(projection: Projection, x: np.ndarray, dtype: torch.dtype, query: bool) -> Operands:
+    """Query rows ``[-2 a~, n1, n2, n3, 1, 1, 1]`` or gallery rows ``[a~, 1, 1, 1, n1, n2, n3]``
+    (``n1 + n2 + n3 = fl32(||a~||^2)`` exactly), so that a row product is ``||a~(q) - a~(g)||^2``."""
+    aug, centred_norm = projection.augment(x)
+    rounded = torch.from_numpy(aug).to(dtype)
+    back = rounded.double().numpy()
+    rho = np.linalg.norm(back - aug, axis=1) + PROJ_EPS * centred_norm
+    norm = np.linalg.norm(back, axis=1)
+    parts = norm_parts(torch.from_numpy((norm * norm).astype(np.float32)), dtype)
+    ones = torch.ones(len(aug), 3, dtype=dtype)
+    rows = torch.cat([-2 * rounded, parts, ones] if query else [rounded, ones, parts], dim=1).contiguous()
+    return Operands(rows, rho, norm)
+
+
+def norm_parts(n32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(n,) float32 -> (n, 3) in ``dtype`` whose exact sum is the float32 value."""
+    if dtype == torch.float32:
+        return torch.stack([n32, torch.zeros_like(n32), torch.zeros_like(n32)], dim=1)
+    s1 = n32.to(dtype)
+    r1 = n32 - s1.float()  # exact: the low bits of n32
+    s2 = r1.to(dtype)
+    s3 = (r1 - s2.float()).to(dtype)  # at most 8 significant bits are left: exact
+    return torch.stack([s1, s2, s3], dim=1)
+
+
+@dataclasses.dataclass
+class PreparedImage:
+    """One gallery image at one level, ready for the engine (kept in the gallery cache)."""
+
+    feats: torch.Tensor  # (n, C) the exact values, as stored (float16 or float32)
+    ops: Operands
+    shape: tuple  # (h, w)
+    fingerprint: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.feats.nbytes + self.ops.rows.nbytes + self.ops.rho.nbytes + self.ops.norm.nbytes
+
+
+def prepare_image(projection: Projection, feats: np.ndarray, dtype: torch.dtype) -> PreparedImage:
+    """``feats`` (h, w, C) -> the image's operands, exact rows and fingerprint."""
+    h, w, c = feats.shape
+    flat = np.ascontiguousarray(feats.reshape(h * w, c))
+    return PreparedImage(torch.from_numpy(flat), make_operands(projection, flat, dtype, query=False), (h, w),
+                         hash(flat[:: max(1, len(flat) // 64)].tobytes()))
+
+
+@functools.lru_cache(maxsize=1)
+def operand_dtype() -> torch.dtype:
+    """bfloat16 where the CPU multiplies it natively (AVX512_BF16 or AMX: about 4x float32
+    here), else float32. The results are the same either way; only the speed differs."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((ln for ln in f if ln.startswith("flags")), "").split())
+    except OSError:
+        flags = set()
+    return torch.bfloat16 if flags & {"avx512_bf16", "amx_bf16"} else torch.float32
+
+
+@dataclasses.dataclass
+class SearchStats:
+    """Pairs the engine could have multiplied, and those it re-checked exactly."""
+
+    pairs: int = 0
+    exact: int = 0
+
+    @property
+    def pruned(self) -> float:
+        return 1.0 - self.exact / self.pairs if self.pairs else 0.0
+
+
+def search(query: np.ndarray, gallery: list[PreparedImage], kappa: int, projection: Projection,
+           stats: SearchStats | None = None):
+    """The ``kappa`` smallest exact squared distances of every query location to the gallery.
+
+    Parameters
+    ----------
+    query : float32 (B, h, w, C)
+    gallery : prepared images (the same projection), in gallery order
+    kappa : int
+
+    Returns
+    -------
+    distances : float32 (B, h, w), mean of the kappa smallest
+    nearest : int64 (B, h, w, 2), (gallery image index, flat position) of the nearest vector
+        (ties: the lowest image index, then the lowest position)
+    """
+    b, h, w, c = query.shape
+    images, images_of = _unique(gallery) if kappa == 1 else (gallery, np.arange(len(gallery)))
+    sizes = np.array([g.feats.shape[0] for g in images])
+    total = int(sizes.sum())
+    if total < kappa:
+        raise ValueError(f"kappa={kappa} needs at least {kappa} gallery vectors, got {total}")
+    q = torch.from_numpy(np.ascontiguousarray(query.reshape(b * h * w, c), dtype=np.float32))
+    dtype = images[0].ops.rows.dtype
+    ops = make_operands(projection, q.numpy(), dtype, query=True)
+    cols = _gallery_matrix(images, dtype)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    rows_of = _row_reader(images, offsets)
+    m = cols.shape[1]
+    gamma = 1.01 * m * 2.0**-24 / (1 - m * 2.0**-24) + 2.0**-24
+    out_eps = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-24
+    rho_max = max(float(g.ops.rho.max()) for g in images)
+    norm_max = max(float(g.ops.norm.max()) for g in images)
+    dist = np.empty(len(q), np.float32)
+    nearest = np.empty(len(q), np.int64)
+    for start in range(0, len(q), ROWS):
+        stop = min(len(q), start + ROWS)
+        a = ops.rows[start:stop]
+        block_min, best_block = _block_minima(a, cols)
+        upper = _probe(q, a, cols, block_min, best_block, rows_of, start, total, kappa)
+        t = (1 + out_eps) * ((np.sqrt(upper / (1 - SUM_EPS)) + ops.rho[start:stop] + rho_max) ** 2
+                             + gamma * (ops.norm[start:stop] + norm_max) ** 2) + TINY
+        t = torch.from_numpy(np.nextafter(t.astype(np.float32), np.float32(np.inf)))
+        q_idx, g_idx = _candidates(a, cols, block_min, t, total)
+        d = pair_distances(q, rows_of, q_idx + start, g_idx)
+        if stats is not None:
+            stats.pairs += (stop - start) * total
+            stats.exact += len(d) + (stop - start) * kappa
+        dist[start:stop], nearest[start:stop] = _kappa_smallest(q_idx.numpy(), g_idx.numpy(), d.numpy(),
+                                                                stop - start, kappa)
+    image = np.searchsorted(offsets, nearest, side="right") - 1
+    located = np.stack([images_of[image], nearest - offsets[image]], axis=-1)
+    return dist.reshape(b, h, w), located.reshape(b, h, w, 2)
+
+
+def _unique(gallery: list[PreparedImage]):
+    """Distinct images (byte-equal features searched once) and, per distinct image, the index
+    of its first occurrence in the gallery (the lowest image index)."""
+    kept, first_of = [], []
+    for i, g in enumerate(gallery):
+        if not any(k.fingerprint == g.fingerprint and torch.equal(k.feats, g.feats) for k in kept):
+            kept.append(g)
+            first_of.append(i)
+    return kept, np.array(first_of)
+
+
+def _gallery_matrix(images: list[PreparedImage], dtype) -> torch.Tensor:
+    """The gallery operands stacked and padded to whole super-blocks (padding never passes)."""
+    rows = [g.ops.rows for g in images]
+    total = sum(len(r) for r in rows)
+    pad = -total % (BLOCK * SUPER)
+    if pad:
+        width = rows[0].shape[1]
+        filler = torch.zeros(pad, width, dtype=dtype)
+        filler[:, width - 6:width - 3] = 1
+        filler[:, width - 3] = PAD_NORM
+        rows.append(filler)
+    return torch.cat(rows)
+
+
+def _row_reader(images: list[PreparedImage], offsets: np.ndarray):
+    """``rows_of(columns)``: the exact float32 gallery vectors of gallery columns."""
+    feats = [g.feats for g in images]
+    bounds = torch.from_numpy(offsets)
+
+    def rows_of(idx: torch.Tensor) -> torch.Tensor:
+        order = torch.argsort(idx)
+        sorted_idx = idx[order]
+        cuts = torch.searchsorted(sorted_idx, bounds).tolist()
+        out = torch.empty(len(idx), feats[0].shape[1], dtype=torch.float32)
+        for j, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
+            if hi > lo:
+                out[order[lo:hi]] = feats[j].index_select(0, sorted_idx[lo:hi] - int(offsets[j])).float()
+        return out
+    return rows_of
+
+
+def _block_minima(a: torch.Tensor, cols: torch.Tensor):
+    """Minimum of the bound over each block of ``BLOCK`` consecutive gallery columns, per query
+    ((N / BLOCK, R)), and each query's block of smallest minimum ((R,) int64). The GEMM is
+    computed transposed (gallery x queries) so that the block minimum is an elementwise one
+    over contiguous rows, as fast as a copy."""
+    n, r = cols.shape[0], a.shape[0]
+    out = torch.empty(n // BLOCK, r, dtype=a.dtype)
+    n_chunks = -(-n // CHUNK)
+    chunk_min = torch.empty(n_chunks, r, dtype=a.dtype)
+    at = a.T.contiguous()
+    for k, c0 in enumerate(range(0, n, CHUNK)):
+        c1 = min(n, c0 + CHUNK)
+        dest = out[c0 // BLOCK:c1 // BLOCK]
+        torch.amin(torch.mm(cols[c0:c1], at).view((c1 - c0) // BLOCK, BLOCK, r), dim=1, out=dest)
+        torch.amin(dest, dim=0, out=chunk_min[k])
+    # The best block lies in the best chunk: search only there.
+    best_chunk = torch.min(chunk_min, dim=0).indices
+    per_chunk = CHUNK // BLOCK
+    window = torch.arange(per_chunk)
+    cand = (best_chunk[:, None] * per_chunk + window).clamp(max=out.shape[0] - 1)  # (R, per_chunk)
+    vals = out[cand, torch.arange(r)[:, None]]
+    return out, torch.gather(cand, 1, torch.min(vals, dim=1).indices[:, None])[:, 0]
+
+
+def _bounds(a: torch.Tensor, cols: torch.Tensor, q_idx: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """The bound of query ``q_idx[i]`` against the ``BLOCK`` columns of block ``blocks[i]``,
+    recomputed from the operands by a batched product of the same kind as the GEMM (the same
+    bounds hold): (P, BLOCK) float32."""
+    out = torch.empty(len(q_idx), BLOCK)
+    flat = cols.view(-1, BLOCK * cols.shape[1])
+    step = max(64, STEP_BYTES // flat[0].nbytes)  # small temporaries: reused, not fresh pages
+    for s in range(0, len(q_idx), step):
+        g = flat.index_select(0, blocks[s:s + step]).view(-1, BLOCK, cols.shape[1])
+        out[s:s + step] = torch.bmm(g, a.index_select(0, q_idx[s:s + step])[:, :, None])[:, :, 0]
+    return out
+
+
+def _probe(q, a, cols, block_min, best_block, rows_of, start: int, total: int, kappa: int) -> np.ndarray:
+    """``U`` per query: the exact distances of the ``kappa`` columns of smallest bound in its
+    best blocks; their largest bounds the kappa-th nearest distance from above (float64)."""
+    r = a.shape[0]
+    t = min(math.ceil(kappa / BLOCK) + PROBE_BLOCKS - 1, block_min.shape[0])
+    if t == 1:
+        best = best_block[:, None]  # (R, 1)
+    else:
+        best = torch.topk(block_min, t, dim=0, largest=False).indices.T  # (R, t)
+    q_idx = torch.arange(r).repeat_interleave(t)
+    y = _bounds(a, cols, q_idx, best.reshape(-1)).view(r, t * BLOCK)
+    col = (best[:, :, None] * BLOCK + torch.arange(BLOCK)).reshape(r, -1)
+    y = y.masked_fill(col >= total, float("inf"))
+    chosen = torch.gather(col, 1, torch.topk(y, kappa, dim=1, largest=False).indices)  # (R, kappa)
+    rows = (start + torch.arange(r))[:, None].expand_as(chosen)
+    d = pair_distances(q, rows_of, rows.reshape(-1), chosen.reshape(-1)).view(r, kappa)
+    return d.double().amax(dim=1).numpy()
+
+
+def _candidates(a, cols, block_min, t, total: int):
+    """(query, gallery column) pairs whose bound passes the query's threshold: super-blocks of
+    ``SUPER`` blocks are screened first, then blocks, then each column's bound is recomputed."""
+    n_blocks, r = block_min.shape
+    grouped = block_min.view(n_blocks // SUPER, SUPER, r)
+    sb, qq = torch.nonzero(grouped.amin(dim=1) <= t, as_tuple=True)
+    p, j = torch.nonzero(grouped[sb, :, qq].float() <= t[qq][:, None], as_tuple=True)
+    blocks, qq = sb[p] * SUPER + j, qq[p]
+    y = _bounds(a, cols, qq, blocks)  # (P, BLOCK)
+    p, j = torch.nonzero(y <= t[qq][:, None], as_tuple=True)
+    col = blocks[p] * BLOCK + j
+    keep = col < total
+    return qq[p][keep], col[keep]
+
+
+def _kappa_smallest(q_local: np.ndarray, cols: np.ndarray, d: np.ndarray, n_rows: int, kappa: int):
+    """Per query row: mean of the kappa smallest distances (float64 mean, float32 result) and
+    the nearest column (ties: the lowest column)."""
+    order = np.lexsort((cols, d, q_local))
+    q_sorted = q_local[order]
+    starts = np.searchsorted(q_sorted, np.arange(n_rows))
+    counts = np.diff(np.append(starts, len(q_sorted)))
+    if (counts < kappa).any():  # cannot happen: the threshold keeps every vector within U
+        raise RuntimeError("pruned search kept fewer than kappa candidates; this is a bug")
+    take = starts[:, None] + np.arange(kappa)
+    best = d[order][take].astype(np.float64).mean(axis=1).astype(np.float32)
+    return best, cols[order][starts]
