@@ -1,28 +1,30 @@
-"""Service benchmark: requests/s and p50/p99 latency of `spade-faiss serve` on loopback at 1, 4
-and 16 concurrent clients (a real server process; requests bounded in count). Prints JSON lines.
+"""Service benchmark: `spade-faiss serve` under open-loop load (requests arrive at a fixed rate,
+not as fast as answers return) at 0.5x, 1x and 2x its measured capacity, for score-only and
+map requests: goodput (200s per second), p50/p99 latency, 503 and 504 counts. Capacity is the
+throughput of a closed loop of 16 clients. Prints JSON lines; writes only under --out.
 
-    .venv/bin/python benchmarks/bench_serve.py                       # resnet18 corpus, quick
-    .venv/bin/python benchmarks/bench_serve.py --backbone wide_resnet50_2 --requests 24
+    .venv/bin/python benchmarks/bench_serve.py --out bench-out            # default backbone, real images
+    .venv/bin/python benchmarks/bench_serve.py --out bench-out --quick    # resnet18, generated data
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit, machine, real_images  # noqa: E402
-
-from spade_faiss.detector import Spade  # noqa: E402
+from common import dataset_images, emit, machine  # noqa: E402
 
 
 def free_port() -> int:
@@ -31,69 +33,111 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def post(url: str, body: bytes) -> float:
+def post(url: str, body: bytes, timeout: float = 120) -> tuple[int, float]:
     t = time.perf_counter()
-    with urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=300) as r:
-        r.read()
-        assert r.status == 200
-    return time.perf_counter() - t
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=timeout) as r:
+            r.read()
+            code = r.status
+    except urllib.error.HTTPError as e:
+        code = e.code
+    except OSError:
+        code = 0
+    return code, time.perf_counter() - t
 
 
-def load(url: str, bodies: list[bytes], clients: int, total: int) -> dict:
-    latencies: list[float] = []
-    lock = threading.Lock()
+def closed_loop(url: str, bodies: list[bytes], clients: int, seconds: float) -> float:
+    """Answers (200) per second with ``clients`` clients sending back to back."""
+    done, stop = [], time.perf_counter() + seconds
 
     def client(i):
-        for j in range(i, total, clients):
-            lat = post(url, bodies[j % len(bodies)])
-            with lock:
-                latencies.append(lat)
-    t = time.perf_counter()
+        j = i
+        while time.perf_counter() < stop:
+            if post(url, bodies[j % len(bodies)])[0] == 200:
+                done.append(time.perf_counter())
+            j += clients
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    wall = time.perf_counter() - t
-    lat = np.array(latencies) * 1e3
-    return {"requests": len(lat), "requests_per_s": round(len(lat) / wall, 2),
-            "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1)}
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(done) / (time.perf_counter() - start)
+
+
+def open_loop(url: str, bodies: list[bytes], rate: float, seconds: float) -> dict:
+    """Requests at a fixed rate, each on its own thread; returns codes and latencies."""
+    results, threads = [], []
+    n = max(1, int(rate * seconds))
+    start = time.perf_counter()
+    for i in range(n):
+        wait = start + i / rate - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        t = threading.Thread(target=lambda i=i: results.append(post(url, bodies[i % len(bodies)])))
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    ok = sorted(s for c, s in results if c == 200)
+    codes = [c for c, _ in results]
+    return {"requests": n, "goodput_per_s": round(len(ok) / wall, 2),
+            "p50_ms": round(1e3 * float(np.percentile(ok, 50)), 1) if ok else None,
+            "p99_ms": round(1e3 * float(np.percentile(ok, 99)), 1) if ok else None,
+            "n_200": codes.count(200), "n_503": codes.count(503), "n_504": codes.count(504),
+            "n_other": sum(c not in (200, 503, 504) for c in codes)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", default="resnet18")
-    ap.add_argument("--n-train", type=int, default=30)
-    ap.add_argument("--k-gallery", type=int, default=10)
-    ap.add_argument("--requests", type=int, default=64, help="per concurrency level")
-    ap.add_argument("--clients", default="1,4,16")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--backbone", default="wide_resnet50_2")
+    ap.add_argument("--n-train", type=int, default=60)
+    ap.add_argument("--seconds", type=float, default=20.0, help="per open-loop point")
+    ap.add_argument("--timeout", type=float, default=10.0, help="the server's per-request deadline")
+    ap.add_argument("--loads", default="0.5,1,2")
+    ap.add_argument("--quick", action="store_true", help="resnet18, generated data, 5 s points")
     args = ap.parse_args()
-    emit(bench="serve", step="machine", **machine())
-    with tempfile.TemporaryDirectory() as d:
-        store = os.path.join(d, "c.h5")
-        with Spade.create(store, backbone=args.backbone, weights=None, device="cpu") as spade:
-            spade.add(real_images("train", args.n_train))
-        port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "spade_faiss", "serve", store, "--port", str(port),
-                                 "--weights", "none", "--device", args.device, "--k-gallery", str(args.k_gallery)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(600):
-                try:
-                    urllib.request.urlopen(url + "/v1/health", timeout=1).read()
-                    break
-                except OSError:
-                    time.sleep(0.2)
-            bodies = [open(p, "rb").read() for p in real_images("test", 12)]
-            post(url + "/v1/score", bodies[0])  # warm up
-            for c in map(int, args.clients.split(",")):
-                emit(bench="serve", backbone=args.backbone, k_gallery=args.k_gallery, device=args.device,
-                     clients=c, **load(url + "/v1/score", bodies, c, args.requests))
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    if args.quick:
+        args.backbone, args.n_train, args.seconds = "resnet18", 20, 5.0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train, test, source = dataset_images(out, args.n_train, 12, generated=args.quick)
+    store = out / f"serve_{args.backbone}_{source}_{args.n_train}.h5"
+    if not store.exists():
+        (out / "serve_train.txt").write_text("\n".join(train))
+        subprocess.run([sys.executable, "-m", "spade_faiss", "index", str(out / "serve_train.txt"), "--out",
+                        str(store), "--weights", "none", "--backbone", args.backbone, "--device", "cpu"],
+                       check=True, capture_output=True)
+    bodies = [Path(p).read_bytes() for p in test]
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "spade_faiss", "serve", str(store), "--port", str(port),
+                               "--device", "cpu", "--timeout", str(args.timeout)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(base + "/v1/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        info = json.load(urllib.request.urlopen(base + "/v1/info"))
+        emit(bench="serve", step="machine", backbone=args.backbone, data=source, images=info["images"],
+             service_seconds_per_image=info["service_seconds_per_image"], timeout_s=args.timeout, **machine())
+        for kind, query in (("score_only", ""), ("map", "?map=true")):
+            url = base + "/v1/score" + query
+            capacity = closed_loop(url, bodies, 16, args.seconds)
+            emit(bench="serve", step="capacity", kind=kind, answers_per_s=round(capacity, 2))
+            for load in map(float, args.loads.split(",")):
+                r = open_loop(url, bodies, load * capacity, args.seconds)
+                emit(bench="serve", step="open_loop", kind=kind, load=load, rate_per_s=round(load * capacity, 2),
+                     goodput_fraction_of_capacity=round(r["goodput_per_s"] / capacity, 3), **r)
+    finally:
+        server.terminate()
+        server.wait(60)
 
 
 if __name__ == "__main__":

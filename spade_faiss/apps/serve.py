@@ -1,9 +1,10 @@
-"""Online scoring over HTTP (``spade-faiss serve``, extra ``serve``): one warm Spade,
-micro-batched.
+"""Online scoring over HTTP (``spade-faiss serve``, extra ``serve``): one warm Spade behind a
+deadline-aware scheduler (``scheduler.py``).
 
-Concurrent requests are decoded in the server's thread pool, queued (bounded: a full queue
-answers 503 with Retry-After), and a single worker thread gathers up to ``max_batch`` of them
-for at most ``batch_window_ms`` into one backbone batch and one pass of the scorer.
+What a request asks decides what runs: ``map=false`` (default) the backbone and stage 1 only,
+``map=true`` stage 2 too, ``map=auto`` stage 2 only when the image score exceeds the calibrated
+threshold (the paper's gating); the response says which happened. A request that cannot be
+served before its deadline is answered 503 at once, with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -12,171 +13,93 @@ import asyncio
 import base64
 import hmac
 import logging
-import queue
-import threading
+import math
 import time
-from concurrent.futures import Future
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .. import images as imglib
 from ..detector import Spade
 from . import pictures
+from .scheduler import MAPS, Busy, Job, Scheduler
 
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
+DISCONNECT_POLL_S = 0.1
+MAP_WORDS = {"false": "false", "0": "false", "no": "false", "true": "true", "1": "true", "yes": "true",
+             "auto": "auto"}
 
 
 class Metrics:
-    """Prometheus counters and histograms, rendered as text."""
+    """The service's Prometheus instruments, in a registry of their own (nothing global)."""
 
     def __init__(self):
-        self.lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = {}
-        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.latency_sum = 0.0
-        self.batches = [0] * (len(BATCH_BUCKETS) + 1)
-        self.batch_sum = 0
-
-    def request(self, path: str, code: int, seconds: float):
-        with self.lock:
-            self.requests[(path, code)] = self.requests.get((path, code), 0) + 1
-            self.latency[_bucket(seconds, LATENCY_BUCKETS)] += 1
-            self.latency_sum += seconds
-
-    def batch(self, size: int):
-        with self.lock:
-            self.batches[_bucket(size, BATCH_BUCKETS)] += 1
-            self.batch_sum += size
-
-    def render(self, queue_depth: int) -> str:
-        with self.lock:
-            lines = ["# TYPE spade_requests_total counter"]
-            lines += [f'spade_requests_total{{path="{p}",code="{c}"}} {n}'
-                      for (p, c), n in sorted(self.requests.items())]
-            lines += ["# TYPE spade_errors_total counter",
-                      f"spade_errors_total {sum(n for (_, c), n in self.requests.items() if c >= 400)}"]
-            lines += _histogram("spade_request_seconds", LATENCY_BUCKETS, self.latency, self.latency_sum)
-            lines += _histogram("spade_batch_size", BATCH_BUCKETS, self.batches, self.batch_sum)
-            lines += ["# TYPE spade_queue_depth gauge", f"spade_queue_depth {queue_depth}"]
-        return "\n".join(lines) + "\n"
-
-
-def _bucket(value, bounds) -> int:
-    return next((i for i, b in enumerate(bounds) if value <= b), len(bounds))
-
-
-def _histogram(name, bounds, counts, total) -> list[str]:
-    out, cum = [f"# TYPE {name} histogram"], 0
-    for b, c in zip(list(bounds) + ["+Inf"], counts):
-        cum += c
-        out.append(f'{name}_bucket{{le="{b}"}} {cum}')
-    return out + [f"{name}_sum {total}", f"{name}_count {cum}"]
-
-
-class Batcher:
-    """The one thread that runs the model: gathers queued requests into batches."""
-
-    def __init__(self, spade: Spade, max_batch: int, window_s: float, queue_size: int, metrics: Metrics):
-        self.spade, self.max_batch, self.window_s, self.metrics = spade, max_batch, window_s, metrics
-        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self.thread = threading.Thread(target=self._run, name="spade-batcher", daemon=True)
-        self.thread.start()
-
-    def submit(self, image, want_map: bool) -> Future:
-        """Queue one decoded image; raises ``queue.Full`` when the queue is full."""
-        fut: Future = Future()
-        self.queue.put_nowait(((image, want_map), fut))
-        return fut
-
-    def _gather(self) -> list:
-        batch = [self.queue.get()]
-        deadline = time.monotonic() + self.window_s
-        while len(batch) < self.max_batch:
-            remaining = deadline - time.monotonic()
-            try:
-                batch.append(self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait())
-            except queue.Empty:
-                break
-        return batch
-
-    def _run(self):
-        while True:
-            live = [(p, f) for p, f in self._gather() if f.set_running_or_notify_cancel()]
-            if not live:
-                continue
-            self.metrics.batch(len(live))
-            try:
-                retrieved = self.spade.retrieve([image for (image, _), _ in live])
-                self.spade.segment([r for r, ((_, want), _) in zip(retrieved, live) if want])
-                for r, (_, f) in zip(retrieved, live):
-                    f.set_result(self.spade.result(r))
-            except Exception as e:  # answer every waiting request, keep serving
-                log.exception("scoring failed")
-                for _, f in live:
-                    f.set_exception(e)
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("spade_requests", "HTTP requests by path and status code", ["path", "code"], registry=r)
+        self.latency = Histogram("spade_request_seconds", "time to answer a scoring request, by lane",
+                                 ["lane"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("spade_queue_depth", "jobs waiting, by lane", ["lane"], registry=r)
+        self.batch_size = Histogram("spade_batch_size", "images per backbone batch", buckets=BATCH_BUCKETS,
+                                    registry=r)
+        self.dropped = Counter("spade_dropped", "queued work dropped before it ran (expired, abandoned)",
+                               ["reason"], registry=r)
+        self.disconnected = Counter("spade_client_disconnects", "requests whose client left before the answer",
+                                    registry=r)
+        self.rejected = Counter("spade_rejected", "requests answered 503 at once, by reason", ["reason"], registry=r)
+        self.service_seconds = Gauge("spade_service_seconds", "measured seconds per image, by lane", ["lane"],
+                                     registry=r)
 
 
 def create_app(spade: Spade, token: str | None = None, max_upload_bytes: int = 32 * 2**20,
                max_pixels: int = 50_000_000, timeout_s: float = 30.0, queue_size: int = 64,
-               max_batch: int = 8, batch_window_ms: float = 5.0):
-    """The FastAPI application serving ``spade`` (an opened Spade)."""
-    app = FastAPI(title="spade-faiss", version="1")
+               max_batch: int = 8, batch_window_ms: float = 5.0) -> FastAPI:
+    """The FastAPI application serving ``spade`` (an opened Spade); the scheduler starts with
+    the application and, at shutdown, serves what is queued before it stops."""
     metrics = Metrics()
-    batcher = Batcher(spade, max_batch, batch_window_ms / 1000, queue_size, metrics)
-    info = spade.info()
+    scheduler = Scheduler(spade, max_batch, batch_window_ms / 1000, queue_size, metrics)
     scale = pictures.colour_scale_max(spade.theta_, 2 * spade.leave_one_out_theta())
+    info = spade.info()
 
-    def error(code: int, message: str, headers=None):
-        return JSONResponse({"error": message}, status_code=code, headers=headers)
+    async def lifespan(app):
+        await run_in_threadpool(scheduler.start)
+        yield
+        await run_in_threadpool(scheduler.stop)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        start = time.perf_counter()
-        if token is not None and request.url.path != "/v1/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                response = error(401, "missing or wrong bearer token")
-                response.headers["WWW-Authenticate"] = "Bearer"
-                metrics.request(request.url.path, 401, time.perf_counter() - start)
-                return response
-        response = await call_next(request)
-        metrics.request(request.url.path, response.status_code, time.perf_counter() - start)
-        return response
+    app = FastAPI(title="spade-faiss", version="2", lifespan=lifespan)
+    app.add_middleware(Guard, token=token, metrics=metrics)
 
     @app.get("/v1/health")
     async def health():
-        return {"status": "ok", "queue_depth": batcher.queue.qsize()}
+        return {"status": "ok", "queue_depth": {lane: scheduler.depth(lane) for lane in scheduler.lanes}}
 
     @app.get("/v1/info")
     async def get_info():
-        return info
+        return {**info, "service_seconds_per_image": dict(scheduler.times), "timeout_s": timeout_s,
+                "max_batch": max_batch}
 
     @app.get("/metrics")
     async def get_metrics():
-        return PlainTextResponse(metrics.render(batcher.queue.qsize()), media_type="text/plain; version=0.0.4")
+        for lane in scheduler.lanes:
+            metrics.queue_depth.labels(lane).set(scheduler.depth(lane))
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/score")
-    async def score(request: Request, map: bool = False):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_upload_bytes:
-            return error(413, f"upload of {length} bytes exceeds {max_upload_bytes}")
-        body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > max_upload_bytes:
-                return error(413, f"upload exceeds {max_upload_bytes} bytes")
-        data, name = bytes(body), "upload"
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            data, name = await _multipart_file(request, bytes(body))
-            if data is None:
-                return error(400, "multipart request without a file field")
-        if not data:
-            return error(400, "empty request body: send the image bytes or a multipart 'file'")
+    async def score(request: Request, map: str = "false", raw: bool = False):
+        arrived = time.monotonic()
+        want = MAP_WORDS.get(map.lower())
+        if want is None:
+            return error(400, f"map={map!r}: expected one of {list(MAPS)}")
+        if want == "auto" and spade.tau_ is None:
+            return error(400, "map=auto needs an image threshold: calibrate the corpus first")
+        data, name, problem = await _read_image(request, max_upload_bytes)
+        if problem:
+            return error(*problem)
         pixels = await run_in_threadpool(imglib.header_pixels, data)
         if pixels is not None and pixels > max_pixels:
             return error(413, f"image has {pixels} pixels, more than {max_pixels}")
@@ -184,27 +107,109 @@ def create_app(spade: Spade, token: str | None = None, max_upload_bytes: int = 3
             image = await run_in_threadpool(imglib.load_bytes, data, name)
         except imglib.ImageError as e:
             return error(400, str(e))
+        job = Job(image, want, arrived + timeout_s)
         try:
-            fut = batcher.submit(image, map)
-        except queue.Full:
-            return error(503, "server busy: queue full", headers={"Retry-After": "1"})
+            scheduler.submit(job)
+        except Busy as busy:
+            metrics.rejected.labels(busy.reason).inc()
+            return error(503, f"server busy: {busy.reason}", headers={"Retry-After": str(math.ceil(busy.retry_after))})
+        outcome = await _wait(request, job, scheduler)
+        lane = "map" if want != "false" else "score"
+        metrics.latency.labels(lane).observe(time.monotonic() - arrived)
+        if outcome == "disconnected":
+            metrics.disconnected.inc()
+            return Response(status_code=499)
+        if outcome == "late":
+            metrics.rejected.labels("deadline passed").inc()
+            return error(503, "not served within the deadline", headers={"Retry-After": "1"})
         try:
-            r = await asyncio.wait_for(asyncio.wrap_future(fut), timeout_s)
-        except TimeoutError:
-            fut.cancel()
-            return error(504, f"scoring took longer than {timeout_s} s")
+            result, map_status = job.future.result()
         except Exception as e:
             return error(500, f"scoring failed: {type(e).__name__}")
-        out = {"score": r.score, "neighbours": r.neighbour_paths}
-        if r.is_anomalous is not None:
-            out["is_anomalous"] = r.is_anomalous
-        if r.map is not None:
-            out["map_max"] = r.map_max
-            out["map_png"] = base64.b64encode(pictures.map_png(r.map, scale)).decode()
+        out = {"score": result.score, "neighbours": result.neighbour_paths, "map": map_status}
+        if result.is_anomalous is not None:
+            out["is_anomalous"] = result.is_anomalous
+        if result.map is not None:
+            out["map_max"] = result.map_max
+            out["map_png"] = base64.b64encode(pictures.map_png(result.map, scale)).decode()
+            if raw:  # the map itself: float32, little-endian, crop x crop, row-major
+                out["map_shape"] = list(result.map.shape)
+                out["map_f32"] = base64.b64encode(result.map.astype("<f4").tobytes()).decode()
         return out
 
-    app.state.batcher = batcher
+    app.state.scheduler = scheduler
+    app.state.metrics = metrics
     return app
+
+
+def error(code: int, message: str, headers=None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=code, headers=headers)
+
+
+class Guard:
+    """Bearer-token check (every path but ``/v1/health``) and request counting, as plain ASGI
+    middleware (it leaves the client's disconnect visible to the handlers)."""
+
+    def __init__(self, app, token: str | None, metrics: Metrics):
+        self.app, self.token, self.metrics = app, token, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if self.token is not None and path != "/v1/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {self.token}".encode()):
+                response = error(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+                self.metrics.requests.labels(path, 401).inc()
+                return await response(scope, receive, send)
+        status = {}
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+        await self.app(scope, receive, send_and_note)
+        self.metrics.requests.labels(path, status.get("code", 499)).inc()
+
+
+async def _read_image(request: Request, max_upload_bytes: int):
+    """(bytes, name, None) of the upload (raw body or multipart field ``file``), or
+    (None, None, (status, message))."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_upload_bytes:
+        return None, None, (413, f"upload of {length} bytes exceeds {max_upload_bytes}")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > max_upload_bytes:
+            return None, None, (413, f"upload exceeds {max_upload_bytes} bytes")
+    data, name = bytes(body), "upload"
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        data, name = await _multipart_file(request, data)
+        if data is None:
+            return None, None, (400, "multipart request without a file field")
+    if not data:
+        return None, None, (400, "empty request body: send the image bytes or a multipart 'file'")
+    return data, name, None
+
+
+async def _wait(request: Request, job: Job, scheduler: Scheduler) -> str:
+    """``done``, ``disconnected`` or ``late`` (its deadline passed before the worker took it;
+    admission makes this rare). Either way but ``done`` the job is abandoned: no more work."""
+    future = asyncio.wrap_future(job.future)
+    while True:
+        done, _ = await asyncio.wait({future}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return "done"
+        if await request.is_disconnected():
+            job.abandoned = True
+            return "disconnected"
+        if time.monotonic() > job.deadline:
+            if not job.started:
+                job.abandoned = True
+                return "late"
+            scheduler.settle_late(job)
 
 
 async def _multipart_file(request, body: bytes):
@@ -220,8 +225,20 @@ async def _multipart_file(request, body: bytes):
 
 
 def run(spade: Spade, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
-    """Serve until interrupted."""
+    """Serve until SIGINT/SIGTERM: then stop accepting, answer what is queued, return (after
+    SIGTERM normally, so that the process exits 0; SIGINT still interrupts)."""
+    import signal
+
     import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises a caught signal after its graceful shutdown (exit status -15);
+            # a service that drained its queue on SIGTERM has ended normally.
+            if sig == signal.SIGTERM and sig in getattr(self, "_captured_signals", []):
+                self._captured_signals.remove(sig)
+
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: reachable from other machines; use --token-file", host)
-    uvicorn.run(create_app(spade, **options), host=host, port=port, log_level="warning")
+    Server(uvicorn.Config(create_app(spade, **options), host=host, port=port, log_level="warning")).run()
