@@ -2,8 +2,8 @@
 size, and peak RSS vs corpus size. Each configuration runs in a fresh subprocess so its peak
 RSS is its own. Prints JSON lines.
 
-    .venv/bin/python benchmarks/bench_index.py                       # defaults below
-    .venv/bin/python benchmarks/bench_index.py --throughput-n 24 --rss-ns 200
+    .venv/bin/python benchmarks/bench_index.py --out bench-out       # defaults below
+    .venv/bin/python benchmarks/bench_index.py --quick               # resnet18, generated images
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit, machine, peak_rss_mb, real_images  # noqa: E402
+from common import dataset_images, emit, machine, peak_rss_mb  # noqa: E402
 
 
 def bare_forward(backbone: str, batch: int, n: int) -> dict:
@@ -46,7 +46,7 @@ def index_run(backbone: str, batch: int, paths: list[str]) -> dict:
             t = time.perf_counter()
             report = spade.add(paths)
             wall = time.perf_counter() - t
-            size = spade.store_.nbytes_on_disk()
+            size = spade.info()["bytes"]
     return {"images": report.added, "images_per_s": round(report.added / wall, 3), "seconds": round(wall, 1),
             "bytes_per_image": int(size / max(1, report.added)), "peak_rss_mb": round(peak_rss_mb())}
 
@@ -67,8 +67,8 @@ def child(args) -> None:
     if spec["what"] == "bare":
         print(json.dumps(bare_forward(spec["backbone"], spec["batch"], spec["n"])))
     else:
-        paths = real_images("train", spec["n"]) if spec["source"] == "real" else \
-            synthetic_paths(spec["n"], spec["folder"])
+        paths = dataset_images(Path(spec["folder"]), spec["n"], 2, spec["source"] == "generated")[0] \
+            if spec["source"] != "synthetic" else synthetic_paths(spec["n"], spec["folder"])
         print(json.dumps(index_run(spec["backbone"], spec["batch"], paths)))
 
 
@@ -85,14 +85,19 @@ def main() -> None:
     ap.add_argument("--throughput-n", type=int, default=48, help="real images for the throughput ratio")
     ap.add_argument("--rss-backbone", default="resnet18", help="backbone for the memory-vs-size runs")
     ap.add_argument("--rss-ns", default="200,2000")
+    ap.add_argument("--out", default="bench-out", help="folder for generated images (created)")
+    ap.add_argument("--quick", action="store_true", help="resnet18, 16 generated images, memory at 50")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
+    if args.quick:
+        args.backbone, args.throughput_n, args.rss_ns = "resnet18", 16, "50"
+    os.makedirs(args.out, exist_ok=True)
     emit(bench="index", step="machine", **machine())
     bare = run_child({"what": "bare", "backbone": args.backbone, "batch": args.batch, "n": args.throughput_n})
-    full = run_child({"what": "index", "source": "real", "backbone": args.backbone, "batch": args.batch,
-                      "n": args.throughput_n})
+    full = run_child({"what": "index", "source": "generated" if args.quick else "real", "backbone": args.backbone,
+                      "batch": args.batch, "n": args.throughput_n, "folder": args.out})
     emit(bench="index", step="throughput", backbone=args.backbone, batch=args.batch, bare_forward=bare, index=full,
          ratio_to_bare=round(full["images_per_s"] / bare["images_per_s"], 3))
     with tempfile.TemporaryDirectory() as folder:

@@ -1,10 +1,12 @@
 """Patch-search (stage 2) benchmark on synthetic features of the default shapes: time per query
-image vs K, pixel mode and thread count, compared in the same run with (a) one sgemm of the same
-FLOP count (the hardware limit) and (b) a plain torch ``cdist`` implementation of the same math.
-GPU rows when faiss-gpu sees a GPU. Prints JSON lines.
+image of the faiss engine vs K, pixel mode and thread count, compared in the same run with (a)
+one sgemm of the same FLOP count (the hardware limit) and (b) a plain torch ``cdist``
+implementation of the same math. GPU rows when faiss-gpu sees a GPU. Random features have no
+structure for the pruned engine's bounds to use: its numbers on real features are in
+bench_score.py. Prints JSON lines.
 
     .venv/bin/python benchmarks/bench_patch_search.py
-    .venv/bin/python benchmarks/bench_patch_search.py --ks 5 --modes per_level --threads 2   # quick
+    .venv/bin/python benchmarks/bench_patch_search.py --quick          # K=5, per_level, all cores
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import emit, machine  # noqa: E402
 
 from spade_faiss import patch_search  # noqa: E402
+from spade_faiss.resample import concat_levels  # noqa: E402
 
 SHAPES = {"layer1": (56, 56, 256), "layer2": (28, 28, 512), "layer3": (14, 14, 1024)}
 
@@ -31,8 +34,8 @@ def features(rng, k: int, mode: str):
     q = {lv: rng.random((1, *s), dtype=np.float32) for lv, s in SHAPES.items()}
     g = {lv: [rng.random(s, dtype=np.float32) for _ in range(k)] for lv, s in SHAPES.items()}
     if mode == "concat":
-        q = {"concat": patch_search.concat_levels(list(q.values()))}
-        g = {"concat": [patch_search.concat_levels([g[lv][i][None] for lv in SHAPES])[0] for i in range(k)]}
+        q = {"concat": concat_levels(list(q.values()))}
+        g = {"concat": [concat_levels([g[lv][i][None] for lv in SHAPES])[0] for i in range(k)]}
     return q, g
 
 
@@ -84,7 +87,11 @@ def main() -> None:
     ap.add_argument("--threads", default=f"1,{os.cpu_count()}")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--cdist-max-k", type=int, default=10, help="the torch baseline is slow: only K up to this")
+    ap.add_argument("--out", default="bench-out", help="unused: this benchmark writes nothing")
+    ap.add_argument("--quick", action="store_true", help="K=5, per_level, all cores, one repeat")
     args = ap.parse_args()
+    if args.quick:
+        args.ks, args.modes, args.threads, args.repeat = "5", "per_level", str(os.cpu_count()), 1
     emit(bench="patch_search", step="machine", **machine())
     rng = np.random.default_rng(0)
     devices = ["cpu"] + (["cuda"] if patch_search.gpu_available() else [])

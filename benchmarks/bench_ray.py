@@ -1,7 +1,8 @@
 """Ray benchmark: indexing and scoring throughput, one process vs a local Ray cluster (same
 machine, same images). Prints JSON lines.
 
-    .venv/bin/python benchmarks/bench_ray.py                          # resnet18, 60 + 24 images
+    .venv/bin/python benchmarks/bench_ray.py --out bench-out          # resnet18, 60 + 24 images
+    .venv/bin/python benchmarks/bench_ray.py --quick                  # generated, 12 + 4 images
     .venv/bin/python benchmarks/bench_ray.py --backbone wide_resnet50_2 --n-train 32 --n-test 8
 """
 
@@ -15,7 +16,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit, machine, real_images  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from common import dataset_images, emit, machine  # noqa: E402
 
 
 def timed(cmd: list[str]) -> float:
@@ -31,19 +34,25 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=24)
     ap.add_argument("--ray-workers", type=int, default=2)
     ap.add_argument("--k-gallery", type=int, default=10)
+    ap.add_argument("--out", default="bench-out", help="folder for generated images (created)")
+    ap.add_argument("--quick", action="store_true", help="generated data, 12 + 4 images")
     args = ap.parse_args()
+    if args.quick:
+        args.n_train, args.n_test = 12, 4
+    os.makedirs(args.out, exist_ok=True)
+    train_paths, test_paths, _ = dataset_images(Path(args.out), args.n_train, args.n_test, generated=args.quick)
     emit(bench="ray", step="machine", **machine())
     cli = [sys.executable, "-m", "spade_faiss"]
     feat = ["--backbone", args.backbone, "--weights", "none", "--device", "cpu"]
     with tempfile.TemporaryDirectory() as d:
         train, test = os.path.join(d, "train.txt"), os.path.join(d, "test.txt")
-        open(train, "w").write("\n".join(real_images("train", args.n_train)))
-        open(test, "w").write("\n".join(real_images("test", args.n_test)))
+        open(train, "w").write("\n".join(train_paths))
+        open(test, "w").write("\n".join(test_paths))
         ray = ["--engine", "ray", "--ray-workers", str(args.ray_workers)]
         for engine, extra in [("local", []), ("ray", ray)]:
             store = os.path.join(d, f"{engine}.h5")
             t_index = timed(cli + ["index", train, "--out", store, *feat, *extra])
-            t_score = timed(cli + ["score", store, test, "--out", os.path.join(d, f"run-{engine}"), *feat,
+            t_score = timed(cli + ["score", store, test, "--out", os.path.join(d, f"run-{engine}"), "--device", "cpu",
                                    "--k-gallery", str(args.k_gallery), "--no-overlays", *extra])
             emit(bench="ray", engine=engine, backbone=args.backbone, workers=args.ray_workers if extra else 1,
                  index_images=args.n_train, index_s=round(t_index, 1),

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import ROOT, emit, machine, peak_rss_mb  # noqa: E402
+from common import emit, machine, peak_rss_mb  # noqa: E402
 
 from spade_faiss import patch_search  # noqa: E402
 from spade_faiss.config import SpadeConfig  # noqa: E402
@@ -65,14 +65,15 @@ def query(path: str, k: int, nq: int) -> dict:
             out["stage1_ivf_ms"] = round((time.perf_counter() - t) / nq * 1e3, 3)
             out["ivf_recall"] = round(float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ivf_ids, ids)])), 4)
 
-        def load(rows):
+        def load(keys):
+            rows = np.array(keys, dtype=np.int64)
             return [{lv: a.astype(np.float32) for lv, a in zip(SHAPES, per)}
                     for per in zip(*(store.level(lv, rows) for lv in SHAPES))]
         cache = GalleryCache(load, 1 << 30)
         io = s2 = 0.0
         for i in range(nq):
             t = time.perf_counter()
-            gal = cache.get(ids[i])
+            gal = cache.get([int(j) for j in ids[i]])
             io += time.perf_counter() - t
             q = {lv: rng.random((1, *sh), dtype=np.float32) for lv, sh in SHAPES.items()}
             t = time.perf_counter()
@@ -111,9 +112,12 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--queries", type=int, default=20)
     ap.add_argument("--dir", default=None, help="where the synthetic corpora go (default: a temp dir)")
-    ap.add_argument("--plot", default=str(ROOT / "benchmarks" / "scaling.png"))
+    ap.add_argument("--out", default="bench-out", help="folder of the plot (created)")
+    ap.add_argument("--quick", action="store_true", help="100 and 1000 images, 5 queries")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.quick:
+        args.sizes, args.queries = "100,1000", 5
     if args.child:
         print(json.dumps(query(args.child[0], int(args.child[1]), int(args.child[2]))))
         return
@@ -132,8 +136,8 @@ def main() -> None:
             emit(bench="scaling", k_gallery=args.k, **row)
             rows.append(row)
             os.remove(path)
-    if args.plot:
-        plot(rows, args.plot)
+    os.makedirs(args.out, exist_ok=True)
+    plot(rows, os.path.join(args.out, "scaling.png"))
 
 
 if __name__ == "__main__":

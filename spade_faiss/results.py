@@ -36,6 +36,13 @@ class ScoredImage:
         The decoded input (original pixels), for pictures.
     error : str or None
         Why the input could not be scored.
+    correspondences : dict or None
+        When asked for: per level (or ``concat``), int32 (h, w, 3) with, for each location, the
+        store row (image id) of its nearest gallery vector and that vector's (row, col) at the
+        level's grid. Ties go to the lowest image id, then the lowest position.
+    level_scores : dict or None
+        With correspondences: per level, float32 (h, w), the mean of the ``kappa`` smallest
+        distances at that level (for ``kappa=1``, the distance to the correspondence).
     """
 
     path: str
@@ -48,6 +55,8 @@ class ScoredImage:
     neighbour_paths: list = dataclasses.field(default_factory=list)
     image: LoadedImage | None = None
     error: str | None = None
+    correspondences: dict | None = None
+    level_scores: dict | None = None
 
     @property
     def map_max(self) -> float | None:
@@ -64,6 +73,8 @@ class Retrieved:
     neighbour_ids: np.ndarray
     neighbour_distances: np.ndarray
     map: np.ndarray | None = None
+    correspondences: dict | None = None
+    level_scores: dict | None = None
 
 
 @dataclasses.dataclass
@@ -82,6 +93,7 @@ class SpadeResult:
     segmented : bool (Q,), which images have a map
     is_anomalous : bool (Q,) or None when the detector is not calibrated
     errors : list of (path, reason) for inputs that could not be scored
+    correspondences : list (Q,) of per-level dicts (see :class:`ScoredImage`) or None
     """
 
     paths: list
@@ -93,6 +105,7 @@ class SpadeResult:
     segmented: np.ndarray
     is_anomalous: np.ndarray | None = None
     errors: list = dataclasses.field(default_factory=list)
+    correspondences: list | None = None
 
     @classmethod
     def collect(cls, results: list[ScoredImage], k_gallery: int, crop: int) -> SpadeResult:
@@ -111,7 +124,8 @@ class SpadeResult:
                    np.array([r.neighbour_ids for r in ok], np.int64).reshape(-1, k_gallery),
                    np.array([r.neighbour_distances for r in ok], np.float32).reshape(-1, k_gallery),
                    [r.image.size for r in ok], segmented,
-                   None if not ok or verdicts[0] is None else np.array(verdicts, dtype=bool), errors)
+                   None if not ok or verdicts[0] is None else np.array(verdicts, dtype=bool), errors,
+                   [r.correspondences for r in ok] if any(r.correspondences for r in ok) else None)
 
 
 @dataclasses.dataclass

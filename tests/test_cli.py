@@ -146,3 +146,29 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path, dataset, corpus, capsys
     lines = [ln for ln in err.splitlines() if ln.startswith("spade-faiss: error:")]
     assert code == cli.EXIT_ERROR and len(lines) == 1 and f"'{extra}' extra" in lines[0], err
     assert "Traceback" not in err
+
+
+def test_correspondences_in_the_run_and_explain(tmp_path, dataset, corpus, capsys):
+    from spade_faiss.detector import Spade
+    out = tmp_path / "run"
+    code, _, _ = run(capsys, "score", corpus, dataset, "--out", out, *RUN, "--k-gallery", "4", "--correspondences")
+    assert code == 0
+    rows = read_rows(out / "scores.csv")
+    with Spade.open(corpus, k_gallery=4, k_image=4) as spade:
+        want = list(spade.iter_score([r["image_path"] for r in rows], correspondences=True))
+    with h5py.File(out / "maps.h5") as h:
+        assert sorted(h["correspondences"]) == ["layer1", "layer2", "layer3"]
+        for lv in ("layer1", "layer2", "layer3"):
+            got = h["correspondences"][lv][:]
+            assert got.dtype == np.int32 and got.shape[-1] == 3
+            np.testing.assert_array_equal(got, np.stack([r.correspondences[lv] for r in want]))
+            np.testing.assert_array_equal(h["level_scores"][lv][:], np.stack([r.level_scores[lv] for r in want]))
+    sheets = sorted((out / "explain").rglob("*.png"))
+    assert len(sheets) == 5 and {p.parent.name for p in sheets} <= {"good", "defect"}
+    assert "Why: nearest normal patches" in (out / "report.html").read_text()
+    image = rows[0]["image_path"]
+    code, stdout, _ = run(capsys, "explain", corpus, image, "--out", tmp_path / "why.png", *RUN, "--k-gallery", "4")
+    answer = json.loads(stdout)
+    assert code == 0 and (tmp_path / "why.png").stat().st_size > 5000
+    assert set(answer["points"]) == {"most anomalous", "most normal"}
+    assert all(v["image"].startswith(str(dataset)) for v in answer["points"]["most normal"]["nearest"].values())

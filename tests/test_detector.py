@@ -197,3 +197,52 @@ def test_an_image_scores_bitwise_the_same_alone_and_in_any_batch(fitted, dataset
             assert together.image_scores[i] == alone[p].image_scores[0], (batch_size, p)
             np.testing.assert_array_equal(together.neighbour_ids[i], alone[p].neighbour_ids[0])
             np.testing.assert_array_equal(together.maps[i], alone[p].maps[0])
+
+
+def correspondence_oracle(spade, path, ids, levels, radius=None):
+    """For each level and location, the nearest stored vector by the exact distance (ties: lowest
+    image id, then lowest position), among the retrieved images (within the window)."""
+    from spade_faiss.patch_search import exact
+    feats = spade.load_backbone().extractor_(images.preprocess(images.load_image(path).rgb, spade.resize,
+                                                                spade.crop)[None])
+    out = {}
+    for lv in levels:
+        q = feats[lv][0]
+        h, w, c = q.shape
+        rows = np.sort(ids)
+        gal = spade.store_.level(lv, rows).astype(np.float32).reshape(len(rows), h * w, c)
+        found = np.empty((h, w, 3), np.int32)
+        for y in range(h):
+            for x in range(w):
+                d = exact.squared_distances(torch.from_numpy(q[y, x])[None, None],
+                                            torch.from_numpy(gal)).numpy()  # (K, hw)
+                if radius is not None:
+                    yy, xx = np.divmod(np.arange(h * w), w)
+                    d[:, (np.abs(yy - y) > radius) | (np.abs(xx - x) > radius)] = np.inf
+                k, pos = np.unravel_index(np.lexsort((np.arange(d.size), d.ravel()))[0], d.shape)
+                found[y, x] = (rows[k], pos // w, pos % w)
+        out[lv] = found
+    return out
+
+
+@pytest.mark.parametrize("search", ["exact", "window"])
+def test_correspondences_are_the_brute_force_argmin_with_ties_to_the_lowest_image(dataset, tmp_path, search):
+    # Two corpus files with the same pixels (other bytes): identical features, exact ties.
+    train = [s.path for s in datasets.discover(dataset)][:6]
+    rgb = images.load_image(train[2]).rgb
+    import cv2
+    twin = str(tmp_path / "twin.png")
+    cv2.imwrite(twin, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 0])
+    params = dict(SMALL, dtype="float32", k_gallery=4, k_image=2, search=search, radius=1)
+    spade = Spade(**params).fit(train + [twin])
+    queries = [s.path for s in datasets.discover(dataset, "test")][:2] + [train[2]]
+    r = spade.score(queries, correspondences=True)
+    for i, path in enumerate(queries):
+        want = correspondence_oracle(spade, path, r.neighbour_ids[i], spade.config_.levels,
+                                     1 if search == "window" else None)
+        for lv in spade.config_.levels:
+            np.testing.assert_array_equal(r.correspondences[i][lv], want[lv], err_msg=f"{path} {lv}")
+    own = r.correspondences[2]["layer1"]  # the indexed image: each location matches itself, the lower twin
+    h, w = own.shape[:2]
+    assert (own[..., 0] == 2).all() and (own[..., 1] == np.arange(h)[:, None]).all()
+    assert (own[..., 2] == np.arange(w)[None, :]).all()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from spade_faiss import patch_search
-from spade_faiss.patch_search import brute, exact, pruned
+from spade_faiss.patch_search import brute, exact, pruned, window
 from spade_faiss.resample import concat_levels
 
 
@@ -225,10 +225,67 @@ def test_exact_distances_do_not_depend_on_the_batch(rng):
 
 
 def test_engine_choice_depends_on_the_configuration_only():
-    assert patch_search.level_engine("auto", "cpu", 3136, 50 * 3136, 256) == "pruned"   # 252 GFLOP
-    assert patch_search.level_engine("auto", "cpu", 196, 5 * 196, 1024) == "faiss"     # 0.4 GFLOP
-    assert patch_search.level_engine("pruned", "cpu", 196, 5 * 196, 1024) == "pruned"  # asked for
-    assert patch_search.level_engine("faiss", "cpu", 3136, 50 * 3136, 256) == "faiss"
+    layer1, layer3 = (56, 56, 256), (14, 14, 1024)
+    assert patch_search.level_engine("auto", "cpu", layer1, 50) == "pruned"   # 252 GFLOP of brute force
+    assert patch_search.level_engine("auto", "cpu", layer3, 5) == "faiss"     # 0.4 GFLOP
+    assert patch_search.level_engine("pruned", "cpu", layer3, 5) == "pruned"  # asked for
+    assert patch_search.level_engine("faiss", "cpu", layer1, 50) == "faiss"
+    assert patch_search.level_engine("auto", "cpu", layer3, 5, correspondences=True) == "pruned"
+    assert patch_search.level_engine("auto", "cuda", layer3, 5, correspondences=True) == "pruned"
+    assert patch_search.level_engine("auto", "cpu", layer1, 50, "window", 3) == "window"
+    assert patch_search.level_engine("auto", "cpu", layer1, 50, "window", 55) == "pruned"  # covers the grid
     assert patch_search.resolve_engine("auto", "cuda") == "faiss"
     with pytest.raises(ValueError, match="stage2='pruned' runs on the CPU"):
         patch_search.resolve_engine("pruned", "cuda:0")
+
+
+# --- the window engine: exact within its window ---------------------------------------------
+
+def window_oracle(query, gallery, kappa, radius):
+    """Brute force over each location's window, with the exact distance (ties: lowest image,
+    then lowest position)."""
+    b, h, w, c = query.shape
+    dist = np.empty((b, h, w), np.float32)
+    nearest = np.empty((b, h, w, 2), np.int64)
+    for i in range(b):
+        for y in range(h):
+            for x in range(w):
+                cands = [(k, yy * w + xx) for k in range(len(gallery)) for yy in range(max(0, y - radius),
+                         min(h, y + radius + 1)) for xx in range(max(0, x - radius), min(w, x + radius + 1))]
+                g = torch.from_numpy(np.stack([gallery[k].reshape(-1, c)[p] for k, p in cands]).astype(np.float32))
+                d = exact.squared_distances(torch.from_numpy(query[i, y, x])[None], g).numpy()
+                order = np.lexsort((np.array([k * h * w + p for k, p in cands]), d))[:kappa]
+                dist[i, y, x] = d[order].astype(np.float64).mean()
+                nearest[i, y, x] = cands[order[0]]
+    return dist, nearest
+
+
+@pytest.mark.parametrize("kappa", [1, 3])
+@pytest.mark.parametrize("radius", [0, 1, 2, 6])
+def test_window_equals_a_brute_force_window_oracle(kappa, radius):
+    rng = np.random.default_rng(radius + 10 * kappa)
+    h, w, c = 5, 6, 12
+    gallery = [rng.standard_normal((h, w, c)).astype(np.float32) for _ in range(3)]
+    gallery[2][1, 1] = gallery[0][1, 1]             # a tie between images
+    gallery[1] = gallery[1].astype(np.float16)      # stored float16: its exact values
+    query = rng.standard_normal((2, h, w, c)).astype(np.float32)
+    query[0, 1, 1] = gallery[0][1, 1]               # distance 0, tied between images 0 and 2
+    dist, nearest = window.search(query, gallery, kappa, radius)
+    want, want_nearest = window_oracle(query, [g.astype(np.float32) for g in gallery], kappa, radius)
+    np.testing.assert_array_equal(dist, want)
+    np.testing.assert_array_equal(nearest, want_nearest)
+    assert tuple(nearest[0, 1, 1]) == (0, 1 * w + 1) and dist[0, 1, 1] == (0 if kappa == 1 else dist[0, 1, 1])
+
+
+def test_window_covering_the_grid_is_the_exact_search():
+    rng = np.random.default_rng(5)
+    gallery = [rng.standard_normal((4, 4, 8)).astype(np.float32) for _ in range(2)]
+    query = rng.standard_normal((1, 4, 4, 8)).astype(np.float32)
+    dist, nearest = window.search(query, gallery, 2, radius=3)
+    want, want_nearest, _ = brute_with_exact(query, gallery, 2)
+    np.testing.assert_array_equal(dist, want)
+    np.testing.assert_array_equal(nearest, want_nearest)
+    with pytest.raises(ValueError, match="kappa=5 needs at least 5 gallery vectors in every window"):
+        window.search(query, gallery, 5, radius=0)
+    with pytest.raises(ValueError, match="gallery grids equal"):
+        window.search(query, [np.zeros((3, 4, 8), np.float32)], 1, radius=0)

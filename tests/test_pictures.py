@@ -30,11 +30,12 @@ def test_overlay_colours_only_the_seen_region_and_adds_bar_and_caption():
     amap[10:30, 15:45] = 0.0
     amap[18:22, 28:32] = 5.0                          # above theta: a contour
     out = pictures.overlay(rgb, amap, hi=2.0, theta=1.0, caption=["crack/x.png", "score 3.2 ANOMALOUS"])
-    band = out.shape[0] - 40
-    assert band > 0 and out.shape[1] == 60 + pictures.BAR_WIDTH
-    body = out[band:, :60]
+    f = 8  # 40 px is small: enlarged 8x to reach 320 px, so the caption stays readable
+    band = out.shape[0] - 40 * f
+    assert band > 0 and out.shape[1] == 60 * f + pictures.BAR_WIDTH
+    body = out[band:, : 60 * f]
     assert np.array_equal(body[0, 0], [100, 100, 100])          # outside the crop: untouched
-    assert not np.array_equal(body[12, 17], [100, 100, 100])     # inside: coloured
+    assert not np.array_equal(body[12 * f, 17 * f], [100, 100, 100])   # inside: coloured
     assert (body == 255).all(axis=2).any()                       # the white contour
     assert (out[:band] < 128).any()                              # caption text drawn
 

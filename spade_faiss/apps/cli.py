@@ -91,7 +91,11 @@ def _scoring_args(p):
     g.add_argument("--nprobe", type=int, help="IVF probes (default: the index's tuned value)")
     g.add_argument("--stage2", default="auto", choices=["auto", "pruned", "faiss"],
                    help="exact stage-2 engine: pruned (bounds, CPU), faiss (brute force, CPU/GPU); "
-                        "auto: pruned on CPU, faiss on GPU")
+                        "auto: pruned on CPU (faiss for small levels), faiss on GPU")
+    g.add_argument("--search", default="exact", choices=["exact", "window"],
+                   help="window: compare each location only with gallery locations within --radius cells of "
+                        "its position (faster, an approximation; see benchmarks/README.md)")
+    g.add_argument("--radius", type=int, default=1, help="window half-size in cells of each level's grid")
 
 
 def _engine_args(p):
@@ -147,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--theta", type=float, help="pixel threshold (default: the corpus's calibrated one)")
     p.add_argument("--no-overlays", action="store_true", help="do not write overlays/*.png")
     p.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
+    p.add_argument("--correspondences", action="store_true",
+                   help="also store each location's nearest normal patch per level in maps.h5, and explain the "
+                        "5 highest-scoring images in explain/")
     p.add_argument("--restart", action="store_true", help="delete the results already in --out first")
     p.add_argument("--shard-index", type=int, default=0, help="score every --num-shards-th image from this one")
     p.add_argument("--num-shards", type=int, default=1, help="shards run by any scheduler into one run directory")
@@ -158,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (corpora are built or reused there)")
     p.add_argument("--fpr", type=float, default=0.01, help="false-positive rate of the calibrated thresholds")
     p.add_argument("--no-overlays", action="store_true", help="do not write per-image overlays")
+
+    p = command("explain", "why an image is anomalous: its most anomalous and most normal points beside their "
+                           "nearest normal patches (PNG)", _model_args, _scoring_args, _run_args)
+    p.add_argument("store", help="corpus file")
+    p.add_argument("image", help="the image to explain")
+    p.add_argument("--out", required=True, help="PNG file to write")
 
     p = command("report", "write RUN_DIR/report.html: one self-contained page (no server, no network)")
     p.add_argument("run", help="run directory written by `score`")

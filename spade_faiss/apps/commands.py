@@ -17,9 +17,9 @@ from .progress import Progress
 EXIT_ERROR = 1
 EXIT_PARTIAL = 3
 # Argument names that are Spade parameters; None means "not given" except for the weights.
-SPADE_ARGS = ("k_gallery", "k_image", "kappa", "pixel_mode", "sigma", "nprobe", "stage2", "backbone", "weights",
-              "seed", "resize", "crop", "dtype", "device", "batch_size", "workers", "index", "nlist", "encoding",
-              "target_recall")
+SPADE_ARGS = ("k_gallery", "k_image", "kappa", "pixel_mode", "sigma", "nprobe", "stage2", "search", "radius",
+              "backbone", "weights", "seed", "resize", "crop", "dtype", "device", "batch_size", "workers", "index",
+              "nlist", "encoding", "target_recall")
 
 
 def spade_params(args) -> dict:
@@ -133,6 +133,7 @@ def run_manifest(spade: Spade, args) -> dict:
 
 def cmd_score(args) -> int:
     from . import pictures
+    from .explain import TopExplained
     from .runs import RunWriter, open_run, record_invocation
 
     if not 0 <= args.shard_index < args.num_shards:
@@ -154,19 +155,21 @@ def cmd_score(args) -> int:
         writer = RunWriter(args.out, spade.crop, spade.resize, args.shard_index, args.num_shards,
                            colour_max=scale, theta=spade.theta_)
         todo = [s for s in samples if not writer.is_done(s.path)]
-        errors, start = [], time.perf_counter()
+        errors, start, top = [], time.perf_counter(), TopExplained()
         with Progress(len(samples), "scoring", done=len(samples) - len(todo)) as bar:
             if args.engine == "ray":
                 from .distributed import score_ray
                 results = score_ray(args.store, todo, spade.get_params(), maps, args.ray_workers, args.batch_size,
-                                    args.ray_address, args.gpus_per_worker)
+                                    args.ray_address, args.gpus_per_worker, args.correspondences)
             else:
-                results = spade.iter_score(todo, maps=maps)
+                results = spade.iter_score(todo, maps=maps, correspondences=args.correspondences)
             for r in results:
                 writer.write([r])
+                top.offer(r)
                 if r.error:
                     errors.append((r.path, r.error))
                 bar.update(1)
+        top.write(Path(args.out) / "explain", spade.paths_, spade.resize, spade.crop)
     summary = {"run": args.out, "scored": len(todo) - len(errors), "skipped_done": len(samples) - len(todo),
                "errors": len(errors)}
     record_invocation(args.out, {**summary, "seconds": round(time.perf_counter() - start, 2),
@@ -185,6 +188,28 @@ def cmd_evaluate(args) -> int:
     report = evaluate(args.dataset, args.out, args.categories, params, args.fpr, overlays=not args.no_overlays)
     print(Path(args.out, "table.md").read_text())
     print(json.dumps({"run": args.out, "mean": report["mean"]}))
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .explain import regions, sheet
+    from .pictures import save_png
+
+    if not Path(args.image).is_file():
+        raise FileNotFoundError(f"{args.image}: no such image")
+    with Spade.open(args.store, **spade_params(args)) as spade:
+        spade.load_backbone()
+        result = next(spade.iter_score([args.image], maps=True, correspondences=True))
+        if result.error:
+            raise ValueError(result.error)
+        save_png(args.out, sheet(result, spade.paths_, spade.resize, spade.crop))
+        points = {}
+        for name, (y, x) in regions(result).items():
+            points[name] = {"pixel": [int(y), int(x)], "nearest": {
+                level: {"image": spade.paths_[int(c[min(c.shape[0] - 1, y * c.shape[0] // spade.crop),
+                                                 min(c.shape[1] - 1, x * c.shape[1] // spade.crop), 0])]}
+                for level, c in result.correspondences.items()}}
+    print(json.dumps({"image": args.image, "score": result.score, "explanation": args.out, "points": points}))
     return 0
 
 
@@ -229,9 +254,12 @@ def cmd_serve(args) -> int:
 BENCHES = {
     "patch_search": ("bench_patch_search.py", ["--quick"]),
     "image_index": ("bench_image_index.py", ["--sizes", "10000", "--queries", "50"]),
-    "scaling": ("bench_scaling.py", ["--sizes", "100,1000", "--queries", "5"]),
+    "scaling": ("bench_scaling.py", ["--quick"]),
     "index": ("bench_index.py", ["--quick"]),
     "score": ("bench_score.py", ["--quick"]),
+    "serve": ("bench_serve.py", ["--quick"]),
+    "ray": ("bench_ray.py", ["--quick"]),
+    "locality": ("bench_locality.py", ["--quick"]),
 }
 
 
@@ -256,5 +284,5 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {"index": cmd_index, "reindex": cmd_reindex, "info": cmd_info, "score": cmd_score,
-            "calibrate": cmd_calibrate, "evaluate": cmd_evaluate, "report": cmd_report, "bench": cmd_bench,
-            "verify": cmd_verify, "serve": cmd_serve}
+            "calibrate": cmd_calibrate, "evaluate": cmd_evaluate, "explain": cmd_explain, "report": cmd_report,
+            "bench": cmd_bench, "verify": cmd_verify, "serve": cmd_serve}

@@ -94,18 +94,18 @@ def index_ray(paths: list[str], out: str, params: dict, workers: int = 2, batch_
 class _ScoreWorker:
     """A Ray actor holding one opened Spade (read-only) for its whole life."""
 
-    def __init__(self, store: str, params: dict, maps, threads: int):
+    def __init__(self, store: str, params: dict, maps, threads: int, correspondences: bool):
         import torch
         torch.set_num_threads(max(1, threads))
         self.spade = Spade.open(store, **params).load_backbone()
-        self.maps = maps
+        self.maps, self.correspondences = maps, correspondences
 
     def score(self, samples: list) -> list:
-        return list(self.spade.iter_score(samples, maps=self.maps))
+        return list(self.spade.iter_score(samples, maps=self.maps, correspondences=self.correspondences))
 
 
 def score_ray(store: str, samples: list, params: dict, maps=True, workers: int = 2, batch_size: int = 8,
-              address: str | None = None, gpus_per_worker: float = 0.0):
+              address: str | None = None, gpus_per_worker: float = 0.0, correspondences: bool = False):
     """Score ``samples`` against ``store`` on Ray; yields :class:`~spade_faiss.ScoredImage`
     results in input order (the caller writes them, as for the local engine)."""
     if not samples:
@@ -114,7 +114,7 @@ def score_ray(store: str, samples: list, params: dict, maps=True, workers: int =
     from ray.util import ActorPool
     cpus = _cpus_per_worker(ray, workers)
     actor = ray.remote(num_cpus=cpus, num_gpus=gpus_per_worker)(_ScoreWorker)
-    actors = [actor.remote(store, params, maps, cpus) for _ in range(workers)]
+    actors = [actor.remote(store, params, maps, cpus, correspondences) for _ in range(workers)]
     batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     try:
         for results in ActorPool(actors).map(lambda a, b: a.score.remote(b), batches):

@@ -9,6 +9,7 @@ images), or, before calibration, a scale given by the caller (a corpus-wide stat
 from __future__ import annotations
 
 import logging
+import math
 
 import cv2
 import numpy as np
@@ -16,6 +17,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
+MIN_SIDE = 320
 BAR_WIDTH = 56
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 
@@ -49,8 +51,15 @@ def overlay(rgb: np.ndarray, amap: np.ndarray, hi: float, theta: float | None = 
     (0 to ``hi``, theta marked) and a caption band.
 
     ``amap`` has the image's size; NaN marks pixels the model never saw (outside the centre
-    crop): they keep their original colours.
+    crop): they keep their original colours. Small images are enlarged (whole factors, at least
+    ``MIN_SIDE`` pixels on the short side) so that the caption and contours stay readable.
     """
+    factor = math.ceil(MIN_SIDE / min(rgb.shape[:2]))
+    if factor > 1:
+        size = (rgb.shape[1] * factor, rgb.shape[0] * factor)
+        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_NEAREST)
+        seen = cv2.resize(np.isfinite(amap).astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+        amap = np.where(seen, cv2.resize(np.nan_to_num(amap, nan=0.0), size, interpolation=cv2.INTER_LINEAR), np.nan)
     seen = np.isfinite(amap)
     layer = cv2.addWeighted(rgb, 1 - alpha, colourize(amap, hi), alpha, 0)
     out = np.where(seen[..., None], layer, rgb)

@@ -27,11 +27,12 @@ class Progress:
     stream : file
         Default ``sys.stderr``.
     every_s : float
-        Seconds between lines when the stream is not a terminal.
+        Seconds between lines when the stream is not a terminal (default ``LINE_EVERY_S``).
     """
 
-    def __init__(self, total: int, what: str, stream=None, every_s: float = LINE_EVERY_S, done: int = 0):
-        self.total, self.what, self.every_s = total, what, every_s
+    def __init__(self, total: int, what: str, stream=None, every_s: float | None = None, done: int = 0):
+        self.total, self.what = total, what
+        self.every_s = LINE_EVERY_S if every_s is None else every_s
         self.stream = stream or sys.stderr
         self.count = done
         self.start = time.perf_counter()

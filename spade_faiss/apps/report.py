@@ -112,9 +112,13 @@ def write_report(run_dir) -> Path:
     errors = "".join(f"<li>{html.escape(e['image_path'])}: {html.escape(e['reason'])}</li>" for e in _errors(run_dir))
     plots = "".join(f"<figure><img src='{uri}' alt='{html.escape(n)}'><figcaption>{html.escape(n)}</figcaption>"
                     f"</figure>" for n, uri in _plots(run_dir, rows, info["tau (image threshold)"]))
+    sheets = sorted((run_dir / "explain").rglob("*.png")) if (run_dir / "explain").is_dir() else []
+    why = "".join(f"<figure><img src='{_file_uri(p)}' alt='explanation'><figcaption>"
+                  f"{html.escape(str(p.relative_to(run_dir)))}</figcaption></figure>" for p in sheets)
     facts = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(json.dumps(v) if isinstance(v, dict) else str(v))}"
                     f"</td></tr>" for k, v in info.items() if v not in (None, {}))
-    page = TEMPLATE.format(title=html.escape(f"spade-faiss run {run_dir.name}"), facts=facts, plots=plots,
+    why = f"<h2>Why: nearest normal patches of the most anomalous images</h2>{why}" if why else ""
+    page = TEMPLATE.format(title=html.escape(f"spade-faiss run {run_dir.name}"), facts=facts, plots=plots + why,
                            rows="".join(table), errors=f"<h2>Skipped inputs</h2><ul>{errors}</ul>" if errors else "",
                            written=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
     out = run_dir / "report.html"

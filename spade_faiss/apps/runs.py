@@ -142,6 +142,7 @@ class RunWriter:
                 h[name].resize(self.n_maps + len(ok), axis=0)
             h["maps"][self.n_maps:] = maps
             h["path"][self.n_maps:] = [r.path for r in ok]
+            _write_correspondences(h, self.n_maps, ok)
         self.n_maps += len(ok)
         for r, row in zip(ok, rows):
             if row["overlay"]:
@@ -176,6 +177,28 @@ class RunWriter:
                 fresh.append({"image_path": path, "reason": reason})
                 self.failed.add(path)
         _append_csv(self.errors_path, ERROR_FIELDS, fresh)
+
+
+def _write_correspondences(h: h5py.File, start: int, results: list[ScoredImage]) -> None:
+    """``correspondences/<level>`` (N, h, w, 3) int32 (image id, row, col; -1 where an image has
+    no map) and ``level_scores/<level>`` (N, h, w) float32 (NaN there), rows as ``maps``."""
+    example = next((r for r in results if r.correspondences), None)
+    if example is None and "correspondences" not in h:
+        return
+    stop = start + len(results)
+    for level, value in (example.correspondences if example else {}).items():
+        for group, shape, dtype, fill in (("correspondences", value.shape, np.int32, -1),
+                                          ("level_scores", value.shape[:2], np.float32, np.nan)):
+            if f"{group}/{level}" not in h:
+                h.create_dataset(f"{group}/{level}", (0, *shape), maxshape=(None, *shape), dtype=dtype,
+                                 chunks=(1, *shape), fillvalue=fill)
+    for group in ("correspondences", "level_scores"):
+        for level, ds in h[group].items() if group in h else ():
+            ds.resize(stop, axis=0)
+            for i, r in enumerate(results):
+                source = r.correspondences if group == "correspondences" else r.level_scores
+                if source is not None:
+                    ds[start + i] = source[level]
 
 
 def folder_of(path: str) -> str:

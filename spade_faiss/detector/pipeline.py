@@ -23,6 +23,12 @@ PROJECTION_IMAGES = 16
 PROJECTION_VECTORS = 16384
 
 
+def _located(nearest: np.ndarray, image_ids: np.ndarray, width: int) -> np.ndarray:
+    """(h, w, 2) gallery (index, flat position) -> (h, w, 3) int32 (image id, row, col)."""
+    row, col = np.divmod(nearest[..., 1], width)
+    return np.stack([image_ids[nearest[..., 0]], row, col], axis=-1).astype(np.int32)
+
+
 class QueryPipeline:
     """Owns what queries share: the gallery cache and the per-stage timings.
 
@@ -78,8 +84,9 @@ class QueryPipeline:
         self.segment(retrieved, config, options, device)
         return metrics.threshold_at_fpr(np.stack([r.map for r in retrieved]), fpr)
 
-    def segment(self, retrieved: list[Retrieved], config, options, device: str) -> None:
-        """Stage 2: set ``map`` of each query; queries that retrieved the same images share one
+    def segment(self, retrieved: list[Retrieved], config, options, device: str, correspondences: bool = False):
+        """Stage 2: set ``map`` of each query (and its ``correspondences``: per level, int32
+        (h, w, 3) = nearest image id, row, col); queries that retrieved the same images share one
         search over that gallery."""
         groups: dict[tuple, list[Retrieved]] = {}
         for r in retrieved:
@@ -87,26 +94,32 @@ class QueryPipeline:
         mode, levels = config.pixel_mode, config.levels
         keep16 = device != "cpu" and options.gpu_float16  # else float32 once, at load
         for key, members in groups.items():
-            engines = self._engines(mode, len(key), options.stage2, device)
+            engines = self._engines(mode, len(key), options.stage2, device, config, correspondences)
             variant = (tuple(sorted(engines.items())), keep16)
             with self.timed("gallery_io"):
                 galleries = self.cache.get([(mode, variant, i) for i in key])
             query = {lv: np.stack([m.features[lv] for m in members]) for lv in levels}
             if mode == "concat":
                 query = {"concat": concat_levels([query[lv] for lv in levels])}
-            per_level = []
+            per_level, nearest = [], {}
             for name, q in query.items():
                 with self.timed("stage2"), self.timed(f"stage2.{name}"):
-                    per_level.append(patch_search.search_level(
+                    dist, nearest[name] = patch_search.search_level(
                         engines[name], q, [g[name] for g in galleries], config.kappa, device, options.chunk_bytes,
                         options.gpu_float16, self.projections.get(name),
-                        self.stats.setdefault(name, patch_search.SearchStats())))
+                        self.stats.setdefault(name, patch_search.SearchStats()), config.radius)
+                per_level.append(dist)
             with self.timed("post"):
                 maps = scoring.smooth(scoring.assemble_maps(per_level, config.crop), config.sigma)
-            for m, amap in zip(members, maps):
+            for j, (m, amap) in enumerate(zip(members, maps)):
                 m.map = amap
+                if correspondences:
+                    m.correspondences = {name: _located(n[j], np.array(key), query[name].shape[2])
+                                         for name, n in nearest.items()}
+                    m.level_scores = {name: d[j] for name, d in zip(query, per_level)}
 
-    def _engines(self, mode: str, k_gallery: int, stage2: str, device: str) -> dict[str, str]:
+    def _engines(self, mode: str, k_gallery: int, stage2: str, device: str, config,
+                 correspondences: bool) -> dict[str, str]:
         """The engine of each searched level (or ``concat``) for this configuration."""
         shapes = self.store.level_shapes
         if mode == "concat":
@@ -114,8 +127,8 @@ class QueryPipeline:
             named = {"concat": (h, w, sum(s[2] for s in shapes.values()))}
         else:
             named = shapes
-        return {name: patch_search.level_engine(stage2, device, h * w, k_gallery * h * w, c)
-                for name, (h, w, c) in named.items()}
+        return {name: patch_search.level_engine(stage2, device, shape, k_gallery, config.search, config.radius,
+                                                correspondences) for name, shape in named.items()}
 
     def _load(self, keys: list) -> list[dict]:
         """Gallery entries of ``(pixel_mode, (engines, keep_float16), image id)`` keys."""

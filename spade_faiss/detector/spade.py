@@ -261,27 +261,32 @@ class Spade(Parameters):
 
     # --- scoring -------------------------------------------------------------------------
 
-    def iter_score(self, samples: Iterable, *, maps=True, on_progress=None) -> Iterator[ScoredImage]:
+    def iter_score(self, samples: Iterable, *, maps=True, correspondences: bool = False,
+                   on_progress=None) -> Iterator[ScoredImage]:
         """Score any number of inputs (paths, dataset samples, RGB uint8 arrays, decoded
         images), decoding ahead in threads and batching the backbone; yields one
         :class:`ScoredImage` per input, in input order (``error`` set for unusable inputs).
 
         ``maps``: True (stage 2 for every image), False (image scores only: backbone and
         stage 1), or ``"auto"`` (stage 2 only for images above ``tau_``, the paper's gating).
+        ``correspondences``: also return, per level and location, the nearest normal patch
+        (image id, row, col) of each image that gets a map.
         """
         self._check_ready(maps)
         for batch in self._batches(samples):
             retrieved = self.retrieve([p for p in batch if p.error is None])
-            self.segment([r for r in retrieved if maps is True or (maps == "auto" and r.score > self.tau_)])
+            self.segment([r for r in retrieved if maps is True or (maps == "auto" and r.score > self.tau_)],
+                         correspondences=correspondences)
             done = iter(retrieved)
             for p in batch:
                 yield ScoredImage(p.path, p.sample, error=p.error) if p.error else self.result(next(done))
             if on_progress:
                 on_progress(len(batch))
 
-    def score(self, samples: Iterable, *, maps=True) -> SpadeResult:
+    def score(self, samples: Iterable, *, maps=True, correspondences: bool = False) -> SpadeResult:
         """:meth:`iter_score` collected into arrays (see :class:`SpadeResult`)."""
-        return SpadeResult.collect(list(self.iter_score(samples, maps=maps)), self.config_.k_gallery, self.crop)
+        results = list(self.iter_score(samples, maps=maps, correspondences=correspondences))
+        return SpadeResult.collect(results, self.config_.k_gallery, self.crop)
 
     def _batches(self, samples):
         o, c = self.options_, self.config_
@@ -317,17 +322,17 @@ class Spade(Parameters):
             raise ValueError(bad[0])
         return self.pipeline_.retrieve(prepared, *self._ks(), c) if prepared else []
 
-    def segment(self, retrieved: list[Retrieved]) -> None:
-        """Stage 2: set ``map`` of each retrieved query (queries that retrieved the same images
-        share one search over that gallery)."""
-        self.pipeline_.segment(retrieved, self.config_, self.options_, self.search_device_)
+    def segment(self, retrieved: list[Retrieved], correspondences: bool = False) -> None:
+        """Stage 2: set ``map`` (and ``correspondences`` when asked) of each retrieved query
+        (queries that retrieved the same images share one search over that gallery)."""
+        self.pipeline_.segment(retrieved, self.config_, self.options_, self.search_device_, correspondences)
 
     def result(self, r: Retrieved) -> ScoredImage:
         """The :class:`ScoredImage` of a retrieved (and possibly segmented) query."""
         return ScoredImage(r.prepared.path, r.prepared.sample, r.score,
                            None if self.tau_ is None else bool(r.score > self.tau_), r.map, r.neighbour_ids,
                            r.neighbour_distances, [self.paths_[int(i)] for i in r.neighbour_ids[:self._ks()[0]]],
-                           r.prepared.image)
+                           r.prepared.image, correspondences=r.correspondences, level_scores=r.level_scores)
 
     def info(self) -> dict:
         """Corpus metadata, the image index, thresholds and the scoring parameters in force."""

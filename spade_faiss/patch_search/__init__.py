@@ -4,19 +4,23 @@ the locations of the retrieved images (the gallery). Engines, one contract:
 - ``pruned`` (``pruned.py``): exact, with lower bounds that skip most pairs and bfloat16
   products with a rigorous error bound; the CPU default.
 - ``faiss`` (``brute.py``): exact brute force on CPU (``faiss.knn``) or GPU (``faiss.knn_gpu``).
+- ``window`` (``window.py``): opt-in approximation, each location compared only with the gallery
+  locations within a radius of its own position (exact within that contract).
 
-``exact.py`` computes the distances both the ``pruned`` engine and the tests trust.
+``exact.py`` computes the distances the ``pruned`` and ``window`` engines (and the tests) trust.
+The ``pruned`` and ``window`` engines also give each location's nearest gallery vector (its
+correspondence); asking for correspondences makes ``auto`` use them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import brute, pruned
+from . import brute, pruned, window
 from .brute import gpu_available, iter_chunks, knn_mean, level_maps, resolve_search_device
 from .pruned import Projection, SearchStats
 
-ENGINES = ("pruned", "faiss")
+ENGINES = ("pruned", "faiss", "window")
 # Below this much brute-force work per query image (GFLOP), the pruned engine's fixed costs
 # (projections, screening, re-checks) exceed what it saves: ``auto`` uses faiss there.
 PRUNED_MIN_GFLOP = 8.0
@@ -36,12 +40,20 @@ def resolve_engine(stage2: str, device: str) -> str:
     return stage2
 
 
-def level_engine(stage2: str, device: str, grid: int, gallery_rows: int, channels: int) -> str:
-    """The engine for one level: as :func:`resolve_engine`, except that ``auto`` on the CPU
-    leaves small levels (brute force under ``PRUNED_MIN_GFLOP`` per query image) to faiss. The
+def level_engine(stage2: str, device: str, shape: tuple, k_gallery: int, search: str = "exact",
+                 radius: int = 0, correspondences: bool = False) -> str:
+    """The engine for one level of grid ``shape`` = (h, w, C): ``window`` for a window search
+    whose radius does not cover the grid; else as :func:`resolve_engine`, except that ``auto`` on
+    the CPU leaves small levels (brute force under ``PRUNED_MIN_GFLOP`` per query image) to
+    faiss, and that correspondences need the pruned engine (exact argmin, on any device). The
     choice depends on the configuration only, never on the batch."""
+    h, w, c = shape
+    if search == "window" and radius < max(h, w) - 1:
+        return "window"
+    if correspondences:
+        return "pruned"
     engine = resolve_engine(stage2, device)
-    if stage2 == "auto" and engine == "pruned" and 2 * grid * gallery_rows * channels < PRUNED_MIN_GFLOP * 1e9:
+    if stage2 == "auto" and engine == "pruned" and 2 * (h * w) ** 2 * k_gallery * c < PRUNED_MIN_GFLOP * 1e9:
         return "faiss"
     return engine
 
@@ -55,21 +67,28 @@ def prepare(engine: str, feats: np.ndarray, projection: Projection | None, keep_
     """A gallery image's features (h, w, C) as its engine keeps them in the gallery cache."""
     if engine == "pruned":
         return pruned.prepare_image(projection, feats, pruned.operand_dtype())
+    if engine == "window":
+        return feats  # exact values as stored; converted per comparison
     return feats if keep_float16 else np.asarray(feats, dtype=np.float32)
 
 
 def search_level(engine: str, query: np.ndarray, gallery: list, kappa: int, device: str = "cpu",
                  chunk_bytes: int = brute.DEFAULT_CHUNK_BYTES, gpu_float16: bool = False,
-                 projection: Projection | None = None, stats: SearchStats | None = None) -> np.ndarray:
-    """Mean of the ``kappa`` smallest squared distances of each query location, float32 (B, h, w).
+                 projection: Projection | None = None, stats: SearchStats | None = None, radius: int = 0):
+    """Mean of the ``kappa`` smallest squared distances of each query location, float32 (B, h, w),
+    and the nearest gallery vector of each, int64 (B, h, w, 2) = (gallery image index, flat
+    position), or None from the faiss engine.
 
     ``query``: float32 (B, h, w, C); ``gallery``: per-image entries made by :func:`prepare`.
     faiss searches one query image at a time, so that an image's result does not depend on
     which images share its gallery (BLAS blocks by the number of query rows).
     """
     if engine == "pruned":
-        return pruned.search(query, gallery, kappa, projection, stats)[0]
-    return np.concatenate([level_maps(q[None], gallery, kappa, device, chunk_bytes, gpu_float16) for q in query])
+        return pruned.search(query, gallery, kappa, projection, stats)
+    if engine == "window":
+        return window.search(query, gallery, kappa, radius)
+    return np.concatenate([level_maps(q[None], gallery, kappa, device, chunk_bytes, gpu_float16)
+                           for q in query]), None
 
 
 __all__ = ["ENGINES", "Projection", "SearchStats", "gpu_available", "iter_chunks", "knn_mean", "level_engine",
