@@ -60,6 +60,7 @@ def run_size(n: int, d: int, nq: int, k: int, rows: list) -> None:
     t = time.perf_counter()
     flat = ImageIndex.build(xb, "flat")
     build = time.perf_counter() - t
+    timed_search(flat, xq[:5], k)
     truth, q_s = timed_search(flat, xq, k)
     rows.append(dict(n=n, index="Flat", nprobe=None, recall=1.0, query_ms=q_s * 1e3))
     tuned_default(n, xb, xq, truth, q_s * 1e3)
@@ -73,6 +74,7 @@ def run_size(n: int, d: int, nq: int, k: int, rows: list) -> None:
         ivf = ImageIndex.build(xb, "ivf", nlist=nlist, encoding=enc, nprobe=max(1, nlist // 8))
         build = time.perf_counter() - t
         size = int(faiss.serialize_index(ivf.index).nbytes)
+        timed_search(ivf, xq[:5], k)
         for nprobe in sorted({1, 2, 4, 16, 64, nlist // 4} & set(range(1, nlist + 1))):
             ids, q_s = timed_search(ivf, xq, k, nprobe)
             r = recall(ids, truth)
@@ -87,6 +89,7 @@ def tuned_default(n, xb, xq, truth, exact_ms, nlist=None, max_train_points=None,
     t = time.perf_counter()
     ivf = ImageIndex.build(xb, "ivf", nlist=nlist, target_recall=target, max_train_points=max_train_points)
     build = time.perf_counter() - t
+    timed_search(ivf, xq[:5], truth.shape[1])  # warm: the first search of a fresh index pays page faults
     ids, q_s = timed_search(ivf, xq, truth.shape[1])
     row = dict(bench="image_index", step="tuned_default", n=n, index=ivf.factory, nprobe=ivf.nprobe,
                target_recall=target, tuning_recall=round(ivf.tuning["recall"], 4),

@@ -10,6 +10,7 @@ each engine for K in --ks and concat mode. Prints JSON lines; writes only under 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -54,6 +55,14 @@ def kernel_rates(m: int = 3136, n: int = 15680, k: int = 256) -> dict:
     return {key: round(v, 1) for key, v in rates.items()}
 
 
+def kernel_rates_in(env: dict) -> dict:
+    """:func:`kernel_rates` measured in a fresh process with ``env`` (OpenBLAS reads its
+    variables at start-up)."""
+    out = subprocess.run([sys.executable, __file__, "--kernels-only"], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def cli(*args, env=None) -> tuple[float, float | None]:
     """Wall seconds and peak RSS (MB, when GNU time is there) of one `spade-faiss` process."""
     cmd = [sys.executable, "-m", "spade_faiss", *map(str, args)]
@@ -69,7 +78,7 @@ def cli(*args, env=None) -> tuple[float, float | None]:
     return wall, rss
 
 
-def end_to_end(store: Path, test: list[str], out: Path, backbone_s: float, floor_gflop: float, rates: dict,
+def end_to_end(store: Path, test: list[str], out: Path, backbone_s: float, floor_gflop: float,
                envs: tuple, repeat: int) -> None:
     """The CLI's score time for len(test) images minus its time for one, per extra image (each
     the fastest of ``repeat`` fresh processes: this machine's speed drifts between runs)."""
@@ -83,6 +92,8 @@ def end_to_end(store: Path, test: list[str], out: Path, backbone_s: float, floor
             for var in OPENBLAS_VARS:
                 env.pop(var, None)
         walls = {}
+        rates = kernel_rates_in(env)
+        emit(bench="score", step="kernels", env=env_name, gflops_per_s=rates)
         for stage2 in ("pruned", "faiss"):
             runs = {n: min(cli("score", store, lists[n], "--out", out / f"run_{stage2}_{n}", "--restart", "--device",
                                "cpu", "--stage2", stage2, env=env) for _ in range(repeat)) for n in lists}
@@ -136,8 +147,12 @@ def main() -> None:
     ap.add_argument("--concat-k", type=int, default=10, help="0: no concat row")
     ap.add_argument("--backbone", default="wide_resnet50_2")
     ap.add_argument("--repeat", type=int, default=3, help="fresh processes per end-to-end timing (the fastest)")
+    ap.add_argument("--kernels-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="resnet18, generated data, 12 + 3 images, K=5, one run")
     args = ap.parse_args()
+    if args.kernels_only:
+        print(json.dumps(kernel_rates()))
+        return
     envs = ("default", "openblas_unset")
     if args.quick:
         args.backbone, args.n_train, args.n_test, args.ks, args.concat_k = "resnet18", 12, 3, "5", 0
@@ -150,8 +165,7 @@ def main() -> None:
         (out / "train.txt").write_text("\n".join(train))
         cli("index", out / "train.txt", "--out", store, "--weights", "none", "--backbone", args.backbone,
             "--device", "cpu")
-    rates = kernel_rates()
-    emit(bench="score", step="kernels", gflops_per_s=rates, data=source, **machine())
+    emit(bench="score", step="machine", data=source, **machine())
     with Spade.open(store, device="cpu", k_gallery=min(50, args.n_train)) as spade:
         spade.score(test[:1], maps=False)
         spade.timings_.clear()
@@ -161,7 +175,7 @@ def main() -> None:
     floor_gflop = sum(2 * (h * w) * (50 * h * w) * c / 1e9 for h, w, c in shapes.values())
     emit(bench="score", step="floor", backbone_s_per_image=round(backbone_s, 3),
          brute_force_gflop_k50=round(floor_gflop, 1))
-    end_to_end(store, test, out, backbone_s, floor_gflop, rates, envs, args.repeat)
+    end_to_end(store, test, out, backbone_s, floor_gflop, envs, args.repeat)
     per_level(store, test, [int(k) for k in args.ks.split(",")], args.concat_k)
 
 

@@ -177,3 +177,15 @@ class FeatureExtractor:
                 feats["pool"] = out["pool"].flatten(1)
                 parts.append({k: v.cpu().numpy() for k, v in feats.items()})
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+
+def load_extractor(backbone: str, weights, device: str, seed: int, expected_sha256: str | None) -> FeatureExtractor:
+    """A FeatureExtractor whose weights are those identified by ``expected_sha256`` (when given),
+    else a ``WeightsError`` that says how to get the corpus's own."""
+    extractor = FeatureExtractor(backbone, weights, device, seed)
+    if expected_sha256 is not None and extractor.weights_sha256 != expected_sha256:
+        given = f"random init (seed {seed})" if weights is None else repr(str(weights))
+        raise WeightsError(f"weights={given} differ from those the corpus was built with "
+                           f"(sha256 {extractor.weights_sha256[:12]} vs {expected_sha256[:12]}): leave --weights "
+                           f"out to use the corpus's own, or pass the same file")
+    return extractor

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from spade_faiss import datasets, images
+from spade_faiss.backbone import WeightsError
 from spade_faiss.detector import Spade
-from spade_faiss.store import StoreError
 
 from .conftest import SMALL
 
@@ -148,7 +148,7 @@ def test_open_uses_the_stored_weights_and_refuses_others(tmp_path, dataset):
     with Spade.create(path, k_gallery=6, **SMALL) as s:
         s.add(datasets.discover(dataset))
         want = s.score(datasets.discover(dataset, "test"), maps=False).image_scores
-    with pytest.raises(StoreError, match="differ from those the corpus was built with"):
+    with pytest.raises(WeightsError, match=r"weights=random init \(seed 1\) differ from those the corpus"):
         Spade.open(path, seed=1).load_backbone()
     with Spade.open(path, k_gallery=6) as s:  # backbone, crop, weights (random init, seed 0) from the corpus
         assert len(s.store_) == 12 and s.index_.ntotal == 12 and s.backbone == "resnet18" and s.weights is None

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from spade_faiss import patch_search
-from spade_faiss.patch_search import brute, exact, pruned, window
+from spade_faiss.patch_search import bounds, brute, exact, pruned, window
 from spade_faiss.resample import concat_levels
 
 
@@ -210,7 +210,7 @@ def test_pruning_statistics_identical_images_are_searched_once(operand):
 
 def test_bf16_norm_parts_are_exact(rng):
     values = torch.from_numpy((rng.random(1000) * 10.0 ** rng.integers(-20, 20, 1000)).astype(np.float32))
-    parts = pruned.norm_parts(values, torch.bfloat16).double()
+    parts = bounds.norm_parts(values, torch.bfloat16).double()
     np.testing.assert_array_equal(parts.sum(1).numpy(), values.double().numpy())
 
 

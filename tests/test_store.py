@@ -98,3 +98,32 @@ def test_bad_files_give_clear_errors(tmp_path):
         pass
     with pytest.raises(StoreError, match="not a spade_faiss corpus"):
         FeatureStore.open(tmp_path / "plain.h5")
+
+
+def test_a_corpus_whose_writer_died_is_rewritten_from_its_committed_rows(tmp_path, caplog):
+    cfg = SpadeConfig(backbone="resnet18", crop=64, resize=72, weights_sha256="x" * 64)
+    shapes = {"layer1": (2, 2, 3), "layer2": (1, 1, 4), "layer3": (1, 1, 5)}
+    path = tmp_path / "c.h5"
+    rng = np.random.default_rng(0)
+
+    def feats(b):
+        return {"pool": rng.standard_normal((b, 6), dtype=np.float32),
+                **{lv: rng.standard_normal((b, *s), dtype=np.float32).astype(np.float16) for lv, s in shapes.items()}}
+    with FeatureStore.create(path, cfg, shapes, 6) as s:
+        s.append(["a", "b"], ["0" * 64, "1" * 64], feats(2))
+        want = s.pool(), s.level("layer1", [0, 1])
+    with h5py.File(path, "a") as h:  # as if a writer died mid-append: marked, rows past n_committed
+        h.attrs["writer"] = 1
+        for name in ("images/path", "images/sha256", "images/pool", "levels/layer1", "levels/layer2", "levels/layer3"):
+            h[name].resize(3, axis=0)
+    with FeatureStore.open(path) as s:  # readers are unaffected
+        assert len(s) == 2 and s.attrs["writer"] == 1
+    with caplog.at_level("WARNING"), FeatureStore.open(path, "a") as s:
+        assert len(s) == 2 and s.h5["images/pool"].shape[0] == 2 and s.attrs["writer"] == 1
+        np.testing.assert_array_equal(s.pool(), want[0])
+        np.testing.assert_array_equal(s.level("layer1", [0, 1]), want[1])
+        s.append(["c"], ["2" * 64], feats(1))
+        assert s.paths() == ["a", "b", "c"]
+    assert "did not close it" in caplog.text
+    with FeatureStore.open(path) as s:
+        assert s.attrs["writer"] == 0 and len(s) == 3

@@ -30,6 +30,9 @@ def verify(path, rehash: bool = False, deep: bool = False) -> list[str]:
     with store:
         n = len(store)
         problems += _check_config(store)
+        if int(store.attrs.get("writer", 0)):
+            problems.append(f"{path}: its last writer did not close it (a crash?); the committed rows are "
+                            f"intact and the next `spade-faiss index` into it rewrites it from them")
         problems += _check_index(store, n)
         problems += _check_pool(store, n)
         shas = store.sha256s()

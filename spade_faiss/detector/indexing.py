@@ -1,17 +1,31 @@
-"""Indexing: prepared batches -> backbone features -> appended to the corpus, new images only
-(deduplicated by the sha256 of their file bytes)."""
+"""Indexing: a new corpus for a model, and prepared batches -> backbone features -> appended to
+the corpus, new images only (deduplicated by the sha256 of their file bytes)."""
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from ..backbone import FeatureExtractor
+from ..config import SpadeConfig
 from ..results import IndexReport
 from ..store import AppendWriter, FeatureStore
 
 log = logging.getLogger(__name__)
+
+
+def new_store(path, extractor: FeatureExtractor, config: SpadeConfig, weights, seed: int,
+              in_memory: bool) -> FeatureStore:
+    """An empty corpus for ``extractor``'s features (shapes probed with one blank image), that
+    records the weights' identity and where they came from."""
+    config = config.replace(weights_sha256=extractor.weights_sha256)
+    probe = extractor(np.zeros((1, 3, config.crop, config.crop), np.float32))
+    shapes = {lv: probe[lv].shape[1:] for lv in config.levels}
+    source = {"weights": weights if weights in (None, "imagenet") else os.path.abspath(weights), "seed": seed}
+    return FeatureStore.create(path, config, shapes, probe["pool"].shape[1], in_memory, source)
 
 
 def append_new(store: FeatureStore, batches: Iterable[list], extractor: Callable, dtype: str,

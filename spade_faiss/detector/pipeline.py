@@ -49,6 +49,10 @@ class QueryPipeline:
         self.stats: dict[str, patch_search.SearchStats] = {}
         self.projections: dict[str, patch_search.Projection] = {}
 
+    def pruning_stats(self) -> dict:
+        return {name: {"pairs": s.pairs, "exact": s.exact, "pruned": round(s.pruned, 6)}
+                for name, s in self.stats.items() if s.pairs}
+
     @contextlib.contextmanager
     def timed(self, stage: str):
         t = time.perf_counter()

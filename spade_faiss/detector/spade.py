@@ -14,21 +14,20 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 
-import numpy as np
-
-from .. import images, metrics, patch_search
-from ..backbone import FeatureExtractor, check_weights
+from .. import images, patch_search
+from ..backbone import FeatureExtractor, check_weights, load_extractor
 from ..config import LEVELS, Parameters, make_configs
 from ..image_index import ImageIndex
 from ..results import IndexReport, Retrieved, ScoredImage, SpadeResult
-from ..store import FeatureStore, StoreError
-from .indexing import append_new
+from ..store import FeatureStore
+from .indexing import append_new, new_store
 from .pipeline import QueryPipeline
+from .thresholds import Thresholds
 
 log = logging.getLogger(__name__)
 
 
-class Spade(Parameters):
+class Spade(Parameters, Thresholds):
     """SPADE anomaly detector over a FAISS-indexed HDF5 corpus of normal images.
 
     Scores are "higher = more anomalous" everywhere (image scores, maps, thresholds).
@@ -116,13 +115,9 @@ class Spade(Parameters):
         return self
 
     def _new_store(self, path, in_memory: bool) -> FeatureStore:
-        extractor = self._extractor()
-        self.config_ = self.config_.replace(weights_sha256=extractor.weights_sha256)
-        probe = extractor(np.zeros((1, 3, self.crop, self.crop), np.float32))
-        shapes = {lv: probe[lv].shape[1:] for lv in self.config_.levels}
-        weights = self.weights if self.weights in (None, "imagenet") else os.path.abspath(self.weights)
-        source = {"weights": weights, "seed": self.seed}
-        return FeatureStore.create(path, self.config_, shapes, probe["pool"].shape[1], in_memory, source)
+        store = new_store(path, self._extractor(), self.config_, self.weights, self.seed, in_memory)
+        self.config_ = store.config.replace(**self.config_.scoring_dict())
+        return store
 
     def _attach(self, store: FeatureStore) -> Spade:
         self.store_ = store
@@ -147,18 +142,12 @@ class Spade(Parameters):
     def pruning_stats_(self) -> dict:
         """Per level (or ``concat``), accumulated over calls: the (query, gallery) pairs stage 2
         covered, those the ``pruned`` engine re-checked exactly, and the fraction it skipped."""
-        return {name: {"pairs": s.pairs, "exact": s.exact, "pruned": round(s.pruned, 6)}
-                for name, s in self.pipeline_.stats.items() if s.pairs}
+        return self.pipeline_.pruning_stats()
 
     def _extractor(self) -> FeatureExtractor:
         if getattr(self, "extractor_", None) is None:
-            extractor = FeatureExtractor(self.backbone, self.weights, self.options_.device, self.seed)
-            want = self.config_.weights_sha256
-            if want is not None and extractor.weights_sha256 != want:
-                raise StoreError(f"weights={str(self.weights)!r} differ from those the corpus was built with "
-                                 f"(sha256 {extractor.weights_sha256[:12]} vs {want[:12]}): leave --weights out "
-                                 f"to use the corpus's own, or pass the same file")
-            self.extractor_ = extractor
+            self.extractor_ = load_extractor(self.backbone, self.weights, self.options_.device, self.seed,
+                                             self.config_.weights_sha256)
         return self.extractor_
 
     def load_backbone(self) -> Spade:
@@ -212,52 +201,6 @@ class Spade(Parameters):
         ``nlist``, ``nprobe``, ``encoding`` and ``seed`` parameters, and save it."""
         self._save_index(rebuild=True)
         return self.index_.attrs()
-
-    # --- thresholds ----------------------------------------------------------------------
-
-    def calibrate(self, normals: Iterable, fpr: float = 0.01, on_progress=None) -> dict:
-        """Set ``tau_`` and ``theta_`` at false-positive rate ``fpr`` over held-out normal
-        images and their pixels, store them in the corpus and return the record.
-
-        Images already in the corpus are refused: their distances to themselves are 0, which
-        would give thresholds that flag every new normal image.
-        """
-        if not 0 <= fpr < 1:
-            raise ValueError(f"fpr={fpr}: expected 0 <= fpr < 1")
-        indexed = set(self.store_.sha256s())
-        scores, maps, errors = [], [], []
-        for r in self.iter_score(normals, maps=True, on_progress=on_progress):
-            if r.error:
-                errors.append(r.error)
-                continue
-            if r.image.sha256 in indexed:
-                raise ValueError(f"{r.path} is in the corpus: calibrate on held-out normal images that "
-                                 f"were not indexed (e.g. hold out every 10th image before `index`)")
-            scores.append(r.score)
-            maps.append(r.map)
-        if not scores:
-            raise ValueError("calibrate: none of the normal images could be scored")
-        th = {"tau": metrics.threshold_at_fpr(scores, fpr), "theta": metrics.threshold_at_fpr(np.stack(maps), fpr),
-              "fpr": fpr, "n_images": len(scores), "skipped": errors, "scoring": self.config_.scoring_dict()}
-        self.store_.write_thresholds(th)
-        self.calibration_, self.tau_, self.theta_ = th, th["tau"], th["theta"]
-        return th
-
-    def set_thresholds(self, tau: float | None = None, theta: float | None = None) -> Spade:
-        """Override the calibrated thresholds for this object (not stored); None keeps one."""
-        self.tau_ = self.tau_ if tau is None else float(tau)
-        self.theta_ = self.theta_ if theta is None else float(theta)
-        return self
-
-    def leave_one_out_theta(self, n_images: int = 8, fpr: float = 0.01) -> float:
-        """A pixel threshold estimated without held-out images (see
-        :meth:`QueryPipeline.leave_one_out_theta`), cached per corpus size: a calibration-free
-        colour scale for pictures."""
-        n = len(self.store_)
-        if getattr(self, "_loo_", (None,))[0] != n:
-            theta = self.pipeline_.leave_one_out_theta(n_images, fpr, self.config_, self.options_, self.search_device_)
-            self._loo_ = (n, theta)
-        return self._loo_[1]
 
     # --- scoring -------------------------------------------------------------------------
 

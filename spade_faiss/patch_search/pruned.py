@@ -14,9 +14,10 @@ in ``d + 1`` dimensions bounds the distance in ``C`` (256 to 1792) from below, a
 whose bound can still win need the full product.
 
 **Rounding, rigorously.** The augmented vectors are computed in float64 (error below
-``PROJ_EPS * ||x - mu||``) and rounded to the operand type (bfloat16 where it is the faster
-GEMM, else float32) as ``a~(x)``; ``rho(x) = ||a~(x) - a(x)|| + PROJ_EPS * ||x - mu||`` is
-computed per vector. By the triangle inequality in ``R^(d+1)``::
+``PROJ_EPS * ||x - mu||``) and rounded to the operand type (bfloat16 where the CPU multiplies
+it natively, else float32) as ``a~(x)`` (``bounds.py``), and
+``rho(x) = ||a~(x) - a(x)|| + PROJ_EPS * ||x - mu||`` is computed per vector. By the triangle
+inequality in ``R^(d+1)``::
 
     sqrt(||q - g||^2) >= ||a~(q) - a~(g)|| - rho(q) - rho(g)                            (2)
 
@@ -50,15 +51,14 @@ change a minimum; the nearest is reported in the first of them).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import numpy as np
 import torch
 
+from .bounds import Operands, PreparedImage, Projection, make_operands, operand_dtype, prepare_image
 from .exact import STEP_BYTES, SUM_EPS, pair_distances
 
-PROJ_EPS = 2.0**-19
 BLOCK = 16  # gallery columns per block: the GEMM output is kept only as minima over blocks
 SUPER = 4  # blocks per super-block, screened first
 PROBE_BLOCKS = 1  # best blocks where each query looks for its upper bound U (kappa <= 16)
@@ -66,99 +66,8 @@ CHUNK = 4096  # gallery columns per GEMM call
 ROWS = 1024  # query rows per pass (bounds the block-minimum array: N/16 x ROWS values)
 PAD_NORM = 2.0**100  # squared norm of padding columns: they never pass a threshold
 TINY = 2.0**-100  # absolute slack for flushed subnormals
-
-
-@dataclasses.dataclass
-class Projection:
-    """Mean and top principal directions of one level's features (float64)."""
-
-    mean: np.ndarray  # (C,)
-    basis: np.ndarray  # (C, d), orthonormal columns
-
-    @classmethod
-    def fit(cls, sample: np.ndarray, dims: int) -> Projection:
-        """From a sample (n, C) of corpus vectors; any basis is exact, a good one prunes more."""
-        x = np.asarray(sample, dtype=np.float64)
-        mean = x.mean(axis=0)
-        xc = x - mean
-        _, vectors = np.linalg.eigh(xc.T @ xc)  # ascending eigenvalues
-        return cls(mean, np.ascontiguousarray(vectors[:, ::-1][:, : min(dims, x.shape[1])]))
-
-    def augment(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``a(x) = [p(x), r(x)]`` (n, d+1) float64 and ``||x - mu||`` (n,) of float32 rows."""
-        xc = np.asarray(x, dtype=np.float64) - self.mean
-        p = xc @ self.basis
-        n2 = np.einsum("ij,ij->i", xc, xc)
-        r = np.sqrt(np.maximum(n2 - np.einsum("ij,ij->i", p, p), 0.0))
-        return np.concatenate([p, r[:, None]], axis=1), np.sqrt(n2)
-
-
-@dataclasses.dataclass
-class Operands:
-    """GEMM rows of vectors (query or gallery side) and their rounding bounds."""
-
-    rows: torch.Tensor  # (n, m) in the operand dtype
-    rho: np.ndarray  # (n,) float64
-    norm: np.ndarray  # (n,) float64, ||a~||
-
-
-def make_operands(projection: Projection, x: np.ndarray, dtype: torch.dtype, query: bool) -> Operands:
-    """Query rows ``[-2 a~, n1, n2, n3, 1, 1, 1]`` or gallery rows ``[a~, 1, 1, 1, n1, n2, n3]``
-    (``n1 + n2 + n3 = fl32(||a~||^2)`` exactly), so that a row product is ``||a~(q) - a~(g)||^2``."""
-    aug, centred_norm = projection.augment(x)
-    rounded = torch.from_numpy(aug).to(dtype)
-    back = rounded.double().numpy()
-    rho = np.linalg.norm(back - aug, axis=1) + PROJ_EPS * centred_norm
-    norm = np.linalg.norm(back, axis=1)
-    parts = norm_parts(torch.from_numpy((norm * norm).astype(np.float32)), dtype)
-    ones = torch.ones(len(aug), 3, dtype=dtype)
-    rows = torch.cat([-2 * rounded, parts, ones] if query else [rounded, ones, parts], dim=1).contiguous()
-    return Operands(rows, rho, norm)
-
-
-def norm_parts(n32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(n,) float32 -> (n, 3) in ``dtype`` whose exact sum is the float32 value."""
-    if dtype == torch.float32:
-        return torch.stack([n32, torch.zeros_like(n32), torch.zeros_like(n32)], dim=1)
-    s1 = n32.to(dtype)
-    r1 = n32 - s1.float()  # exact: the low bits of n32
-    s2 = r1.to(dtype)
-    s3 = (r1 - s2.float()).to(dtype)  # at most 8 significant bits are left: exact
-    return torch.stack([s1, s2, s3], dim=1)
-
-
-@dataclasses.dataclass
-class PreparedImage:
-    """One gallery image at one level, ready for the engine (kept in the gallery cache)."""
-
-    feats: torch.Tensor  # (n, C) the exact values, as stored (float16 or float32)
-    ops: Operands
-    shape: tuple  # (h, w)
-    fingerprint: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.feats.nbytes + self.ops.rows.nbytes + self.ops.rho.nbytes + self.ops.norm.nbytes
-
-
-def prepare_image(projection: Projection, feats: np.ndarray, dtype: torch.dtype) -> PreparedImage:
-    """``feats`` (h, w, C) -> the image's operands, exact rows and fingerprint."""
-    h, w, c = feats.shape
-    flat = np.ascontiguousarray(feats.reshape(h * w, c))
-    return PreparedImage(torch.from_numpy(flat), make_operands(projection, flat, dtype, query=False), (h, w),
-                         hash(flat[:: max(1, len(flat) // 64)].tobytes()))
-
-
-@functools.lru_cache(maxsize=1)
-def operand_dtype() -> torch.dtype:
-    """bfloat16 where the CPU multiplies it natively (AVX512_BF16 or AMX: about 4x float32
-    here), else float32. The results are the same either way; only the speed differs."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next((ln for ln in f if ln.startswith("flags")), "").split())
-    except OSError:
-        flags = set()
-    return torch.bfloat16 if flags & {"avx512_bf16", "amx_bf16"} else torch.float32
+__all__ = ["Operands", "PreparedImage", "Projection", "SearchStats", "make_operands", "operand_dtype",
+           "prepare_image", "search"]
 
 
 @dataclasses.dataclass

@@ -3,6 +3,7 @@
 - ``corpus``: :class:`FeatureStore`, one open corpus (creation, reads, crash-safe appends)
 - ``writer``: :class:`AppendWriter`, appends on a background thread
 - ``shards``: :func:`join_shards`, one corpus over several shard files
+- ``repair``: :func:`rebuild`, a corpus whose writer died made writable again
 """
 
 from .corpus import SHA_DTYPE, FeatureStore, StoreError

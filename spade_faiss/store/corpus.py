@@ -103,8 +103,9 @@ class FeatureStore:
         with h5py.File(tmp, "w") as h5:
             write_layout(h5, attrs, shapes, pool_dim, np.dtype(config.dtype))
         os.replace(tmp, path)
-        h5 = h5py.File(path, "r+")
-        return cls(h5, path)
+        store = cls(h5py.File(path, "r+"), path)
+        store._mark_writer()
+        return store
 
     @classmethod
     def open(cls, path, mode: str = "r") -> FeatureStore:
@@ -125,13 +126,28 @@ class FeatureStore:
                                  f"retry when it has finished") from None
             raise StoreError(f"{path}: not a readable HDF5 corpus ({e})") from None
         try:
-            return cls(h5, path)
+            store = cls(h5, path)
         except StoreError:
             h5.close()
             raise
         except Exception as e:  # h5py raises KeyError/OSError/... on damaged metadata
             h5.close()
             raise StoreError(f"{path}: damaged HDF5 structure ({type(e).__name__}: {e})") from None
+        if mode == "a" and int(store.attrs.get("writer", 0)):
+            from .repair import rebuild  # the last writer died with the file open
+            store.close()
+            rebuild(path)
+            return cls.open(path, mode)
+        if mode == "a":
+            store._mark_writer()
+        return store
+
+    def _mark_writer(self, open_: bool = True) -> None:
+        """While a writer has the file, ``writer`` is 1; a writer that finds it 1 rebuilds the
+        file first (``repair.py``)."""
+        if self.h5.driver != "core":
+            self.h5.attrs["writer"] = int(open_)
+            self.h5.flush()
 
     def _validate(self):
         attrs = self.h5.attrs
@@ -161,6 +177,8 @@ class FeatureStore:
 
     def close(self):
         if self.h5.id.valid:
+            if self.h5.mode == "r+":
+                self._mark_writer(False)
             self.h5.close()
 
     def __enter__(self):

@@ -1,0 +1,58 @@
+"""The thresholds of a Spade: calibration at a false-positive rate on held-out normal images,
+overrides, and a calibration-free estimate for pictures (a mixin of :class:`Spade`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from .. import metrics
+
+
+class Thresholds:
+    """``tau_`` (image) and ``theta_`` (pixel) thresholds; needs the Spade's corpus and scoring."""
+
+    def calibrate(self, normals: Iterable, fpr: float = 0.01, on_progress=None) -> dict:
+        """Set ``tau_`` and ``theta_`` at false-positive rate ``fpr`` over held-out normal
+        images and their pixels, store them in the corpus and return the record.
+
+        Images already in the corpus are refused: their distances to themselves are 0, which
+        would give thresholds that flag every new normal image.
+        """
+        if not 0 <= fpr < 1:
+            raise ValueError(f"fpr={fpr}: expected 0 <= fpr < 1")
+        indexed = set(self.store_.sha256s())
+        scores, maps, errors = [], [], []
+        for r in self.iter_score(normals, maps=True, on_progress=on_progress):
+            if r.error:
+                errors.append(r.error)
+                continue
+            if r.image.sha256 in indexed:
+                raise ValueError(f"{r.path} is in the corpus: calibrate on held-out normal images that "
+                                 f"were not indexed (e.g. hold out every 10th image before `index`)")
+            scores.append(r.score)
+            maps.append(r.map)
+        if not scores:
+            raise ValueError("calibrate: none of the normal images could be scored")
+        th = {"tau": metrics.threshold_at_fpr(scores, fpr), "theta": metrics.threshold_at_fpr(np.stack(maps), fpr),
+              "fpr": fpr, "n_images": len(scores), "skipped": errors, "scoring": self.config_.scoring_dict()}
+        self.store_.write_thresholds(th)
+        self.calibration_, self.tau_, self.theta_ = th, th["tau"], th["theta"]
+        return th
+
+    def set_thresholds(self, tau: float | None = None, theta: float | None = None):
+        """Override the calibrated thresholds for this object (not stored); None keeps one."""
+        self.tau_ = self.tau_ if tau is None else float(tau)
+        self.theta_ = self.theta_ if theta is None else float(theta)
+        return self
+
+    def leave_one_out_theta(self, n_images: int = 8, fpr: float = 0.01) -> float:
+        """A pixel threshold estimated without held-out images (see
+        :meth:`QueryPipeline.leave_one_out_theta`), cached per corpus size: a calibration-free
+        colour scale for pictures."""
+        n = len(self.store_)
+        if getattr(self, "_loo_", (None,))[0] != n:
+            theta = self.pipeline_.leave_one_out_theta(n_images, fpr, self.config_, self.options_, self.search_device_)
+            self._loo_ = (n, theta)
+        return self._loo_[1]
