@@ -71,6 +71,7 @@ def test_default_nprobe_is_the_smallest_reaching_the_target_recall(rng):
     xb, xq = clustered_split(rng, 3000, 100)
     ivf = ImageIndex.build(xb, "ivf", target_recall=0.9, k=20)
     assert ivf.nprobe == min(ivf.ivf.nlist, image_index.NPROBE_MARGIN * ivf.tuning["nprobe"])
+    assert ivf.tuning["timed_nprobe"] == ivf.nprobe  # auto's IVF-vs-Flat time is taken at the nprobe used
     assert ivf.tuning["target_recall"] == 0.9 and ivf.tuning["k"] == 20
     rows = np.arange(0, 3000, 30)
     tuning = ivf.tune(xb, rows, 0.9, 20)

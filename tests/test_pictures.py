@@ -50,3 +50,14 @@ def test_curves_histogram_and_worst_cases_are_png_files(tmp_path):
         img = cv2.imread(str(tmp_path / name))
         assert img is not None and img.shape[0] > 20, name
     assert cv2.imread(str(tmp_path / "w.png")).shape[1] == 4 * 40
+
+
+def test_caption_fields_wrap_instead_of_being_cut():
+    """A caption line too long for a small overlay wraps between its fields: the score and the
+    verdict stay readable (they used to be cut off from the left)."""
+    line = "score 1.225e+04  not calibrated  map max 1.225e+04"
+    assert pictures.wrap_fields(line, 24) == ["score 1.225e+04", "not calibrated", "map max 1.225e+04"]
+    assert pictures.wrap_fields(line, 80) == [line]
+    assert pictures.wrap_fields("defect/a_very_long_file_name.png", 16) == ["...file_name.png"]
+    short, wrapped = pictures.caption_band(["x"], 200), pictures.caption_band([line], 200)
+    assert wrapped.shape[0] > short.shape[0]  # more rows, not a cut row

@@ -272,6 +272,18 @@ def test_tight_deadlines_answer_503_at_once_never_504(big, tmp_path):
         server.stop()
 
 
+def test_a_request_that_cannot_be_admitted_is_refused_before_its_image_is_decoded(store, tmp_path):
+    """Under overload a refusal must cost next to nothing: admission comes before decoding, so
+    an undecodable body that could not be served in time gets 503 (not 400), at once."""
+    server = Server(store, tmp_path, "--timeout", "0.001")  # no work fits in 1 ms
+    try:
+        code, raw, headers, seconds = timed_request(server.url + "/v1/score?map=true", b"not an image at all")
+        assert code == 503 and b"deadline" in raw and seconds < 1 and "retry-after" in {k.lower() for k in headers}, raw
+        assert metric(server.metrics(), "spade_rejected_total", reason="cannot be served before the deadline") == 1
+    finally:
+        assert server.stop() == 0
+
+
 def test_a_client_that_leaves_is_not_scored(big, tmp_path):
     root, store = big
     body = open(discover(root, "test")[0].path, "rb").read()

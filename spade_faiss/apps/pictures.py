@@ -85,16 +85,30 @@ def colour_bar(height: int, hi: float, theta: float | None) -> np.ndarray:
 
 
 def caption_band(lines: list[str], width: int) -> np.ndarray:
-    """White band with one line of text per entry (cut to the width)."""
+    """White band with the text of each entry; an entry too long for the width wraps at its
+    double spaces (fields), and a single field still too long keeps its end (a path's name)."""
     if not lines:
         return np.zeros((0, width, 3), np.uint8)
     scale, step = 0.42, 16
-    band = np.full((6 + step * len(lines), width, 3), 255, np.uint8)
     chars = max(8, int(width / (scale * 22)))
-    for i, text in enumerate(lines):
-        text = text if len(text) <= chars else "..." + text[-(chars - 3):]
+    rows = [row for text in lines for row in wrap_fields(text, chars)]
+    band = np.full((6 + step * len(rows), width, 3), 255, np.uint8)
+    for i, text in enumerate(rows):
         cv2.putText(band, text, (4, 4 + step * (i + 1) - 4), FONT, scale, BLACK, 1, cv2.LINE_AA)
     return band
+
+
+def wrap_fields(text: str, chars: int) -> list[str]:
+    """``text`` as rows of at most ``chars`` characters, breaking only between fields separated
+    by two spaces; a field longer than a row is cut from the left ("...end")."""
+    rows: list[str] = []
+    for field in text.split("  "):
+        field = field if len(field) <= chars else "..." + field[-(chars - 3):]
+        if rows and len(rows[-1]) + 2 + len(field) <= chars:
+            rows[-1] += "  " + field
+        else:
+            rows.append(field)
+    return rows
 
 
 def save_png(path, rgb: np.ndarray) -> None:

@@ -113,19 +113,28 @@ class Scheduler:
 
     # --- admission -----------------------------------------------------------------------
 
+    def admit(self, wants_map: bool, deadline: float) -> None:
+        """Raise :class:`Busy` (with the seconds after which to retry) when a job asking this
+        could not be queued now. The service asks before decoding an image, so that a refusal
+        costs next to nothing when the server is overloaded; :meth:`submit` asks again."""
+        with self.cond:
+            self._admit(time.monotonic(), wants_map, deadline)
+
     def submit(self, job: Job) -> None:
         """Queue ``job`` or raise :class:`Busy` (with the seconds after which to retry)."""
-        now = time.monotonic()
         with self.cond:
-            if self.stopping:
-                raise Busy("shutting down", 5.0)
-            if len(self.lanes["score"]) >= self.queue_size:
-                raise Busy("queue full", self._backlog(now))
-            done = self._estimate(now, job.maps != "false")
-            if done > job.deadline:
-                raise Busy("cannot be served before the deadline", max(0.0, done - job.deadline))
+            self._admit(time.monotonic(), job.maps != "false", job.deadline)
             self.lanes["score"].append(job)
             self.cond.notify_all()
+
+    def _admit(self, now: float, wants_map: bool, deadline: float) -> None:
+        if self.stopping:
+            raise Busy("shutting down", 5.0)
+        if len(self.lanes["score"]) >= self.queue_size:
+            raise Busy("queue full", self._backlog(now))
+        done = self._estimate(now, wants_map)
+        if done > deadline:
+            raise Busy("cannot be served before the deadline", max(0.0, done - deadline))
 
     def _estimate(self, now: float, wants_map: bool) -> float:
         """When a new job would be answered: the work queued ahead at the measured times."""

@@ -104,12 +104,12 @@ def create_app(spade: Spade, token: str | None = None, max_upload_bytes: int = 3
         if pixels is not None and pixels > max_pixels:
             return error(413, f"image has {pixels} pixels, more than {max_pixels}")
         try:
+            scheduler.admit(want != "false", arrived + timeout_s)  # before paying for decoding
             image = await run_in_threadpool(imglib.load_bytes, data, name)
+            job = Job(image, want, arrived + timeout_s)
+            scheduler.submit(job)
         except imglib.ImageError as e:
             return error(400, str(e))
-        job = Job(image, want, arrived + timeout_s)
-        try:
-            scheduler.submit(job)
         except Busy as busy:
             metrics.rejected.labels(busy.reason).inc()
             return error(503, f"server busy: {busy.reason}", headers={"Retry-After": str(math.ceil(busy.retry_after))})
