@@ -123,6 +123,7 @@ def plot(rows: list, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, axes = plt.subplots(1, len({r["n"] for r in rows}), figsize=(11, 4), squeeze=False)
     for ax, n in zip(axes[0], sorted({r["n"] for r in rows})):
         for name in dict.fromkeys(r["index"] for r in rows if r["n"] == n):
@@ -131,7 +132,8 @@ def plot(rows: list, path: str) -> None:
             ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", label=name)
         ax.set(xscale="log", xlabel="query time per image (ms), nprobe rising along each line",
                ylabel="recall@50 vs Flat", title=f"N={n:,}")
-        ax.grid(alpha=0.3)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap
+        ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

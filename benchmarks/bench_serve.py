@@ -33,28 +33,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def post(url: str, body: bytes, timeout: float = 120) -> tuple[int, float]:
+def post(url: str, body: bytes, timeout: float = 120) -> tuple[int, float, float]:
+    """(status, seconds, Retry-After seconds or 0) of one request."""
     t = time.perf_counter()
+    retry = 0.0
     try:
         with urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=timeout) as r:
             r.read()
             code = r.status
     except urllib.error.HTTPError as e:
-        code = e.code
+        code, retry = e.code, float(e.headers.get("Retry-After") or 0)
     except OSError:
         code = 0
-    return code, time.perf_counter() - t
+    return code, time.perf_counter() - t, retry
 
 
 def closed_loop(url: str, bodies: list[bytes], clients: int, seconds: float) -> float:
-    """Answers (200) per second with ``clients`` clients sending back to back."""
+    """Answers (200) per second with ``clients`` clients sending back to back; a client told
+    503 waits the ``Retry-After`` it was given, as the README asks of clients."""
     done, stop = [], time.perf_counter() + seconds
 
     def client(i):
         j = i
         while time.perf_counter() < stop:
-            if post(url, bodies[j % len(bodies)])[0] == 200:
+            code, _, retry = post(url, bodies[j % len(bodies)])
+            if code == 200:
                 done.append(time.perf_counter())
+            elif code == 503:
+                time.sleep(max(0.0, min(retry, stop - time.perf_counter())))
             j += clients
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     start = time.perf_counter()
@@ -80,11 +86,13 @@ def open_loop(url: str, bodies: list[bytes], rate: float, seconds: float) -> dic
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    ok = sorted(s for c, s in results if c == 200)
-    codes = [c for c, _ in results]
+    ok = sorted(s for c, s, _ in results if c == 200)
+    busy = [s for c, s, _ in results if c == 503]
+    codes = [c for c, _, _ in results]
     return {"requests": n, "goodput_per_s": round(len(ok) / wall, 2),
             "p50_ms": round(1e3 * float(np.percentile(ok, 50)), 1) if ok else None,
             "p99_ms": round(1e3 * float(np.percentile(ok, 99)), 1) if ok else None,
+            "max_503_ms": round(1e3 * max(busy), 1) if busy else None,
             "n_200": codes.count(200), "n_503": codes.count(503), "n_504": codes.count(504),
             "n_other": sum(c not in (200, 503, 504) for c in codes)}
 
