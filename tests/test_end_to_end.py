@@ -17,7 +17,7 @@ from spade_faiss.apps.runs import read_rows
 from spade_faiss.datasets import discover
 from spade_faiss.detector import Spade
 
-from .test_detector import oracle
+from .test_detector import correspondence_oracle, oracle
 
 pytestmark = pytest.mark.slow
 
@@ -81,3 +81,8 @@ def test_real_images_pruned_engine_equals_the_oracle_and_faiss_within_its_roundi
         assert (error < tolerance).all(), (stage2, error)
     stats = spade.pruning_stats_
     assert set(stats) == {"layer1", "layer2", "layer3"} and all(0 < s["pruned"] < 1 for s in stats.values())
+    # Correspondences on a real defect image: the brute-force argmin at every level and location.
+    r = spade.score(test[:1], correspondences=True)
+    want = correspondence_oracle(spade, str(test[0]), r.neighbour_ids[0], spade.config_.levels)
+    for level in spade.config_.levels:
+        np.testing.assert_array_equal(r.correspondences[0][level], want[level], err_msg=level)
