@@ -101,10 +101,10 @@ def write_report(run_dir) -> Path:
     for r in sorted(rows, key=lambda r: -float(r["score"] or "nan")):
         overlay = run_dir / r["overlay"] if r.get("overlay") else None
         nearest = (r["neighbour_paths"].split(";") or [""])[0]
-        verdict = {"1": "anomalous", "0": "normal"}.get(r["is_anomalous"], "")
+        verdict = {"1": "anomalous", "0": "normal"}.get(r["is_anomalous"], "not calibrated")
         table.append(f"<tr data-score='{float(r['score']):.6g}' data-map='{r['map_max'] or 0}'>"
                      f"<td class='name'>{html.escape(r['image_path'])}</td><td>{html.escape(r['folder'])}</td>"
-                     f"<td>{float(r['score']):.4g}</td><td class='{verdict}'>{verdict}</td>"
+                     f"<td>{float(r['score']):.4g}</td><td class='{verdict.replace(' ', '-')}'>{verdict}</td>"
                      f"<td>{r['map_max'] or ''}</td>"
                      f"<td><img alt='overlay' src='{_thumb(overlay) if overlay else ''}'></td>"
                      f"<td><img alt='nearest normal' src='{_thumb(nearest) if nearest else ''}'>"
@@ -134,7 +134,7 @@ TEMPLATE = """<!DOCTYPE html>
 body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 6px; vertical-align: middle; }}
 #images th {{ cursor: pointer; background: #eee; user-select: none; }}
-.anomalous {{ color: #b00; font-weight: bold; }} .normal {{ color: #070; }}
+.anomalous {{ color: #b00; font-weight: bold; }} .normal {{ color: #070; }} .not-calibrated {{ color: #888; }}
 .small {{ font-size: 75%; color: #666; }} .name {{ max-width: 28em; word-break: break-all; }}
 figure {{ display: inline-block; margin: 0 1em 1em 0; }} figure img {{ max-height: 320px; }}
 #controls {{ margin: 0.5em 0; }}
