@@ -3,8 +3,8 @@ IVF (nlist and nprobe sweeps) and IVF-SQ8 on seeded clustered 2048-d vectors. Pr
 and writes a recall-vs-query-time plot.
 
     .venv/bin/python benchmarks/bench_image_index.py --out bench-out                 # 10k and 100k vectors
-    .venv/bin/python benchmarks/bench_image_index.py --large 1000000 --queries 100 \
-        --nlist 4096 --train-per-list 32                                             # 1M, ~17 GB RAM
+    # 1M vectors, ~17 GB RAM:
+    .venv/bin/python benchmarks/bench_image_index.py --large 1000000 --queries 100 --nlist 4096 --train-per-list 32
 
 Each size also reports the tuned default (``ImageIndex.build`` without nprobe: the smallest nprobe
 reaching recall@50 0.99 leave-one-out on the corpus) against exact search on fresh queries.
