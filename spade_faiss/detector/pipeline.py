@@ -23,6 +23,11 @@ PROJECTION_IMAGES = 16
 PROJECTION_VECTORS = 16384
 
 
+def _spread_rows(n: int, count: int) -> np.ndarray:
+    """Up to ``count`` store rows of ``n``, evenly spaced from the first to the last (int64)."""
+    return np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(np.int64))
+
+
 def _located(nearest: np.ndarray, image_ids: np.ndarray, width: int) -> np.ndarray:
     """(h, w, 2) gallery (index, flat position) -> (h, w, 3) int32 (image id, row, col)."""
     row, col = np.divmod(nearest[..., 1], width)
@@ -76,7 +81,7 @@ class QueryPipeline:
         n = len(self.store)
         if n < 2:
             raise ValueError("leave-one-out needs a corpus of at least 2 images")
-        rows = np.unique(np.linspace(0, n - 1, min(n_images, n)).round().astype(np.int64))
+        rows = _spread_rows(n, n_images)
         k_gallery = min(config.k_gallery, n - 1)
         dist, ids = self.index.search(self.store.pool()[rows], k_gallery + 1, config.nprobe)
         feats = {lv: self.store.level(lv, rows).astype(np.float32) for lv in config.levels}
@@ -151,7 +156,7 @@ class QueryPipeline:
         if name in self.projections:
             return
         n = len(self.store)
-        rows = np.unique(np.linspace(0, n - 1, min(PROJECTION_IMAGES, n)).round().astype(np.int64))
+        rows = _spread_rows(n, PROJECTION_IMAGES)
         feats = load_entries(self.store.level, [(mode, int(i)) for i in rows], self.store.config.levels)
         sample = np.concatenate([f[name].reshape(-1, f[name].shape[-1]) for f in feats]).astype(np.float32)
         if len(sample) > PROJECTION_VECTORS:
