@@ -177,6 +177,27 @@ def test_pruned_near_ties_large_norms_and_duplicates(operand, small_steps, kappa
     np.testing.assert_array_equal(nearest, want_nearest)
 
 
+def test_a_partial_last_block_with_fewer_than_kappa_vectors(operand, small_steps, monkeypatch):
+    """18 gallery vectors: the last block of 16 holds 2, fewer than kappa = 3. A query whose best
+    block it is must not take padding for a neighbour (that read past the gallery: uninitialised
+    memory, a flaky wrong answer); every re-checked column is a real one, and the result exact."""
+    rng = np.random.default_rng(0)
+    gallery = [rng.standard_normal((4, 4, 24)).astype(np.float32), rng.standard_normal((1, 2, 24)).astype(np.float32)]
+    query = rng.standard_normal((1, 3, 3, 24)).astype(np.float32)
+    query[0, 0, 0] = gallery[1][0, 0] + 1e-3  # nearest block: the partial one
+    asked = []
+
+    def checked(q, rows_of, q_idx, g_idx):
+        asked.append(int(g_idx.max()))
+        return exact.pair_distances(q, rows_of, q_idx, g_idx)
+    monkeypatch.setattr(pruned, "pair_distances", checked)
+    dist, nearest, _ = run_pruned(query, gallery, 3, dtype=operand)
+    want, want_nearest, _ = brute_with_exact(query, gallery, 3)
+    assert max(asked) < 18
+    np.testing.assert_array_equal(dist, want)
+    np.testing.assert_array_equal(nearest, want_nearest)
+
+
 def test_one_image_gallery_and_too_few_vectors(operand):
     rng = np.random.default_rng(2)
     gallery = [rng.standard_normal((3, 2, 5)).astype(np.float32)]

@@ -229,10 +229,14 @@ def _probe(q, a, cols, block_min, best_block, rows_of, start: int, total: int, k
     y = _bounds(a, cols, q_idx, best.reshape(-1)).view(r, t * BLOCK)
     col = (best[:, :, None] * BLOCK + torch.arange(BLOCK)).reshape(r, -1)
     y = y.masked_fill(col >= total, float("inf"))
-    chosen = torch.gather(col, 1, torch.topk(y, kappa, dim=1, largest=False).indices)  # (R, kappa)
+    pick = torch.topk(y, kappa, dim=1, largest=False).indices
+    # A best block that is the partial last one may hold fewer than kappa gallery vectors: the
+    # padding picked instead has no distance, and such a query gets U = inf (no pruning).
+    real = torch.isfinite(torch.gather(y, 1, pick))
+    chosen = torch.gather(col, 1, pick).masked_fill(~real, 0)  # (R, kappa), column 0 as a stand-in
     rows = (start + torch.arange(r))[:, None].expand_as(chosen)
     d = pair_distances(q, rows_of, rows.reshape(-1), chosen.reshape(-1)).view(r, kappa)
-    return d.double().amax(dim=1).numpy()
+    return d.double().masked_fill(~real, float("inf")).amax(dim=1).numpy()
 
 
 def _candidates(a, cols, block_min, t, total: int):
