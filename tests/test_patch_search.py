@@ -1,5 +1,5 @@
-"""Stage 2: the faiss engine's chunked exact kNN equals a brute-force oracle for any chunking and
-kappa; the pruned engine equals brute force with the same exact distance, bit for bit, on seeded
+"""Stage 2: the brute-force engines' (faiss, numpy) chunked exact kNN equals a float64 oracle for
+any chunking, block and kappa; the pruned engine equals brute force with the same exact distance, bit for bit, on seeded
 and adversarial data, with consistent pruning statistics."""
 
 import numpy as np
@@ -17,22 +17,44 @@ def oracle_knn_mean(q, g, kappa):
     return d.topk(kappa, dim=1, largest=False).values.mean(1).numpy()
 
 
+@pytest.mark.parametrize("backend", ["faiss", "numpy"])
 @pytest.mark.parametrize("kappa", [1, 3])
 @pytest.mark.parametrize("chunk_bytes", [1, 4000, 10**9])
-def test_knn_mean_equals_brute_force(rng, kappa, chunk_bytes):
+def test_knn_mean_equals_brute_force(rng, kappa, chunk_bytes, backend):
     galleries = [rng.standard_normal((rng.integers(5, 40), 16)).astype(np.float32) for _ in range(7)]
     q = rng.standard_normal((50, 16)).astype(np.float32)
-    got = patch_search.knn_mean(q, patch_search.iter_chunks(galleries, chunk_bytes), kappa)
+    got = patch_search.knn_mean(q, patch_search.iter_chunks(galleries, chunk_bytes), kappa, backend=backend)
     np.testing.assert_allclose(got, oracle_knn_mean(q, np.concatenate(galleries), kappa), rtol=1e-4)
 
 
-def test_kappa_larger_than_every_chunk(rng):
+@pytest.mark.parametrize("backend", ["faiss", "numpy"])
+def test_kappa_larger_than_every_chunk(rng, backend):
     galleries = [rng.standard_normal((2, 4)).astype(np.float32) for _ in range(5)]
     q = rng.standard_normal((6, 4)).astype(np.float32)
-    got = patch_search.knn_mean(q, patch_search.iter_chunks(galleries, 1), 7)
+    got = patch_search.knn_mean(q, patch_search.iter_chunks(galleries, 1), 7, backend=backend)
     np.testing.assert_allclose(got, oracle_knn_mean(q, np.concatenate(galleries), 7), rtol=1e-4)
     with pytest.raises(ValueError, match="kappa=11 needs at least 11"):
-        patch_search.knn_mean(q, patch_search.iter_chunks(galleries, 1), 11)
+        patch_search.knn_mean(q, patch_search.iter_chunks(galleries, 1), 11, backend=backend)
+
+
+@pytest.mark.parametrize("kappa", [1, 3])
+@pytest.mark.parametrize("block", [1, 7, 4096])
+def test_numpy_blocks_ties_duplicates_and_large_norms(kappa, block, monkeypatch):
+    # Gallery blocks of 1 (fewer rows than kappa), 7 (a ragged last block) and one block; exact
+    # duplicates and a query equal to a gallery vector (distance 0, tied kappa times); features
+    # offset by 1000 (large norms: the expansion's cancellation is the brute-force contract).
+    monkeypatch.setattr(brute, "BLAS_DATABASE_BLOCK", block)
+    rng = np.random.default_rng(block)
+    g = rng.standard_normal((40, 24)).astype(np.float32)
+    g[10:13] = g[3]
+    q = np.concatenate([g[3:4], g[39:40], rng.standard_normal((8, 24)).astype(np.float32)])  # 39: last block
+    for offset in (0.0, 1000.0):
+        got = brute._knn_numpy(q + offset, g + offset, kappa)
+        want = torch.cdist(torch.from_numpy(q).double(), torch.from_numpy(g).double()) ** 2
+        want = want.topk(kappa, dim=1, largest=False).values.numpy()
+        scale = np.einsum("ij,ij->i", q + offset, q + offset)[:, None] + 4 * (np.abs(g + offset) ** 2).sum(1).max()
+        assert np.all(np.diff(got, axis=1) >= 0)  # ascending
+        assert np.all(np.abs(got - want) <= 24 * 2.0**-23 * scale)  # GEMM-expansion rounding
 
 
 def test_chunks_respect_the_byte_bound_and_cast(rng):
@@ -73,10 +95,10 @@ def test_out_of_memory_splits_the_chunk_and_stays_exact(rng, monkeypatch):
     # Stand-in for a GPU (or RAM) allocation failure above a size, around the real faiss search.
     real = brute._knn
 
-    def small_memory(q, g, k, device):
+    def small_memory(q, g, k, device, backend="faiss"):
         if g.shape[0] > 30:
             raise RuntimeError("Error in virtual void* faiss::gpu::StandardGpuResourcesImpl: cudaMalloc: out of memory")
-        return real(q, g, k, device)
+        return real(q, g, k, device, backend)
     monkeypatch.setattr(brute, "_knn", small_memory)
     galleries = [rng.standard_normal((50, 8)).astype(np.float32) for _ in range(3)]
     q = rng.standard_normal((20, 8)).astype(np.float32)
@@ -229,6 +251,22 @@ def test_pruning_statistics_identical_images_are_searched_once(operand):
     assert (nearest[..., 0] == 6).all() and stats.pruned > 0.8
 
 
+def test_kappa_neighbours_in_different_images_are_found_with_a_tight_upper_bound(operand):
+    """Four noisy copies of an image: each query location has one near neighbour per copy, and
+    its other 15 block-mates are far. The upper bound U must come from the kappa best blocks
+    (one neighbour each), not from the kappa best vectors of one block (one near and two far,
+    a loose U that re-checks most of the gallery)."""
+    rng = np.random.default_rng(4)
+    image = rng.standard_normal((16, 16, 32)).astype(np.float32)
+    copies = [(image + 0.05 * rng.standard_normal(image.shape)).astype(np.float32) for _ in range(4)]
+    query = (image[None] + 0.05 * rng.standard_normal((1, 16, 16, 32))).astype(np.float32)
+    dist, nearest, stats = run_pruned(query, copies, 3, dims=16, dtype=operand)
+    want, want_nearest, _ = brute_with_exact(query, copies, 3)
+    np.testing.assert_array_equal(dist, want)
+    np.testing.assert_array_equal(nearest, want_nearest)
+    assert stats.pruned > 0.9, stats.pruned
+
+
 def test_bf16_norm_parts_are_exact(rng):
     values = torch.from_numpy((rng.random(1000) * 10.0 ** rng.integers(-20, 20, 1000)).astype(np.float32))
     parts = bounds.norm_parts(values, torch.bfloat16).double()
@@ -248,7 +286,7 @@ def test_exact_distances_do_not_depend_on_the_batch(rng):
 def test_engine_choice_depends_on_the_configuration_only():
     layer1, layer3 = (56, 56, 256), (14, 14, 1024)
     assert patch_search.level_engine("auto", "cpu", layer1, 50) == "pruned"   # 252 GFLOP of brute force
-    assert patch_search.level_engine("auto", "cpu", layer3, 5) == "faiss"     # 0.4 GFLOP
+    assert patch_search.level_engine("auto", "cpu", layer3, 5) == "numpy"     # 0.4 GFLOP
     assert patch_search.level_engine("pruned", "cpu", layer3, 5) == "pruned"  # asked for
     assert patch_search.level_engine("faiss", "cpu", layer1, 50) == "faiss"
     assert patch_search.level_engine("auto", "cpu", layer3, 5, correspondences=True) == "pruned"

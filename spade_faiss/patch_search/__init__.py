@@ -4,6 +4,8 @@ the locations of the retrieved images (the gallery). Engines, one contract:
 - ``pruned`` (``pruned.py``): exact, with lower bounds that skip most pairs and bfloat16
   products with a rigorous error bound; the CPU default.
 - ``faiss`` (``brute.py``): exact brute force on CPU (``faiss.knn``) or GPU (``faiss.knn_gpu``).
+- ``numpy`` (``brute.py``): the same brute force through numpy's BLAS, CPU only; ``auto`` uses it
+  for the small levels the pruned engine does not pay for.
 - ``window`` (``window.py``): opt-in approximation, each location compared only with the gallery
   locations within a radius of its own position (exact within that contract).
 
@@ -20,9 +22,9 @@ from . import brute, pruned, window
 from .brute import gpu_available, iter_chunks, knn_mean, level_maps, resolve_search_device
 from .pruned import Projection, SearchStats
 
-ENGINES = ("pruned", "faiss", "window")
+ENGINES = ("pruned", "numpy", "faiss", "window")
 # Below this much brute-force work per query image (GFLOP), the pruned engine's fixed costs
-# (projections, screening, re-checks) exceed what it saves: ``auto`` uses faiss there.
+# (projections, screening, re-checks) exceed what it saves: ``auto`` uses numpy there.
 PRUNED_MIN_GFLOP = 8.0
 # Width of the pruned engine's bound GEMM by grid size: a large grid makes the GEMM dominate
 # (a narrow one is cheaper), a small grid makes the exact re-checks dominate (a wide bound
@@ -35,8 +37,8 @@ def resolve_engine(stage2: str, device: str) -> str:
     ``faiss`` on a GPU."""
     if stage2 == "auto":
         return "pruned" if device == "cpu" else "faiss"
-    if stage2 == "pruned" and device != "cpu":
-        raise ValueError(f"stage2='pruned' runs on the CPU, the device is {device!r}: use stage2='faiss' or 'auto'")
+    if stage2 in ("pruned", "numpy") and device != "cpu":
+        raise ValueError(f"stage2={stage2!r} runs on the CPU, the device is {device!r}: use stage2='faiss' or 'auto'")
     return stage2
 
 
@@ -45,7 +47,7 @@ def level_engine(stage2: str, device: str, shape: tuple, k_gallery: int, search:
     """The engine for one level of grid ``shape`` = (h, w, C): ``window`` for a window search
     whose radius does not cover the grid; else as :func:`resolve_engine`, except that ``auto`` on
     the CPU leaves small levels (brute force under ``PRUNED_MIN_GFLOP`` per query image) to
-    faiss, and that correspondences need the pruned engine (exact argmin, on any device). The
+    ``numpy``, and that correspondences need the pruned engine (exact argmin, on any device). The
     choice depends on the configuration only, never on the batch."""
     h, w, c = shape
     if search == "window" and radius < max(h, w) - 1:
@@ -54,7 +56,7 @@ def level_engine(stage2: str, device: str, shape: tuple, k_gallery: int, search:
         return "pruned"
     engine = resolve_engine(stage2, device)
     if stage2 == "auto" and engine == "pruned" and 2 * (h * w) ** 2 * k_gallery * c < PRUNED_MIN_GFLOP * 1e9:
-        return "faiss"
+        return "numpy"
     return engine
 
 
@@ -80,14 +82,15 @@ def search_level(engine: str, query: np.ndarray, gallery: list, kappa: int, devi
     position), or None from the faiss engine.
 
     ``query``: float32 (B, h, w, C); ``gallery``: per-image entries made by :func:`prepare`.
-    faiss searches one query image at a time, so that an image's result does not depend on
-    which images share its gallery (BLAS blocks by the number of query rows).
+    Brute force searches one query image at a time, so that an image's result does not depend
+    on which images share its gallery (BLAS blocks by the number of query rows).
     """
     if engine == "pruned":
         return pruned.search(query, gallery, kappa, projection, stats)
     if engine == "window":
         return window.search(query, gallery, kappa, radius)
-    return np.concatenate([level_maps(q[None], gallery, kappa, device, chunk_bytes, gpu_float16)
+    backend = "numpy" if engine == "numpy" else "faiss"
+    return np.concatenate([level_maps(q[None], gallery, kappa, device, chunk_bytes, gpu_float16, backend)
                            for q in query]), None
 
 

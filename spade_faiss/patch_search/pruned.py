@@ -41,8 +41,15 @@ of the re-checked ones are the answer, equal to brute force with that exact dist
 
 **Schedule.** The bound GEMM is computed transposed (gallery x queries) in chunks and kept
 only as its minimum over each block of 16 consecutive gallery vectors (an elementwise minimum
-of contiguous rows). Each query's ``U`` is the exact distance of the vector of smallest bound
-in its best block; candidate blocks are those whose minimum passes ``T(q)`` (screened by
+of contiguous rows). The minimum is taken over the values' bit patterns as integers (int16 for
+bfloat16, int32 for float32), several times faster than a floating-point minimum: IEEE values
+are sign and magnitude, so among non-negative values the integer order is the float order, and
+any negative value is an integer below every non-negative one. The integer minimum of a block is
+therefore its float minimum when the block has no negative value, and a negative value when it
+has one; either way ``minimum <= T(q)`` (``T > 0``) reads the same as for the float minimum.
+Each query's ``U`` is the largest exact distance of the ``kappa`` vectors of smallest bound
+among its ``kappa`` best blocks (any ``kappa`` gallery vectors give a valid ``U``; these give a
+tight one); candidate blocks are those whose minimum passes ``T(q)`` (screened by
 super-blocks of 4 first), and within them the vectors whose recomputed bound passes. Identical
 gallery images (byte-equal features) are searched once when ``kappa == 1`` (a duplicate cannot
 change a minimum; the nearest is reported in the first of them).
@@ -52,6 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 
 import numpy as np
 import torch
@@ -61,11 +69,11 @@ from .exact import STEP_BYTES, SUM_EPS, pair_distances
 
 BLOCK = 16  # gallery columns per block: the GEMM output is kept only as minima over blocks
 SUPER = 4  # blocks per super-block, screened first
-PROBE_BLOCKS = 1  # best blocks where each query looks for its upper bound U (kappa <= 16)
 CHUNK = 4096  # gallery columns per GEMM call
 ROWS = 1024  # query rows per pass (bounds the block-minimum array: N/16 x ROWS values)
 PAD_NORM = 2.0**100  # squared norm of padding columns: they never pass a threshold
 TINY = 2.0**-100  # absolute slack for flushed subnormals
+_local = threading.local()  # per-thread reusable buffers
 __all__ = ["Operands", "PreparedImage", "Projection", "SearchStats", "make_operands", "operand_dtype",
            "prepare_image", "search"]
 
@@ -126,6 +134,8 @@ def search(query: np.ndarray, gallery: list[PreparedImage], kappa: int, projecti
                              + gamma * (ops.norm[start:stop] + norm_max) ** 2) + TINY
         t = torch.from_numpy(np.nextafter(t.astype(np.float32), np.float32(np.inf)))
         q_idx, g_idx = _candidates(a, cols, block_min, t, total)
+        by_column = torch.argsort(g_idx)  # each step of re-checks then reads a few images only
+        q_idx, g_idx = q_idx[by_column], g_idx[by_column]
         d = pair_distances(q, rows_of, q_idx + start, g_idx)
         if stats is not None:
             stats.pairs += (stop - start) * total
@@ -148,18 +158,30 @@ def _unique(gallery: list[PreparedImage]):
     return kept, np.array(first_of)
 
 
+def _workspace(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor in this thread's reusable buffer of ``dtype``: a fresh large
+    allocation is fresh pages from the OS, whose faults cost more than filling them."""
+    n = math.prod(shape)
+    buffers = _local.__dict__.setdefault("buffers", {})
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < n:
+        buf = buffers[dtype] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
 def _gallery_matrix(images: list[PreparedImage], dtype) -> torch.Tensor:
-    """The gallery operands stacked and padded to whole super-blocks (padding never passes)."""
+    """The gallery operands stacked and padded to whole super-blocks (padding never passes),
+    in this thread's workspace (valid until the next call)."""
     rows = [g.ops.rows for g in images]
     total = sum(len(r) for r in rows)
-    pad = -total % (BLOCK * SUPER)
-    if pad:
-        width = rows[0].shape[1]
-        filler = torch.zeros(pad, width, dtype=dtype)
-        filler[:, width - 6:width - 3] = 1
-        filler[:, width - 3] = PAD_NORM
-        rows.append(filler)
-    return torch.cat(rows)
+    width = rows[0].shape[1]
+    out = _workspace((total - total % -(BLOCK * SUPER), width), dtype)
+    torch.cat(rows, out=out[:total])
+    filler = out[total:]
+    filler.zero_()
+    filler[:, width - 6:width - 3] = 1
+    filler[:, width - 3] = PAD_NORM
+    return out
 
 
 def _row_reader(images: list[PreparedImage], offsets: np.ndarray):
@@ -170,29 +192,36 @@ def _row_reader(images: list[PreparedImage], offsets: np.ndarray):
     def rows_of(idx: torch.Tensor) -> torch.Tensor:
         order = torch.argsort(idx)
         sorted_idx = idx[order]
-        cuts = torch.searchsorted(sorted_idx, bounds).tolist()
+        cuts = torch.searchsorted(sorted_idx, bounds).numpy()
         out = torch.empty(len(idx), feats[0].shape[1], dtype=torch.float32)
-        for j, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
-            if hi > lo:
-                out[order[lo:hi]] = feats[j].index_select(0, sorted_idx[lo:hi] - int(offsets[j])).float()
+        for j in np.flatnonzero(cuts[1:] > cuts[:-1]).tolist():  # the images present only
+            lo, hi = int(cuts[j]), int(cuts[j + 1])
+            out[order[lo:hi]] = feats[j].index_select(0, sorted_idx[lo:hi] - int(offsets[j])).float()
         return out
     return rows_of
 
 
+def _bits(dtype: torch.dtype) -> torch.dtype:
+    """The integer type whose order on non-negative values of ``dtype`` is theirs (module doc)."""
+    return torch.int16 if dtype == torch.bfloat16 else torch.int32
+
+
 def _block_minima(a: torch.Tensor, cols: torch.Tensor):
     """Minimum of the bound over each block of ``BLOCK`` consecutive gallery columns, per query
-    ((N / BLOCK, R)), and each query's block of smallest minimum ((R,) int64). The GEMM is
-    computed transposed (gallery x queries) so that the block minimum is an elementwise one
-    over contiguous rows, as fast as a copy."""
+    ((N / BLOCK, R), as integer bit patterns: ``.view(a.dtype)`` reads them as values, see the
+    module doc), and each query's block of smallest minimum ((R,) int64). The GEMM is computed
+    transposed (gallery x queries) so that the block minimum is an elementwise one over
+    contiguous rows, as fast as a copy."""
     n, r = cols.shape[0], a.shape[0]
-    out = torch.empty(n // BLOCK, r, dtype=a.dtype)
+    bits = _bits(a.dtype)
+    out = torch.empty(n // BLOCK, r, dtype=bits)
     n_chunks = -(-n // CHUNK)
-    chunk_min = torch.empty(n_chunks, r, dtype=a.dtype)
+    chunk_min = torch.empty(n_chunks, r, dtype=bits)
     at = a.T.contiguous()
     for k, c0 in enumerate(range(0, n, CHUNK)):
         c1 = min(n, c0 + CHUNK)
         dest = out[c0 // BLOCK:c1 // BLOCK]
-        torch.amin(torch.mm(cols[c0:c1], at).view((c1 - c0) // BLOCK, BLOCK, r), dim=1, out=dest)
+        torch.amin(torch.mm(cols[c0:c1], at).view(bits).view((c1 - c0) // BLOCK, BLOCK, r), dim=1, out=dest)
         torch.amin(dest, dim=0, out=chunk_min[k])
     # The best block lies in the best chunk: search only there.
     best_chunk = torch.min(chunk_min, dim=0).indices
@@ -218,9 +247,12 @@ def _bounds(a: torch.Tensor, cols: torch.Tensor, q_idx: torch.Tensor, blocks: to
 
 def _probe(q, a, cols, block_min, best_block, rows_of, start: int, total: int, kappa: int) -> np.ndarray:
     """``U`` per query: the exact distances of the ``kappa`` columns of smallest bound in its
-    best blocks; their largest bounds the kappa-th nearest distance from above (float64)."""
+    ``kappa`` best blocks; their largest bounds the kappa-th nearest distance from above
+    (float64). One block per neighbour: the 16 vectors of one block are neighbouring positions
+    of one image, of which only a few are near any query, so the kappa best of a single block
+    would give a loose ``U`` (and a hundred times the re-checks at kappa=3)."""
     r = a.shape[0]
-    t = min(math.ceil(kappa / BLOCK) + PROBE_BLOCKS - 1, block_min.shape[0])
+    t = min(kappa, block_min.shape[0])
     if t == 1:
         best = best_block[:, None]  # (R, 1)
     else:
@@ -243,9 +275,10 @@ def _candidates(a, cols, block_min, t, total: int):
     """(query, gallery column) pairs whose bound passes the query's threshold: super-blocks of
     ``SUPER`` blocks are screened first, then blocks, then each column's bound is recomputed."""
     n_blocks, r = block_min.shape
+    dtype = a.dtype
     grouped = block_min.view(n_blocks // SUPER, SUPER, r)
-    sb, qq = torch.nonzero(grouped.amin(dim=1) <= t, as_tuple=True)
-    p, j = torch.nonzero(grouped[sb, :, qq].float() <= t[qq][:, None], as_tuple=True)
+    sb, qq = torch.nonzero(grouped.amin(dim=1).view(dtype) <= t, as_tuple=True)
+    p, j = torch.nonzero(grouped[sb, :, qq].view(dtype).float() <= t[qq][:, None], as_tuple=True)
     blocks, qq = sb[p] * SUPER + j, qq[p]
     y = _bounds(a, cols, qq, blocks)  # (P, BLOCK)
     p, j = torch.nonzero(y <= t[qq][:, None], as_tuple=True)
@@ -256,13 +289,24 @@ def _candidates(a, cols, block_min, t, total: int):
 
 def _kappa_smallest(q_local: np.ndarray, cols: np.ndarray, d: np.ndarray, n_rows: int, kappa: int):
     """Per query row: mean of the kappa smallest distances (float64 mean, float32 result) and
-    the nearest column (ties: the lowest column)."""
-    order = np.lexsort((cols, d, q_local))
-    q_sorted = q_local[order]
-    starts = np.searchsorted(q_sorted, np.arange(n_rows))
-    counts = np.diff(np.append(starts, len(q_sorted)))
+    the nearest column (ties: the lowest column).
+
+    Distances are non-negative float32, whose bit patterns order like their values, so one
+    int64 key per pair sorts or reduces by two fields at once: ``(distance, column)`` for the
+    nearest (a per-row minimum) and ``(row, distance)`` for the kappa smallest (one sort)."""
+    bits = d.view(np.int32).astype(np.int64)
+    near = torch.full((n_rows,), np.iinfo(np.int64).max, dtype=torch.int64)
+    near.scatter_reduce_(0, torch.from_numpy(q_local), torch.from_numpy((bits << 32) | cols), "amin")
+    near = near.numpy()
+    if (near == np.iinfo(np.int64).max).any():  # cannot happen: the threshold keeps the probed ones
+        raise RuntimeError("pruned search kept no candidate for a query; this is a bug")
+    nearest = near & 0xFFFFFFFF
+    if kappa == 1:
+        return (near >> 32).astype(np.int32).view(np.float32), nearest
+    key = np.sort((q_local << 32) | bits)
+    starts = np.searchsorted(key >> 32, np.arange(n_rows))
+    counts = np.diff(np.append(starts, len(key)))
     if (counts < kappa).any():  # cannot happen: the threshold keeps every vector within U
         raise RuntimeError("pruned search kept fewer than kappa candidates; this is a bug")
-    take = starts[:, None] + np.arange(kappa)
-    best = d[order][take].astype(np.float64).mean(axis=1).astype(np.float32)
-    return best, cols[order][starts]
+    take = (key[starts[:, None] + np.arange(kappa)] & 0xFFFFFFFF).astype(np.int32).view(np.float32)
+    return take.astype(np.float64).mean(axis=1).astype(np.float32), nearest
