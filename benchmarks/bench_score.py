@@ -1,7 +1,8 @@
-"""Scoring benchmark: end-to-end marginal time per image of `spade-faiss score` against the
-float32 brute-force floor and the faiss engine, in the default environment and with the
-OPENBLAS variables unset; per level, the stage-2 time, effective GFLOP/s and fraction pruned of
-each engine for K in --ks and concat mode. Prints JSON lines; writes only under --out.
+"""Scoring benchmark: end-to-end marginal time per image of `spade-faiss score` (default engine
+`auto`) against the float32 brute-force floor and `--stage2 faiss`, in the default environment
+and with the OPENBLAS variables unset; per level, the stage-2 time, effective GFLOP/s and
+fraction pruned of each engine (pruned, dense, faiss) for K in --ks and concat mode.
+Prints JSON lines; writes only under --out.
 
     .venv/bin/python benchmarks/bench_score.py --out bench-out             # 60 normal + 12 test real images
     .venv/bin/python benchmarks/bench_score.py --out bench-out --quick     # small backbone, generated data
@@ -25,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import dataset_images, emit, machine  # noqa: E402
 
-from spade_faiss import Spade  # noqa: E402
+from spade_faiss import Spade, patch_search  # noqa: E402
 
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
@@ -94,7 +95,7 @@ def end_to_end(store: Path, test: list[str], out: Path, backbone_s: float, floor
         walls = {}
         rates = kernel_rates_in(env)
         emit(bench="score", step="kernels", env=env_name, gflops_per_s=rates)
-        for stage2 in ("pruned", "faiss"):
+        for stage2 in ("auto", "faiss"):
             runs = {n: min(cli("score", store, lists[n], "--out", out / f"run_{stage2}_{n}", "--restart", "--device",
                                "cpu", "--stage2", stage2, env=env) for _ in range(repeat)) for n in lists}
             n = len(test)
@@ -105,16 +106,17 @@ def end_to_end(store: Path, test: list[str], out: Path, backbone_s: float, floor
                  seconds_1=round(runs[1][0], 2), seconds_n=round(runs[n][0], 2),
                  marginal_s_per_image=round(marginal, 3), float32_floor_s=round(floor, 3),
                  ratio_to_floor=round(marginal / floor, 3), peak_rss_mb=runs[n][1] and round(runs[n][1]))
-        emit(bench="score", step="speedup", env=env_name, faiss_over_pruned=round(walls["faiss"] / walls["pruned"], 2))
+        emit(bench="score", step="speedup", env=env_name, faiss_over_auto=round(walls["faiss"] / walls["auto"], 2))
 
 
 def per_level(store: Path, test: list[str], ks: list[int], concat_k: int) -> None:
-    """Stage-2 seconds per image and level, both engines, same process, warm caches."""
+    """Stage-2 seconds per image and level, each engine, same process, warm caches; ``auto``
+    names the engine the default picks for that level."""
     configs = [("per_level", k) for k in ks] + ([("concat", concat_k)] if concat_k else [])
     for mode, k in configs:
         queries = test if mode == "per_level" else test[:2]
         times = {}
-        for stage2 in ("pruned", "faiss"):
+        for stage2 in ("pruned", "dense", "faiss"):
             spade = Spade.open(store, device="cpu", stage2=stage2, k_gallery=k, k_image=min(5, k), pixel_mode=mode)
             spade.score(queries[:1])  # warm: model, caches, projections
             spade.timings_.clear()
@@ -129,7 +131,8 @@ def per_level(store: Path, test: list[str], ks: list[int], concat_k: int) -> Non
                 times[(stage2, name)] = sec
                 row = dict(bench="score", step="stage2", stage2=stage2, mode=mode, k_gallery=k, level=name,
                            images=len(queries), seconds_per_image=round(sec, 4), brute_force_gflop=round(gflop, 2),
-                           effective_gflops_per_s=round(gflop / sec, 1))
+                           effective_gflops_per_s=round(gflop / sec, 1),
+                           auto=patch_search.level_engine("auto", "cpu", (h, w, c), k))
                 if stage2 == "pruned":
                     row["fraction_pruned"] = spade.pruning_stats_[name]["pruned"]
                 else:

@@ -25,7 +25,7 @@ DTYPES = ("float16", "float32")
 SEARCHES = ("exact", "window")
 FEATURE_KEYS = ("backbone", "weights_sha256", "resize", "crop", "levels", "dtype")
 SCORING_KEYS = ("k_image", "k_gallery", "kappa", "pixel_mode", "sigma", "nprobe", "search", "radius")
-STAGE2_ENGINES = ("auto", "pruned", "numpy", "faiss")
+STAGE2_ENGINES = ("auto", "pruned", "dense", "faiss")
 OPTION_KEYS = ("device", "batch_size", "workers", "cache_bytes", "chunk_bytes", "stage2", "gpu_float16", "index",
                "nlist", "encoding", "target_recall")
 # The constructor parameters of Spade: the scoring and feature halves, the weights source, the options.

@@ -1,5 +1,6 @@
-"""Stage 2: the brute-force engines' (faiss, numpy) chunked exact kNN equals a float64 oracle for
-any chunking, block and kappa; the pruned engine equals brute force with the same exact distance, bit for bit, on seeded
+"""Stage 2: the faiss engine's chunked exact kNN equals a float64 oracle for any chunking and
+kappa; the dense engine equals brute force with the exact distance bit for bit, whatever its
+GEMM rounds; the pruned engine equals brute force with the same exact distance, bit for bit, on seeded
 and adversarial data, with consistent pruning statistics."""
 
 import numpy as np
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from spade_faiss import patch_search
-from spade_faiss.patch_search import bounds, brute, exact, pruned, window
+from spade_faiss.patch_search import bounds, brute, dense, exact, pruned, window
 from spade_faiss.resample import concat_levels
 
 
@@ -17,44 +18,22 @@ def oracle_knn_mean(q, g, kappa):
     return d.topk(kappa, dim=1, largest=False).values.mean(1).numpy()
 
 
-@pytest.mark.parametrize("backend", ["faiss", "numpy"])
 @pytest.mark.parametrize("kappa", [1, 3])
 @pytest.mark.parametrize("chunk_bytes", [1, 4000, 10**9])
-def test_knn_mean_equals_brute_force(rng, kappa, chunk_bytes, backend):
+def test_knn_mean_equals_brute_force(rng, kappa, chunk_bytes):
     galleries = [rng.standard_normal((rng.integers(5, 40), 16)).astype(np.float32) for _ in range(7)]
     q = rng.standard_normal((50, 16)).astype(np.float32)
-    got = patch_search.knn_mean(q, patch_search.iter_chunks(galleries, chunk_bytes), kappa, backend=backend)
+    got = patch_search.knn_mean(q, patch_search.iter_chunks(galleries, chunk_bytes), kappa)
     np.testing.assert_allclose(got, oracle_knn_mean(q, np.concatenate(galleries), kappa), rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["faiss", "numpy"])
-def test_kappa_larger_than_every_chunk(rng, backend):
+def test_kappa_larger_than_every_chunk(rng):
     galleries = [rng.standard_normal((2, 4)).astype(np.float32) for _ in range(5)]
     q = rng.standard_normal((6, 4)).astype(np.float32)
-    got = patch_search.knn_mean(q, patch_search.iter_chunks(galleries, 1), 7, backend=backend)
+    got = patch_search.knn_mean(q, patch_search.iter_chunks(galleries, 1), 7)
     np.testing.assert_allclose(got, oracle_knn_mean(q, np.concatenate(galleries), 7), rtol=1e-4)
     with pytest.raises(ValueError, match="kappa=11 needs at least 11"):
-        patch_search.knn_mean(q, patch_search.iter_chunks(galleries, 1), 11, backend=backend)
-
-
-@pytest.mark.parametrize("kappa", [1, 3])
-@pytest.mark.parametrize("block", [1, 7, 4096])
-def test_numpy_blocks_ties_duplicates_and_large_norms(kappa, block, monkeypatch):
-    # Gallery blocks of 1 (fewer rows than kappa), 7 (a ragged last block) and one block; exact
-    # duplicates and a query equal to a gallery vector (distance 0, tied kappa times); features
-    # offset by 1000 (large norms: the expansion's cancellation is the brute-force contract).
-    monkeypatch.setattr(brute, "BLAS_DATABASE_BLOCK", block)
-    rng = np.random.default_rng(block)
-    g = rng.standard_normal((40, 24)).astype(np.float32)
-    g[10:13] = g[3]
-    q = np.concatenate([g[3:4], g[39:40], rng.standard_normal((8, 24)).astype(np.float32)])  # 39: last block
-    for offset in (0.0, 1000.0):
-        got = brute._knn_numpy(q + offset, g + offset, kappa)
-        want = torch.cdist(torch.from_numpy(q).double(), torch.from_numpy(g).double()) ** 2
-        want = want.topk(kappa, dim=1, largest=False).values.numpy()
-        scale = np.einsum("ij,ij->i", q + offset, q + offset)[:, None] + 4 * (np.abs(g + offset) ** 2).sum(1).max()
-        assert np.all(np.diff(got, axis=1) >= 0)  # ascending
-        assert np.all(np.abs(got - want) <= 24 * 2.0**-23 * scale)  # GEMM-expansion rounding
+        patch_search.knn_mean(q, patch_search.iter_chunks(galleries, 1), 11)
 
 
 def test_chunks_respect_the_byte_bound_and_cast(rng):
@@ -95,10 +74,10 @@ def test_out_of_memory_splits_the_chunk_and_stays_exact(rng, monkeypatch):
     # Stand-in for a GPU (or RAM) allocation failure above a size, around the real faiss search.
     real = brute._knn
 
-    def small_memory(q, g, k, device, backend="faiss"):
+    def small_memory(q, g, k, device):
         if g.shape[0] > 30:
             raise RuntimeError("Error in virtual void* faiss::gpu::StandardGpuResourcesImpl: cudaMalloc: out of memory")
-        return real(q, g, k, device, backend)
+        return real(q, g, k, device)
     monkeypatch.setattr(brute, "_knn", small_memory)
     galleries = [rng.standard_normal((50, 8)).astype(np.float32) for _ in range(3)]
     q = rng.standard_normal((20, 8)).astype(np.float32)
@@ -267,6 +246,56 @@ def test_kappa_neighbours_in_different_images_are_found_with_a_tight_upper_bound
     assert stats.pruned > 0.9, stats.pruned
 
 
+def run_dense(query, gallery, kappa):
+    return dense.search(query, [dense.prepare_image(g) for g in gallery], kappa)
+
+
+@pytest.mark.parametrize("kappa", [1, 3])
+@pytest.mark.parametrize("group_bytes", [1, 16 << 20])
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_dense_engine_equals_brute_force_bitwise_whatever_the_gemm_rounds(kappa, group_bytes, offset, monkeypatch):
+    """Gallery groups of one image (the running threshold moves) and one group; exact duplicates
+    across images, a query equal to a gallery vector (distance 0, tied), large norms (features
+    offset by 1000: the expansion cancels); and a GEMM whose every product is off by up to half
+    the error the engine allows for: the answer is brute force with the exact distance (and so
+    the pruned engine's), bit for bit."""
+    monkeypatch.setattr(dense, "GROUP_BYTES", group_bytes)
+    rng = np.random.default_rng(kappa)
+    gallery = [(rng.standard_normal((4, 5, 24)) + offset).astype(np.float32) for _ in range(5)]
+    gallery[3][1] = gallery[1][2]
+    gallery[4] = gallery[0].copy()
+    query = (rng.standard_normal((2, 4, 5, 24)) + offset).astype(np.float32)
+    query[0, 0, 0] = gallery[2][3, 4]
+    want, want_nearest, _ = brute_with_exact(query, gallery, kappa)
+    prepared = [dense.prepare_image(g) for g in gallery]
+    norm_max, real = max(im.norm_max for im in prepared), dense._products
+
+    def rough(q2, g):
+        y = real(q2, g)
+        c = q2.shape[1]
+        gamma = (c + 8) * dense.U32 / (1 - (c + 8) * dense.U32)
+        allowed = gamma * (q2.double().norm(dim=1) / 2 + norm_max) ** 2
+        return (y + torch.from_numpy(rng.uniform(-0.5, 0.5, tuple(y.shape))) * allowed[:, None]).float()
+    for products in (real, rough):
+        monkeypatch.setattr(dense, "_products", products)
+        dist, nearest = dense.search(query, prepared, kappa)
+        np.testing.assert_array_equal(dist, want)
+        np.testing.assert_array_equal(nearest, want_nearest)
+
+
+def test_dense_engine_one_image_and_too_few_vectors():
+    rng = np.random.default_rng(5)
+    gallery = [rng.standard_normal((3, 2, 5)).astype(np.float32)]
+    query = rng.standard_normal((1, 2, 2, 5)).astype(np.float32)
+    for kappa in (1, 6):
+        dist, nearest = run_dense(query, gallery, kappa)
+        want, want_nearest, _ = brute_with_exact(query, gallery, kappa)
+        np.testing.assert_array_equal(dist, want)
+        np.testing.assert_array_equal(nearest, want_nearest)
+    with pytest.raises(ValueError, match="kappa=7 needs at least 7"):
+        run_dense(query, gallery, 7)
+
+
 def test_bf16_norm_parts_are_exact(rng):
     values = torch.from_numpy((rng.random(1000) * 10.0 ** rng.integers(-20, 20, 1000)).astype(np.float32))
     parts = bounds.norm_parts(values, torch.bfloat16).double()
@@ -286,11 +315,12 @@ def test_exact_distances_do_not_depend_on_the_batch(rng):
 def test_engine_choice_depends_on_the_configuration_only():
     layer1, layer3 = (56, 56, 256), (14, 14, 1024)
     assert patch_search.level_engine("auto", "cpu", layer1, 50) == "pruned"   # 252 GFLOP of brute force
-    assert patch_search.level_engine("auto", "cpu", layer3, 5) == "numpy"     # 0.4 GFLOP
+    assert patch_search.level_engine("auto", "cpu", layer3, 5) == "dense"     # 0.4 GFLOP
     assert patch_search.level_engine("pruned", "cpu", layer3, 5) == "pruned"  # asked for
     assert patch_search.level_engine("faiss", "cpu", layer1, 50) == "faiss"
-    assert patch_search.level_engine("auto", "cpu", layer3, 5, correspondences=True) == "pruned"
-    assert patch_search.level_engine("auto", "cuda", layer3, 5, correspondences=True) == "pruned"
+    assert patch_search.level_engine("auto", "cpu", layer3, 5, correspondences=True) == "dense"
+    assert patch_search.level_engine("auto", "cuda", layer1, 50, correspondences=True) == "pruned"
+    assert patch_search.level_engine("faiss", "cuda", layer3, 5, correspondences=True) == "dense"
     assert patch_search.level_engine("auto", "cpu", layer1, 50, "window", 3) == "window"
     assert patch_search.level_engine("auto", "cpu", layer1, 50, "window", 55) == "pruned"  # covers the grid
     assert patch_search.resolve_engine("auto", "cuda") == "faiss"

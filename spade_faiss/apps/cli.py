@@ -89,9 +89,9 @@ def _scoring_args(p):
     g.add_argument("--pixel-mode", default="per_level", choices=["per_level", "concat"], help="stage-2 features")
     g.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of maps (pixels; 0: none)")
     g.add_argument("--nprobe", type=int, help="IVF probes (default: the index's tuned value)")
-    g.add_argument("--stage2", default="auto", choices=["auto", "pruned", "numpy", "faiss"],
-                   help="exact stage-2 engine: pruned (bounds, CPU), numpy (brute force, CPU), faiss (brute "
-                        "force, CPU/GPU); auto: pruned on CPU (numpy for small levels), faiss on GPU")
+    g.add_argument("--stage2", default="auto", choices=["auto", "pruned", "dense", "faiss"],
+                   help="exact stage-2 engine: pruned (bounds, CPU), dense (every pair, CPU), faiss (brute "
+                        "force, CPU/GPU); auto: pruned on CPU (dense for small levels), faiss on GPU")
     g.add_argument("--search", default="exact", choices=["exact", "window"],
                    help="window: compare each location only with gallery locations within --radius cells of "
                         "its position (faster, an approximation; see benchmarks/README.md)")

@@ -4,13 +4,14 @@ the locations of the retrieved images (the gallery). Engines, one contract:
 - ``pruned`` (``pruned.py``): exact, with lower bounds that skip most pairs and bfloat16
   products with a rigorous error bound; the CPU default.
 - ``faiss`` (``brute.py``): exact brute force on CPU (``faiss.knn``) or GPU (``faiss.knn_gpu``).
-- ``numpy`` (``brute.py``): the same brute force through numpy's BLAS, CPU only; ``auto`` uses it
-  for the small levels the pruned engine does not pay for.
+- ``dense`` (``dense.py``): every pair through a float32 GEMM, then an exact re-check, CPU only;
+  the same result as ``pruned`` bit for bit; ``auto`` uses it for the small levels where the
+  pruned engine's fixed costs exceed what it saves.
 - ``window`` (``window.py``): opt-in approximation, each location compared only with the gallery
   locations within a radius of its own position (exact within that contract).
 
-``exact.py`` computes the distances the ``pruned`` and ``window`` engines (and the tests) trust.
-The ``pruned`` and ``window`` engines also give each location's nearest gallery vector (its
+``exact.py`` computes the distances the ``pruned``, ``dense`` and ``window`` engines (and the
+tests) trust. Those engines also give each location's nearest gallery vector (its
 correspondence); asking for correspondences makes ``auto`` use them.
 """
 
@@ -18,13 +19,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import brute, pruned, window
+from . import brute, dense, pruned, window
 from .brute import gpu_available, iter_chunks, knn_mean, level_maps, resolve_search_device
 from .pruned import Projection, SearchStats
 
-ENGINES = ("pruned", "numpy", "faiss", "window")
+ENGINES = ("pruned", "dense", "faiss", "window")
 # Below this much brute-force work per query image (GFLOP), the pruned engine's fixed costs
-# (projections, screening, re-checks) exceed what it saves: ``auto`` uses numpy there.
+# (projections, screening, re-checks) exceed what it saves: ``auto`` uses dense there.
 PRUNED_MIN_GFLOP = 8.0
 # Width of the pruned engine's bound GEMM by grid size: a large grid makes the GEMM dominate
 # (a narrow one is cheaper), a small grid makes the exact re-checks dominate (a wide bound
@@ -37,7 +38,7 @@ def resolve_engine(stage2: str, device: str) -> str:
     ``faiss`` on a GPU."""
     if stage2 == "auto":
         return "pruned" if device == "cpu" else "faiss"
-    if stage2 in ("pruned", "numpy") and device != "cpu":
+    if stage2 in ("pruned", "dense") and device != "cpu":
         raise ValueError(f"stage2={stage2!r} runs on the CPU, the device is {device!r}: use stage2='faiss' or 'auto'")
     return stage2
 
@@ -47,17 +48,17 @@ def level_engine(stage2: str, device: str, shape: tuple, k_gallery: int, search:
     """The engine for one level of grid ``shape`` = (h, w, C): ``window`` for a window search
     whose radius does not cover the grid; else as :func:`resolve_engine`, except that ``auto`` on
     the CPU leaves small levels (brute force under ``PRUNED_MIN_GFLOP`` per query image) to
-    ``numpy``, and that correspondences need the pruned engine (exact argmin, on any device). The
-    choice depends on the configuration only, never on the batch."""
+    ``dense``, and that correspondences need an engine that finds the nearest vector (pruned or
+    dense, on the CPU whatever the device). The choice depends on the configuration only, never
+    on the batch."""
     h, w, c = shape
     if search == "window" and radius < max(h, w) - 1:
         return "window"
+    small = 2 * (h * w) ** 2 * k_gallery * c < PRUNED_MIN_GFLOP * 1e9
     if correspondences:
-        return "pruned"
+        return stage2 if stage2 in ("pruned", "dense") else "dense" if small else "pruned"
     engine = resolve_engine(stage2, device)
-    if stage2 == "auto" and engine == "pruned" and 2 * (h * w) ** 2 * k_gallery * c < PRUNED_MIN_GFLOP * 1e9:
-        return "numpy"
-    return engine
+    return "dense" if stage2 == "auto" and engine == "pruned" and small else engine
 
 
 def projection_dims(grid: int) -> int:
@@ -69,6 +70,8 @@ def prepare(engine: str, feats: np.ndarray, projection: Projection | None, keep_
     """A gallery image's features (h, w, C) as its engine keeps them in the gallery cache."""
     if engine == "pruned":
         return pruned.prepare_image(projection, feats, pruned.operand_dtype())
+    if engine == "dense":
+        return dense.prepare_image(feats)
     if engine == "window":
         return feats  # exact values as stored; converted per comparison
     return feats if keep_float16 else np.asarray(feats, dtype=np.float32)
@@ -89,8 +92,9 @@ def search_level(engine: str, query: np.ndarray, gallery: list, kappa: int, devi
         return pruned.search(query, gallery, kappa, projection, stats)
     if engine == "window":
         return window.search(query, gallery, kappa, radius)
-    backend = "numpy" if engine == "numpy" else "faiss"
-    return np.concatenate([level_maps(q[None], gallery, kappa, device, chunk_bytes, gpu_float16, backend)
+    if engine == "dense":
+        return dense.search(query, gallery, kappa)
+    return np.concatenate([level_maps(q[None], gallery, kappa, device, chunk_bytes, gpu_float16)
                            for q in query]), None
 
 

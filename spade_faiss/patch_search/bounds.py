@@ -1,7 +1,10 @@
 """The pruned engine's lower bound as a GEMM: the corpus's principal directions, each vector's
 augmented vector ``a(x) = [V^T (x - mu), ||(I - V V^T)(x - mu)||]`` rounded to the operand type,
 and the measured rounding ``rho(x)`` that the engine's threshold accounts for (the argument is
-in ``pruned.py``)."""
+in ``pruned.py``).
+
+The float64 arithmetic runs in torch, not numpy: numpy's OpenBLAS threads keep spinning after a
+call and slow the torch GEMMs that follow on a small machine (the engine's layer1 1.3x slower)."""
 
 from __future__ import annotations
 
@@ -24,19 +27,20 @@ class Projection:
     @classmethod
     def fit(cls, sample: np.ndarray, dims: int) -> Projection:
         """From a sample (n, C) of corpus vectors; any basis is exact, a good one prunes more."""
-        x = np.asarray(sample, dtype=np.float64)
-        mean = x.mean(axis=0)
+        x = torch.from_numpy(np.asarray(sample, dtype=np.float64))
+        mean = x.mean(dim=0)
         xc = x - mean
-        _, vectors = np.linalg.eigh(xc.T @ xc)  # ascending eigenvalues
-        return cls(mean, np.ascontiguousarray(vectors[:, ::-1][:, : min(dims, x.shape[1])]))
+        _, vectors = torch.linalg.eigh(xc.T @ xc)  # ascending eigenvalues
+        basis = vectors.flip(1)[:, : min(dims, x.shape[1])].contiguous()
+        return cls(mean.numpy(), basis.numpy())
 
-    def augment(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def augment(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """``a(x) = [p(x), r(x)]`` (n, d+1) float64 and ``||x - mu||`` (n,) of float32 rows."""
-        xc = np.asarray(x, dtype=np.float64) - self.mean
-        p = xc @ self.basis
-        n2 = np.einsum("ij,ij->i", xc, xc)
-        r = np.sqrt(np.maximum(n2 - np.einsum("ij,ij->i", p, p), 0.0))
-        return np.concatenate([p, r[:, None]], axis=1), np.sqrt(n2)
+        xc = torch.from_numpy(np.asarray(x)).double() - torch.from_numpy(self.mean)
+        p = xc @ torch.from_numpy(self.basis)
+        n2 = (xc * xc).sum(1)
+        r = (n2 - (p * p).sum(1)).clamp_min(0.0).sqrt()
+        return torch.cat([p, r[:, None]], dim=1), n2.sqrt()
 
 
 @dataclasses.dataclass
@@ -52,14 +56,14 @@ def make_operands(projection: Projection, x: np.ndarray, dtype: torch.dtype, que
     """Query rows ``[-2 a~, n1, n2, n3, 1, 1, 1]`` or gallery rows ``[a~, 1, 1, 1, n1, n2, n3]``
     (``n1 + n2 + n3 = fl32(||a~||^2)`` exactly), so that a row product is ``||a~(q) - a~(g)||^2``."""
     aug, centred_norm = projection.augment(x)
-    rounded = torch.from_numpy(aug).to(dtype)
-    back = rounded.double().numpy()
-    rho = np.linalg.norm(back - aug, axis=1) + PROJ_EPS * centred_norm
-    norm = np.linalg.norm(back, axis=1)
-    parts = norm_parts(torch.from_numpy((norm * norm).astype(np.float32)), dtype)
+    rounded = aug.to(dtype)
+    back = rounded.double()
+    rho = (back - aug).norm(dim=1) + PROJ_EPS * centred_norm
+    norm = back.norm(dim=1)
+    parts = norm_parts((norm * norm).float(), dtype)
     ones = torch.ones(len(aug), 3, dtype=dtype)
     rows = torch.cat([-2 * rounded, parts, ones] if query else [rounded, ones, parts], dim=1).contiguous()
-    return Operands(rows, rho, norm)
+    return Operands(rows, rho.numpy(), norm.numpy())
 
 
 def norm_parts(n32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,8 +1,5 @@
-"""The brute-force stage-2 engines: ``faiss`` (``faiss.knn`` on CPU, ``faiss.knn_gpu`` on GPU,
-one ``StandardGpuResources`` per thread, reused) and ``numpy`` (CPU: the same float32 GEMM
-expansion ``||q||^2 + ||g||^2 - 2 q.g`` through numpy's BLAS, which detects the CPU itself,
-where faiss-cpu's bundled OpenBLAS runs at half speed on AVX-512 machines; see
-benchmarks/README.md).
+"""The ``faiss`` stage-2 engine: exact brute force, ``faiss.knn`` on CPU and ``faiss.knn_gpu``
+on GPU (one ``StandardGpuResources`` per thread, reused).
 
 Galleries arrive as per-image arrays; they are searched in chunks of at most ``chunk_bytes``
 so memory stays bounded for any ``k_gallery``, and per-chunk results are merged exactly (the
@@ -86,25 +83,22 @@ def _is_out_of_memory(e: BaseException) -> bool:
                                                                   "cannot allocate"))
 
 
-def _knn_splitting(queries: np.ndarray, gallery: np.ndarray, k: int, device: str,
-                   backend: str = "faiss") -> np.ndarray:
+def _knn_splitting(queries: np.ndarray, gallery: np.ndarray, k: int, device: str) -> np.ndarray:
     """``_knn``, halving the gallery chunk (and merging exactly) whenever memory runs out."""
     try:
-        return _knn(queries, gallery, k, device, backend)
+        return _knn(queries, gallery, k, device)
     except (MemoryError, RuntimeError) as e:
         if not _is_out_of_memory(e) or gallery.shape[0] < 2:
             raise
         half = gallery.shape[0] // 2
         log.warning("out of memory searching %d gallery vectors on %s: splitting in two", gallery.shape[0], device)
-        a = _knn_splitting(queries, gallery[:half], min(k, half), device, backend)
-        b = _knn_splitting(queries, gallery[half:], min(k, gallery.shape[0] - half), device, backend)
+        a = _knn_splitting(queries, gallery[:half], min(k, half), device)
+        b = _knn_splitting(queries, gallery[half:], min(k, gallery.shape[0] - half), device)
         return np.sort(np.concatenate([a, b], axis=1), axis=1)[:, :k]
 
 
-def _knn(queries: np.ndarray, gallery: np.ndarray, k: int, device: str, backend: str = "faiss") -> np.ndarray:
+def _knn(queries: np.ndarray, gallery: np.ndarray, k: int, device: str) -> np.ndarray:
     """Squared L2 distances to the ``k`` nearest gallery rows, ascending, (nq, k) float32."""
-    if backend == "numpy":
-        return _knn_numpy(queries, gallery, k)
     if device == "cpu":
         with _blas_blocks():
             dist, _ = faiss.knn(queries, gallery, k, metric=faiss.METRIC_L2)
@@ -112,25 +106,6 @@ def _knn(queries: np.ndarray, gallery: np.ndarray, k: int, device: str, backend:
         dist, _ = faiss.knn_gpu(gpu_resources(), queries.astype(gallery.dtype, copy=False), gallery, k,
                                 device=_gpu_id(device))
     return np.maximum(dist, 0.0, out=dist)
-
-
-def _knn_numpy(queries: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
-    """``_knn`` through numpy's BLAS, in blocks of ``BLAS_DATABASE_BLOCK`` gallery rows. Per
-    block: ``(-2 q).g + ||g||^2`` (one GEMM, scaling by -2 is exact, one pass), its ``k``
-    smallest per row, then ``||q||^2`` added to those only (the row's constant does not change
-    which are smallest)."""
-    q2 = np.multiply(queries, np.float32(-2.0), dtype=np.float32)
-    out = np.empty((queries.shape[0], min(BLAS_DATABASE_BLOCK, gallery.shape[0])), np.float32)
-    best = None
-    for start in range(0, gallery.shape[0], BLAS_DATABASE_BLOCK):
-        block = np.asarray(gallery[start:start + BLAS_DATABASE_BLOCK], dtype=np.float32)
-        y = out[:, :block.shape[0]]
-        np.matmul(q2, block.T, out=y)
-        y += np.einsum("ij,ij->i", block, block)
-        best = _merge_smallest(best, _smallest(y, min(k, block.shape[0])), k)
-    best += np.einsum("ij,ij->i", queries, queries, dtype=np.float32)[:, None]
-    best.sort(axis=1)
-    return np.maximum(best, 0.0, out=best)
 
 
 def _smallest(d: np.ndarray, k: int) -> np.ndarray:
@@ -179,7 +154,7 @@ def _join(parts, dtype) -> np.ndarray:
 
 
 def knn_mean(queries: np.ndarray, chunks: Iterable[np.ndarray], kappa: int = 1,
-             device: str = "cpu", backend: str = "faiss") -> np.ndarray:
+             device: str = "cpu") -> np.ndarray:
     """Mean of the ``kappa`` smallest squared L2 distances of each query to the union of
     ``chunks``.
 
@@ -188,8 +163,6 @@ def knn_mean(queries: np.ndarray, chunks: Iterable[np.ndarray], kappa: int = 1,
     queries : float32 (nq, C)
     chunks : iterable of (n_i, C) arrays (float32; float16 too on GPU)
     kappa : int
-    backend : {"faiss", "numpy"}
-        ``numpy`` runs on the CPU only.
 
     Returns
     -------
@@ -200,7 +173,7 @@ def knn_mean(queries: np.ndarray, chunks: Iterable[np.ndarray], kappa: int = 1,
     total = 0
     for chunk in chunks:
         total += chunk.shape[0]
-        dist = _knn_splitting(queries, chunk, min(kappa, chunk.shape[0]), device, backend)
+        dist = _knn_splitting(queries, chunk, min(kappa, chunk.shape[0]), device)
         best = _merge_smallest(best, dist, kappa)
     if best is None or total < kappa:
         raise ValueError(f"kappa={kappa} needs at least {kappa} gallery vectors, got {total}")
@@ -209,7 +182,7 @@ def knn_mean(queries: np.ndarray, chunks: Iterable[np.ndarray], kappa: int = 1,
 
 def level_maps(query: np.ndarray, galleries: Sequence[np.ndarray], kappa: int = 1,
                device: str = "cpu", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-               gpu_float16: bool = False, backend: str = "faiss") -> np.ndarray:
+               gpu_float16: bool = False) -> np.ndarray:
     """Distance maps of several query images that share one gallery.
 
     Parameters
@@ -219,7 +192,6 @@ def level_maps(query: np.ndarray, galleries: Sequence[np.ndarray], kappa: int = 
     gpu_float16 : bool
         On GPU, search in float16 (queries and gallery): half the memory traffic, ~1e-3
         relative error. Ignored on CPU, which is always float32.
-    backend : {"faiss", "numpy"}
 
     Returns
     -------
@@ -227,5 +199,5 @@ def level_maps(query: np.ndarray, galleries: Sequence[np.ndarray], kappa: int = 
     """
     b, h, w, c = query.shape
     dtype = np.float16 if gpu_float16 and device != "cpu" else np.float32
-    scores = knn_mean(query.reshape(-1, c), iter_chunks(galleries, chunk_bytes, dtype), kappa, device, backend)
+    scores = knn_mean(query.reshape(-1, c), iter_chunks(galleries, chunk_bytes, dtype), kappa, device)
     return scores.reshape(b, h, w)

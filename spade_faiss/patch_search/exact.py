@@ -6,10 +6,15 @@ the engine that asked for it.
 Error: each squared difference carries a relative error of at most ``3u`` (u = 2^-24) and the
 tree sum of ``C`` non-negative terms at most ``ceil(log2 C) u`` more, so the result is within
 ``SUM_EPS`` (relative) of the true squared distance for any ``C <= 2^13``.
+
+The engines that re-check candidates with these distances (``pruned``, ``numpy``) read the
+gallery rows with :func:`row_reader` and select with :func:`kappa_smallest`, so they return the
+same bits.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 SUM_EPS = 2.0**-19
@@ -46,3 +51,45 @@ def pair_distances(queries: torch.Tensor, gallery_rows, q_idx: torch.Tensor, g_i
         stop = start + step
         out[start:stop] = squared_distances(queries[q_idx[start:stop]], gallery_rows(g_idx[start:stop]))
     return out
+
+
+def row_reader(feats: list[torch.Tensor], offsets: np.ndarray):
+    """``rows_of(columns)``: the exact float32 gallery vectors of gallery columns, from per-image
+    (n_i, C) tensors (any float dtype) whose first columns are ``offsets[:-1]``."""
+    bounds = torch.from_numpy(offsets)
+
+    def rows_of(idx: torch.Tensor) -> torch.Tensor:
+        order = torch.argsort(idx)
+        sorted_idx = idx[order]
+        cuts = torch.searchsorted(sorted_idx, bounds).numpy()
+        out = torch.empty(len(idx), feats[0].shape[1], dtype=torch.float32)
+        for j in np.flatnonzero(cuts[1:] > cuts[:-1]).tolist():  # the images present only
+            lo, hi = int(cuts[j]), int(cuts[j + 1])
+            out[order[lo:hi]] = feats[j].index_select(0, sorted_idx[lo:hi] - int(offsets[j])).float()
+        return out
+    return rows_of
+
+
+def kappa_smallest(q_local: np.ndarray, cols: np.ndarray, d: np.ndarray, n_rows: int, kappa: int):
+    """Per query row: mean of the kappa smallest distances (float64 mean, float32 result) and
+    the nearest column (ties: the lowest column).
+
+    Distances are non-negative float32, whose bit patterns order like their values, so one
+    int64 key per pair sorts or reduces by two fields at once: ``(distance, column)`` for the
+    nearest (a per-row minimum) and ``(row, distance)`` for the kappa smallest (one sort)."""
+    bits = d.view(np.int32).astype(np.int64)
+    near = torch.full((n_rows,), np.iinfo(np.int64).max, dtype=torch.int64)
+    near.scatter_reduce_(0, torch.from_numpy(q_local), torch.from_numpy((bits << 32) | cols), "amin")
+    near = near.numpy()
+    if (near == np.iinfo(np.int64).max).any():  # cannot happen: the threshold keeps the probed ones
+        raise RuntimeError("the search kept no candidate for a query; this is a bug")
+    nearest = near & 0xFFFFFFFF
+    if kappa == 1:
+        return (near >> 32).astype(np.int32).view(np.float32), nearest
+    key = np.sort((q_local << 32) | bits)
+    starts = np.searchsorted(key >> 32, np.arange(n_rows))
+    counts = np.diff(np.append(starts, len(key)))
+    if (counts < kappa).any():  # cannot happen: the threshold keeps every vector within U
+        raise RuntimeError("the search kept fewer than kappa candidates; this is a bug")
+    take = (key[starts[:, None] + np.arange(kappa)] & 0xFFFFFFFF).astype(np.int32).view(np.float32)
+    return take.astype(np.float64).mean(axis=1).astype(np.float32), nearest

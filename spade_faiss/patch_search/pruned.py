@@ -65,7 +65,7 @@ import numpy as np
 import torch
 
 from .bounds import Operands, PreparedImage, Projection, make_operands, operand_dtype, prepare_image
-from .exact import STEP_BYTES, SUM_EPS, pair_distances
+from .exact import STEP_BYTES, SUM_EPS, kappa_smallest, pair_distances, row_reader
 
 BLOCK = 16  # gallery columns per block: the GEMM output is kept only as minima over blocks
 SUPER = 4  # blocks per super-block, screened first
@@ -117,7 +117,7 @@ def search(query: np.ndarray, gallery: list[PreparedImage], kappa: int, projecti
     ops = make_operands(projection, q.numpy(), dtype, query=True)
     cols = _gallery_matrix(images, dtype)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    rows_of = _row_reader(images, offsets)
+    rows_of = row_reader([g.feats for g in images], offsets)
     m = cols.shape[1]
     gamma = 1.01 * m * 2.0**-24 / (1 - m * 2.0**-24) + 2.0**-24
     out_eps = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-24
@@ -140,7 +140,7 @@ def search(query: np.ndarray, gallery: list[PreparedImage], kappa: int, projecti
         if stats is not None:
             stats.pairs += (stop - start) * total
             stats.exact += len(d) + (stop - start) * kappa
-        dist[start:stop], nearest[start:stop] = _kappa_smallest(q_idx.numpy(), g_idx.numpy(), d.numpy(),
+        dist[start:stop], nearest[start:stop] = kappa_smallest(q_idx.numpy(), g_idx.numpy(), d.numpy(),
                                                                 stop - start, kappa)
     image = np.searchsorted(offsets, nearest, side="right") - 1
     located = np.stack([images_of[image], nearest - offsets[image]], axis=-1)
@@ -182,23 +182,6 @@ def _gallery_matrix(images: list[PreparedImage], dtype) -> torch.Tensor:
     filler[:, width - 6:width - 3] = 1
     filler[:, width - 3] = PAD_NORM
     return out
-
-
-def _row_reader(images: list[PreparedImage], offsets: np.ndarray):
-    """``rows_of(columns)``: the exact float32 gallery vectors of gallery columns."""
-    feats = [g.feats for g in images]
-    bounds = torch.from_numpy(offsets)
-
-    def rows_of(idx: torch.Tensor) -> torch.Tensor:
-        order = torch.argsort(idx)
-        sorted_idx = idx[order]
-        cuts = torch.searchsorted(sorted_idx, bounds).numpy()
-        out = torch.empty(len(idx), feats[0].shape[1], dtype=torch.float32)
-        for j in np.flatnonzero(cuts[1:] > cuts[:-1]).tolist():  # the images present only
-            lo, hi = int(cuts[j]), int(cuts[j + 1])
-            out[order[lo:hi]] = feats[j].index_select(0, sorted_idx[lo:hi] - int(offsets[j])).float()
-        return out
-    return rows_of
 
 
 def _bits(dtype: torch.dtype) -> torch.dtype:
@@ -285,28 +268,3 @@ def _candidates(a, cols, block_min, t, total: int):
     col = blocks[p] * BLOCK + j
     keep = col < total
     return qq[p][keep], col[keep]
-
-
-def _kappa_smallest(q_local: np.ndarray, cols: np.ndarray, d: np.ndarray, n_rows: int, kappa: int):
-    """Per query row: mean of the kappa smallest distances (float64 mean, float32 result) and
-    the nearest column (ties: the lowest column).
-
-    Distances are non-negative float32, whose bit patterns order like their values, so one
-    int64 key per pair sorts or reduces by two fields at once: ``(distance, column)`` for the
-    nearest (a per-row minimum) and ``(row, distance)`` for the kappa smallest (one sort)."""
-    bits = d.view(np.int32).astype(np.int64)
-    near = torch.full((n_rows,), np.iinfo(np.int64).max, dtype=torch.int64)
-    near.scatter_reduce_(0, torch.from_numpy(q_local), torch.from_numpy((bits << 32) | cols), "amin")
-    near = near.numpy()
-    if (near == np.iinfo(np.int64).max).any():  # cannot happen: the threshold keeps the probed ones
-        raise RuntimeError("pruned search kept no candidate for a query; this is a bug")
-    nearest = near & 0xFFFFFFFF
-    if kappa == 1:
-        return (near >> 32).astype(np.int32).view(np.float32), nearest
-    key = np.sort((q_local << 32) | bits)
-    starts = np.searchsorted(key >> 32, np.arange(n_rows))
-    counts = np.diff(np.append(starts, len(key)))
-    if (counts < kappa).any():  # cannot happen: the threshold keeps every vector within U
-        raise RuntimeError("pruned search kept fewer than kappa candidates; this is a bug")
-    take = (key[starts[:, None] + np.arange(kappa)] & 0xFFFFFFFF).astype(np.int32).view(np.float32)
-    return take.astype(np.float64).mean(axis=1).astype(np.float32), nearest
