@@ -316,6 +316,7 @@ def test_engine_choice_depends_on_the_configuration_only():
     layer1, layer3 = (56, 56, 256), (14, 14, 1024)
     assert patch_search.level_engine("auto", "cpu", layer1, 50) == "pruned"   # 252 GFLOP of brute force
     assert patch_search.level_engine("auto", "cpu", layer3, 5) == "dense"     # 0.4 GFLOP
+    assert patch_search.level_engine("auto", "cpu", layer3, 10) == "pruned"   # 0.8 GFLOP
     assert patch_search.level_engine("pruned", "cpu", layer3, 5) == "pruned"  # asked for
     assert patch_search.level_engine("faiss", "cpu", layer1, 50) == "faiss"
     assert patch_search.level_engine("auto", "cpu", layer3, 5, correspondences=True) == "dense"

@@ -25,8 +25,10 @@ from .pruned import Projection, SearchStats
 
 ENGINES = ("pruned", "dense", "faiss", "window")
 # Below this much brute-force work per query image (GFLOP), the pruned engine's fixed costs
-# (projections, screening, re-checks) exceed what it saves: ``auto`` uses dense there.
-PRUNED_MIN_GFLOP = 8.0
+# (projections, screening, re-checks) exceed what it saves: ``auto`` uses dense there. Measured
+# on Wide-ResNet50-2 (benchmarks/README.md): layer3 at K=5 (0.4 GFLOP) dense 4.4 ms vs pruned
+# 6.4; at K=10 (0.8) 6.6 vs 6.2; everything larger is pruned's by far.
+PRUNED_MIN_GFLOP = 0.6
 # Width of the pruned engine's bound GEMM by grid size: a large grid makes the GEMM dominate
 # (a narrow one is cheaper), a small grid makes the exact re-checks dominate (a wide bound
 # leaves fewer). Measured on layer1/2/3 of Wide-ResNet50-2 (benchmarks/README.md).
