@@ -13,6 +13,7 @@ import warnings
 
 from .. import __version__
 from . import commands
+from .allocator import keep_freed_memory
 
 EXIT_ERROR = commands.EXIT_ERROR
 EXIT_PARTIAL = commands.EXIT_PARTIAL
@@ -209,6 +210,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     with warnings.catch_warnings():
