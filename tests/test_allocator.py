@@ -33,3 +33,4 @@ def run_probe(env_extra):
 def test_large_blocks_come_from_the_heap_unless_the_user_chose():
     assert run_probe({}) == ["True", "True"]              # 8 MiB from the heap: reused, no page faults
     assert run_probe({"MALLOC_TRIM_THRESHOLD_": "131072"}) == ["False", "False"]  # glibc's default: mmap
+

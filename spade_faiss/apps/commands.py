@@ -4,6 +4,7 @@ on stdout, report skipped inputs on stderr, return the exit status."""
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import sys
@@ -133,6 +134,7 @@ def run_manifest(spade: Spade, args) -> dict:
 
 def cmd_score(args) -> int:
     from . import pictures
+    from .allocator import release_freed_memory
     from .explain import TopExplained
     from .runs import RunWriter, open_run, record_invocation
 
@@ -170,6 +172,9 @@ def cmd_score(args) -> int:
                     errors.append((r.path, r.error))
                 bar.update(1)
         top.write(Path(args.out) / "explain", spade.paths_, spade.resize, spade.crop)
+    del spade, results  # the model and galleries: the report's plotting reuses their memory
+    gc.collect()
+    release_freed_memory()
     summary = {"run": args.out, "scored": len(todo) - len(errors), "skipped_done": len(samples) - len(todo),
                "errors": len(errors)}
     record_invocation(args.out, {**summary, "seconds": round(time.perf_counter() - start, 2),
