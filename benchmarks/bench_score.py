@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import dataset_images, emit, machine  # noqa: E402
 
 from spade_faiss import Spade, patch_search  # noqa: E402
+from spade_faiss.apps.allocator import keep_freed_memory  # noqa: E402
 
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
@@ -101,7 +102,7 @@ def end_to_end(store: Path, test: list[str], out: Path, backbone_s: float, floor
             n = len(test)
             marginal = (runs[n][0] - runs[1][0]) / (n - 1)
             walls[stage2] = marginal
-            floor = backbone_s + floor_gflop / max(rates["numpy_float32"], rates["torch_float32"])
+            floor = backbone_s + floor_gflop / max(rates["numpy_float32"], rates["torch_float32"], rates["faiss_knn"])
             emit(bench="score", step="end_to_end", env=env_name, stage2=stage2, images=n,
                  seconds_1=round(runs[1][0], 2), seconds_n=round(runs[n][0], 2),
                  marginal_s_per_image=round(marginal, 3), float32_floor_s=round(floor, 3),
@@ -169,11 +170,14 @@ def main() -> None:
         cli("index", out / "train.txt", "--out", store, "--weights", "none", "--backbone", args.backbone,
             "--device", "cpu")
     emit(bench="score", step="machine", data=source, **machine())
+    keep_freed_memory()  # as the CLI does, so that the floor's backbone runs as fast as the CLI's
     with Spade.open(store, device="cpu", k_gallery=min(50, args.n_train)) as spade:
         spade.score(test[:1], maps=False)
-        spade.timings_.clear()
-        spade.score(test, maps=False)
-        backbone_s = spade.timings_["backbone"] / len(test)
+        backbone_s = float("inf")
+        for _ in range(3):  # the fastest pass: the floor must not be inflated by this machine's noise
+            spade.timings_.clear()
+            spade.score(test, maps=False)
+            backbone_s = min(backbone_s, spade.timings_["backbone"] / len(test))
         shapes = spade.info()["levels"]
     floor_gflop = sum(2 * (h * w) * (50 * h * w) * c / 1e9 for h, w, c in shapes.values())
     emit(bench="score", step="floor", backbone_s_per_image=round(backbone_s, 3),
