@@ -108,24 +108,6 @@ def _knn(queries: np.ndarray, gallery: np.ndarray, k: int, device: str) -> np.nd
     return np.maximum(dist, 0.0, out=dist)
 
 
-def _smallest(d: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` smallest of each row (unordered), a new (n, k) array."""
-    if k == 1:
-        return d.min(axis=1, keepdims=True)
-    if k >= d.shape[1]:
-        return d.copy()
-    return np.partition(d, k - 1, axis=1)[:, :k]
-
-
-def _merge_smallest(best: np.ndarray | None, part: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` smallest of each row of two partial results (the union's are among them)."""
-    if best is None:
-        return part
-    if k == 1:
-        return np.minimum(best, part, out=best)
-    return _smallest(np.concatenate([best, part], axis=1), k)
-
-
 # --- chunked exact search ----------------------------------------------------------------
 
 def iter_chunks(galleries: Iterable[np.ndarray], chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -174,7 +156,14 @@ def knn_mean(queries: np.ndarray, chunks: Iterable[np.ndarray], kappa: int = 1,
     for chunk in chunks:
         total += chunk.shape[0]
         dist = _knn_splitting(queries, chunk, min(kappa, chunk.shape[0]), device)
-        best = _merge_smallest(best, dist, kappa)
+        if best is None:
+            best = dist
+        elif kappa == 1:
+            np.minimum(best, dist, out=best)
+        else:
+            both = np.concatenate([best, dist], axis=1)
+            keep = min(kappa, both.shape[1])
+            best = np.partition(both, keep - 1, axis=1)[:, :keep]
     if best is None or total < kappa:
         raise ValueError(f"kappa={kappa} needs at least {kappa} gallery vectors, got {total}")
     return best.mean(axis=1, dtype=np.float64).astype(np.float32)
