@@ -26,8 +26,8 @@ from .pruned import Projection, SearchStats
 ENGINES = ("pruned", "dense", "faiss", "window")
 # Below this much brute-force work per query image (GFLOP), the pruned engine's fixed costs
 # (projections, screening, re-checks) exceed what it saves: ``auto`` uses dense there. Measured
-# on Wide-ResNet50-2 (benchmarks/README.md): layer3 at K=5 (0.4 GFLOP) dense 4.4 ms vs pruned
-# 6.4; at K=10 (0.8) 6.6 vs 6.2; everything larger is pruned's by far.
+# on Wide-ResNet50-2 (benchmarks/README.md): layer3 at K=5 (0.4 GFLOP) dense 4.5 ms vs pruned
+# 6.9; at K=10 (0.8) 9.9 vs 7.8; everything larger is pruned's by far.
 PRUNED_MIN_GFLOP = 0.6
 # Width of the pruned engine's bound GEMM by grid size: a large grid makes the GEMM dominate
 # (a narrow one is cheaper), a small grid makes the exact re-checks dominate (a wide bound
