@@ -26,7 +26,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from .exact import SUM_EPS, kappa_smallest, pair_distances, row_reader
+from .exact import SUM_EPS, gallery_offsets, kappa_smallest, locate, pair_distances, row_reader
 
 GROUP_BYTES = 16 << 20  # float32 products of one group of gallery images
 U32 = 2.0**-24
@@ -59,11 +59,7 @@ def search(query: np.ndarray, gallery: list[DenseImage], kappa: int):
     the nearest (gallery index, flat position) (B, h, w, 2). Each query image is searched alone,
     so its result does not depend on the batch."""
     b, h, w, c = query.shape
-    sizes = np.array([g.feats.shape[0] for g in gallery])
-    total = int(sizes.sum())
-    if total < kappa:
-        raise ValueError(f"kappa={kappa} needs at least {kappa} gallery vectors, got {total}")
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    offsets = gallery_offsets([g.feats.shape[0] for g in gallery], kappa)
     rows_of = row_reader([g.feats for g in gallery], offsets)
     dist = np.empty((b, h * w), np.float32)
     nearest = np.empty((b, h * w), np.int64)
@@ -72,8 +68,7 @@ def search(query: np.ndarray, gallery: list[DenseImage], kappa: int):
         q_idx, g_idx = _candidates(q, gallery, offsets, kappa)
         d = pair_distances(q, rows_of, q_idx, g_idx)
         dist[i], nearest[i] = kappa_smallest(q_idx.numpy(), g_idx.numpy(), d.numpy(), h * w, kappa)
-    image = np.searchsorted(offsets, nearest, side="right") - 1
-    located = np.stack([image, nearest - offsets[image]], axis=-1)
+    located = np.stack(locate(nearest, offsets), axis=-1)
     return dist.reshape(b, h, w), located.reshape(b, h, w, 2)
 
 

@@ -53,6 +53,21 @@ def pair_distances(queries: torch.Tensor, gallery_rows, q_idx: torch.Tensor, g_i
     return out
 
 
+def gallery_offsets(sizes: list[int], kappa: int) -> np.ndarray:
+    """The first gallery column of each image, and the total last (int64, len(sizes) + 1); a
+    gallery of fewer than ``kappa`` vectors is refused."""
+    offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+    if offsets[-1] < kappa:
+        raise ValueError(f"kappa={kappa} needs at least {kappa} gallery vectors, got {int(offsets[-1])}")
+    return offsets
+
+
+def locate(columns: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Gallery columns -> (image index, flat position in that image)."""
+    image = np.searchsorted(offsets, columns, side="right") - 1
+    return image, columns - offsets[image]
+
+
 def row_reader(feats: list[torch.Tensor], offsets: np.ndarray):
     """``rows_of(columns)``: the exact float32 gallery vectors of gallery columns, from per-image
     (n_i, C) tensors (any float dtype) whose first columns are ``offsets[:-1]``."""

@@ -58,14 +58,12 @@ change a minimum; the nearest is reported in the first of them).
 from __future__ import annotations
 
 import dataclasses
-import math
-import threading
 
 import numpy as np
 import torch
 
 from .bounds import Operands, PreparedImage, Projection, make_operands, operand_dtype, prepare_image
-from .exact import STEP_BYTES, SUM_EPS, kappa_smallest, pair_distances, row_reader
+from .exact import STEP_BYTES, SUM_EPS, gallery_offsets, kappa_smallest, locate, pair_distances, row_reader
 
 BLOCK = 16  # gallery columns per block: the GEMM output is kept only as minima over blocks
 SUPER = 4  # blocks per super-block, screened first
@@ -73,7 +71,6 @@ CHUNK = 4096  # gallery columns per GEMM call
 ROWS = 1024  # query rows per pass (bounds the block-minimum array: N/16 x ROWS values)
 PAD_NORM = 2.0**100  # squared norm of padding columns: they never pass a threshold
 TINY = 2.0**-100  # absolute slack for flushed subnormals
-_local = threading.local()  # per-thread reusable buffers
 __all__ = ["Operands", "PreparedImage", "Projection", "SearchStats", "make_operands", "operand_dtype",
            "prepare_image", "search"]
 
@@ -108,15 +105,12 @@ def search(query: np.ndarray, gallery: list[PreparedImage], kappa: int, projecti
     """
     b, h, w, c = query.shape
     images, images_of = _unique(gallery) if kappa == 1 else (gallery, np.arange(len(gallery)))
-    sizes = np.array([g.feats.shape[0] for g in images])
-    total = int(sizes.sum())
-    if total < kappa:
-        raise ValueError(f"kappa={kappa} needs at least {kappa} gallery vectors, got {total}")
+    offsets = gallery_offsets([g.feats.shape[0] for g in images], kappa)
+    total = int(offsets[-1])
     q = torch.from_numpy(np.ascontiguousarray(query.reshape(b * h * w, c), dtype=np.float32))
     dtype = images[0].ops.rows.dtype
     ops = make_operands(projection, q.numpy(), dtype, query=True)
     cols = _gallery_matrix(images, dtype)
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
     rows_of = row_reader([g.feats for g in images], offsets)
     m = cols.shape[1]
     gamma = 1.01 * m * 2.0**-24 / (1 - m * 2.0**-24) + 2.0**-24
@@ -142,8 +136,8 @@ def search(query: np.ndarray, gallery: list[PreparedImage], kappa: int, projecti
             stats.exact += len(d) + (stop - start) * kappa
         dist[start:stop], nearest[start:stop] = kappa_smallest(q_idx.numpy(), g_idx.numpy(), d.numpy(),
                                                                 stop - start, kappa)
-    image = np.searchsorted(offsets, nearest, side="right") - 1
-    located = np.stack([images_of[image], nearest - offsets[image]], axis=-1)
+    image, position = locate(nearest, offsets)
+    located = np.stack([images_of[image], position], axis=-1)
     return dist.reshape(b, h, w), located.reshape(b, h, w, 2)
 
 
@@ -158,30 +152,18 @@ def _unique(gallery: list[PreparedImage]):
     return kept, np.array(first_of)
 
 
-def _workspace(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor in this thread's reusable buffer of ``dtype``: a fresh large
-    allocation is fresh pages from the OS, whose faults cost more than filling them."""
-    n = math.prod(shape)
-    buffers = _local.__dict__.setdefault("buffers", {})
-    buf = buffers.get(dtype)
-    if buf is None or buf.numel() < n:
-        buf = buffers[dtype] = torch.empty(n, dtype=dtype)
-    return buf[:n].view(shape)
-
-
 def _gallery_matrix(images: list[PreparedImage], dtype) -> torch.Tensor:
-    """The gallery operands stacked and padded to whole super-blocks (padding never passes),
-    in this thread's workspace (valid until the next call)."""
+    """The gallery operands stacked and padded to whole super-blocks (padding never passes)."""
     rows = [g.ops.rows for g in images]
     total = sum(len(r) for r in rows)
-    width = rows[0].shape[1]
-    out = _workspace((total - total % -(BLOCK * SUPER), width), dtype)
-    torch.cat(rows, out=out[:total])
-    filler = out[total:]
-    filler.zero_()
-    filler[:, width - 6:width - 3] = 1
-    filler[:, width - 3] = PAD_NORM
-    return out
+    pad = -total % (BLOCK * SUPER)
+    if pad:
+        width = rows[0].shape[1]
+        filler = torch.zeros(pad, width, dtype=dtype)
+        filler[:, width - 6:width - 3] = 1
+        filler[:, width - 3] = PAD_NORM
+        rows.append(filler)
+    return torch.cat(rows)
 
 
 def _bits(dtype: torch.dtype) -> torch.dtype:
