@@ -7,8 +7,6 @@ built on it (command line, HTTP service, Ray engine, evaluation, run files, pict
 integrity checks) live in :mod:`spade_faiss.apps` and reach the core through :class:`Spade`.
 """
 
-__version__ = "0.2.0"
-
 from .backbone import FeatureExtractor, WeightsError  # noqa: E402
 from .config import RunOptions, SpadeConfig  # noqa: E402
 from .datasets import Sample, discover  # noqa: E402
@@ -17,6 +15,7 @@ from .image_index import ImageIndex  # noqa: E402
 from .images import ImageError, LoadedImage  # noqa: E402
 from .results import IndexReport, ScoredImage, SpadeResult  # noqa: E402
 from .store import FeatureStore, StoreError  # noqa: E402
+from .version import __version__  # noqa: E402
 
 __all__ = ["Spade", "SpadeResult", "ScoredImage", "IndexReport", "SpadeConfig", "RunOptions", "FeatureStore",
            "StoreError", "ImageIndex", "FeatureExtractor", "WeightsError", "ImageError", "LoadedImage", "Sample",

@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from .config import BACKBONES, LEVELS
+from .config import BACKBONES, DEFAULTS, LEVELS
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ class WeightsError(ValueError):
     """Weights that cannot be obtained or do not fit the backbone."""
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device: str = DEFAULTS["device"]) -> torch.device:
     """``auto`` -> the first CUDA device when one is usable, else the CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -97,7 +97,7 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def build_model(backbone: str, weights, seed: int = 0) -> torch.nn.Module:
+def build_model(backbone: str, weights, seed: int = DEFAULTS["seed"]) -> torch.nn.Module:
     """A torchvision classifier with the requested weights, in eval mode, float32."""
     if backbone not in BACKBONES:
         raise ValueError(f"backbone={backbone!r}: expected one of {list(BACKBONES)}")
@@ -137,7 +137,8 @@ class FeatureExtractor:
         Identity of the loaded weights, stored in corpora and checked on every query.
     """
 
-    def __init__(self, backbone="wide_resnet50_2", weights="imagenet", device="auto", seed=0):
+    def __init__(self, backbone=DEFAULTS["backbone"], weights=DEFAULTS["weights"], device=DEFAULTS["device"],
+                 seed=DEFAULTS["seed"]):
         self.backbone = backbone
         self.weights = weights
         self.device = resolve_device(device)

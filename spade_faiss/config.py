@@ -1,14 +1,21 @@
-"""Every parameter of the library, validated once (SPEC 1.1), with a JSON round trip.
+"""Every parameter of the library, declared once (:data:`PARAMETERS`), validated once, with a
+JSON round trip.
+
+The table is the one owner of each parameter's name, default, constraint, part and help text:
+:class:`SpadeConfig` and :class:`RunOptions` take their fields and defaults from it, ``Spade``'s
+signature and docstring, the command line's options and their help, and the parameter lists of
+the commands, Ray and the service are derived from it (``tests/test_config.py`` checks that
+nothing else declares one).
 
 Two frozen records:
 
 - :class:`SpadeConfig` is *what* is computed. Its feature half (backbone, weights identity,
-  resize, crop, levels, dtype) decides what is written into a corpus file, and a store refuses
-  a reader or writer whose feature half differs. Its scoring half (k_image, k_gallery, kappa,
-  pixel_mode, sigma, nprobe, search, radius) changes how a query is answered and may differ
-  per call.
-- :class:`RunOptions` is *how* it is computed (device, batching, memory bounds, engines, the
-  image index to build). No option changes a result beyond float32 rounding.
+  resize, crop, levels, storage) decides what is written into a corpus file, and a store
+  refuses a reader or writer whose feature half differs. Its scoring half (k_image, k_gallery,
+  kappa, pixel_mode, sigma, nprobe, search, radius) changes how a query is answered and may
+  differ per call.
+- :class:`RunOptions` is *how* it is computed (device, batching, memory bounds, the stage-2
+  engine, the image index to build). No option changes a result beyond float32 rounding.
 """
 
 from __future__ import annotations
@@ -16,103 +23,237 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from collections.abc import Callable
 from typing import Any
+
+from .representations import canonical, check_storage, is_fitted, per_level
 
 BACKBONES = ("wide_resnet50_2", "wide_resnet101_2", "resnet18", "resnet50")
 LEVELS = ("layer1", "layer2", "layer3")
 PIXEL_MODES = ("per_level", "concat")
-DTYPES = ("float16", "float32")
 SEARCHES = ("exact", "window")
-FEATURE_KEYS = ("backbone", "weights_sha256", "resize", "crop", "levels", "dtype")
-SCORING_KEYS = ("k_image", "k_gallery", "kappa", "pixel_mode", "sigma", "nprobe", "search", "radius")
 STAGE2_ENGINES = ("auto", "pruned", "dense", "faiss")
-OPTION_KEYS = ("device", "batch_size", "workers", "cache_bytes", "chunk_bytes", "stage2", "gpu_float16", "index",
-               "nlist", "encoding", "target_recall")
-# The constructor parameters of Spade: the scoring and feature halves, the weights source, the options.
-FEATURE_PARAMS = ("backbone", "weights", "resize", "crop", "levels", "dtype", "seed")
-PARAMS = SCORING_KEYS + FEATURE_PARAMS + OPTION_KEYS
 INDEX_KINDS = ("auto", "flat", "ivf")
 DEVICE_HELP = "expected 'auto', 'cpu' or 'cuda[:N]'"
+K_IMAGE_DEFAULT = 5  # k_image=None means min(K_IMAGE_DEFAULT, k_gallery): the one rule, Python and CLI
+
+
+def check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {list(choices)}")
+
+
+def check_int(name, value, minimum: int = 1):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name}={value!r}: expected {kind}")
+
+
+def check_number(name, value, low: float, high: float | None = None, low_open: bool = False):
+    """A real number in ``[low, high]`` (``(low, high]`` when ``low_open``)."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and \
+        (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:
+        span = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]"
+        raise ValueError(f"{name}={value!r}: expected a number in {span}")
+
+
+def check_encoding(name, encoding) -> None:
+    """``Flat``, ``SQ8`` or ``PQ{m}`` (m a positive integer)."""
+    ok = encoding in ("Flat", "SQ8") or (isinstance(encoding, str) and encoding.startswith("PQ")
+                                        and encoding[2:].isdigit() and int(encoding[2:]) > 0)
+    if not ok:
+        raise ValueError(f"{name}={encoding!r}: expected 'Flat', 'SQ8' or 'PQ<m>' (e.g. PQ64)")
+
+
+def check_device(name, device) -> None:
+    if not isinstance(device, str) or not (device in ("auto", "cpu") or device.startswith("cuda")):
+        raise ValueError(f"{name}={device!r}: {DEVICE_HELP}")
+
+
+def check_levels(name, levels) -> None:
+    bad = [lv for lv in levels if lv not in LEVELS]
+    if not levels or bad or list(levels) != sorted(levels):
+        raise ValueError(f"{name}={list(levels)}: expected a sorted non-empty subset of {list(LEVELS)}")
+
+
+def check_bool(name, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r}: expected True or False")
+
+
+def _optional(check: Callable) -> Callable:
+    return lambda name, value: None if value is None else check(name, value)
+
+
+def _choice(choices) -> Callable:
+    return lambda name, value: check_choice(name, value, choices)
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One parameter: where it belongs, its default, its constraint and its help text.
+
+    ``part``: ``feature`` (decides the stored features), ``source`` (where the weights come from;
+    recorded in the corpus), ``scoring`` (how a query is answered) or ``option`` (how the work is
+    done). ``cli``: the option group on the command line, or None for Python only. ``choices``
+    also go to the command line; ``cli_type`` converts its text.
+    """
+
+    name: str
+    default: Any
+    part: str
+    check: Callable
+    help: str
+    cli: str | None = None
+    choices: tuple | None = None
+    cli_type: Callable | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _weights_arg(value: str):
+    return None if value.lower() in ("none", "random") else value
+
+
+PARAMETERS: tuple[Param, ...] = (
+    # --- scoring (SPEC 1.1; defaults are the paper's) ---
+    Param("k_image", None, "scoring", _optional(check_int),
+          f"image score = mean of the k_image smallest squared distances of pooled vectors "
+          f"(default: min({K_IMAGE_DEFAULT}, k_gallery); at most k_gallery)", "scoring", cli_type=int),
+    Param("k_gallery", 50, "scoring", check_int, "retrieved normal images per query (stage 1), whose patches "
+          "form the stage-2 gallery (more than the corpus holds: all of it, with a warning)", "scoring",
+          cli_type=int),
+    Param("kappa", 1, "scoring", check_int, "pixel score = mean of the kappa smallest squared patch distances",
+          "scoring", cli_type=int),
+    Param("pixel_mode", "per_level", "scoring", _choice(PIXEL_MODES),
+          "per_level: one gallery per level, maps averaged; concat: layer2/3 upsampled to the layer1 grid and "
+          "concatenated", "scoring", PIXEL_MODES),
+    Param("sigma", 4.0, "scoring", lambda n, v: check_number(n, v, 0.0),
+          "Gaussian smoothing of maps, in pixels of the crop (0: none)", "scoring", cli_type=float),
+    Param("nprobe", None, "scoring", _optional(check_int),
+          "IVF probes at search time (default: the index's tuned value)", "scoring", cli_type=int),
+    Param("search", "exact", "scoring", _choice(SEARCHES),
+          "exact (SPADE) or window: each location compared only with gallery locations within --radius cells "
+          "of its position (faster, an approximation; see benchmarks/README.md)", "scoring", SEARCHES),
+    Param("radius", 1, "scoring", lambda n, v: check_int(n, v, minimum=0),
+          "window half-size in cells of each level's grid (search=window only)", "scoring", cli_type=int),
+    # --- features (fixed for a corpus) ---
+    Param("backbone", "wide_resnet50_2", "feature", _choice(BACKBONES),
+          "the feature extractor: " + " | ".join(BACKBONES), "features"),
+    Param("weights", "imagenet", "source", lambda n, v: None,
+          "'imagenet' (torch hub cache, downloaded when missing), a local state_dict file, or None/'none' for "
+          "seeded random init, for tests", "features", cli_type=_weights_arg),
+    Param("seed", 0, "source", lambda n, v: check_int(n, v, minimum=0),
+          "seed of the random init (weights none), of IVF training samples and of the storage's fit sample",
+          "features", cli_type=int),
+    Param("resize", 256, "feature", check_int, "square resize (INTER_AREA) before the crop", "features",
+          cli_type=int),
+    Param("crop", 224, "feature", check_int, "centre crop the model sees (at most resize, at least 32)",
+          "features", cli_type=int),
+    Param("levels", LEVELS, "feature", check_levels, "feature pyramid levels kept for stage 2 (a sorted subset)"),
+    Param("storage", "float16", "feature", check_storage,
+          "how each level is stored: float16, float32, float16+zstd (lossless, smaller), pca<d> (the corpus's "
+          "principal directions, int8 codes: about 8x smaller, lossy), compact (pca per level, ~0.3 MB per "
+          "image); one name for all levels or LEVEL=NAME,... (docs/design.md, section 'Stored "
+          "representations')", "features", cli_type=str),
+    # --- run options (how the work is done) ---
+    Param("device", "auto", "option", check_device, "auto | cpu | cuda[:N] (auto: a GPU when one is usable)",
+          "run"),
+    Param("batch_size", 8, "option", check_int, "images per backbone batch", "run", cli_type=int),
+    Param("workers", 2, "option", check_int, "image decoding threads (they run ahead of the backbone)", "run",
+          cli_type=int),
+    Param("cache_bytes", 1 << 30, "option", check_int,
+          "bound of the gallery cache (features of retrieved images, reused across queries)"),
+    Param("chunk_bytes", 64 << 20, "option", check_int, "gallery bytes searched at once by the faiss engine"),
+    Param("stage2", "auto", "option", _choice(STAGE2_ENGINES),
+          "exact stage-2 engine: pruned (bounds, CPU), dense (every pair, CPU), faiss (brute force, CPU/GPU); "
+          "auto: pruned on CPU (dense for small levels), faiss on GPU", "scoring", STAGE2_ENGINES),
+    Param("gpu_float16", False, "option", check_bool,
+          "the faiss engine on GPU searches in float16 (faster, ~1e-3 relative error)"),
+    Param("index", "auto", "option", _choice(INDEX_KINDS),
+          "the image index: auto (exact Flat below 50,000 images or when IVF would not be faster, IVF above), "
+          "flat or ivf", "index", INDEX_KINDS),
+    Param("nlist", None, "option", _optional(check_int), "IVF lists (default: 4*sqrt(N), at most N/39)", "index",
+          cli_type=int),
+    Param("encoding", "Flat", "option", check_encoding, "IVF list encoding: Flat, SQ8 or PQ<m>", "index"),
+    Param("target_recall", 0.99, "option", lambda n, v: check_number(n, v, 0.0, 1.0, low_open=True),
+          "IVF: recall@k_gallery against exact search that the default nprobe must reach", "index",
+          cli_type=float),
+)
+PARAM = {p.name: p for p in PARAMETERS}
+DEFAULTS = {p.name: p.default for p in PARAMETERS}
+PARAMS = tuple(p.name for p in PARAMETERS)
+SCORING_KEYS = tuple(p.name for p in PARAMETERS if p.part == "scoring")
+FEATURE_KEYS = ("backbone", "weights_sha256", "resize", "crop", "levels", "storage")
+FEATURE_PARAMS = tuple(p.name for p in PARAMETERS if p.part in ("feature", "source"))
+OPTION_KEYS = tuple(p.name for p in PARAMETERS if p.part == "option")
+
+
+def parameters_doc(names=PARAMS) -> str:
+    """The numpydoc ``Parameters`` section of ``names``, from the table."""
+    lines = ["Parameters", "----------"]
+    for name in names:
+        p = PARAM[name]
+        lines += [f"{name} : default {p.default!r}", f"    {p.help[0].upper()}{p.help[1:]}."]
+    return "\n".join(lines)
+
+
+def _validate(record, names) -> None:
+    for name in names:
+        PARAM[name].check(name, getattr(record, name))
 
 
 @dataclasses.dataclass(frozen=True)
 class SpadeConfig:
-    """What SPADE computes (SPEC 1.1); the defaults are the paper's.
+    """What SPADE computes (SPEC 1.1); the defaults are the paper's. Each field is documented in
+    :data:`PARAMETERS`; ``weights_sha256`` (the identity of the backbone weights, sha256 of their
+    tensors) is filled in by the extractor. ``k_image=None`` becomes ``min(5, k_gallery)`` and
+    ``storage`` its canonical spelling for ``levels``."""
 
-    Parameters
-    ----------
-    backbone : str
-        One of ``BACKBONES``.
-    weights_sha256 : str or None
-        Identity of the backbone weights (sha256 of their tensors), filled in by the extractor.
-    resize, crop : int
-        Square resize with ``INTER_AREA`` then a centre crop, ``crop <= resize``.
-    levels : tuple of str
-        Feature pyramid levels kept for stage 2, a non-empty sorted subset of ``LEVELS``.
-    dtype : str
-        Storage dtype of the levels, ``"float16"`` or ``"float32"``.
-    k_image : int
-        Image score = mean of the ``k_image`` smallest squared distances of pooled features.
-    k_gallery : int
-        Retrieved images whose patches form the stage-2 gallery.
-    kappa : int
-        Pixel score = mean of the ``kappa`` smallest squared patch distances.
-    pixel_mode : str
-        ``"per_level"`` or ``"concat"``.
-    sigma : float
-        Gaussian smoothing of the map, in pixels of the crop; 0 disables it.
-    nprobe : int or None
-        IVF probes at search time (None: the index's tuned default).
-    search : str
-        ``"exact"`` (SPADE) or ``"window"``: each query location is compared only with gallery
-        locations within ``radius`` cells at the same level (an approximation, opt-in).
-    radius : int
-        Window half-size in cells of each level's grid (``search="window"`` only).
-    """
-
-    backbone: str = "wide_resnet50_2"
+    backbone: str = DEFAULTS["backbone"]
     weights_sha256: str | None = None
-    resize: int = 256
-    crop: int = 224
-    levels: tuple = LEVELS
-    dtype: str = "float16"
-    k_image: int = 5
-    k_gallery: int = 50
-    kappa: int = 1
-    pixel_mode: str = "per_level"
-    sigma: float = 4.0
-    nprobe: int | None = None
-    search: str = "exact"
-    radius: int = 1
+    resize: int = DEFAULTS["resize"]
+    crop: int = DEFAULTS["crop"]
+    levels: tuple = DEFAULTS["levels"]
+    storage: str = DEFAULTS["storage"]
+    k_image: int | None = DEFAULTS["k_image"]
+    k_gallery: int = DEFAULTS["k_gallery"]
+    kappa: int = DEFAULTS["kappa"]
+    pixel_mode: str = DEFAULTS["pixel_mode"]
+    sigma: float = DEFAULTS["sigma"]
+    nprobe: int | None = DEFAULTS["nprobe"]
+    search: str = DEFAULTS["search"]
+    radius: int = DEFAULTS["radius"]
 
     def __post_init__(self):
         object.__setattr__(self, "levels", tuple(self.levels))
-        check_choice("backbone", self.backbone, BACKBONES)
-        check_choice("dtype", self.dtype, DTYPES)
-        check_choice("pixel_mode", self.pixel_mode, PIXEL_MODES)
-        check_choice("search", self.search, SEARCHES)
-        for name in ("resize", "crop", "k_image", "k_gallery", "kappa"):
-            check_int(name, getattr(self, name))
-        check_int("radius", self.radius, minimum=0)
+        _validate(self, [k for k in FEATURE_KEYS + SCORING_KEYS if k != "weights_sha256"])
+        object.__setattr__(self, "storage", canonical(self.storage, self.levels))
+        if self.k_image is None:
+            object.__setattr__(self, "k_image", min(K_IMAGE_DEFAULT, self.k_gallery))
         if self.crop > self.resize:
             raise ValueError(f"crop={self.crop} must be <= resize={self.resize}")
         if self.crop < 32:
             raise ValueError(f"crop={self.crop} is too small: layer3 needs crop >= 32")
         if self.k_image > self.k_gallery:
             raise ValueError(f"k_image={self.k_image} must be <= k_gallery={self.k_gallery}")
-        bad = [lv for lv in self.levels if lv not in LEVELS]
-        if not self.levels or bad or list(self.levels) != sorted(self.levels):
-            raise ValueError(f"levels={list(self.levels)}: expected a sorted non-empty subset of {list(LEVELS)}")
         if self.pixel_mode == "concat" and self.levels[0] != "layer1":
             raise ValueError("pixel_mode='concat' upsamples to the layer1 grid: levels must include 'layer1'")
-        if isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float)) or not self.sigma >= 0:
-            raise ValueError(f"sigma={self.sigma!r}: expected a number >= 0")
-        if self.nprobe is not None:
-            check_int("nprobe", self.nprobe)
 
     def replace(self, **changes) -> SpadeConfig:
         """A copy with ``changes`` applied and validated."""
         return dataclasses.replace(self, **changes)
+
+    def storage_per_level(self) -> dict[str, str]:
+        return per_level(self.storage, self.levels)
+
+    @property
+    def storage_is_fitted(self) -> bool:
+        """Whether some level's representation is fitted on the corpus's first images (pca)."""
+        return any(is_fitted(name) for name in self.storage_per_level().values())
 
     def feature_dict(self) -> dict[str, Any]:
         """The half that decides the stored features (what a store must match)."""
@@ -127,76 +268,41 @@ class SpadeConfig:
 
     @classmethod
     def from_json(cls, text: str) -> SpadeConfig:
-        d = json.loads(text)
+        d = upgrade_feature_dict(json.loads(text))
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown config keys {sorted(unknown)}")
         return cls(**d)
 
 
+def upgrade_feature_dict(d: dict) -> dict:
+    """A feature configuration as format v1 wrote it (``dtype``) in today's names (``storage``)."""
+    d = dict(d)
+    if "dtype" in d and "storage" not in d:
+        d["storage"] = d.pop("dtype")
+    return d
+
+
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
-    """How the work is done; no option changes a result beyond float32 rounding.
+    """How the work is done; no option changes a result beyond float32 rounding. Each field is
+    documented in :data:`PARAMETERS`."""
 
-    Parameters
-    ----------
-    device : str
-        Backbone and stage-2 device: ``auto`` (a GPU when one is usable), ``cpu``, ``cuda[:N]``.
-    batch_size : int
-        Images per backbone batch.
-    workers : int
-        Image decoding threads (they run ahead of the backbone).
-    cache_bytes : int
-        Bound of the gallery cache (features of retrieved images, reused across queries).
-    chunk_bytes : int
-        Gallery bytes searched at once by the ``faiss`` stage-2 engine.
-    stage2 : str
-        ``auto`` (``pruned`` on CPU, ``faiss`` on GPU), ``pruned`` (exact, bound-based, CPU) or
-        ``faiss`` (exact brute force, CPU or GPU).
-    gpu_float16 : bool
-        The ``faiss`` engine on GPU searches in float16 (faster, ~1e-3 relative error).
-    index : str
-        Image index built over the pooled vectors: ``auto``, ``flat`` or ``ivf``.
-    nlist : int or None
-        IVF lists (None: ``4*sqrt(N)``, SPEC 3).
-    encoding : str
-        IVF list encoding: ``Flat``, ``SQ8`` or ``PQ{m}``.
-    target_recall : float
-        IVF: the default ``nprobe`` is the smallest reaching this recall@k_gallery against
-        exact search, measured at build time.
-    seed : int
-        Seed of random-init weights and of IVF training samples.
-    """
-
-    device: str = "auto"
-    batch_size: int = 8
-    workers: int = 2
-    cache_bytes: int = 1 << 30
-    chunk_bytes: int = 64 << 20
-    stage2: str = "auto"
-    gpu_float16: bool = False
-    index: str = "auto"
-    nlist: int | None = None
-    encoding: str = "Flat"
-    target_recall: float = 0.99
-    seed: int = 0
+    device: str = DEFAULTS["device"]
+    batch_size: int = DEFAULTS["batch_size"]
+    workers: int = DEFAULTS["workers"]
+    cache_bytes: int = DEFAULTS["cache_bytes"]
+    chunk_bytes: int = DEFAULTS["chunk_bytes"]
+    stage2: str = DEFAULTS["stage2"]
+    gpu_float16: bool = DEFAULTS["gpu_float16"]
+    index: str = DEFAULTS["index"]
+    nlist: int | None = DEFAULTS["nlist"]
+    encoding: str = DEFAULTS["encoding"]
+    target_recall: float = DEFAULTS["target_recall"]
+    seed: int = DEFAULTS["seed"]
 
     def __post_init__(self):
-        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
-            raise ValueError(f"device={self.device!r}: {DEVICE_HELP}")
-        for name in ("batch_size", "workers", "cache_bytes", "chunk_bytes"):
-            check_int(name, getattr(self, name))
-        check_int("seed", self.seed, minimum=0)
-        check_choice("stage2", self.stage2, STAGE2_ENGINES)
-        check_choice("index", self.index, INDEX_KINDS)
-        if self.nlist is not None:
-            check_int("nlist", self.nlist)
-        check_encoding(self.encoding)
-        if isinstance(self.target_recall, bool) or not isinstance(self.target_recall, (int, float)) \
-                or not 0 < self.target_recall <= 1:
-            raise ValueError(f"target_recall={self.target_recall!r}: expected a number in (0, 1]")
-        if not isinstance(self.gpu_float16, bool):
-            raise ValueError(f"gpu_float16={self.gpu_float16!r}: expected True or False")
+        _validate(self, OPTION_KEYS + ("seed",))
 
 
 class Parameters:
@@ -237,6 +343,7 @@ class Parameters:
 
 def make_configs(params: dict, weights_sha256: str | None = None) -> tuple[SpadeConfig, RunOptions]:
     """Validate Spade's parameters (a dict with every name of ``PARAMS``) into the two records."""
+    PARAM["weights"].check("weights", params["weights"])
     config = SpadeConfig(weights_sha256=weights_sha256, **{k: params[k] for k in SCORING_KEYS + FEATURE_KEYS
                                                            if k != "weights_sha256"})
     return config, RunOptions(seed=params["seed"], **{k: params[k] for k in OPTION_KEYS})
@@ -244,24 +351,6 @@ def make_configs(params: dict, weights_sha256: str | None = None) -> tuple[Spade
 
 def feature_mismatch(stored: dict, wanted: dict) -> list[str]:
     """Keys of the feature half whose values differ, as ``key: stored != wanted`` lines."""
+    stored = upgrade_feature_dict(stored)
     return [f"{k}: store has {stored.get(k)!r}, requested {wanted.get(k)!r}"
             for k in FEATURE_KEYS if stored.get(k) != wanted.get(k)]
-
-
-def check_encoding(encoding) -> None:
-    """``Flat``, ``SQ8`` or ``PQ{m}`` (m a positive integer)."""
-    ok = encoding in ("Flat", "SQ8") or (isinstance(encoding, str) and encoding.startswith("PQ")
-                                        and encoding[2:].isdigit() and int(encoding[2:]) > 0)
-    if not ok:
-        raise ValueError(f"encoding={encoding!r}: expected 'Flat', 'SQ8' or 'PQ<m>' (e.g. PQ64)")
-
-
-def check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"{name}={value!r}: expected one of {list(choices)}")
-
-
-def check_int(name, value, minimum: int = 1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{name}={value!r}: expected {kind}")

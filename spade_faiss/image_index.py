@@ -22,7 +22,7 @@ import time
 import faiss
 import numpy as np
 
-from .config import INDEX_KINDS, check_choice, check_encoding
+from .config import DEFAULTS, INDEX_KINDS, check_choice, check_encoding
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class ImageIndex:
         How the default nprobe was chosen (target and measured recall, k, queries).
     """
 
-    def __init__(self, index: faiss.Index, nprobe: int | None = None, encoding: str = "Flat",
+    def __init__(self, index: faiss.Index, nprobe: int | None = None, encoding: str = DEFAULTS["encoding"],
                  tuning: dict | None = None):
         self.index = index
         self.ivf = faiss.try_extract_index_ivf(index)
@@ -70,7 +70,8 @@ class ImageIndex:
 
     @classmethod
     def build(cls, vectors: np.ndarray, kind: str = "auto", nlist: int | None = None, nprobe: int | None = None,
-              encoding: str = "Flat", seed: int = 0, target_recall: float = 0.99, k: int = TUNING_K,
+              encoding: str = DEFAULTS["encoding"], seed: int = DEFAULTS["seed"],
+              target_recall: float = DEFAULTS["target_recall"], k: int = TUNING_K,
               max_train_points: int | None = None) -> ImageIndex:
         """Index ``vectors`` (float32 (N, D)), ids ``0..N-1``.
 
@@ -81,7 +82,7 @@ class ImageIndex:
         """
         vectors = _as_f32(vectors)
         check_choice("kind", kind, INDEX_KINDS)
-        check_encoding(encoding)
+        check_encoding("encoding", encoding)
         n, d = vectors.shape
         if kind == "flat" or (kind == "auto" and n <= FLAT_MAX_IMAGES):
             return cls._flat(vectors)

@@ -13,6 +13,8 @@ import re
 import cv2
 import numpy as np
 
+from .config import DEFAULTS
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 # Decompression-bomb guard: a larger decoded image is refused before it is resized.
@@ -104,20 +106,20 @@ def resize_crop(img: np.ndarray, resize: int, crop: int, interpolation: int) -> 
     return out[o:o + crop, o:o + crop]
 
 
-def preprocess(rgb: np.ndarray, resize: int = 256, crop: int = 224) -> np.ndarray:
+def preprocess(rgb: np.ndarray, resize: int = DEFAULTS["resize"], crop: int = DEFAULTS["crop"]) -> np.ndarray:
     """RGB uint8 (H, W, 3) -> normalised float32 (3, crop, crop), SPEC 1.1."""
     x = resize_crop(rgb, resize, crop, cv2.INTER_AREA).astype(np.float32) / 255.0
     x = (x - IMAGENET_MEAN) / IMAGENET_STD
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def crop_view(rgb: np.ndarray, resize: int = 256, crop: int = 224) -> np.ndarray:
+def crop_view(rgb: np.ndarray, resize: int = DEFAULTS["resize"], crop: int = DEFAULTS["crop"]) -> np.ndarray:
     """The RGB uint8 pixels the model sees (before normalisation), for pictures."""
     return resize_crop(rgb, resize, crop, cv2.INTER_AREA)
 
 
 def load_mask(path: str | os.PathLike | None, image_size: tuple[int, int],
-              resize: int = 256, crop: int = 224) -> np.ndarray:
+              resize: int = DEFAULTS["resize"], crop: int = DEFAULTS["crop"]) -> np.ndarray:
     """Ground-truth mask as bool (crop, crop); ``None`` means an all-normal mask.
 
     ``image_size`` is the (height, width) of the image the mask belongs to; a mask of another
@@ -204,7 +206,7 @@ def _as_rgb(a: np.ndarray) -> np.ndarray:
     return np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a
 
 
-def iter_prepared(items, batch_size: int, resize: int, crop: int, workers: int = 2):
+def iter_prepared(items, batch_size: int, resize: int, crop: int, workers: int = DEFAULTS["workers"]):
     """Yield lists of :class:`Prepared` of up to ``batch_size`` inputs, in input order.
 
     Decoding runs in ``workers`` threads (OpenCV releases the GIL) up to two batches ahead of

@@ -75,6 +75,7 @@ class Retrieved:
     map: np.ndarray | None = None
     correspondences: dict | None = None
     level_scores: dict | None = None
+    encoded: bool = False  # features already in the stored representations' search space (stored rows)
 
 
 @dataclasses.dataclass

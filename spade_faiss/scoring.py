@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from .config import DEFAULTS
 from .resample import bilinear
 
 
@@ -58,7 +59,7 @@ def crop_box(image_size: tuple[int, int], resize: int, crop: int) -> tuple[float
     return lo * h / resize, (lo + crop) * h / resize, lo * w / resize, (lo + crop) * w / resize
 
 
-def map_to_original(amap: np.ndarray, image_size: tuple[int, int], resize: int = 256) -> np.ndarray:
+def map_to_original(amap: np.ndarray, image_size: tuple[int, int], resize: int = DEFAULTS["resize"]) -> np.ndarray:
     """A (crop, crop) map in the original image's (H, W) pixels, float32.
 
     The crop covers the centre of the ``resize`` square the image was stretched to: the map is

@@ -1,24 +1,43 @@
+"""The parameter table (config.PARAMETERS) is the one owner of every parameter: these tests fail
+when a default, a constraint or an option is declared anywhere else, or when Python and the
+command line disagree."""
+
+import argparse
+import ast
+import inspect
+from pathlib import Path
+
 import pytest
 
-from spade_faiss.config import SpadeConfig, feature_mismatch
+import spade_faiss
+from spade_faiss.apps import cli
+from spade_faiss.apps.commands import spade_params
+from spade_faiss.config import DEFAULTS, PARAMETERS, PARAMS, RunOptions, SpadeConfig, feature_mismatch
+from spade_faiss.detector import Spade
+
+PACKAGE = Path(spade_faiss.__file__).parent
+# Same name, another meaning (each with why).
+OTHER_MEANING = {"synthetic.py:make_dataset(seed=...)": "the seed of generated test data"}
 
 
 def test_defaults_follow_spec():
     c = SpadeConfig()
-    assert (c.backbone, c.resize, c.crop, c.levels, c.dtype) == \
+    assert (c.backbone, c.resize, c.crop, c.levels, c.storage) == \
         ("wide_resnet50_2", 256, 224, ("layer1", "layer2", "layer3"), "float16")
     assert (c.k_image, c.k_gallery, c.kappa, c.pixel_mode, c.sigma) == (5, 50, 1, "per_level", 4.0)
 
 
 def test_json_round_trip():
-    c = SpadeConfig(backbone="resnet18", crop=64, resize=72, levels=("layer1", "layer3"), kappa=3, nprobe=4)
+    c = SpadeConfig(backbone="resnet18", crop=64, resize=72, levels=("layer1", "layer3"), kappa=3, nprobe=4,
+                    storage="layer1=pca16,layer3=float16+zstd")
     assert SpadeConfig.from_json(c.to_json()) == c
 
 
 @pytest.mark.parametrize("bad, word", [
     (dict(backbone="vgg"), "backbone"), (dict(crop=300), "crop"), (dict(k_image=60), "k_image"),
     (dict(kappa=0), "kappa"), (dict(levels=("layer4",)), "levels"), (dict(levels=("layer2", "layer1")), "levels"),
-    (dict(pixel_mode="x"), "pixel_mode"), (dict(sigma=-1), "sigma"), (dict(dtype="int8"), "dtype"),
+    (dict(pixel_mode="x"), "pixel_mode"), (dict(sigma=-1), "sigma"), (dict(storage="int8"), "storage"),
+    (dict(storage="layer1=pca8"), "layer2"), (dict(storage="layer1=pca0,layer2=float16,layer3=float16"), "pca0"),
     (dict(pixel_mode="concat", levels=("layer2", "layer3")), "concat"), (dict(k_gallery=True), "k_gallery"),
 ])
 def test_bad_values_name_the_parameter(bad, word):
@@ -26,8 +45,92 @@ def test_bad_values_name_the_parameter(bad, word):
         SpadeConfig(**bad)
 
 
+def test_storage_has_one_spelling_per_choice():
+    assert SpadeConfig(storage="layer1=pca8,layer2=pca8,layer3=pca8").storage == "pca8"
+    assert SpadeConfig(storage="compact").storage == "layer1=pca64,layer2=pca96,layer3=pca128"
+    assert SpadeConfig(storage="compact", levels=("layer2",)).storage == "pca96"
+
+
 def test_feature_mismatch_names_both_values():
     a = SpadeConfig().feature_dict()
     b = SpadeConfig(crop=200).feature_dict()
     assert feature_mismatch(a, b) == ["crop: store has 224, requested 200"]
     assert feature_mismatch(a, a) == []
+    v1 = {**{k: v for k, v in a.items() if k != "storage"}, "dtype": "float16"}  # format v1's spelling
+    assert feature_mismatch(v1, a) == []
+
+
+def test_every_parameter_is_declared_once_and_the_records_take_its_default():
+    names = [p.name for p in PARAMETERS]
+    assert len(names) == len(set(names))
+    fields = {f.name: f.default for cls in (SpadeConfig, RunOptions) for f in cls.__dataclass_fields__.values()}
+    for name in names:
+        if name in fields:
+            assert fields[name] == DEFAULTS[name], name
+    signature = inspect.signature(Spade.__init__).parameters
+    assert [n for n in signature if n != "self"] == list(PARAMS)
+    assert {n: p.default for n, p in signature.items() if n != "self"} == DEFAULTS
+    for name in PARAMS:  # the docstring is made from the table
+        assert f"{name} : default {DEFAULTS[name]!r}" in Spade.__doc__
+
+
+def _literal_defaults(tree):
+    """(function, argument) pairs of the package whose default for a table parameter is a literal."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args.args + node.args.kwonlyargs
+            defaults = [None] * (len(node.args.args) - len(node.args.defaults)) + node.args.defaults + \
+                node.args.kw_defaults
+            for arg, default in zip(args, defaults):
+                if arg.arg in PARAMS and isinstance(default, ast.Constant) and default.value is not None:
+                    yield node.name, arg.arg
+
+
+def test_no_module_declares_a_parameter_default_or_option_of_its_own():
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        found += [f"{path.name}:{fn}({arg}=...)" for fn, arg in _literal_defaults(tree)]
+        flags = {p.flag for p in PARAMETERS}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument" and node.args \
+                    and isinstance(node.args[0], ast.Constant) and node.args[0].value in flags:
+                found.append(f"{path.name}: add_argument({node.args[0].value!r})")
+    assert [f for f in found if f not in OTHER_MEANING] == []
+
+
+def _subparsers():
+    parser = cli.build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_every_option_has_help_and_the_table_default():
+    for name, sub in _subparsers().items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+            if action.dest in DEFAULTS and action.default is not argparse.SUPPRESS:
+                assert action.default == DEFAULTS[action.dest], f"{name} --{action.dest}"
+
+
+@pytest.mark.parametrize("argv, want", [([], 5), (["--k-gallery", "3"], 3),
+                                        (["--k-gallery", "3", "--k-image", "2"], 2)])
+def test_k_image_follows_one_rule_from_python_and_the_cli(argv, want):
+    args = cli.build_parser().parse_args(["score", "c.h5", "src", "--out", "o", *argv])
+    params = spade_params(args)
+    spade = Spade(**params, weights=None).validate_params()
+    assert spade.config_.k_image == want
+    assert SpadeConfig(**{k: v for k, v in params.items() if k in ("k_gallery", "k_image")}).k_image == want
+
+
+def test_k_image_above_k_gallery_is_refused_from_python_and_the_cli():
+    with pytest.raises(ValueError, match="k_image=6 must be <= k_gallery=3"):
+        Spade(k_gallery=3, k_image=6, weights=None).validate_params()
+    assert cli.main(["calibrate", "missing.h5", "x", "--k-gallery", "3", "--k-image", "6"]) == cli.EXIT_ERROR
+
+
+def test_the_deprecated_dtype_option_still_means_storage():
+    args = cli.build_parser().parse_args(["index", "src", "--out", "c.h5", "--dtype", "float32"])
+    assert spade_params(args)["storage"] == "float32"

@@ -53,7 +53,7 @@ def oracle(spade, query_paths, k_image, k_gallery, kappa, mode, sigma):
 def fitted(dataset):
     """Shared by the tests of this module: they use ``with_params`` copies, never mutate it."""
     train = [s.path for s in datasets.discover(dataset)]
-    return Spade(dtype="float32", k_gallery=6, k_image=3, **SMALL).fit(train)
+    return Spade(storage="float32", k_gallery=6, k_image=3, **SMALL).fit(train)
 
 
 @pytest.mark.parametrize("stage2", ["pruned", "faiss"])
@@ -76,8 +76,8 @@ def test_equals_brute_force_oracle(fitted, dataset, mode, kappa, stage2):
 def test_float16_store_is_close_to_float32(dataset):
     train = [s.path for s in datasets.discover(dataset)]
     test = [s.path for s in datasets.discover(dataset, "test")]
-    a = Spade(dtype="float32", k_gallery=6, **SMALL).fit(train).score(test)
-    b = Spade(dtype="float16", k_gallery=6, **SMALL).fit(train).score(test)
+    a = Spade(storage="float32", k_gallery=6, **SMALL).fit(train).score(test)
+    b = Spade(storage="float16", k_gallery=6, **SMALL).fit(train).score(test)
     np.testing.assert_array_equal(a.image_scores, b.image_scores)  # pool vectors stay float32
     np.testing.assert_allclose(b.maps, a.maps, rtol=2e-2)
 
@@ -233,7 +233,7 @@ def test_correspondences_are_the_brute_force_argmin_with_ties_to_the_lowest_imag
     import cv2
     twin = str(tmp_path / "twin.png")
     cv2.imwrite(twin, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 0])
-    params = dict(SMALL, dtype="float32", k_gallery=4, k_image=2, search=search, radius=1)
+    params = dict(SMALL, storage="float32", k_gallery=4, k_image=2, search=search, radius=1)
     spade = Spade(**params).fit(train + [twin])
     queries = [s.path for s in datasets.discover(dataset, "test")][:2] + [train[2]]
     r = spade.score(queries, correspondences=True)

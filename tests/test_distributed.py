@@ -14,7 +14,8 @@ from spade_faiss.datasets import discover
 from spade_faiss.detector import Spade
 from spade_faiss.store import FeatureStore, StoreError, join_shards
 
-from .conftest import FEAT, RUN, SMALL
+from .conftest import FEAT as FEAT_SMALL
+from .conftest import RUN, SMALL
 
 ray = pytest.importorskip("ray")
 
@@ -26,6 +27,18 @@ def cluster():
     ray.shutdown()
 
 
+@pytest.fixture
+def one_thread():
+    """Ray gives each of the 2 actors 1 CPU, hence 1 torch thread; on some CPUs the backbone's
+    bits depend on the thread count, so the local runs compared with them use 1 thread too
+    (``--threads 1``, a process-wide setting undone here)."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield ["--threads", "1"]
+    torch.set_num_threads(before)
+
+
 def by_path(store_path):
     with FeatureStore.open(store_path) as s:
         paths = s.paths()
@@ -33,9 +46,11 @@ def by_path(store_path):
         return {p: (s.pool()[i], {lv: levels[lv][i] for lv in levels}) for i, p in enumerate(paths)}
 
 
-def test_ray_build_and_scoring_equal_one_process(cluster, tmp_path, dataset, capsys):
+@pytest.mark.parametrize("storage", ["float16", "layer1=pca12,layer2=float16+zstd,layer3=pca16"])
+def test_ray_build_and_scoring_equal_one_process(cluster, tmp_path, dataset, capsys, one_thread, storage):
     local, dist = tmp_path / "local.h5", tmp_path / "dist.h5"
-    assert cli.main(["index", str(dataset), "--out", str(local), *FEAT]) == 0
+    FEAT = [*FEAT_SMALL, "--storage", storage]
+    assert cli.main(["index", str(dataset), "--out", str(local), *FEAT, *one_thread]) == 0
     assert cli.main(["index", str(dataset), "--out", str(dist), *FEAT, "--engine", "ray", "--ray-workers", "2",
                      "--batch-size", "2"]) == 0
     out = capsys.readouterr().out.strip().splitlines()[-1]
@@ -53,7 +68,7 @@ def test_ray_build_and_scoring_equal_one_process(cluster, tmp_path, dataset, cap
         s.append(["x"], ["0" * 64], {})
 
     assert cli.main(["score", str(local), str(dataset), "--out", str(tmp_path / "r1"), *RUN, "--k-gallery", "4",
-                     "--no-overlays"]) == 0
+                     "--no-overlays", *one_thread]) == 0
     assert cli.main(["score", str(dist), str(dataset), "--out", str(tmp_path / "r2"), *RUN, "--k-gallery", "4",
                      "--engine", "ray", "--ray-workers", "2", "--batch-size", "2", "--no-overlays"]) == 0
     capsys.readouterr()

@@ -28,7 +28,7 @@ def test_default_backbone_corpus_matches_spec_and_direct_forward(tmp_path, datas
     lst = tmp_path / "list.txt"
     lst.write_text("\n".join(s.path for s in train))
     assert cli.main(["index", str(lst), "--out", str(out), "--weights", "none", "--device", "cpu",
-                     "--dtype", "float32"]) == 0
+                     "--storage", "float32"]) == 0
     capsys.readouterr()
     with h5py.File(out) as h:
         assert h["images/pool"].shape == (3, 2048)

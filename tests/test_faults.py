@@ -26,7 +26,7 @@ KILL_POINTS = 10
 
 def index_cmd(src, out):
     return [sys.executable, "-m", "spade_faiss", "index", str(src), "--out", str(out), *FEAT,
-            "--batch-size", "2", "--dtype", "float32"]
+            "--batch-size", "2", "--storage", "float32"]
 
 
 def read_all(path):

@@ -19,7 +19,7 @@ def _feats(rng, b, dtype=np.float32):
 
 
 def _create(tmp_path, dtype="float16"):
-    cfg = SpadeConfig(backbone="resnet18", weights_sha256="ab" * 32, resize=72, crop=64, dtype=dtype)
+    cfg = SpadeConfig(backbone="resnet18", weights_sha256="ab" * 32, resize=72, crop=64, storage=dtype)
     return FeatureStore.create(tmp_path / "c.h5", cfg, SHAPES, 16), cfg
 
 
@@ -30,17 +30,19 @@ def test_layout_matches_spec(tmp_path, rng):
     store.close()
     with h5py.File(tmp_path / "c.h5", "r") as h:
         a = h.attrs
-        assert a["format_version"] == 1 and a["n_committed"] == 3 and a["library_version"]
+        assert a["format_version"] == 2 and a["n_committed"] == 3 and a["library_version"]
+        assert json.loads(a["feature_shapes"]) == {lv: list(s) for lv, s in SHAPES.items()}
         assert a["created"].endswith("+00:00")
         assert json.loads(a["config"]) == cfg.feature_dict()
         assert h["images/path"].dtype.kind == "O" and h["images/path"].shape == (3,)
         assert h["images/path"][1].decode() == "b/ü.png"
         assert h["images/sha256"].shape == (3,)
         assert h["images/pool"].dtype == np.float32 and h["images/pool"].shape == (3, 16)
+        assert h["images/pool"].fletcher32 and h["images/sha256"].fletcher32
         for lv, s in SHAPES.items():
             d = h["levels"][lv]
             assert d.shape == (3, *s) and d.dtype == np.float16 and d.chunks == (1, *s)
-            assert d.maxshape == (None, *s)
+            assert d.maxshape == (None, *s) and d.fletcher32  # a checksum on every chunk
             np.testing.assert_array_equal(d[:], f[lv].astype(np.float16))
         assert "index" in h
 

@@ -12,11 +12,19 @@ import sys
 import warnings
 
 from .. import __version__
+from ..config import PARAM, PARAMETERS
 from . import commands
 from .allocator import keep_freed_memory
+from .distributed import RAY_WORKERS
 
 EXIT_ERROR = commands.EXIT_ERROR
 EXIT_PARTIAL = commands.EXIT_PARTIAL
+
+
+FEATURE_OPTIONS = tuple(p.name for p in PARAMETERS if p.cli == "features")
+SCORING_OPTIONS = tuple(p.name for p in PARAMETERS if p.cli == "scoring")
+INDEX_OPTIONS = tuple(p.name for p in PARAMETERS if p.cli == "index") + ("nprobe",)  # the tuned default's target
+RUN_OPTIONS = tuple(p.name for p in PARAMETERS if p.cli == "run")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -28,81 +36,65 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         return super()._get_help_string(action)
 
 
-def _weights(value: str):
-    return None if value.lower() in ("none", "random") else value
-
-
 def _common(parser):
     parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="log what the library does (INFO level)")
 
 
+def add_params(group, names, defaults: bool = True, note: str = ""):
+    """Options for the Spade parameters ``names``, from their declaration (config.PARAMETERS):
+    the help text, choices, type and default. ``defaults=False``: the option is absent unless
+    given (an existing corpus keeps its own value; the table's default is still shown)."""
+    for name in names:
+        p = PARAM[name]
+        kw = {"help": p.help + note, "dest": name}
+        if p.choices:
+            kw["choices"] = list(p.choices)
+        if p.cli_type:
+            kw["type"] = p.cli_type
+        if defaults:
+            kw["default"] = p.default
+        else:
+            kw["default"] = argparse.SUPPRESS
+            kw["help"] += f" (default: {'none' if p.default is None else p.default})"
+        group.add_argument(p.flag, **kw)
+
+
 def _feature_args(p):
     # No parser defaults: a new corpus gets the library's, an existing one keeps its own.
     g = p.add_argument_group("features (fixed for a corpus; an existing corpus keeps its own)")
-    g.add_argument("--backbone", default=argparse.SUPPRESS,
-                   help="wide_resnet50_2 | wide_resnet101_2 | resnet18 | resnet50 (default: wide_resnet50_2)")
-    g.add_argument("--weights", type=_weights, default=argparse.SUPPRESS,
-                   help="'imagenet' (torch hub cache, downloaded when missing), a local state_dict file, "
-                        "or 'none' for seeded random init, for tests (default: imagenet)")
-    g.add_argument("--seed", type=int, default=argparse.SUPPRESS,
-                   help="seed of the random init (--weights none) and of IVF training (default: 0)")
-    g.add_argument("--resize", type=int, default=argparse.SUPPRESS,
-                   help="square resize (INTER_AREA) before the crop (default: 256)")
-    g.add_argument("--crop", type=int, default=argparse.SUPPRESS, help="centre crop the model sees (default: 224)")
-    g.add_argument("--dtype", choices=["float16", "float32"], default=argparse.SUPPRESS,
-                   help="stored feature dtype (default: float16)")
+    add_params(g, FEATURE_OPTIONS, defaults=False)
+    g.add_argument("--dtype", dest="storage", choices=["float16", "float32"], default=argparse.SUPPRESS,
+                   help="deprecated spelling of --storage float16|float32 (kept for one release)")
 
 
 def _model_args(p):
     g = p.add_argument_group("model (default: what the corpus was built with)")
-    g.add_argument("--weights", type=_weights, default=argparse.SUPPRESS,
-                   help="override the corpus's weights: 'imagenet', a state_dict file, or 'none' "
-                        "(they must be the same weights, checked by sha256; default: the corpus's own)")
-    g.add_argument("--seed", type=int, default=argparse.SUPPRESS,
-                   help="random-init seed (--weights none; default: the corpus's own)")
+    add_params(g, ("weights", "seed"), defaults=False,
+               note="; overrides the corpus's own, which must be the same weights (checked by sha256)")
 
 
 def _run_args(p):
     g = p.add_argument_group("run")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto: a GPU when one is usable)")
-    g.add_argument("--batch-size", type=int, default=8, help="images per backbone batch")
-    g.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    add_params(g, RUN_OPTIONS)
+    g.add_argument("--threads", type=int, help="torch threads of this process (default: all cores); on some "
+                                               "CPUs the backbone's bits depend on the thread count, so runs "
+                                               "that must match bit for bit use the same value")
 
 
 def _index_args(p):
-    g = p.add_argument_group("image index")
-    g.add_argument("--index", default="auto", choices=["auto", "flat", "ivf"],
-                   help="auto: exact Flat below 50,000 images (or when IVF would not be faster), IVF above")
-    g.add_argument("--nlist", type=int, help="IVF lists (default: 4*sqrt(N), at most N/39)")
-    g.add_argument("--nprobe", type=int, help="IVF probes (default: the smallest reaching --target-recall)")
-    g.add_argument("--encoding", default="Flat", help="IVF list encoding: Flat, SQ8 or PQ<m>")
-    g.add_argument("--target-recall", type=float, default=0.99,
-                   help="IVF: recall@k_gallery against exact search that the default nprobe must reach")
+    add_params(p.add_argument_group("image index"), INDEX_OPTIONS)
 
 
 def _scoring_args(p):
-    g = p.add_argument_group("scoring (SPEC 1.1; defaults are the paper's)")
-    g.add_argument("--k-gallery", type=int, default=50, help="retrieved normal images per query (stage 1)")
-    g.add_argument("--k-image", type=int, help="image score = mean of the k_image smallest distances "
-                                               "(default: min(5, --k-gallery))")
-    g.add_argument("--kappa", type=int, default=1, help="pixel score = mean of the kappa smallest patch distances")
-    g.add_argument("--pixel-mode", default="per_level", choices=["per_level", "concat"], help="stage-2 features")
-    g.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of maps (pixels; 0: none)")
-    g.add_argument("--nprobe", type=int, help="IVF probes (default: the index's tuned value)")
-    g.add_argument("--stage2", default="auto", choices=["auto", "pruned", "dense", "faiss"],
-                   help="exact stage-2 engine: pruned (bounds, CPU), dense (every pair, CPU), faiss (brute "
-                        "force, CPU/GPU); auto: pruned on CPU (dense for small levels), faiss on GPU")
-    g.add_argument("--search", default="exact", choices=["exact", "window"],
-                   help="window: compare each location only with gallery locations within --radius cells of "
-                        "its position (faster, an approximation; see benchmarks/README.md)")
-    g.add_argument("--radius", type=int, default=1, help="window half-size in cells of each level's grid")
+    add_params(p.add_argument_group("scoring (defaults are the paper's; docs/design.md, section 1)"),
+               SCORING_OPTIONS)
 
 
 def _engine_args(p):
     g = p.add_argument_group("engine")
     g.add_argument("--engine", default="local", choices=["local", "ray"], help="'ray' needs the 'ray' extra")
-    g.add_argument("--ray-workers", type=int, default=2, help="Ray actors (--engine ray)")
+    g.add_argument("--ray-workers", type=int, default=RAY_WORKERS, help="Ray actors (--engine ray)")
     g.add_argument("--ray-address", help="join an existing Ray cluster (default: start a local one)")
     g.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPU share of each Ray actor")
 
@@ -130,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("reindex", "rebuild and retrain the image index of a corpus", _index_args)
     p.add_argument("store", help="corpus file")
-    p.add_argument("--seed", type=int, default=0, help="seed of the IVF training sample")
+    add_params(p.add_argument_group("seed"), ("seed",))
 
     p = command("calibrate", "set image/pixel thresholds from held-out normal images (not in the corpus)",
                 _model_args, _scoring_args, _run_args)
@@ -211,6 +203,10 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()
+    if getattr(args, "threads", None):
+        import torch  # a process-wide setting: made here, by the entry point, and nowhere in the library
+
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     with warnings.catch_warnings():

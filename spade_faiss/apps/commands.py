@@ -12,23 +12,18 @@ import time
 from pathlib import Path
 
 from .. import datasets
+from ..config import PARAMS
 from ..detector import Spade, describe
 from .progress import Progress
 
 EXIT_ERROR = 1
 EXIT_PARTIAL = 3
-# Argument names that are Spade parameters; None means "not given" except for the weights.
-SPADE_ARGS = ("k_gallery", "k_image", "kappa", "pixel_mode", "sigma", "nprobe", "stage2", "search", "radius",
-              "backbone", "weights", "seed", "resize", "crop", "dtype", "device", "batch_size", "workers", "index",
-              "nlist", "encoding", "target_recall")
 
 
 def spade_params(args) -> dict:
-    params = {k: getattr(args, k) for k in SPADE_ARGS
-              if hasattr(args, k) and (getattr(args, k) is not None or k == "weights")}
-    if "k_gallery" in params and "k_image" not in params:
-        params["k_image"] = min(5, params["k_gallery"])
-    return params
+    """The Spade parameters among the parsed options (config.PARAMS), as given: an option left
+    out is absent, and so takes the library's default or the corpus's own value."""
+    return {k: getattr(args, k) for k in PARAMS if hasattr(args, k)}
 
 
 def report_errors(errors, what: str) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import DEFAULTS
 from ..detector import Spade
 from ..store import join_shards
 
@@ -45,16 +46,19 @@ def _cpus_per_worker(ray, workers: int) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", workers)) // workers)
 
 
+RAY_WORKERS = 2  # the CLI's --ray-workers default
+
+
 class _IndexWorker:
     """A Ray actor: one extractor, one shard file (opened per batch: Ray keeps actors alive
     after the run, and an open writer would lock the shard)."""
 
-    def __init__(self, shard_dir: str, params: dict, threads: int):
+    def __init__(self, shard_dir: str, params: dict, threads: int, template: str | None):
         import torch
         torch.set_num_threads(max(1, threads))  # this worker process's share of the cores
         os.makedirs(shard_dir, exist_ok=True)
         self.path = os.path.join(shard_dir, f"shard-{uuid.uuid4().hex[:12]}.h5")
-        self.spade = Spade.create(self.path, **params)
+        self.spade = Spade.create(self.path, like=template, **params)
         self.spade.close()
 
     def __call__(self, batch: dict) -> dict:
@@ -65,20 +69,36 @@ class _IndexWorker:
                 "error": np.array([bad.get(str(p), "") for p in batch["path"]], dtype=object)}
 
 
-def index_ray(paths: list[str], out: str, params: dict, workers: int = 2, batch_size: int = 8,
+def _fitted_template(paths: list[str], shard_dir: str, params: dict) -> str | None:
+    """An empty corpus whose stored representations are fitted on the first images, shared by
+    every shard (pca fitted per shard could not be joined); None when nothing needs fitting."""
+    if not Spade(**params).validate_params().config_.storage_is_fitted:
+        return None
+    os.makedirs(shard_dir, exist_ok=True)
+    path = os.path.join(shard_dir, "template.h5")
+    if os.path.exists(path):
+        os.remove(path)  # a failed earlier run's
+    with Spade.create(path, **params) as spade:
+        spade.fit_storage(paths)
+    return path
+
+
+def index_ray(paths: list[str], out: str, params: dict, ray_workers: int = RAY_WORKERS,
+              batch_size: int = DEFAULTS["batch_size"],
               address: str | None = None, gpus_per_worker: float = 0.0) -> dict:
     """Build the corpus ``out`` from ``paths`` on Ray; returns a summary with the errors."""
     if os.path.exists(out):
         raise FileExistsError(f"{out}: already exists (the Ray engine builds new corpora; append with "
                               f"--engine local, or choose a new name)")
     Spade(**params).validate_params()  # before the cluster starts
-    ray = init_ray(address, None if address else workers)
+    ray = init_ray(address, None if address else ray_workers)
     shard_dir = str(Path(out).with_suffix(SHARDS_DIR_SUFFIX))
-    cpus = _cpus_per_worker(ray, workers)
+    template = _fitted_template(paths, shard_dir, params)
+    cpus = _cpus_per_worker(ray, ray_workers)
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, len(paths) // batch_size))
     rows = ds.map_batches(_IndexWorker, fn_constructor_kwargs={"shard_dir": shard_dir, "params": params,
-                                                                "threads": cpus},
-                          batch_size=batch_size, concurrency=workers, num_cpus=cpus, num_gpus=gpus_per_worker,
+                                                                "threads": cpus, "template": template},
+                          batch_size=batch_size, concurrency=ray_workers, num_cpus=cpus, num_gpus=gpus_per_worker,
                           batch_format="numpy").take_all()
     errors = [(r["path"], r["error"]) for r in rows if r["error"]]
     shards = sorted({r["shard"] for r in rows})
@@ -104,17 +124,18 @@ class _ScoreWorker:
         return list(self.spade.iter_score(samples, maps=self.maps, correspondences=self.correspondences))
 
 
-def score_ray(store: str, samples: list, params: dict, maps=True, workers: int = 2, batch_size: int = 8,
+def score_ray(store: str, samples: list, params: dict, maps=True, ray_workers: int = RAY_WORKERS,
+              batch_size: int = DEFAULTS["batch_size"],
               address: str | None = None, gpus_per_worker: float = 0.0, correspondences: bool = False):
     """Score ``samples`` against ``store`` on Ray; yields :class:`~spade_faiss.ScoredImage`
     results in input order (the caller writes them, as for the local engine)."""
     if not samples:
         return
-    ray = init_ray(address, None if address else workers)
+    ray = init_ray(address, None if address else ray_workers)
     from ray.util import ActorPool
-    cpus = _cpus_per_worker(ray, workers)
+    cpus = _cpus_per_worker(ray, ray_workers)
     actor = ray.remote(num_cpus=cpus, num_gpus=gpus_per_worker)(_ScoreWorker)
-    actors = [actor.remote(store, params, maps, cpus, correspondences) for _ in range(workers)]
+    actors = [actor.remote(store, params, maps, cpus, correspondences) for _ in range(ray_workers)]
     batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     try:
         for results in ActorPool(actors).map(lambda a, b: a.score.remote(b), batches):

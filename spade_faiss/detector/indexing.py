@@ -11,6 +11,7 @@ import numpy as np
 
 from ..backbone import FeatureExtractor
 from ..config import SpadeConfig
+from ..representations import FIT_IMAGES
 from ..results import IndexReport
 from ..store import AppendWriter, FeatureStore
 
@@ -28,12 +29,15 @@ def new_store(path, extractor: FeatureExtractor, config: SpadeConfig, weights, s
     return FeatureStore.create(path, config, shapes, probe["pool"].shape[1], in_memory, source)
 
 
-def append_new(store: FeatureStore, batches: Iterable[list], extractor: Callable, dtype: str,
+def append_new(store: FeatureStore, batches: Iterable[list], extractor: Callable, seed: int,
                on_progress: Callable[[int], None] | None = None) -> IndexReport:
     """Append the images of ``batches`` (lists of prepared inputs) not yet in ``store``; HDF5
-    writes run on a background thread while the next batch is extracted."""
+    writes run on a background thread while the next batch is extracted. A store whose
+    representations still need fitting (pca) holds back its first ``FIT_IMAGES`` new images,
+    fits on their features, then writes them (docs/design.md, "Stored representations")."""
     report = IndexReport()
     known = set(store.sha256s())
+    held: list[tuple] = []  # (paths, sha256s, feats) waiting for the fit
     with AppendWriter(store) as writer:
         for batch in batches:
             fresh = []
@@ -46,11 +50,26 @@ def append_new(store: FeatureStore, batches: Iterable[list], extractor: Callable
                     known.add(p.image.sha256)
                     fresh.append(p)
             if fresh:
-                feats = extractor()(np.stack([p.tensor for p in fresh]), dtype)
-                writer.put([p.image.path for p in fresh], [p.image.sha256 for p in fresh], feats)
+                feats = extractor()(np.stack([p.tensor for p in fresh]), store.input_dtype)
+                item = ([p.image.path for p in fresh], [p.image.sha256 for p in fresh], feats)
+                if store.needs_fit:
+                    held.append(item)
+                    if sum(len(h[0]) for h in held) >= FIT_IMAGES:
+                        _fit_and_put(store, writer, held, seed)
+                else:
+                    writer.put(*item)
                 report.added += len(fresh)
             if on_progress:
                 on_progress(len(batch))
+        if held:
+            _fit_and_put(store, writer, held, seed)
     for _, reason in report.errors:
         log.warning("skipped %s", reason)
     return report
+
+
+def _fit_and_put(store: FeatureStore, writer: AppendWriter, held: list, seed: int) -> None:
+    store.fit_representations({lv: np.concatenate([h[2][lv] for h in held]) for lv in store.config.levels}, seed)
+    for item in held:
+        writer.put(*item)
+    held.clear()

@@ -89,7 +89,7 @@ class QueryPipeline:
         for j, row in enumerate(rows):
             keep = ids[j] != row
             retrieved.append(Retrieved(Prepared(None, ""), {lv: f[j] for lv, f in feats.items()}, 0.0,
-                                       ids[j][keep][:k_gallery], dist[j][keep][:k_gallery]))
+                                       ids[j][keep][:k_gallery], dist[j][keep][:k_gallery], encoded=True))
         self.segment(retrieved, config, options, device)
         return metrics.threshold_at_fpr(np.stack([r.map for r in retrieved]), fpr)
 
@@ -107,9 +107,8 @@ class QueryPipeline:
             variant = (tuple(sorted(engines.items())), keep16)
             with self.timed("gallery_io"):
                 galleries = self.cache.get([(mode, variant, i) for i in key])
-            query = {lv: np.stack([m.features[lv] for m in members]) for lv in levels}
-            if mode == "concat":
-                query = {"concat": concat_levels([query[lv] for lv in levels])}
+            encoded = [self._search_space(m, mode, levels) for m in members]
+            query = {name: np.stack([e[name] for e in encoded]) for name in encoded[0]}
             per_level, nearest = [], {}
             for name, q in query.items():
                 with self.timed("stage2"), self.timed(f"stage2.{name}"):
@@ -126,6 +125,21 @@ class QueryPipeline:
                     m.correspondences = {name: _located(n[j], np.array(key), query[name].shape[2])
                                          for name, n in nearest.items()}
                     m.level_scores = {name: d[j] for name, d in zip(query, per_level)}
+
+    def _search_space(self, r: Retrieved, mode: str, levels: tuple) -> dict:
+        """One query's features in the stored representations' search space (per level, or
+        ``concat``: upsampled in feature space, then encoded level by level; see
+        ``representations.py``). Stored rows used as queries are there already."""
+        reps = self.store.representations
+        feats = {lv: r.features[lv] for lv in levels}
+        if mode != "concat":
+            return feats if r.encoded else {lv: reps[lv].query(f) for lv, f in feats.items()}
+        up = concat_levels([feats[lv][None] for lv in levels])[0]
+        if r.encoded:
+            return {"concat": up}
+        ends = np.cumsum([self.store.feature_shapes[lv][2] for lv in levels])[:-1]
+        parts = np.split(up, ends, axis=-1)
+        return {"concat": np.concatenate([reps[lv].query(part) for lv, part in zip(levels, parts)], axis=-1)}
 
     def _engines(self, mode: str, k_gallery: int, stage2: str, device: str, config,
                  correspondences: bool) -> dict[str, str]:

@@ -14,10 +14,13 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 
+import numpy as np
+
 from .. import images, patch_search
 from ..backbone import FeatureExtractor, check_weights, load_extractor
-from ..config import LEVELS, Parameters, make_configs
+from ..config import DEFAULTS, Parameters, make_configs, parameters_doc
 from ..image_index import ImageIndex
+from ..representations import FIT_IMAGES
 from ..results import IndexReport, Retrieved, ScoredImage, SpadeResult
 from ..store import FeatureStore
 from .indexing import append_new, new_store
@@ -31,10 +34,11 @@ class Spade(Parameters, Thresholds):
     """SPADE anomaly detector over a FAISS-indexed HDF5 corpus of normal images.
 
     Scores are "higher = more anomalous" everywhere (image scores, maps, thresholds).
-    Parameters are keyword-only; :class:`~spade_faiss.config.SpadeConfig` documents the
-    scoring and feature parameters, :class:`~spade_faiss.config.RunOptions` the others.
-    ``weights`` is ``"imagenet"`` (torch hub cache), a local state_dict file, or None (seeded
-    random init, for tests); :meth:`open` defaults it to what the corpus was built with.
+    Parameters are keyword-only and declared once, in :data:`spade_faiss.config.PARAMETERS`
+    (the section below is made from it). :meth:`open` defaults the feature parameters and the
+    weights to what the corpus was built with.
+
+    {parameters}
 
     Attributes
     ----------
@@ -51,14 +55,41 @@ class Spade(Parameters, Thresholds):
         Per level: pairs covered, re-checked exactly, and the fraction skipped (``pruned``).
     """
 
-    def __init__(self, *, k_image=5, k_gallery=50, kappa=1, pixel_mode="per_level", sigma=4.0, nprobe=None,
-                 search="exact", radius=1, backbone="wide_resnet50_2", weights="imagenet", resize=256, crop=224,
-                 levels=LEVELS, dtype="float16", seed=0, device="auto", batch_size=8, workers=2,
-                 cache_bytes=1 << 30, chunk_bytes=64 << 20, stage2="auto", gpu_float16=False, index="auto",
-                 nlist=None, encoding="Flat", target_recall=0.99):
-        for name, value in locals().items():
-            if name != "self":
-                setattr(self, name, value)
+    def __init__(self, *, k_image=DEFAULTS["k_image"], k_gallery=DEFAULTS["k_gallery"], kappa=DEFAULTS["kappa"],
+                 pixel_mode=DEFAULTS["pixel_mode"], sigma=DEFAULTS["sigma"], nprobe=DEFAULTS["nprobe"],
+                 search=DEFAULTS["search"], radius=DEFAULTS["radius"], backbone=DEFAULTS["backbone"],
+                 weights=DEFAULTS["weights"], seed=DEFAULTS["seed"], resize=DEFAULTS["resize"],
+                 crop=DEFAULTS["crop"], levels=DEFAULTS["levels"], storage=DEFAULTS["storage"],
+                 device=DEFAULTS["device"], batch_size=DEFAULTS["batch_size"], workers=DEFAULTS["workers"],
+                 cache_bytes=DEFAULTS["cache_bytes"], chunk_bytes=DEFAULTS["chunk_bytes"], stage2=DEFAULTS["stage2"],
+                 gpu_float16=DEFAULTS["gpu_float16"], index=DEFAULTS["index"], nlist=DEFAULTS["nlist"],
+                 encoding=DEFAULTS["encoding"], target_recall=DEFAULTS["target_recall"]):
+        self.k_image = k_image
+        self.k_gallery = k_gallery
+        self.kappa = kappa
+        self.pixel_mode = pixel_mode
+        self.sigma = sigma
+        self.nprobe = nprobe
+        self.search = search
+        self.radius = radius
+        self.backbone = backbone
+        self.weights = weights
+        self.seed = seed
+        self.resize = resize
+        self.crop = crop
+        self.levels = levels
+        self.storage = storage
+        self.device = device
+        self.batch_size = batch_size
+        self.workers = workers
+        self.cache_bytes = cache_bytes
+        self.chunk_bytes = chunk_bytes
+        self.stage2 = stage2
+        self.gpu_float16 = gpu_float16
+        self.index = index
+        self.nlist = nlist
+        self.encoding = encoding
+        self.target_recall = target_recall
 
     def validate_params(self) -> Spade:
         """Check every parameter now (nothing is built); raises ``ValueError``. Returns self."""
@@ -75,13 +106,29 @@ class Spade(Parameters, Thresholds):
     # --- construction --------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path, **params) -> Spade:
-        """A new, empty corpus file at ``path`` (fill it with :meth:`add`)."""
+    def create(cls, path, like=None, **params) -> Spade:
+        """A new, empty corpus file at ``path`` (fill it with :meth:`add`). ``like``: a corpus
+        file whose fitted stored representations this one shares (the shards of one corpus)."""
         spade = cls(**params)
         spade._configure()
         if os.path.exists(path):
             raise FileExistsError(f"{path}: already exists (open it to append, or choose a new name)")
-        return spade._attach(spade._new_store(path, in_memory=False))
+        spade._attach(spade._new_store(path, in_memory=False))
+        if like is not None:
+            with FeatureStore.open(like) as template:
+                spade.store_.adopt_representations(template)
+        return spade
+
+    def fit_storage(self, samples: Iterable) -> Spade:
+        """Fit the stored representations on the features of up to ``FIT_IMAGES`` of ``samples``
+        without adding them (:meth:`add` does it on the first images otherwise); returns self."""
+        if self.store_.needs_fit:
+            prepared = [p for batch in self._batches(list(samples)[:FIT_IMAGES]) for p in batch if p.error is None]
+            if not prepared:
+                raise ValueError("no decodable image to fit the stored representations on")
+            feats = self._extractor()(np.stack([p.tensor for p in prepared]), "float32")
+            self.store_.fit_representations(feats, self.seed)
+        return self
 
     @classmethod
     def open(cls, path, mode: str = "r", **params) -> Spade:
@@ -90,7 +137,7 @@ class Spade(Parameters, Thresholds):
         store = FeatureStore.open(path, mode)
         try:
             c = store.config
-            for key in ("backbone", "resize", "crop", "levels", "dtype"):
+            for key in ("backbone", "resize", "crop", "levels", "storage"):
                 params.setdefault(key, getattr(c, key))
             source = store.weights_source()
             for key in ("weights", "seed"):
@@ -179,7 +226,7 @@ class Spade(Parameters, Thresholds):
         update and save the image index. ``on_progress(n)`` is called after each batch of n."""
         start = time.perf_counter()
         n_before = len(self.store_)
-        report = append_new(self.store_, self._batches(samples), self._extractor, self.config_.dtype, on_progress)
+        report = append_new(self.store_, self._batches(samples), self._extractor, self.seed, on_progress)
         if len(self.store_) > n_before or (self.index_ is None and len(self.store_)):
             self._save_index(self.index_ is None)
         report.seconds = time.perf_counter() - start
@@ -280,6 +327,9 @@ class Spade(Parameters, Thresholds):
     def info(self) -> dict:
         """Corpus metadata, the image index, thresholds and the scoring parameters in force."""
         return {**self.store_.describe(), "scoring": self.config_.scoring_dict()}
+
+
+Spade.__doc__ = Spade.__doc__.replace("{parameters}", parameters_doc().replace("\n", "\n    "))
 
 
 def describe(path) -> dict:

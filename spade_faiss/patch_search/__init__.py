@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..config import DEFAULTS
 from . import brute, dense, pruned, window
 from .brute import gpu_available, iter_chunks, knn_mean, level_maps, resolve_search_device
 from .pruned import Projection, SearchStats
@@ -45,8 +46,8 @@ def resolve_engine(stage2: str, device: str) -> str:
     return stage2
 
 
-def level_engine(stage2: str, device: str, shape: tuple, k_gallery: int, search: str = "exact",
-                 radius: int = 0, correspondences: bool = False) -> str:
+def level_engine(stage2: str, device: str, shape: tuple, k_gallery: int, search: str = DEFAULTS["search"],
+                 radius: int = DEFAULTS["radius"], correspondences: bool = False) -> str:
     """The engine for one level of grid ``shape`` = (h, w, C): ``window`` for a window search
     whose radius does not cover the grid; else as :func:`resolve_engine`, except that ``auto`` on
     the CPU leaves small levels (brute force under ``PRUNED_MIN_GFLOP`` per query image) to
@@ -79,9 +80,10 @@ def prepare(engine: str, feats: np.ndarray, projection: Projection | None, keep_
     return feats if keep_float16 else np.asarray(feats, dtype=np.float32)
 
 
-def search_level(engine: str, query: np.ndarray, gallery: list, kappa: int, device: str = "cpu",
-                 chunk_bytes: int = brute.DEFAULT_CHUNK_BYTES, gpu_float16: bool = False,
-                 projection: Projection | None = None, stats: SearchStats | None = None, radius: int = 0):
+def search_level(engine: str, query: np.ndarray, gallery: list, kappa: int, search_device: str = "cpu",
+                 chunk_bytes: int = brute.DEFAULT_CHUNK_BYTES, gpu_float16: bool = DEFAULTS["gpu_float16"],
+                 projection: Projection | None = None, stats: SearchStats | None = None,
+                 radius: int = DEFAULTS["radius"]):
     """Mean of the ``kappa`` smallest squared distances of each query location, float32 (B, h, w),
     and the nearest gallery vector of each, int64 (B, h, w, 2) = (gallery image index, flat
     position), or None from the faiss engine.
@@ -96,7 +98,7 @@ def search_level(engine: str, query: np.ndarray, gallery: list, kappa: int, devi
         return window.search(query, gallery, kappa, radius)
     if engine == "dense":
         return dense.search(query, gallery, kappa)
-    return np.concatenate([level_maps(q[None], gallery, kappa, device, chunk_bytes, gpu_float16)
+    return np.concatenate([level_maps(q[None], gallery, kappa, search_device, chunk_bytes, gpu_float16)
                            for q in query]), None
 
 

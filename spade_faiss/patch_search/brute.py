@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import faiss
 import numpy as np
 
+from ..config import DEFAULTS
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
@@ -32,7 +34,7 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def resolve_search_device(device: str = "auto") -> str:
+def resolve_search_device(device: str = DEFAULTS["device"]) -> str:
     """``auto`` -> ``cuda`` when faiss-gpu sees a GPU, else ``cpu``; ``cuda[:N]`` is checked."""
     if device == "auto":
         return "cuda" if gpu_available() else "cpu"
@@ -135,8 +137,8 @@ def _join(parts, dtype) -> np.ndarray:
     return out
 
 
-def knn_mean(queries: np.ndarray, chunks: Iterable[np.ndarray], kappa: int = 1,
-             device: str = "cpu") -> np.ndarray:
+def knn_mean(queries: np.ndarray, chunks: Iterable[np.ndarray], kappa: int = DEFAULTS["kappa"],
+             search_device: str = "cpu") -> np.ndarray:
     """Mean of the ``kappa`` smallest squared L2 distances of each query to the union of
     ``chunks``.
 
@@ -155,7 +157,7 @@ def knn_mean(queries: np.ndarray, chunks: Iterable[np.ndarray], kappa: int = 1,
     total = 0
     for chunk in chunks:
         total += chunk.shape[0]
-        dist = _knn_splitting(queries, chunk, min(kappa, chunk.shape[0]), device)
+        dist = _knn_splitting(queries, chunk, min(kappa, chunk.shape[0]), search_device)
         if best is None:
             best = dist
         elif kappa == 1:
@@ -169,9 +171,9 @@ def knn_mean(queries: np.ndarray, chunks: Iterable[np.ndarray], kappa: int = 1,
     return best.mean(axis=1, dtype=np.float64).astype(np.float32)
 
 
-def level_maps(query: np.ndarray, galleries: Sequence[np.ndarray], kappa: int = 1,
-               device: str = "cpu", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-               gpu_float16: bool = False) -> np.ndarray:
+def level_maps(query: np.ndarray, galleries: Sequence[np.ndarray], kappa: int = DEFAULTS["kappa"],
+               search_device: str = "cpu", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+               gpu_float16: bool = DEFAULTS["gpu_float16"]) -> np.ndarray:
     """Distance maps of several query images that share one gallery.
 
     Parameters
@@ -187,6 +189,6 @@ def level_maps(query: np.ndarray, galleries: Sequence[np.ndarray], kappa: int = 
     float32 (B, h, w): mean of the ``kappa`` smallest squared distances per location
     """
     b, h, w, c = query.shape
-    dtype = np.float16 if gpu_float16 and device != "cpu" else np.float32
-    scores = knn_mean(query.reshape(-1, c), iter_chunks(galleries, chunk_bytes, dtype), kappa, device)
+    dtype = np.float16 if gpu_float16 and search_device != "cpu" else np.float32
+    scores = knn_mean(query.reshape(-1, c), iter_chunks(galleries, chunk_bytes, dtype), kappa, search_device)
     return scores.reshape(b, h, w)

@@ -1,5 +1,11 @@
-"""FeatureStore: one open corpus file, format v1 (SPEC 2): creation, validation, reads and
-crash-safe appends. No torch here.
+"""FeatureStore: one open corpus file, format v2 (docs/design.md, "The corpus file"; v1 files
+are read and appended to as before): creation, validation, reads and crash-safe appends. No
+torch here.
+
+Format v2 adds, per level, a stored representation (``representations.py``: float16/float32,
+lossless, or pca codes with their fitted arrays under ``representations/<level>``), the
+features' shape per level (``feature_shapes``), and a fletcher32 checksum on every chunk of
+every numeric dataset.
 
 Crash safety: an append resizes the datasets, writes the rows, flushes, and only then bumps
 ``n_committed``. Rows past ``n_committed`` are leftovers of a crash: ignored by readers and
@@ -15,14 +21,17 @@ import os
 from pathlib import Path
 
 import h5py
+import hdf5plugin  # noqa: F401  registers the lossless filters with HDF5: every reader can decode them
 import numpy as np
 
-from .. import __version__
-from ..config import SpadeConfig, feature_mismatch
+from ..config import SpadeConfig, feature_mismatch, upgrade_feature_dict
+from ..representations import Representation
+from ..version import __version__
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SHA_DTYPE = "S64"
 POOL_CHUNK_ROWS = 256
 STRING_CHUNK_ROWS = 1024
@@ -36,22 +45,45 @@ def _utc_now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
-def write_layout(h5: h5py.File, attrs: dict, level_shapes: dict, pool_dim: int, dtype, n: int = 0) -> None:
-    """The attributes and the (empty, resizable) datasets of format v1, ``n`` rows long."""
+def write_layout(h5: h5py.File, attrs: dict, levels: dict, pool_dim: int, n: int = 0, checksums: bool = True) -> None:
+    """The attributes and the (empty, resizable) datasets of a corpus, ``n`` rows long.
+
+    ``levels``: per level, ``(stored shape (h, w, c), stored dtype, h5py filter keywords)`` or an
+    ``h5py.VirtualLayout`` (a joined corpus: rows live in shard files). ``checksums``: fletcher32
+    on the numeric image datasets (format v2)."""
     h5.attrs.update(attrs)
     h5.attrs["n_committed"] = n
+    check = {"fletcher32": True} if checksums else {}
     img = h5.create_group("images")
     img.create_dataset("path", (n,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"), chunks=(STRING_CHUNK_ROWS,))
-    img.create_dataset("sha256", (n,), maxshape=(None,), dtype=SHA_DTYPE, chunks=(STRING_CHUNK_ROWS,))
+    img.create_dataset("sha256", (n,), maxshape=(None,), dtype=SHA_DTYPE, chunks=(STRING_CHUNK_ROWS,), **check)
     img.create_dataset("pool", (n, pool_dim), maxshape=(None, pool_dim), dtype=np.float32,
-                       chunks=(POOL_CHUNK_ROWS, pool_dim))
-    levels = h5.create_group("levels")
-    for name, shape in level_shapes.items():
-        if isinstance(shape, h5py.VirtualLayout):  # a joined corpus: rows live in shard files
-            levels.create_virtual_dataset(name, shape, fillvalue=0)
+                       chunks=(POOL_CHUNK_ROWS, pool_dim), **check)
+    group = h5.create_group("levels")
+    for name, spec in levels.items():
+        if isinstance(spec, h5py.VirtualLayout):
+            group.create_virtual_dataset(name, spec, fillvalue=0)
         else:
-            levels.create_dataset(name, (n, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(1, *shape))
+            shape, dtype, filters = spec
+            group.create_dataset(name, (n, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(1, *shape),
+                                 **filters)
     h5.create_group("index")
+
+
+def level_specs(representations: dict[str, Representation], feature_shapes: dict) -> dict:
+    """:func:`write_layout`'s level specs of these representations."""
+    return {lv: ((*feature_shapes[lv][:2], r.stored_channels), r.stored_dtype, r.filters())
+            for lv, r in representations.items()}
+
+
+def write_representations(h5: h5py.File, representations: dict[str, Representation]) -> None:
+    """The fitted arrays of the pca representations under ``representations/<level>``."""
+    group = h5.require_group("representations")
+    for lv, r in representations.items():
+        if r.state is not None and lv not in group:
+            sub = group.create_group(lv)
+            for key, value in r.state.items():
+                sub.create_dataset(key, data=value, fletcher32=True)
 
 
 def _plain(attrs: dict) -> dict:
@@ -67,7 +99,12 @@ class FeatureStore:
     path : str
     config : SpadeConfig
         The configuration the features were extracted with (feature half only).
-    level_shapes : dict of str -> (h, w, C)
+    feature_shapes : dict of str -> (h, w, C)
+        The backbone's features per level.
+    representations : dict of str -> Representation
+        How each level is stored (``representations.py``).
+    level_shapes : dict of str -> (h, w, C')
+        What :meth:`level` returns per image: the representation's search space.
     pool_dim : int
     """
 
@@ -76,8 +113,27 @@ class FeatureStore:
         self.path = path
         self._validate()
         self.config = SpadeConfig(**self.raw_config())
-        self.level_shapes = {lv: tuple(self.h5["levels"][lv].shape[1:]) for lv in self.config.levels}
+        self.feature_shapes = self._feature_shapes()
+        self.representations = self._representations()
+        self.level_shapes = {lv: (*self.feature_shapes[lv][:2], r.search_channels)
+                             for lv, r in self.representations.items()}
         self.pool_dim = int(self.h5["images/pool"].shape[1])
+        self.bytes_read = 0  # stored bytes of the level rows read so far (compressed size when compressed)
+
+    def _feature_shapes(self) -> dict:
+        if "feature_shapes" in self.h5.attrs:
+            return {lv: tuple(v) for lv, v in json.loads(self.h5.attrs["feature_shapes"]).items()}
+        return {lv: tuple(self.h5["levels"][lv].shape[1:]) for lv in self.config.levels}  # format v1
+
+    def _representations(self) -> dict[str, Representation]:
+        fitted = self.h5.get("representations")
+        out = {}
+        for lv, name in self.config.storage_per_level().items():
+            state = None
+            if fitted is not None and lv in fitted:
+                state = {k: fitted[lv][k][()] for k in ("mean", "basis", "step")}
+            out[lv] = Representation(name, self.feature_shapes[lv][2], state)
+        return out
 
     # --- opening -------------------------------------------------------------------------
 
@@ -87,13 +143,16 @@ class FeatureStore:
         """A new, empty corpus; ``in_memory`` keeps it in RAM only (for ``Spade.fit``).
         ``weights_source`` records where the backbone weights came from (for later opens)."""
         path = str(path)
+        shapes = {lv: tuple(int(x) for x in level_shapes[lv]) for lv in config.levels}
         attrs = dict(format_version=FORMAT_VERSION, library_version=__version__, created=_utc_now(),
                      config=json.dumps(config.feature_dict(), sort_keys=True),
-                     weights_source=json.dumps(weights_source or {}, sort_keys=True))
-        shapes = {lv: level_shapes[lv] for lv in config.levels}
+                     weights_source=json.dumps(weights_source or {}, sort_keys=True),
+                     feature_shapes=json.dumps(shapes, sort_keys=True))
+        reps = {lv: Representation(name, shapes[lv][2]) for lv, name in config.storage_per_level().items()}
+        specs = level_specs(reps, shapes)
         if in_memory:
             h5 = h5py.File(path, "w", driver="core", backing_store=False)
-            write_layout(h5, attrs, shapes, pool_dim, np.dtype(config.dtype))
+            write_layout(h5, attrs, specs, pool_dim)
             return cls(h5, path)
         if os.path.exists(path):
             raise FileExistsError(f"{path}: already exists (open it to append, or choose a new name)")
@@ -101,7 +160,7 @@ class FeatureStore:
         # Written whole under a temporary name, then renamed: a crash leaves no half-made corpus.
         tmp = f"{path}.tmp-{os.getpid()}"
         with h5py.File(tmp, "w") as h5:
-            write_layout(h5, attrs, shapes, pool_dim, np.dtype(config.dtype))
+            write_layout(h5, attrs, specs, pool_dim)
         os.replace(tmp, path)
         store = cls(h5py.File(path, "r+"), path)
         store._mark_writer()
@@ -154,9 +213,9 @@ class FeatureStore:
         for key in ("format_version", "config", "n_committed"):
             if key not in attrs:
                 raise StoreError(f"{self.path}: missing attribute {key!r}: not a spade_faiss corpus")
-        if int(attrs["format_version"]) != FORMAT_VERSION:
+        if int(attrs["format_version"]) not in READABLE_VERSIONS:
             raise StoreError(f"{self.path}: format_version {attrs['format_version']}, "
-                             f"this library reads {FORMAT_VERSION}")
+                             f"this library reads {list(READABLE_VERSIONS)}")
         levels = self.raw_config()["levels"]
         needed = ["images/path", "images/sha256", "images/pool", "index"] + [f"levels/{lv}" for lv in levels]
         for name in needed:
@@ -197,8 +256,9 @@ class FeatureStore:
         return dict(self.h5.attrs)
 
     def raw_config(self) -> dict:
-        """The stored feature configuration as written (JSON), before validation."""
-        return json.loads(self.h5.attrs["config"])
+        """The stored feature configuration (JSON; format v1's ``dtype`` read as ``storage``),
+        before validation."""
+        return upgrade_feature_dict(json.loads(self.h5.attrs["config"]))
 
     def weights_source(self) -> dict:
         """Where the weights came from at creation: ``{"weights": ..., "seed": ...}`` or {}."""
@@ -229,17 +289,39 @@ class FeatureStore:
         out = np.empty((len(ids), *ds.shape[1:]), dtype=ds.dtype)
         for k in np.argsort(ids, kind="stable"):
             ds.read_direct(out, np.s_[int(ids[k])], np.s_[int(k)])
-        return out
+        self.bytes_read += len(ids) * self._row_bytes(name)
+        return self.representations[name].decode(out)
+
+    def stored_level(self, name: str, ids) -> np.ndarray:
+        """The stored rows of :meth:`level` before decoding (codes for pca), for copies."""
+        ds = self.h5["levels"][name]
+        return np.stack([ds[int(i)] for i in ids]) if len(ids) else np.empty((0, *ds.shape[1:]), ds.dtype)
+
+    def _row_bytes(self, name: str) -> int:
+        """Stored bytes of one row of level ``name`` (the mean over committed rows when compressed)."""
+        ds = self.h5["levels"][name]
+        raw = int(np.prod(ds.shape[1:])) * ds.dtype.itemsize
+        if ds.is_virtual or not ds.compression or not len(self):
+            return raw
+        return int(ds.id.get_storage_size() / max(1, ds.shape[0]))
 
     def describe(self) -> dict:
         """What ``spade-faiss info`` prints: metadata, shapes, the index's attributes, thresholds."""
         attrs = self.attrs
         return {"store": self.path, "format_version": int(attrs["format_version"]),
                 "library_version": str(attrs.get("library_version")), "created": str(attrs.get("created")),
-                "images": len(self), "bytes": self.nbytes_on_disk(), "config": self.config.feature_dict(),
+                "images": len(self), "bytes": self.nbytes_on_disk(), "bytes_per_image": self.bytes_per_image(),
+                "config": self.config.feature_dict(),
                 "weights_source": self.weights_source(), "levels": {k: list(v) for k, v in self.level_shapes.items()},
                 "pool_dim": self.pool_dim, "index": _plain(self.read_index()[1]) or None,
                 "thresholds": self.thresholds()}
+
+    def bytes_per_image(self) -> dict:
+        """Stored bytes of one image: per level, the pooled vector, and their total."""
+        per = {lv: self._row_bytes(lv) for lv in self.config.levels}
+        per["pool"] = self.pool_dim * 4
+        per["total"] = sum(per.values())
+        return per
 
     def is_joined(self) -> bool:
         return any(self.h5["levels"][lv].is_virtual for lv in self.config.levels)
@@ -266,12 +348,44 @@ class FeatureStore:
         self.h5["images/path"][n:n + b] = list(paths)
         self.h5["images/sha256"][n:n + b] = np.array([s.encode("ascii") for s in sha256s], dtype=SHA_DTYPE)
         self.h5["images/pool"][n:n + b] = feats["pool"]
-        for lv in self.config.levels:
-            self.h5["levels"][lv][n:n + b] = feats[lv].astype(self.config.dtype, copy=False)
+        for lv, rep in self.representations.items():
+            if rep.needs_fit:
+                raise StoreError(f"{self.path}: {lv} is stored as {rep.name}, which is not fitted yet "
+                                 f"(fit_representations first)")
+            self.h5["levels"][lv][n:n + b] = rep.encode(feats[lv])
         self.h5.flush()
         self.h5.attrs["n_committed"] = n + b
         self.h5.flush()
         return np.arange(n, n + b, dtype=np.int64)
+
+    @property
+    def needs_fit(self) -> bool:
+        """Whether a representation still needs fitting on features before rows can be appended."""
+        return any(r.needs_fit for r in self.representations.values())
+
+    @property
+    def input_dtype(self) -> str:
+        """The feature dtype appends need: float16 when every level stores float16 values."""
+        names = {r.name.removesuffix("+zstd") for r in self.representations.values()}
+        return "float16" if names == {"float16"} else "float32"
+
+    def fit_representations(self, feats: dict, seed: int) -> None:
+        """Fit the unfitted (pca) representations on ``feats`` (level -> (n, h, w, C) float32)
+        and store their arrays."""
+        for lv, rep in self.representations.items():
+            if rep.needs_fit:
+                rep.fit(feats[lv].reshape(-1, feats[lv].shape[-1]), seed)
+        write_representations(self.h5, self.representations)
+        self.h5.flush()
+
+    def adopt_representations(self, other: FeatureStore) -> None:
+        """Use the fitted representations of ``other`` (shards of one corpus share them)."""
+        if other.config.storage != self.config.storage:
+            raise StoreError(f"{other.path} stores {other.config.storage}, {self.path} {self.config.storage}")
+        for lv, rep in self.representations.items():
+            rep.state = other.representations[lv].state
+        write_representations(self.h5, self.representations)
+        self.h5.flush()
 
     # --- the image index blob (image_index.py owns its meaning) --------------------------
 

@@ -15,6 +15,8 @@ import os
 
 import h5py
 
+from ..config import upgrade_feature_dict
+from ..representations import Representation, per_level
 from .corpus import write_layout
 
 log = logging.getLogger(__name__)
@@ -27,11 +29,16 @@ def rebuild(path: str) -> int:
     tmp = f"{path}.rebuild-{os.getpid()}"
     with h5py.File(path, "r") as src:
         n = int(src.attrs["n_committed"])
-        levels = json.loads(src.attrs["config"])["levels"]
+        config = upgrade_feature_dict(json.loads(src.attrs["config"]))
+        levels, v2 = config["levels"], int(src.attrs["format_version"]) >= 2
+        names = per_level(config["storage"], levels)
         attrs = {k: v for k, v in src.attrs.items() if k not in ("n_committed", "writer")}
-        shapes = {lv: src["levels"][lv].shape[1:] for lv in levels}
+        specs = {lv: (src["levels"][lv].shape[1:], src["levels"][lv].dtype,
+                      Representation(names[lv], 1).filters() if v2 else {}) for lv in levels}
         with h5py.File(tmp, "w") as dst:
-            write_layout(dst, attrs, shapes, src["images/pool"].shape[1], src["levels"][levels[0]].dtype, n)
+            write_layout(dst, attrs, specs, src["images/pool"].shape[1], n, checksums=v2)
+            if "representations" in src:
+                src.copy("representations", dst)
             for name in ["images/path", "images/sha256", "images/pool"] + [f"levels/{lv}" for lv in levels]:
                 for start in range(0, n, COPY_ROWS):
                     stop = min(n, start + COPY_ROWS)

@@ -21,6 +21,7 @@ def join_shards(shards: list[str], out: str) -> int:
         first = stores[0]
         for s in stores[1:]:
             s.check_config(first.config)
+            _check_same_representations(first, s)
         keep, seen = [], set()  # per shard: the rows to keep
         for s in stores:
             rows = [i for i, sha in enumerate(s.sha256s()) if not (sha in seen or seen.add(sha))]
@@ -31,7 +32,9 @@ def join_shards(shards: list[str], out: str) -> int:
         attrs["shards"] = [os.path.relpath(p, base) for p in shards]
         layouts = {lv: _virtual_layout(stores, keep, lv, base) for lv in first.config.levels}
         with h5py.File(out, "w") as h:
-            write_layout(h, attrs, layouts, first.pool_dim, None, n)
+            write_layout(h, attrs, layouts, first.pool_dim, n)
+            if "representations" in first.h5:
+                first.h5.copy("representations", h)
             row = 0
             for s, k in zip(stores, keep):
                 if len(k):
@@ -43,6 +46,16 @@ def join_shards(shards: list[str], out: str) -> int:
         for s in stores:
             s.close()
     return n
+
+
+def _check_same_representations(a: FeatureStore, b: FeatureStore) -> None:
+    for lv, rep in a.representations.items():
+        other = b.representations[lv].state
+        same = (rep.state is None) == (other is None) and \
+            (rep.state is None or all(np.array_equal(rep.state[k], other[k]) for k in rep.state))
+        if not same:
+            raise ValueError(f"{b.path}: its {lv} representation was fitted apart from {a.path}'s; shards of "
+                             f"one corpus must share it (adopt_representations)")
 
 
 def _virtual_layout(stores, keep, level: str, base: str) -> h5py.VirtualLayout:

@@ -1,0 +1,186 @@
+"""Stored representations (representations.py): every one round-trips through the corpus file,
+and stage 2 over it equals brute force over its *decoded* features: bit for bit in its search
+space (exact.py's distance), and to float rounding in feature space (the isometry it claims)."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spade_faiss import datasets
+from spade_faiss.config import SpadeConfig
+from spade_faiss.detector import Spade
+from spade_faiss.patch_search import exact
+from spade_faiss.representations import CODE_MAX, Representation, per_level
+from spade_faiss.store import FeatureStore, StoreError
+
+from .conftest import SMALL
+
+SHAPES = {"layer1": (8, 8, 16), "layer2": (4, 4, 24), "layer3": (2, 2, 32)}
+STORAGES = ["float16", "float32", "float16+zstd", "pca6", "layer1=pca8,layer2=float16+zstd,layer3=pca5"]
+
+
+def _feats(rng, b):
+    f = {lv: np.maximum(rng.standard_normal((b, *s)), 0).astype(np.float32) for lv, s in SHAPES.items()}
+    f["pool"] = rng.standard_normal((b, 16)).astype(np.float32)
+    return f
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_every_representation_round_trips_through_the_file(tmp_path, rng, storage):
+    cfg = SpadeConfig(backbone="resnet18", weights_sha256="ab" * 32, resize=72, crop=64, storage=storage)
+    store = FeatureStore.create(tmp_path / "c.h5", cfg, SHAPES, 16)
+    f = _feats(rng, 5)
+    if store.needs_fit:
+        with pytest.raises(StoreError, match="not fitted"):
+            store.append(list("abcde"), [c * 64 for c in "01234"], f)
+        store.fit_representations(f, seed=0)
+    store.append(list("abcde"), [c * 64 for c in "01234"], f)
+    expected = {lv: store.representations[lv].decode(store.representations[lv].encode(f[lv])) for lv in SHAPES}
+    store.close()
+    with FeatureStore.open(tmp_path / "c.h5") as s:
+        assert s.config.storage == cfg.storage and not s.needs_fit
+        for lv in per_level(storage, list(SHAPES)):
+            got = s.level(lv, [4, 0, 2])
+            np.testing.assert_array_equal(got, expected[lv][[4, 0, 2]])
+            rep = s.representations[lv]
+            if rep.is_pca:
+                assert got.dtype == np.float32 and got.shape[-1] == rep.dims + 1 and (got[..., -1] == 0).all()
+            else:  # lossless: exactly the values as stored
+                np.testing.assert_array_equal(got, f[lv][[4, 0, 2]].astype(rep.stored_dtype))
+        info = s.describe()
+        assert info["bytes_per_image"]["total"] == sum(info["bytes_per_image"][k] for k in (*SHAPES, "pool"))
+    with h5py.File(tmp_path / "c.h5") as h:
+        assert all(h["levels"][lv].fletcher32 for lv in SHAPES)
+
+
+def test_pca_codes_are_the_nearest_int8_steps_of_the_projection(rng):
+    x = rng.standard_normal((4000, 12)) @ rng.standard_normal((12, 12))
+    rep = Representation("pca5", 12)
+    rep.fit(x, seed=0)
+    basis, mean, step = rep.state["basis"], rep.state["mean"], rep.state["step"]
+    np.testing.assert_allclose(basis.T @ basis, np.eye(5), atol=1e-12)
+    codes = rep.encode(x.astype(np.float32))
+    assert codes.dtype == np.int8 and np.abs(codes).max() == CODE_MAX
+    coords = (x.astype(np.float32).astype(np.float64) - mean) @ basis
+    assert np.abs(codes * step.astype(np.float64) - coords).max() <= step.max() / 2 * (1 + 1e-6)
+    # The query side: distance in the search space = distance to the decoded features.
+    q = rng.standard_normal((7, 12)).astype(np.float32)
+    g = rep.decoded_features(codes[:9])
+    want = ((q[:, None, :].astype(np.float64) - g[None]) ** 2).sum(-1)
+    qs, gs = rep.query(q), rep.decode(codes[:9])
+    got = ((qs[:, None, :].astype(np.float64) - gs[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_pca_query_encoding_does_not_depend_on_the_thread_count(rng):
+    rep = Representation("pca6", 16)
+    rep.fit(rng.standard_normal((500, 16)), seed=0)
+    q = rng.standard_normal((8, 8, 16)).astype(np.float32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = rep.query(q)
+        torch.set_num_threads(2)
+        two = rep.query(q)
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_array_equal(one, two)
+
+
+@pytest.fixture(scope="module")
+def corpora(dataset, tmp_path_factory):
+    """The same 12 training images in a corpus of each representation (resnet18 has 64/128/256 channels)."""
+    train = [s.path for s in datasets.discover(dataset)]
+    root = tmp_path_factory.mktemp("reps")
+    out = {}
+    for storage in ("float32", "float16+zstd", "layer1=pca12,layer2=pca20,layer3=float16", "pca16"):
+        path = root / f"{len(out)}.h5"
+        with Spade.create(path, storage=storage, k_gallery=6, k_image=3, **SMALL) as spade:
+            assert spade.add(train).added == 12
+        out[storage] = path
+    return out
+
+
+def _upsample(t, size):
+    return F.interpolate(t.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+
+
+def _feature_space_level_scores(spade, r, q_feats, kappa, mode):
+    """Brute force in float64 between the query's features and the decoded gallery features."""
+    store, levels = spade.store_, spade.config_.levels
+    ids = np.sort(r.neighbour_ids)
+    gal = {lv: torch.from_numpy(store.representations[lv].decoded_features(store.stored_level(lv, ids)))
+           .double() for lv in levels}
+    feats = {lv: torch.from_numpy(q_feats[lv]).double() for lv in levels}
+    if mode == "concat":
+        size = feats["layer1"].shape[:2]
+        feats = {"concat": torch.cat([_upsample(feats[lv][None], size)[0] for lv in levels], -1)}
+        gal = {"concat": torch.cat([_upsample(gal[lv], size) for lv in levels], -1)}
+    out = {}
+    for name, f in feats.items():
+        h, w, c = f.shape
+        d = torch.cdist(f.reshape(-1, c), gal[name].reshape(-1, c)) ** 2
+        out[name] = d.topk(kappa, dim=1, largest=False).values.mean(1).reshape(h, w).numpy()
+    return out
+
+
+def _search_space_level_scores(spade, r, q_feats, kappa, mode):
+    """Brute force with exact.py's distance in the representation's search space."""
+    pipeline, levels = spade.pipeline_, spade.config_.levels
+    from spade_faiss.results import Retrieved
+    query = pipeline._search_space(Retrieved(None, q_feats, 0.0, r.neighbour_ids, None), mode, levels)
+    ids = np.sort(r.neighbour_ids)
+    from spade_faiss.galleries import load_entries
+    entries = load_entries(spade.store_.level, [(mode, int(i)) for i in ids], levels)
+    out = {}
+    for name, q in query.items():
+        c = q.shape[-1]
+        g = torch.from_numpy(np.concatenate([e[name].reshape(-1, c) for e in entries]).astype(np.float32))
+        rows = torch.from_numpy(q.reshape(-1, 1, c))
+        d = torch.cat([exact.squared_distances(rows[i:i + 32], g[None]) for i in range(0, len(rows), 32)])
+        best = d.sort(dim=1).values[:, :kappa].double().mean(1).float()
+        out[name] = best.reshape(q.shape[:2]).numpy()
+    return out
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16+zstd", "layer1=pca12,layer2=pca20,layer3=float16", "pca16"])
+@pytest.mark.parametrize("mode, kappa", [("per_level", 1), ("per_level", 3), ("concat", 1), ("concat", 3)])
+def test_stage2_equals_brute_force_over_the_decoded_features(corpora, dataset, storage, mode, kappa):
+    queries = [s.path for s in datasets.discover(dataset, "test")][:3]
+    with Spade.open(corpora[storage], pixel_mode=mode, kappa=kappa, k_gallery=6, device="cpu") as spade:
+        results = list(spade.iter_score(queries, correspondences=True))
+        feats = spade.extractor_(np.stack([spade._batches([q]).__next__()[0].tensor for q in queries]))
+        for i, r in enumerate(results):
+            q_feats = {lv: feats[lv][i] for lv in spade.config_.levels}
+            bitwise = _search_space_level_scores(spade, r, q_feats, kappa, mode)
+            near = _feature_space_level_scores(spade, r, q_feats, kappa, mode)
+            for name, got in r.level_scores.items():
+                np.testing.assert_array_equal(got, bitwise[name])
+                np.testing.assert_allclose(got, near[name], rtol=2e-5, atol=1e-5 * np.abs(near[name]).max())
+
+
+def test_lossless_storage_gives_exactly_the_float16_maps(corpora, dataset, tmp_path):
+    train = [s.path for s in datasets.discover(dataset)]
+    with Spade.create(tmp_path / "f16.h5", storage="float16", k_gallery=6, k_image=3, **SMALL) as spade:
+        spade.add(train)
+    queries = [s.path for s in datasets.discover(dataset, "test")]
+    with Spade.open(tmp_path / "f16.h5", k_gallery=6) as a, Spade.open(corpora["float16+zstd"], k_gallery=6) as b:
+        ra, rb = a.score(queries), b.score(queries)
+        np.testing.assert_array_equal(ra.maps, rb.maps)
+        np.testing.assert_array_equal(ra.image_scores, rb.image_scores)
+        sizes = a.info()["bytes_per_image"], b.info()["bytes_per_image"]
+        assert sizes[1]["layer1"] < sizes[0]["layer1"]
+
+
+def test_a_pca_corpus_is_fitted_on_its_first_images_and_keeps_that_fit(dataset, tmp_path):
+    train = [s.path for s in datasets.discover(dataset)]
+    path = tmp_path / "p.h5"
+    with Spade.create(path, storage="pca16", **SMALL) as spade:
+        spade.add(train[:5])
+        basis = spade.store_.representations["layer1"].state["basis"].copy()
+    with Spade.open(path, "a") as spade:
+        spade.add(train[5:])
+        assert len(spade.store_) == 12
+        np.testing.assert_array_equal(spade.store_.representations["layer1"].state["basis"], basis)
