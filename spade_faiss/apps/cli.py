@@ -65,7 +65,7 @@ def _feature_args(p):
     g = p.add_argument_group("features (fixed for a corpus; an existing corpus keeps its own)")
     add_params(g, FEATURE_OPTIONS, defaults=False)
     g.add_argument("--dtype", dest="storage", choices=["float16", "float32"], default=argparse.SUPPRESS,
-                   help="deprecated spelling of --storage float16|float32 (kept for one release)")
+                   help="deprecated spelling of --storage float16|float32, kept for one release (default: as --storage)")
 
 
 def _model_args(p):
@@ -168,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("report", "write RUN_DIR/report.html: one self-contained page (no server, no network)")
     p.add_argument("run", help="run directory written by `score`")
 
+    p = command("convert", "write a corpus in another stored representation (format v2; v1 files migrate)")
+    p.add_argument("store", help="corpus file to read (left unchanged)")
+    p.add_argument("--out", required=True, help="new corpus file (written under a temporary name, then renamed)")
+    p.add_argument("--storage", required=True, help=PARAM["storage"].help)
+    add_params(p.add_argument_group("seed"), ("seed",))
+
     p = command("info", "print a corpus file's metadata (JSON)")
     p.add_argument("store", help="corpus file")
 
@@ -188,11 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8, help="images per backbone batch")
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="how long a batch waits to fill")
 
-    p = command("bench", "run the benchmark scripts of benchmarks/ (JSON lines on stdout)")
-    p.add_argument("which", nargs="*", default=list(commands.BENCHES),
-                   help=f"any of {list(commands.BENCHES)} (default: all)")
+    p = command("bench", "run the benchmark scripts of benchmarks/ (JSON lines on stdout); "
+                         "`bench compress CORPUS HELD_OUT` measures each stored representation on your own data")
+    p.add_argument("which", nargs="*",
+                   help=f"any of {list(commands.BENCHES)} (default: all), or compress CORPUS HELD_OUT")
     p.add_argument("--quick", action="store_true", help="small sizes on generated data: a few minutes in all")
-    p.add_argument("--out", default="bench-out", help="folder for the plots and corpora the benchmarks write")
+    p.add_argument("--out", help="folder for the plots and corpora the benchmarks write (default: a new folder "
+                                 "under the system's temporary directory, printed on stderr)")
     return ap
 
 

@@ -96,6 +96,17 @@ def cmd_reindex(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from ..detector import convert
+
+    t = time.perf_counter()
+    with Progress(describe(args.store)["images"], "converting") as bar:
+        info = convert(args.store, args.out, args.storage, args.seed, on_progress=bar.update)
+    print(json.dumps({"store": args.out, "images": info["images"], "storage": info["config"]["storage"],
+                      "bytes_per_image": info["bytes_per_image"], "seconds": round(time.perf_counter() - t, 2)}))
+    return 0
+
+
 def cmd_info(args) -> int:
     print(json.dumps(describe(args.store), indent=2))
     return 0
@@ -269,11 +280,25 @@ def cmd_bench(args) -> int:
     folder = Path(__file__).resolve().parents[2] / "benchmarks"
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: benchmarks/ ships with the source tree; run from a checkout")
-    unknown = sorted(set(args.which) - set(BENCHES))
+    if args.out is None:
+        import tempfile
+
+        args.out = tempfile.mkdtemp(prefix="spade-bench-")
+        print(f"spade-faiss: benchmark files go to {args.out}", file=sys.stderr)
+    args.which = args.which or []
+    if args.which[:1] == ["compress"]:
+        if len(args.which) != 3:
+            raise ValueError("bench compress needs CORPUS HELD_OUT: a corpus file and held-out images "
+                             "(an MVTec category's test/ gives AUROC and AU-PRO too)")
+        cmd = [sys.executable, str(folder / "bench_compress.py"), "--corpus", args.which[1], "--held-out",
+               args.which[2], "--out", args.out]
+        return subprocess.call(cmd)
+    which = args.which or list(BENCHES)
+    unknown = sorted(set(which) - set(BENCHES))
     if unknown:
         raise ValueError(f"unknown benchmark(s) {unknown}: expected any of {list(BENCHES)}")
     os.makedirs(args.out, exist_ok=True)
-    for name in args.which:
+    for name in which:
         script, quick = BENCHES[name]
         cmd = [sys.executable, str(folder / script), "--out", args.out] + (quick if args.quick else [])
         print(f"# {' '.join(cmd)}", file=sys.stderr, flush=True)
@@ -283,6 +308,6 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"index": cmd_index, "reindex": cmd_reindex, "info": cmd_info, "score": cmd_score,
+COMMANDS = {"index": cmd_index, "reindex": cmd_reindex, "convert": cmd_convert, "info": cmd_info, "score": cmd_score,
             "calibrate": cmd_calibrate, "evaluate": cmd_evaluate, "explain": cmd_explain, "report": cmd_report,
             "bench": cmd_bench, "verify": cmd_verify, "serve": cmd_serve}

@@ -7,6 +7,6 @@
 """
 
 from .pipeline import QueryPipeline
-from .spade import Spade, describe
+from .spade import Spade, convert, describe
 
-__all__ = ["Spade", "QueryPipeline", "describe"]
+__all__ = ["Spade", "QueryPipeline", "convert", "describe"]

@@ -18,11 +18,12 @@ import numpy as np
 
 from .. import images, patch_search
 from ..backbone import FeatureExtractor, check_weights, load_extractor
-from ..config import DEFAULTS, Parameters, make_configs, parameters_doc
+from ..config import DEFAULTS, PARAM, Parameters, make_configs, parameters_doc
 from ..image_index import ImageIndex
 from ..representations import FIT_IMAGES
 from ..results import IndexReport, Retrieved, ScoredImage, SpadeResult
 from ..store import FeatureStore
+from ..store import convert as convert_store
 from .indexing import append_new, new_store
 from .pipeline import QueryPipeline
 from .thresholds import Thresholds
@@ -330,6 +331,13 @@ class Spade(Parameters, Thresholds):
 
 
 Spade.__doc__ = Spade.__doc__.replace("{parameters}", parameters_doc().replace("\n", "\n    "))
+
+
+def convert(src, dst, storage: str, seed: int = DEFAULTS["seed"], on_progress=None) -> dict:
+    """Write the corpus ``src`` to ``dst`` with another stored representation (format v2);
+    returns the new corpus's description (see :func:`spade_faiss.store.convert`)."""
+    PARAM["storage"].check("storage", storage)
+    return convert_store(str(src), str(dst), storage, seed, on_progress)
 
 
 def describe(path) -> dict:

@@ -1,13 +1,15 @@
-"""The corpus file, format v1 (SPEC 2): this package is the only reader and writer of it.
+"""The corpus file, format v2 (v1 read and migrated): this package is the only reader and writer of it.
 
 - ``corpus``: :class:`FeatureStore`, one open corpus (creation, reads, crash-safe appends)
 - ``writer``: :class:`AppendWriter`, appends on a background thread
 - ``shards``: :func:`join_shards`, one corpus over several shard files
 - ``repair``: :func:`rebuild`, a corpus whose writer died made writable again
+- ``convert``: :func:`convert`, a corpus in another stored representation (v1 -> v2 too)
 """
 
+from .convert import convert
 from .corpus import SHA_DTYPE, FeatureStore, StoreError
 from .shards import join_shards
 from .writer import AppendWriter
 
-__all__ = ["FeatureStore", "StoreError", "AppendWriter", "join_shards", "SHA_DTYPE"]
+__all__ = ["FeatureStore", "StoreError", "AppendWriter", "join_shards", "convert", "SHA_DTYPE"]

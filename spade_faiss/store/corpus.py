@@ -328,10 +328,12 @@ class FeatureStore:
 
     # --- writing -------------------------------------------------------------------------
 
-    def append(self, paths, sha256s, feats: dict) -> np.ndarray:
+    def append(self, paths, sha256s, feats: dict, encoded: bool = False) -> np.ndarray:
         """Write a batch of images and commit it; returns their row ids (int64).
 
-        ``feats`` holds ``pool`` (B, D) and every stored level (B, h, w, C).
+        ``feats`` holds ``pool`` (B, D) and every stored level (B, h, w, C) as features, or,
+        with ``encoded``, as they are stored (pca codes: a generator of corpora that copies
+        stored rows).
         """
         b = len(paths)
         if self.is_joined():
@@ -352,7 +354,7 @@ class FeatureStore:
             if rep.needs_fit:
                 raise StoreError(f"{self.path}: {lv} is stored as {rep.name}, which is not fitted yet "
                                  f"(fit_representations first)")
-            self.h5["levels"][lv][n:n + b] = rep.encode(feats[lv])
+            self.h5["levels"][lv][n:n + b] = feats[lv] if encoded else rep.encode(feats[lv])
         self.h5.flush()
         self.h5.attrs["n_committed"] = n + b
         self.h5.flush()
