@@ -65,7 +65,8 @@ def _feature_args(p):
     g = p.add_argument_group("features (fixed for a corpus; an existing corpus keeps its own)")
     add_params(g, FEATURE_OPTIONS, defaults=False)
     g.add_argument("--dtype", dest="storage", choices=["float16", "float32"], default=argparse.SUPPRESS,
-                   help="deprecated spelling of --storage float16|float32, kept for one release (default: as --storage)")
+                   help="deprecated spelling of --storage float16|float32, kept for one release "
+                        "(default: as --storage)")
 
 
 def _model_args(p):
