@@ -202,6 +202,17 @@ class ImageIndex:
         order = np.lexsort((ids, dist), axis=1)[:, :k]
         return np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
 
+    def mismatched_rows(self, vectors: np.ndarray, rows: np.ndarray) -> list[int]:
+        """Of ``rows``, those whose vector in the index is not ``vectors`` (their pooled vectors
+        in the store): equal for Flat lists, within the encoding's error for SQ8/PQ."""
+        got = np.stack([self.index.reconstruct(int(r)) for r in rows]) if len(rows) else vectors[:0]
+        if self.encoding == "Flat":
+            bad = ~(got == vectors).all(axis=1)
+        else:
+            err = np.linalg.norm(got - vectors, axis=1)
+            bad = err > 0.5 * np.maximum(np.linalg.norm(vectors, axis=1), 1e-12)
+        return [int(r) for r in np.asarray(rows)[bad]]
+
     # --- persistence ---------------------------------------------------------------------
 
     def attrs(self) -> dict:

@@ -24,9 +24,9 @@ from .conftest import FEAT, RUN
 KILL_POINTS = 10
 
 
-def index_cmd(src, out):
+def index_cmd(src, out, storage="float32"):
     return [sys.executable, "-m", "spade_faiss", "index", str(src), "--out", str(out), *FEAT,
-            "--batch-size", "2", "--storage", "float32"]
+            "--batch-size", "2", "--storage", storage]
 
 
 def read_all(path):
@@ -42,18 +42,21 @@ def many_images(tmp_path_factory):
     return folder
 
 
-def test_sigkill_during_index_always_resumes_to_the_same_store(tmp_path, many_images):
+@pytest.mark.parametrize("storage, kills", [("float32", KILL_POINTS),
+                                            ("layer1=pca12,layer2=float16+zstd,layer3=pca16", KILL_POINTS // 2)])
+def test_sigkill_during_index_always_resumes_to_the_same_store(tmp_path, many_images, storage, kills):
     ref = tmp_path / "ref.h5"
-    subprocess.run(index_cmd(many_images, ref), check=True, capture_output=True)
+    subprocess.run(index_cmd(many_images, ref, storage), check=True, capture_output=True)
     want = read_all(ref)
     final_size = ref.stat().st_size
     rng = np.random.default_rng(0)
     committed_seen = []
     # Kill points by progress, not by time: when the growing file reaches a seeded fraction of
     # the size it ends with (rows are written as they come), so every kill lands mid-run.
-    for k, fraction in enumerate(rng.uniform(0.05, 0.95, KILL_POINTS)):
+    for k, fraction in enumerate(rng.uniform(0.05, 0.95, kills)):
         out = tmp_path / f"k{k}.h5"
-        proc = subprocess.Popen(index_cmd(many_images, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(index_cmd(many_images, out, storage), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
         while proc.poll() is None and not (out.exists() and out.stat().st_size >= fraction * final_size):
             time.sleep(0.001)
         proc.send_signal(signal.SIGKILL)
@@ -62,14 +65,14 @@ def test_sigkill_during_index_always_resumes_to_the_same_store(tmp_path, many_im
         assert all("image index" in p or "did not close it" in p for p in found), found
         with FeatureStore.open(out) as s:
             committed_seen.append(len(s))
-        subprocess.run(index_cmd(many_images, out), check=True, capture_output=True)
+        subprocess.run(index_cmd(many_images, out, storage), check=True, capture_output=True)
         got = read_all(out)
         assert got[0] == want[0]
         np.testing.assert_array_equal(got[1], want[1])
         for lv in want[2]:
             np.testing.assert_array_equal(got[2][lv], want[2][lv])
         assert verify(out) == []
-    assert sum(0 < c < 40 for c in committed_seen) >= KILL_POINTS // 2, committed_seen  # kills landed mid-run
+    assert sum(0 < c < 40 for c in committed_seen) >= kills // 2, committed_seen  # kills landed mid-run
 
 
 @pytest.fixture

@@ -184,3 +184,110 @@ def test_a_pca_corpus_is_fitted_on_its_first_images_and_keeps_that_fit(dataset, 
         spade.add(train[5:])
         assert len(spade.store_) == 12
         np.testing.assert_array_equal(spade.store_.representations["layer1"].state["basis"], basis)
+
+
+def _as_format_v1(src, dst):
+    """The corpus ``src`` (float16, v2) written as format v1 wrote it: no checksums, no
+    ``feature_shapes``, ``dtype`` in the config."""
+    import json
+
+    from spade_faiss.store.corpus import write_layout
+
+    with h5py.File(src) as a, h5py.File(dst, "w") as b:
+        attrs = {k: v for k, v in a.attrs.items() if k not in ("feature_shapes", "n_committed", "writer")}
+        config = json.loads(attrs["config"])
+        config["dtype"] = config.pop("storage")
+        attrs.update(format_version=1, config=json.dumps(config, sort_keys=True))
+        n = int(a.attrs["n_committed"])
+        levels = {lv: (a["levels"][lv].shape[1:], a["levels"][lv].dtype, {}) for lv in a["levels"]}
+        write_layout(b, attrs, levels, a["images/pool"].shape[1], n, checksums=False)
+        for name in ["images/path", "images/sha256", "images/pool"] + [f"levels/{lv}" for lv in levels]:
+            b[name][:] = a[name][:n]
+        b["index"].create_dataset("faiss", data=a["index/faiss"][()])
+        b["index"].attrs.update(dict(a["index"].attrs))
+
+
+def test_a_format_v1_corpus_scores_bitwise_as_before_and_converts(dataset, tmp_path):
+    train = [s.path for s in datasets.discover(dataset)]
+    queries = [s.path for s in datasets.discover(dataset, "test")]
+    with Spade.create(tmp_path / "v2.h5", k_gallery=6, k_image=3, **SMALL) as spade:
+        spade.add(train)
+        want = spade.score(queries)
+    _as_format_v1(tmp_path / "v2.h5", tmp_path / "v1.h5")
+    with Spade.open(tmp_path / "v1.h5", k_gallery=6, k_image=3) as spade:
+        assert spade.info()["format_version"] == 1 and spade.config_.storage == "float16"
+        got = spade.score(queries)
+    np.testing.assert_array_equal(got.maps, want.maps)
+    np.testing.assert_array_equal(got.image_scores, want.image_scores)
+    from spade_faiss.apps.verify import verify
+    from spade_faiss.detector import convert
+
+    assert verify(tmp_path / "v1.h5", deep=True) == []
+    info = convert(tmp_path / "v1.h5", tmp_path / "migrated.h5", "float16")
+    assert info["format_version"] == 2 and info["images"] == 12
+    with Spade.open(tmp_path / "migrated.h5", k_gallery=6, k_image=3) as spade:
+        np.testing.assert_array_equal(spade.score(queries).maps, want.maps)
+    info = convert(tmp_path / "v1.h5", tmp_path / "small.h5", "compact")
+    assert info["bytes_per_image"]["total"] < 0.15 * 2 * sum(64 * 16 * 16 * 2 ** i for i in range(3))
+    assert verify(tmp_path / "small.h5", deep=True) == []
+    with pytest.raises(StoreError, match="original features are not in the file"):
+        convert(tmp_path / "small.h5", tmp_path / "back.h5", "float32")
+    with pytest.raises(FileExistsError):
+        convert(tmp_path / "v1.h5", tmp_path / "small.h5", "float16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["migrated.h5", "small.h5", "v1.h5", "v2.h5"]
+
+
+@pytest.mark.parametrize("storage", ["float16", "float16+zstd", "pca16"])
+def test_verify_deep_names_a_damaged_level_chunk(dataset, tmp_path, storage):
+    from spade_faiss.apps.verify import verify
+
+    train = [s.path for s in datasets.discover(dataset)]
+    path = tmp_path / "c.h5"
+    with Spade.create(path, storage=storage, **SMALL) as spade:
+        spade.add(train)
+    with h5py.File(path) as h:
+        info = h["levels/layer2"].id.get_chunk_info(5)
+    with open(path, "r+b") as f:  # 64 finite values' worth of bytes changed in row 5's chunk
+        f.seek(info.byte_offset + info.size // 2)
+        f.write(bytes(range(128)))
+    problems = verify(path, deep=True)
+    assert len(problems) == 1 and "levels/layer2 row 5" in problems[0], problems
+
+
+@pytest.mark.parametrize("dataset_name", ["images/pool", "index/faiss", "representations/layer1/basis"])
+def test_damage_to_any_dataset_is_named_not_scored(dataset, tmp_path, dataset_name):
+    """Finite bytes changed inside a checksummed dataset: verify names it, and scoring refuses
+    instead of giving other scores (stage 1 reads the index's own copy of the pooled vectors, so
+    a damaged images/pool changes no score: verify alone reports it)."""
+    from spade_faiss.apps.verify import verify
+
+    train = [s.path for s in datasets.discover(dataset)]
+    path = tmp_path / "c.h5"
+    with Spade.create(path, storage="pca16", **SMALL) as spade:
+        spade.add(train)
+    with h5py.File(path) as h:
+        ds = h[dataset_name]
+        info = ds.id.get_chunk_info(0)
+    with open(path, "r+b") as f:
+        f.seek(info.byte_offset + min(64, info.size // 2))
+        f.write(bytes(range(100, 164)))
+    problems = verify(path, deep=True)
+    assert problems and any(dataset_name.split("/")[0] in p for p in problems), problems
+    if dataset_name == "images/pool":
+        return
+    with pytest.raises(ValueError, match="damaged"):
+        with Spade.open(path, k_gallery=6) as spade:
+            spade.score(train[:1])
+
+
+def test_verify_finds_an_index_that_disagrees_with_the_pooled_vectors(dataset, tmp_path):
+    from spade_faiss.apps.verify import verify
+
+    train = [s.path for s in datasets.discover(dataset)]
+    path = tmp_path / "c.h5"
+    with Spade.create(path, **SMALL) as spade:
+        spade.add(train)
+    with h5py.File(path, "r+") as h:
+        h["images/pool"][3] = h["images/pool"][3] + 1.0
+    problems = verify(path, deep=True)
+    assert any("rows [3]" in p for p in problems), problems

@@ -122,6 +122,26 @@ def test_answers_equal_the_library_and_map_decides_what_runs(server, store, data
     assert all(v > 0 for v in info["service_seconds_per_image"].values())
 
 
+def test_a_compact_corpus_is_served_with_the_library_s_maps(tmp_path, dataset):
+    """A pca/lossless corpus: the service process decodes it on its own (hdf5plugin registered
+    by the store, pca arrays read from the file) and answers bitwise what the library does."""
+    store = tmp_path / "compact.h5"
+    assert cli.main(["index", str(dataset), "--out", str(store), *FEAT, "--storage",
+                     "layer1=pca12,layer2=float16+zstd,layer3=pca16"]) == 0
+    paths = [s.path for s in discover(dataset, "test")]
+    with Spade.open(store, k_gallery=5) as spade:
+        want = spade.score(paths[:2])
+    s = Server(store, tmp_path)
+    try:
+        for i, p in enumerate(paths[:2]):
+            code, raw, _ = request(s.url + "/v1/score?map=true&raw=true", open(p, "rb").read())
+            out = json.loads(raw)
+            assert code == 200 and out["score"] == float(want.image_scores[i])
+            np.testing.assert_array_equal(decoded_map(out), want.maps[i])
+    finally:
+        s.stop()
+
+
 def test_concurrent_clients_are_batched_and_counted(server, store, dataset):
     paths = [s.path for s in discover(dataset, "test")]
     with Spade.open(store, k_gallery=5) as spade:

@@ -33,14 +33,9 @@ def verify(path, rehash: bool = False, deep: bool = False) -> list[str]:
         if int(store.attrs.get("writer", 0)):
             problems.append(f"{path}: its last writer did not close it (a crash?); the committed rows are "
                             f"intact and the next `spade-faiss index` into it rewrites it from them")
-        problems += _check_index(store, n)
-        problems += _check_pool(store, n)
-        shas = store.sha256s()
-        if len(set(shas)) != len(shas):
-            problems.append(f"{path}: {len(shas) - len(set(shas))} duplicate image sha256 values")
-        bad = [s for s in shas if len(s) != 64 or any(c not in "0123456789abcdef" for c in s)]
-        if bad:
-            problems.append(f"{path}: {len(bad)} malformed sha256 values, first {bad[0]!r}")
+        problems += _guarded(_check_index, store, n, deep)
+        problems += _guarded(_check_pool, store, n)
+        problems += _guarded(_check_names, store)
         rows = range(n) if deep else (sorted({0, n - 1}) if n else [])
         for lv in store.config.levels:
             for i in rows:
@@ -53,7 +48,27 @@ def verify(path, rehash: bool = False, deep: bool = False) -> list[str]:
                     problems.append(f"{path}: levels/{lv} row {i} holds nan or inf")
                     break
         if rehash:
-            problems += _check_sources(store.paths(), shas)
+            problems += _check_sources(store.paths(), store.sha256s())
+    return problems
+
+
+def _guarded(check, store, *args) -> list[str]:
+    """A check's problems; an unreadable dataset (``StoreError`` naming it) is one more."""
+    try:
+        return check(store, *args)
+    except (ValueError, OSError) as e:
+        return [str(e)]
+
+
+def _check_names(store) -> list[str]:
+    problems = []
+    shas = store.sha256s()
+    if len(set(shas)) != len(shas):
+        problems.append(f"{store.path}: {len(shas) - len(set(shas))} duplicate image sha256 values")
+    bad = [s for s in shas if len(s) != 64 or any(c not in "0123456789abcdef" for c in s)]
+    if bad:
+        problems.append(f"{store.path}: {len(bad)} malformed sha256 values, first {bad[0]!r}")
+    store.paths()
     return problems
 
 
@@ -69,7 +84,7 @@ def _check_config(store) -> list[str]:
     return []
 
 
-def _check_index(store, n) -> list[str]:
+def _check_index(store, n, deep: bool) -> list[str]:
     try:
         index = ImageIndex.load(store)
     except ValueError as e:
@@ -80,6 +95,17 @@ def _check_index(store, n) -> list[str]:
     if index.ntotal != n:
         problems.append(f"{store.path}: image index holds {index.ntotal} vectors, the store {n} rows "
                         f"(run `spade-faiss reindex {store.path}`)")
+    rows = np.arange(min(n, index.ntotal))
+    if not deep:  # a sample; --deep compares every row
+        rows = np.unique(np.linspace(0, len(rows) - 1, min(len(rows), 64)).astype(np.int64)) if len(rows) else rows
+    for start in range(0, len(rows), BLOCK_ROWS):
+        block = rows[start:start + BLOCK_ROWS]
+        bad = index.mismatched_rows(store.pool()[block] if not deep else store.pool(block[0], block[-1] + 1),
+                                    block)
+        if bad:
+            problems.append(f"{store.path}: the image index's vectors of rows {bad[:5]} differ from images/pool "
+                            f"({len(bad)} rows; run `spade-faiss reindex {store.path}`)")
+            break
     _, attrs = store.read_index()
     if "sidecar" in attrs:
         side = store.sidecar_path(attrs["sidecar"])

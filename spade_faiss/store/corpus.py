@@ -131,7 +131,7 @@ class FeatureStore:
         for lv, name in self.config.storage_per_level().items():
             state = None
             if fitted is not None and lv in fitted:
-                state = {k: fitted[lv][k][()] for k in ("mean", "basis", "step")}
+                state = {k: self._read(f"representations/{lv}/{k}", ()) for k in ("mean", "basis", "step")}
             out[lv] = Representation(name, self.feature_shapes[lv][2], state)
         return out
 
@@ -251,6 +251,19 @@ class FeatureStore:
 
     # --- reading -------------------------------------------------------------------------
 
+    def _read(self, name: str, selection):
+        """``self.h5[name][selection]``; a failed read (a checksum, a damaged chunk) names the
+        dataset and the file."""
+        try:
+            return self.h5[name][selection]
+        except (OSError, KeyError) as e:
+            raise self._damaged(name, "", e) from None
+
+    def _damaged(self, name: str, where: str, error: Exception) -> StoreError:
+        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return StoreError(f"{self.path}: {name}{' ' + where if where else ''} cannot be read ({text}): the file is "
+                          f"damaged; `spade-faiss verify --deep {self.path}` lists what")
+
     @property
     def attrs(self) -> dict:
         return dict(self.h5.attrs)
@@ -266,15 +279,15 @@ class FeatureStore:
 
     def paths(self) -> list[str]:
         return [p.decode("utf-8") if isinstance(p, bytes) else p
-                for p in self.h5["images/path"][: len(self)]]
+                for p in self._read("images/path", np.s_[: len(self)])]
 
     def sha256s(self) -> list[str]:
-        return [s.decode("ascii") for s in self.h5["images/sha256"][: len(self)]]
+        return [s.decode("ascii", "replace") for s in self._read("images/sha256", np.s_[: len(self)])]
 
     def pool(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Pooled vectors of rows ``start:stop`` (default all committed), float32 (n, D)."""
         stop = len(self) if stop is None else min(stop, len(self))
-        return self.h5["images/pool"][start:stop]
+        return self._read("images/pool", np.s_[start:stop])
 
     def level(self, name: str, ids) -> np.ndarray:
         """Feature maps of image ``ids`` at ``name``, stored dtype, (len(ids), h, w, C).
@@ -288,7 +301,10 @@ class FeatureStore:
         ds = self.h5["levels"][name]
         out = np.empty((len(ids), *ds.shape[1:]), dtype=ds.dtype)
         for k in np.argsort(ids, kind="stable"):
-            ds.read_direct(out, np.s_[int(ids[k])], np.s_[int(k)])
+            try:
+                ds.read_direct(out, np.s_[int(ids[k])], np.s_[int(k)])
+            except OSError as e:
+                raise self._damaged(f"levels/{name}", f"row {int(ids[k])}", e) from None
         self.bytes_read += len(ids) * self._row_bytes(name)
         return self.representations[name].decode(out)
 
@@ -396,8 +412,9 @@ class FeatureStore:
         grp = self.h5["index"]
         if "faiss" in grp:
             del grp["faiss"]
-        if blob is not None:
-            grp.create_dataset("faiss", data=blob)
+        if blob is not None:  # checksummed (format v2), so damage is an error on load, not other scores
+            checks = {"chunks": True, "fletcher32": True} if int(self.h5.attrs["format_version"]) >= 2 else {}
+            grp.create_dataset("faiss", data=blob, **checks)
         for k in list(grp.attrs):
             del grp.attrs[k]
         grp.attrs.update(attrs)
@@ -405,7 +422,7 @@ class FeatureStore:
 
     def read_index(self) -> tuple[np.ndarray | None, dict]:
         grp = self.h5["index"]
-        blob = grp["faiss"][()] if "faiss" in grp else None
+        blob = self._read("index/faiss", ()) if "faiss" in grp else None
         return blob, dict(grp.attrs)
 
     def write_thresholds(self, thresholds: dict) -> None:
