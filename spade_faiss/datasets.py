@@ -4,9 +4,11 @@ roots). Only paths here: nothing is decoded."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MASK_FOLDER = "ground_truth"
 MASK_SUFFIX = "_mask"
@@ -38,10 +40,20 @@ def list_folder(root: str | os.PathLike) -> list[str]:
         raise FileNotFoundError(f"{root}: no such folder")
     if not root.is_dir():
         raise ValueError(f"{root}: expected a folder")
-    found = []
+    found, seen_dirs, seen_files = [], set(), set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:  # a link back into the tree (e.g. `loop -> .`): walked once already
+            log.warning("%s: a link to %s, already walked: skipped", dirpath, real)
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [os.path.join(dirpath, f) for f in filenames if is_image_name(f)]
+        for f in sorted(filenames):
+            path = os.path.join(dirpath, f)
+            if is_image_name(f) and os.path.realpath(path) not in seen_files:
+                seen_files.add(os.path.realpath(path))  # each file once, whatever links lead to it
+                found.append(path)
     return sorted(found)
 
 

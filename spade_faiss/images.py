@@ -9,12 +9,14 @@ import dataclasses
 import hashlib
 import os
 import re
+import stat
 
 import cv2
 import numpy as np
 
 from .config import DEFAULTS
 
+MAX_FILE_BYTES = 1 << 30  # an image file larger than this is refused before it is read
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 # Decompression-bomb guard: a larger decoded image is refused before it is resized.
@@ -39,15 +41,35 @@ class LoadedImage:
         return self.rgb.shape[0], self.rgb.shape[1]
 
 
-def read_bytes(path: str | os.PathLike) -> bytes:
-    """The file's bytes, with a clear error when it is missing or unreadable."""
+def read_bytes(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The file's bytes, with a clear error when it is missing, unreadable, not a regular file
+    (a FIFO would block forever, ``/dev/zero`` never ends) or larger than ``max_bytes``."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
     except OSError as e:
         raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+        os.close(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(f"{path}: not a regular file ({_file_kind(info.st_mode)}); only files are read")
+        raise ImageError(f"{path}: {info.st_size} bytes, more than the {max_bytes} an image may have")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(data) > max_bytes:  # it grew while read
+        raise ImageError(f"{path}: more than the {max_bytes} bytes an image may have")
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+    return next((name for test, name in kinds if test(mode)), "not a file")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -81,11 +103,39 @@ def decode(data: bytes, name: str = "<bytes>") -> np.ndarray:
 
 
 def _check_complete(data: bytes, name: str) -> None:
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-64:]:
+    """Refuse a PNG or JPEG cut short (decoders fill the missing part silently). Bytes after the
+    end are allowed: motion-photo trailers, padding, appended metadata."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and not _png_has_end(data):
         raise ImageError(f"{name}: truncated PNG (no IEND chunk)")
-    # A JPEG ends with the EOI marker; some writers append padding after it, so look near the end.
-    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-4096:]:
-        raise ImageError(f"{name}: truncated JPEG (no end-of-image marker)")
+    if data[:2] == b"\xff\xd8" and not _jpeg_has_end(data):
+        raise ImageError(f"{name}: truncated JPEG (no end-of-image marker after the image data)")
+
+
+def _png_has_end(data: bytes) -> bool:
+    """Walk the chunks (length, type, data, CRC) from the signature to IEND."""
+    pos = 8
+    while pos + 8 <= len(data):
+        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        if kind == b"IEND":
+            return True
+        if not kind.isalpha():  # a damaged structure, not a short file: the decoder refuses it
+            return b"IEND" in data[pos:]
+        pos += 12 + length
+    return False
+
+
+def _jpeg_has_end(data: bytes) -> bool:
+    """An EOI marker after the first start-of-scan (an EXIF thumbnail's EOI comes before it)."""
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xDA:  # start of scan: entropy-coded data follows, up to EOI
+            return data.find(b"\xff\xd9", pos + 2) >= 0
+        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # fill byte, markers without length
+            pos += 1 if marker == 0xFF else 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return data.find(b"\xff\xd9", 2) >= 0  # an unusual layout: the old rule
 
 
 def printable(path: str) -> str:

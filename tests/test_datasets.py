@@ -61,3 +61,14 @@ def _plain_copy(root, tmp_path):
     (plain / "more").mkdir()
     shutil.copy(next((root / "train" / "good").iterdir()), plain / "more")
     return plain
+
+
+def test_links_back_into_the_tree_list_each_file_once(tmp_path):
+    for rel in ["a.png", "sub/b.png"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    (tmp_path / "loop").symlink_to(".")
+    (tmp_path / "sub" / "up").symlink_to("..")
+    (tmp_path / "again.png").symlink_to("a.png")
+    got = [os.path.relpath(p, tmp_path) for p in datasets.list_folder(tmp_path)]
+    assert got == ["a.png", "sub/b.png"]

@@ -107,3 +107,52 @@ def test_prepared_batches_keep_order_and_errors(tmp_path, dataset):
     assert flat[5].error and "missing.png" in flat[5].error
     for p in flat[6:]:
         np.testing.assert_array_equal(p.tensor, flat[0].tensor)
+
+
+@pytest.mark.parametrize("kind, trailer", [("jpg", b"MotionPhoto" + bytes(range(256)) * 40),
+                                           ("png", b"appended metadata" * 10)])
+def test_bytes_after_the_end_of_a_valid_file_are_accepted(tmp_path, rng, kind, trailer):
+    arr = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    good = _write(tmp_path / f"a.{kind}", arr)
+    with_trailer = tmp_path / f"b.{kind}"
+    with_trailer.write_bytes(open(good, "rb").read() + trailer)
+    np.testing.assert_array_equal(images.load_image(with_trailer).rgb, images.load_image(good).rgb)
+
+
+def test_a_jpeg_whose_thumbnail_ends_but_whose_image_is_cut_is_truncated(tmp_path, rng):
+    arr = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    data = open(_write(tmp_path / "a.jpg", arr), "rb").read()
+    thumb = b"\xff\xe1" + (2 + 8).to_bytes(2, "big") + b"Exif\xff\xd9\x00\x00"  # an APP1 holding an EOI
+    cut = data[:2] + thumb + data[2: len(data) // 2]
+    (tmp_path / "cut.jpg").write_bytes(cut)
+    with pytest.raises(images.ImageError, match="truncated JPEG"):
+        images.load_image(tmp_path / "cut.jpg")
+
+
+def test_a_fifo_or_a_device_is_refused_at_once_and_a_huge_file_before_it_is_read(tmp_path):
+    import os
+    import threading
+
+    fifo = tmp_path / "b.png"
+    os.mkfifo(fifo)
+    (tmp_path / "z.png").symlink_to("/dev/zero")
+    outcome = {}
+
+    def read():
+        outcome["fifo"] = images.prepare(str(fifo), 72, 64).error
+        outcome["zero"] = images.prepare(str(tmp_path / "z.png"), 72, 64).error
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():  # unblock the reader before failing
+        with open(fifo, "wb"):
+            pass
+    assert not t.is_alive(), "reading a FIFO blocked"
+    assert "not a regular file (a FIFO)" in outcome["fifo"]
+    assert "not a regular file (a character device)" in outcome["zero"]
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:
+        f.truncate(2048)
+    with pytest.raises(images.ImageError, match="2048 bytes, more than the 1024"):
+        images.read_bytes(big, max_bytes=1024)

@@ -74,7 +74,7 @@ def make_odd_corpus(root):
     os.symlink(root / "does_not_exist.png", root / "broken_link.png")
     exp["broken_link.png"] = "no such file"
     (root / "folder.png").mkdir()
-    exp["folder.png"] = "cannot read"
+    exp["folder.png"] = "not a regular file (a folder)"
     bad_name = os.fsdecode(b"latin1_\xe9.png")
     (root / bad_name).write_bytes(ok_png)
     exp[bad_name] = "not valid UTF-8"
