@@ -217,6 +217,37 @@ def listening_addresses(port: int) -> set[str]:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux's socket table")
+def test_what_anyone_can_send_cannot_grow_the_metrics_and_errors_have_one_shape(server, dataset):
+    for path in ("/random-1", "/admin/../x", "/v1/scoreX", "/v1/info/deeper"):
+        code, body, _ = request(server.url + path, token=None)
+        assert code == 401 and set(json.loads(body)) == {"error"}
+        code, body, _ = request(server.url + path)
+        assert code == 404 and set(json.loads(body)) == {"error"}, body
+    code, body, _ = request(server.url + "/v1/health", b"x")  # POST on a GET route
+    assert code == 405 and set(json.loads(body)) == {"error"}
+    code, body, _ = request(server.url + "/v1/score?raw=notabool", b"x")
+    assert code == 422 and "raw" in json.loads(body)["error"]
+    text = server.metrics()
+    assert "random" not in text and "deeper" not in text and 'path="other"' in text
+
+
+def test_the_bearer_scheme_is_case_insensitive(server):
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        assert request(server.url + "/v1/info", token=None, headers={"Authorization": f"{scheme} {TOKEN}"})[0] == 200
+    assert request(server.url + "/v1/info", token=None, headers={"Authorization": f"Basic {TOKEN}"})[0] == 401
+
+
+def test_a_client_s_own_shorter_deadline_is_refused_at_once_when_it_cannot_be_met(server, dataset):
+    good = open(discover(dataset, "test")[0].path, "rb").read()
+    code, body, headers = request(server.url + "/v1/score?map=true&timeout=0.000001", good)
+    assert code == 503 and "retry-after" in {k.lower() for k in headers}, body
+    code, _, _ = request(server.url + "/v1/score?map=true", good, headers={"X-Request-Timeout": "0.000001"})
+    assert code == 503
+    assert request(server.url + "/v1/score?timeout=-1", good)[0] == 400
+    assert request(server.url + "/v1/score", good, headers={"X-Request-Timeout": "soon"})[0] == 400
+    assert request(server.url + "/v1/score?timeout=30", good)[0] == 200
+
+
 def test_binds_to_loopback_by_default(server):
     assert listening_addresses(server.port) == {"127.0.0.1"}
     args = cli.build_parser().parse_args(["serve", "x.h5"])

@@ -249,6 +249,9 @@ def cmd_serve(args) -> int:
                           f"({e.name} is missing)") from None
     token = None
     if args.token_file:
+        if os.stat(args.token_file).st_mode & 0o077:
+            print(f"spade-faiss: warning: {args.token_file} can be read by other users: chmod 600 it",
+                  file=sys.stderr)
         token = Path(args.token_file).read_text().strip()
         if not token:
             raise ValueError(f"{args.token_file}: empty token file")

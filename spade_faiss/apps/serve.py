@@ -18,8 +18,10 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import images as imglib
 from ..detector import Spade
@@ -31,6 +33,11 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 DISCONNECT_POLL_S = 0.1
+# Request counts are labelled by route, never by the raw path: anyone can send any path, and
+# each new label value would be a new series kept for the life of the process.
+ROUTES = ("/v1/health", "/v1/info", "/v1/score", "/metrics")
+OTHER_ROUTE = "other"
+DEADLINE_HEADER = "x-request-timeout"  # seconds the client will wait (also ?timeout=)
 MAP_WORDS = {"false": "false", "0": "false", "no": "false", "true": "true", "1": "true", "yes": "true",
              "auto": "auto"}
 
@@ -41,7 +48,8 @@ class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("spade_requests", "HTTP requests by path and status code", ["path", "code"], registry=r)
+        self.requests = Counter("spade_requests", "HTTP requests by route (ROUTES, else 'other') and status code",
+                                ["path", "code"], registry=r)
         self.latency = Histogram("spade_request_seconds", "time to answer a scoring request, by lane",
                                  ["lane"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("spade_queue_depth", "jobs waiting, by lane", ["lane"], registry=r)
@@ -89,9 +97,23 @@ def create_app(spade: Spade, token: str | None = None, max_upload_bytes: int = 3
             metrics.queue_depth.labels(lane).set(scheduler.depth(lane))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):  # 404, 405, ...: the service's one error schema
+        return error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return error(422, f"{where}: {first.get('msg', 'invalid request')}")
+
     @app.post("/v1/score")
-    async def score(request: Request, map: str = "false", raw: bool = False):
+    async def score(request: Request, map: str = "false", raw: bool = False, timeout: float | None = None):
         arrived = time.monotonic()
+        client = timeout if timeout is not None else _header_seconds(request.headers.get(DEADLINE_HEADER))
+        if client is not None and not (client > 0 and math.isfinite(client)):
+            return error(400, f"timeout={client!r}: expected a positive number of seconds")
+        deadline = arrived + (timeout_s if client is None else min(timeout_s, client))
         want = MAP_WORDS.get(map.lower())
         if want is None:
             return error(400, f"map={map!r}: expected one of {list(MAPS)}")
@@ -104,9 +126,9 @@ def create_app(spade: Spade, token: str | None = None, max_upload_bytes: int = 3
         if pixels is not None and pixels > max_pixels:
             return error(413, f"image has {pixels} pixels, more than {max_pixels}")
         try:
-            scheduler.admit(want != "false", arrived + timeout_s)  # before paying for decoding
+            scheduler.admit(want != "false", deadline)  # before paying for decoding
             image = await run_in_threadpool(imglib.load_bytes, data, name)
-            job = Job(image, want, arrived + timeout_s)
+            job = Job(image, want, deadline)
             scheduler.submit(job)
         except imglib.ImageError as e:
             return error(400, str(e))
@@ -143,7 +165,24 @@ def create_app(spade: Spade, token: str | None = None, max_upload_bytes: int = 3
 
 
 def error(code: int, message: str, headers=None) -> JSONResponse:
+    """Every error the service answers: ``{"error": message}`` with its status code."""
     return JSONResponse({"error": message}, status_code=code, headers=headers)
+
+
+def _header_seconds(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return float("nan")  # refused with a 400 naming the value
+
+
+def _authorized(header: bytes, token: str) -> bool:
+    """``Authorization: Bearer TOKEN``, the scheme case-insensitive (RFC 7235), the token compared
+    in constant time."""
+    scheme, _, credentials = header.strip().partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), token.encode())
 
 
 class Guard:
@@ -157,11 +196,11 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
+        route = path if path in ROUTES else OTHER_ROUTE
         if self.token is not None and path != "/v1/health":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, f"Bearer {self.token}".encode()):
+            if not _authorized(dict(scope["headers"]).get(b"authorization", b""), self.token):
                 response = error(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-                self.metrics.requests.labels(path, 401).inc()
+                self.metrics.requests.labels(route, 401).inc()
                 return await response(scope, receive, send)
         status = {}
 
@@ -170,7 +209,7 @@ class Guard:
                 status["code"] = message["status"]
             await send(message)
         await self.app(scope, receive, send_and_note)
-        self.metrics.requests.labels(path, status.get("code", 499)).inc()
+        self.metrics.requests.labels(route, status.get("code", 499)).inc()
 
 
 async def _read_image(request: Request, max_upload_bytes: int):
@@ -218,10 +257,13 @@ async def _multipart_file(request, body: bytes):
     async def replay():
         return {"type": "http.request", "body": body, "more_body": False}
     form = await StarletteRequest(request.scope, replay).form()
-    upload = form.get("file")
-    if upload is None or isinstance(upload, str):
-        return None, None
-    return await upload.read(), upload.filename or "upload"
+    try:
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            return None, None
+        return await upload.read(), upload.filename or "upload"
+    finally:
+        await form.close()  # the spooled temporary files of every part
 
 
 def run(spade: Spade, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
