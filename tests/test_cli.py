@@ -1,6 +1,7 @@
 """The CLI on real files: index (dedupe, append, bad input), info, reindex, score (resume, shards)."""
 
 import json
+import os
 import shutil
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 
 from spade_faiss.apps import cli
 from spade_faiss.apps.runs import read_rows, read_run
+from spade_faiss.store import FeatureStore
 
 from .conftest import FEAT, RUN
 
@@ -172,3 +174,30 @@ def test_correspondences_in_the_run_and_explain(tmp_path, dataset, corpus, capsy
     assert code == 0 and (tmp_path / "why.png").stat().st_size > 5000
     assert set(answer["points"]) == {"most anomalous", "most normal"}
     assert all(v["image"].startswith(str(dataset)) for v in answer["points"]["most normal"]["nearest"].values())
+
+
+def test_a_corpus_built_from_relative_paths_works_from_any_folder(tmp_path, dataset, monkeypatch, capsys):
+
+    shutil.copytree(dataset / "train" / "good", tmp_path / "imgs")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["index", "imgs", "--out", "c.h5", *FEAT]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with FeatureStore.open(tmp_path / "c.h5") as s:
+        assert all(os.path.isabs(p) and os.path.isfile(p) for p in s.paths())
+    assert cli.main(["verify", str(tmp_path / "c.h5"), "--rehash"]) == 0
+    capsys.readouterr()
+
+
+def test_the_report_summarises_the_whole_run_after_a_resume_in_plain_words(tmp_path, dataset, capsys):
+    store, run = tmp_path / "c.h5", tmp_path / "run"
+    assert cli.main(["index", str(dataset), "--out", str(store), *FEAT]) == 0
+    for _ in range(2):  # the second invocation resumes: nothing left to score
+        assert cli.main(["score", str(store), str(dataset), "--out", str(run), *RUN, "--k-gallery", "3",
+                         "--no-overlays"]) == 0
+    capsys.readouterr()
+    page = (run / "report.html").read_text()
+    assert "<title>spade-faiss: run</title>" in page
+    assert "<th>images</th><td>7</td>" in page and "<th>invocations</th><td>2</td>" in page
+    assert "skipped_done" not in page and '{"k_image"' not in page and "k_gallery: 3" in page

@@ -246,3 +246,15 @@ def test_correspondences_are_the_brute_force_argmin_with_ties_to_the_lowest_imag
     h, w = own.shape[:2]
     assert (own[..., 0] == 2).all() and (own[..., 1] == np.arange(h)[:, None]).all()
     assert (own[..., 2] == np.arange(w)[None, :]).all()
+
+
+def test_calibration_says_when_its_sample_cannot_support_the_fpr(dataset):
+    train = [s.path for s in datasets.discover(dataset)]
+    spade = Spade(k_gallery=4, **SMALL).fit(train[:8])
+    with pytest.warns(UserWarning, match=r"3 held-out images cannot support fpr=0.01 \(about 100 are needed\)"):
+        th = spade.calibrate(train[8:11], fpr=0.01)
+    assert th["images_above_tau"] == 0 and th["n_images"] == 3
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert spade.calibrate(train[8:12], fpr=0.5)["images_above_tau"] == 2

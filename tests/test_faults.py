@@ -164,3 +164,30 @@ def test_concurrent_scorers_agree_and_a_writer_locks_readers_out(store, tmp_path
         holder.wait()
     with FeatureStore.open(store) as s:
         assert len(s) == 12
+
+
+def test_a_lowered_n_committed_is_refused_with_the_way_out_and_reindex_recovers(store, dataset, tmp_path, capsys):
+    with h5py.File(store, "r+") as h:
+        h.attrs["n_committed"] = 8  # the index holds 12
+    run = tmp_path / "run"
+    assert cli.main(["score", str(store), str(dataset), "--out", str(run), *RUN, "--k-gallery", "3"]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "image index holds 12 images, but only 8 are committed" in err and "Traceback" not in err
+    assert cli.main(["index", str(dataset), "--out", str(store), *RUN]) == cli.EXIT_ERROR  # would overwrite rows
+    assert "only 8 are committed" in capsys.readouterr().err
+    assert any("image index holds 12 vectors, the store 8 rows" in p for p in verify(store))
+    assert cli.main(["reindex", str(store)]) == 0
+    assert verify(store) == []
+    assert cli.main(["index", str(dataset), "--out", str(store), *RUN]) == 0
+    with FeatureStore.open(store) as s:
+        assert len(s) == 12
+    assert verify(store, deep=True) == []
+
+
+def test_a_deleted_image_index_says_so_instead_of_an_empty_corpus(store, dataset, tmp_path, capsys):
+    with h5py.File(store, "r+") as h:
+        del h["index/faiss"]
+    run = tmp_path / "run"
+    assert cli.main(["score", str(store), str(dataset), "--out", str(run), *RUN]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "holds 12 images but no image index" in err and "reindex" in err

@@ -61,3 +61,13 @@ def test_caption_fields_wrap_instead_of_being_cut():
     assert pictures.wrap_fields("defect/a_very_long_file_name.png", 16) == ["...file_name.png"]
     short, wrapped = pictures.caption_band(["x"], 200), pictures.caption_band([line], 200)
     assert wrapped.shape[0] > short.shape[0]  # more rows, not a cut row
+
+
+@pytest.mark.parametrize("shape", [(1, 5000), (5000, 1), (3000, 4000)])
+def test_extreme_and_large_images_get_an_overlay_within_the_writers_limits(tmp_path, shape):
+    rgb = np.full((*shape, 3), 128, np.uint8)
+    amap = np.linspace(0, 1, shape[0] * shape[1], dtype=np.float32).reshape(shape)
+    out = pictures.overlay(rgb, amap, 1.0, 0.5, ["an extreme image", "score 1.0"])
+    assert max(out.shape[:2]) <= pictures.MAX_SIDE + 200  # the caption band and colour bar on top
+    pictures.save_png(tmp_path / "o.png", out)
+    assert (tmp_path / "o.png").stat().st_size > 0

@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 MIN_SIDE = 320
+# The long side of a picture is at most this many pixels: PNG writers refuse very wide rows
+# (libpng: 1,000,000), and a full-resolution overlay of a large part costs more than it shows.
+MAX_SIDE = 2048
 BAR_WIDTH = 56
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 
@@ -52,12 +55,14 @@ def overlay(rgb: np.ndarray, amap: np.ndarray, hi: float, theta: float | None = 
 
     ``amap`` has the image's size; NaN marks pixels the model never saw (outside the centre
     crop): they keep their original colours. Small images are enlarged (whole factors, at least
-    ``MIN_SIDE`` pixels on the short side) so that the caption and contours stay readable.
+    ``MIN_SIDE`` pixels on the short side) so that the caption and contours stay readable, and
+    no side exceeds ``MAX_SIDE`` (large or extreme images are reduced).
     """
-    factor = math.ceil(MIN_SIDE / min(rgb.shape[:2]))
-    if factor > 1:
-        size = (rgb.shape[1] * factor, rgb.shape[0] * factor)
-        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_NEAREST)
+    h, w = rgb.shape[:2]
+    factor = min(max(1, math.ceil(MIN_SIDE / min(h, w))), MAX_SIDE / max(h, w))
+    if factor != 1:
+        size = (max(1, round(w * factor)), max(1, round(h * factor)))
+        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_NEAREST if factor > 1 else cv2.INTER_AREA)
         seen = cv2.resize(np.isfinite(amap).astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
         amap = np.where(seen, cv2.resize(np.nan_to_num(amap, nan=0.0), size, interpolation=cv2.INTER_LINEAR), np.nan)
     seen = np.isfinite(amap)

@@ -56,7 +56,9 @@ def summary(run_dir, rows: list[dict]) -> dict:
            "errors": len(_errors(run_dir)), "tau (image threshold)": manifest.get("tau"),
            "theta (pixel threshold)": manifest.get("theta"), "corpus": manifest.get("corpus"),
            "corpus images": manifest.get("corpus_images"), "scoring": manifest.get("scoring"),
-           "started": manifest.get("started"), "last run": (manifest.get("runs") or [{}])[-1]}
+           "started": manifest.get("started"), "invocations": len(manifest.get("runs") or []),
+           "scoring time (s, all invocations)": round(sum(r.get("seconds", 0) for r in manifest.get("runs") or []), 2),
+           "last finished": (manifest.get("runs") or [{}])[-1].get("finished")}
     metrics_file = Path(run_dir) / "metrics.json"
     if metrics_file.is_file():
         m = json.loads(metrics_file.read_text())
@@ -67,6 +69,13 @@ def summary(run_dir, rows: list[dict]) -> dict:
             scores = np.array([float(r["score"]) for r in scored])
             out["metrics"] = {"image_AUROC (folders as labels)": round(metrics.auroc(labels, scores), 4)}
     return out
+
+
+def _fact(value) -> str:
+    """A summary value as HTML: a dict as ``key: value`` lines, not JSON."""
+    if isinstance(value, dict):
+        return "<br>".join(f"{html.escape(str(k))}: {html.escape(str(v))}" for k, v in value.items())
+    return html.escape(str(value))
 
 
 def _errors(run_dir) -> list[dict]:
@@ -115,10 +124,10 @@ def write_report(run_dir) -> Path:
     sheets = sorted((run_dir / "explain").rglob("*.png")) if (run_dir / "explain").is_dir() else []
     why = "".join(f"<figure><img src='{_file_uri(p)}' alt='explanation'><figcaption>"
                   f"{html.escape(str(p.relative_to(run_dir)))}</figcaption></figure>" for p in sheets)
-    facts = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(json.dumps(v) if isinstance(v, dict) else str(v))}"
-                    f"</td></tr>" for k, v in info.items() if v not in (None, {}))
+    facts = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fact(v)}</td></tr>"
+                    for k, v in info.items() if v not in (None, {}))
     why = f"<h2>Why: nearest normal patches of the most anomalous images</h2>{why}" if why else ""
-    page = TEMPLATE.format(title=html.escape(f"spade-faiss run {run_dir.name}"), facts=facts, plots=plots + why,
+    page = TEMPLATE.format(title=html.escape(f"spade-faiss: {run_dir.resolve().name}"), facts=facts, plots=plots + why,
                            rows="".join(table), errors=f"<h2>Skipped inputs</h2><ul>{errors}</ul>" if errors else "",
                            written=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
     out = run_dir / "report.html"

@@ -51,7 +51,7 @@ def append_new(store: FeatureStore, batches: Iterable[list], extractor: Callable
                     fresh.append(p)
             if fresh:
                 feats = extractor()(np.stack([p.tensor for p in fresh]), store.input_dtype)
-                item = ([p.image.path for p in fresh], [p.image.sha256 for p in fresh], feats)
+                item = ([_recorded(p.image.path) for p in fresh], [p.image.sha256 for p in fresh], feats)
                 if store.needs_fit:
                     held.append(item)
                     if sum(len(h[0]) for h in held) >= FIT_IMAGES:
@@ -66,6 +66,12 @@ def append_new(store: FeatureStore, batches: Iterable[list], extractor: Callable
     for _, reason in report.errors:
         log.warning("skipped %s", reason)
     return report
+
+
+def _recorded(path: str) -> str:
+    """The path a corpus records: absolute, so that the report's thumbnails and ``verify
+    --rehash`` find the file from any working directory (``<array>`` inputs as they are)."""
+    return path if path.startswith("<") else os.path.abspath(path)
 
 
 def _fit_and_put(store: FeatureStore, writer: AppendWriter, held: list, seed: int) -> None:

@@ -170,6 +170,17 @@ class Spade(Parameters, Thresholds):
     def _attach(self, store: FeatureStore) -> Spade:
         self.store_ = store
         self.index_ = ImageIndex.load(store)
+        self.index_problem_, self._index_ahead = None, False
+        if self.index_ is None and len(store):
+            self.index_problem_ = (f"{store.path}: holds {len(store)} images but no image index: "
+                                   f"run `spade-faiss reindex {store.path}`")
+        elif self.index_ is not None and self.index_.ntotal > len(store):
+            # n_committed lowered (damage): the index knows rows the corpus no longer commits, and
+            # an append would overwrite rows the index still returns.
+            self.index_problem_ = (f"{store.path}: its image index holds {self.index_.ntotal} images, but only "
+                                   f"{len(store)} are committed (a damaged n_committed?): check it with `spade-faiss "
+                                   f"verify`; `spade-faiss reindex {store.path}` indexes the committed ones")
+            self.index_, self._index_ahead = None, True
         if self.index_ is not None and self.index_.ntotal < len(store):
             # Rows committed after the index was last saved (a crash): add them from the store.
             log.warning("%s: index has %d of %d images; adding the rest", store.path, self.index_.ntotal, len(store))
@@ -225,6 +236,8 @@ class Spade(Parameters, Thresholds):
     def add(self, samples: Iterable, on_progress: Callable[[int], None] | None = None) -> IndexReport:
         """Extract and append the images not yet in the corpus (dedupe by content sha256), then
         update and save the image index. ``on_progress(n)`` is called after each batch of n."""
+        if self._index_ahead:
+            raise ValueError(self.index_problem_)  # appending would overwrite rows the index returns
         start = time.perf_counter()
         n_before = len(self.store_)
         report = append_new(self.store_, self._batches(samples), self._extractor, self.seed, on_progress)
@@ -241,6 +254,7 @@ class Spade(Parameters, Thresholds):
         else:
             self.index_.add(self.store_.pool(self.index_.ntotal))
         self.index_.save(self.store_)
+        self.index_problem_, self._index_ahead = None, False
         self.pipeline_.index = self.index_
         self.paths_ = self.store_.paths()
 
@@ -286,6 +300,8 @@ class Spade(Parameters, Thresholds):
     def _check_ready(self, maps=True):
         if getattr(self, "store_", None) is None:
             raise ValueError("this Spade is not fitted: call fit(images) or Spade.open(path)")
+        if self.index_problem_:
+            raise ValueError(self.index_problem_)
         if self.index_ is None or len(self.store_) == 0:
             raise ValueError(f"{self.store_.path}: the corpus holds no images")
         if maps not in (True, False, "auto"):

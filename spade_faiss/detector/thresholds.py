@@ -3,11 +3,16 @@ overrides, and a calibration-free estimate for pictures (a mixin of :class:`Spad
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
 
 from .. import metrics
+
+# A threshold this many times the median held-out score says the held-out set holds outliers.
+OUTLIER_RATIO = 10.0
 
 
 class Thresholds:
@@ -35,8 +40,20 @@ class Thresholds:
             maps.append(r.map)
         if not scores:
             raise ValueError("calibrate: none of the normal images could be scored")
-        th = {"tau": metrics.threshold_at_fpr(scores, fpr), "theta": metrics.threshold_at_fpr(np.stack(maps), fpr),
-              "fpr": fpr, "n_images": len(scores), "skipped": errors, "scoring": self.config_.scoring_dict()}
+        tau = metrics.threshold_at_fpr(scores, fpr)
+        above = int(np.sum(np.asarray(scores) > tau))
+        th = {"tau": tau, "theta": metrics.threshold_at_fpr(np.stack(maps), fpr), "fpr": fpr,
+              "n_images": len(scores), "images_above_tau": above, "skipped": errors,
+              "scoring": self.config_.scoring_dict()}
+        needed = math.ceil(1 / fpr) if fpr > 0 else None
+        if needed and len(scores) < needed:
+            warnings.warn(f"calibrate: {len(scores)} held-out images cannot support fpr={fpr} (about {needed} are "
+                          f"needed): tau is the largest of their scores ({above} above it); give more held-out "
+                          f"normal images, or a larger --fpr", stacklevel=2)
+        median = float(np.median(scores))
+        if median > 0 and tau > OUTLIER_RATIO * median:
+            warnings.warn(f"calibrate: tau={tau:.4g} is {tau / median:.0f}x the median held-out score ({median:.4g}): "
+                          f"some held-out images are far from the corpus; are they all normal?", stacklevel=2)
         self.store_.write_thresholds(th)
         self.calibration_, self.tau_, self.theta_ = th, th["tau"], th["theta"]
         return th
@@ -51,6 +68,7 @@ class Thresholds:
         """A pixel threshold estimated without held-out images (see
         :meth:`QueryPipeline.leave_one_out_theta`), cached per corpus size: a calibration-free
         colour scale for pictures."""
+        self._check_ready()
         n = len(self.store_)
         if getattr(self, "_loo_", (None,))[0] != n:
             theta = self.pipeline_.leave_one_out_theta(n_images, fpr, self.config_, self.options_, self.search_device_)
