@@ -1,4 +1,4 @@
-"""FeatureExtractor: images -> {layer1, layer2, layer3, pool}, and weights resolution (SPEC 1.2)."""
+"""FeatureExtractor: images -> {layer1, layer2, layer3, pool}, and weights resolution (docs/design.md §1)."""
 
 from __future__ import annotations
 

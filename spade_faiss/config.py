@@ -119,7 +119,7 @@ def _weights_arg(value: str):
 
 
 PARAMETERS: tuple[Param, ...] = (
-    # --- scoring (SPEC 1.1; defaults are the paper's) ---
+    # --- scoring (docs/design.md §1; defaults are the paper's) ---
     Param("k_image", None, "scoring", _optional(check_int),
           f"image score = mean of the k_image smallest squared distances of pooled vectors "
           f"(default: min({K_IMAGE_DEFAULT}, k_gallery); at most k_gallery)", "scoring", cli_type=int),
@@ -208,7 +208,7 @@ def _validate(record, names) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class SpadeConfig:
-    """What SPADE computes (SPEC 1.1); the defaults are the paper's. Each field is documented in
+    """What SPADE computes (docs/design.md §1); the defaults are the paper's. Each field is documented in
     :data:`PARAMETERS`; ``weights_sha256`` (the identity of the backbone weights, sha256 of their
     tensors) is filled in by the extractor. ``k_image=None`` becomes ``min(5, k_gallery)`` and
     ``storage`` its canonical spelling for ``levels``."""

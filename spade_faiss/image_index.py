@@ -1,4 +1,4 @@
-"""ImageIndex: the stage-1 kNN over pooled image vectors (SPEC 3).
+"""ImageIndex: the stage-1 kNN over pooled image vectors (docs/design.md §6).
 
 ``auto`` is an exact ``Flat`` index up to ``FLAT_MAX_IMAGES`` and ``IVF{nlist},{encoding}``
 above, unless IVF would not be faster. The default ``nprobe`` of an IVF index is chosen by
@@ -7,7 +7,7 @@ exact search, leave-one-out over a seeded sample of the corpus), stored with the
 
 Distances are re-computed exactly (float64, rounded to float32) for the candidates faiss
 returns, and results are ordered by (squared distance, id): ties go to the lower image id
-(SPEC 1.1), and an image's distances do not depend on which other queries share its batch.
+(docs/design.md §1), and an image's distances do not depend on which other queries share its batch.
 Row ids of the store are faiss ids.
 """
 

@@ -1,4 +1,4 @@
-"""Decoding, preprocessing and masks (SPEC 1.1), and batches of inputs decoded ahead.
+"""Decoding, preprocessing and masks (docs/design.md §1), and batches of inputs decoded ahead.
 
 Everything here is a plain function of bytes, paths or pixels: no model, no store.
 """
@@ -157,7 +157,7 @@ def resize_crop(img: np.ndarray, resize: int, crop: int, interpolation: int) -> 
 
 
 def preprocess(rgb: np.ndarray, resize: int = DEFAULTS["resize"], crop: int = DEFAULTS["crop"]) -> np.ndarray:
-    """RGB uint8 (H, W, 3) -> normalised float32 (3, crop, crop), SPEC 1.1."""
+    """RGB uint8 (H, W, 3) -> normalised float32 (3, crop, crop), docs/design.md §1."""
     x = resize_crop(rgb, resize, crop, cv2.INTER_AREA).astype(np.float32) / 255.0
     x = (x - IMAGENET_MEAN) / IMAGENET_STD
     return np.ascontiguousarray(x.transpose(2, 0, 1))

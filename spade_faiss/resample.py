@@ -1,4 +1,4 @@
-"""Bilinear resampling with torch ``F.interpolate(align_corners=False)`` semantics (SPEC 1.1),
+"""Bilinear resampling with torch ``F.interpolate(align_corners=False)`` semantics (docs/design.md §1),
 shared by concat-mode features and map upsampling."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Image scores and pixel maps from search distances (SPEC 1.1): score, upsample, average,
+"""Image scores and pixel maps from search distances (docs/design.md §1): score, upsample, average,
 smooth, and place back onto the original image. Higher = more anomalous."""
 
 from __future__ import annotations

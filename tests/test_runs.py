@@ -1,7 +1,6 @@
 """Run files: manifest (new, resumed, refused, restarted), score rows, maps, overlays named by
 class, errors once each; a reader of all shards."""
 
-import json
 
 import h5py
 import numpy as np
@@ -73,4 +72,6 @@ def test_shards_are_read_as_one_run(tmp_path):
     assert [r["image_path"] for r in runs.read_run(tmp_path)] == ["/d/good/0.png", "/d/good/1.png"]
     assert sorted(p.name for p in tmp_path.glob("scores*.csv")) == \
         ["scores.shard-00000-of-00002.csv", "scores.shard-00001-of-00002.csv"]
-    assert json.dumps(runs.score_row(result("/a/b/c.png", 2.0)))  # rows are plain text
+    row = runs.score_row(result("/a/b/c.png", 2.0))
+    assert all(isinstance(v, str) for v in row.values()) and float(row["score"]) == 2.0  # rows are plain text
+    assert row["folder"] == "b" and row["image_path"] == "/a/b/c.png"

@@ -298,12 +298,15 @@ def test_load_score_only_and_maps_within_deadlines(big, tmp_path):
         got = concurrently(12, lambda i: timed_request(server.url + "/v1/score?map=true&raw=true",
                                                        bodies[i % len(paths)]))
         assert {g[0] for g in got} <= {200, 503}, [g[0] for g in got]
-        for i, (code, raw, headers, seconds) in enumerate(got):
+        for i, (code, raw, headers, _) in enumerate(got):
             if code == 503:
-                assert seconds < 1 and int(headers["Retry-After"]) >= 0
+                assert int(headers["Retry-After"]) >= 0
             else:
                 np.testing.assert_array_equal(decoded_map(json.loads(raw)), want.maps[i % len(paths)])
-        assert metric(server.metrics(), "spade_requests_total", path="/v1/score", code="504") == 0
+        text = server.metrics()
+        assert metric(text, "spade_requests_total", path="/v1/score", code="504") == 0
+        refused = metric(text, "spade_rejected_total", reason="cannot be served before the deadline")
+        assert refused == sum(g[0] == 503 for g in got)  # every 503 was a refusal at admission, before any work
     finally:
         assert server.stop() == 0
 
@@ -313,12 +316,17 @@ def test_tight_deadlines_answer_503_at_once_never_504(big, tmp_path):
     body = open(discover(root, "test")[0].path, "rb").read()
     server = Server(store, tmp_path, "--timeout", "0.5", "--max-batch", "2")
     try:
-        got = concurrently(16, lambda i: timed_request(server.url + "/v1/score?map=true", body))
+        # Half the clients give themselves no time at all (?timeout=1e-6): those are refused at
+        # admission whatever the machine's speed; the others race the 0.5 s server deadline.
+        got = concurrently(16, lambda i: timed_request(
+            server.url + "/v1/score?map=true" + ("&timeout=0.000001" if i % 2 else ""), body))
         codes = [g[0] for g in got]
-        assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
-        assert all(g[3] < 1 for g in got if g[0] == 503), [(g[0], round(g[3], 2), g[1][:80]) for g in got]
+        assert set(codes) <= {200, 503} and all(c == 503 for c in codes[1::2]), codes
         text = server.metrics()
-        assert metric(text, "spade_rejected_total", reason="cannot be served before the deadline") >= 1
+        refused = metric(text, "spade_rejected_total", reason="cannot be served before the deadline")
+        late = metric(text, "spade_rejected_total", reason="deadline passed")
+        assert refused >= 8 and refused + late == codes.count(503)
+        assert metric(text, "spade_requests_total", path="/v1/score", code="504") == 0
     finally:
         server.stop()
 
@@ -329,7 +337,7 @@ def test_a_request_that_cannot_be_admitted_is_refused_before_its_image_is_decode
     server = Server(store, tmp_path, "--timeout", "0.001")  # no work fits in 1 ms
     try:
         code, raw, headers, seconds = timed_request(server.url + "/v1/score?map=true", b"not an image at all")
-        assert code == 503 and b"deadline" in raw and seconds < 1 and "retry-after" in {k.lower() for k in headers}, raw
+        assert code == 503 and b"deadline" in raw and "retry-after" in {k.lower() for k in headers}, raw
         assert metric(server.metrics(), "spade_rejected_total", reason="cannot be served before the deadline") == 1
     finally:
         assert server.stop() == 0

@@ -1,4 +1,4 @@
-"""Stage 2 (SPEC 1.1, 4): for every query location, the ``kappa`` smallest squared distances to
+"""Stage 2 (docs/design.md §1, §4): for every query location, the ``kappa`` smallest squared distances to
 the locations of the retrieved images (the gallery). Engines, one contract:
 
 - ``pruned`` (``pruned.py``): exact, with lower bounds that skip most pairs and bfloat16
@@ -37,7 +37,7 @@ WIDTHS = ((2048, 96), (512, 192), (0, 256))
 
 
 def resolve_engine(stage2: str, device: str) -> str:
-    """``auto`` -> ``pruned`` on the CPU (``faiss`` for small levels, see :func:`level_engine`),
+    """``auto`` -> ``pruned`` on the CPU (``dense`` for small levels, see :func:`level_engine`),
     ``faiss`` on a GPU."""
     if stage2 == "auto":
         return "pruned" if device == "cpu" else "faiss"

@@ -52,7 +52,7 @@ _thread_local = threading.local()
 
 
 def gpu_resources():
-    """One ``StandardGpuResources`` per thread, created once and reused (SPEC 4)."""
+    """One ``StandardGpuResources`` per thread, created once and reused (docs/design.md §4)."""
     res = getattr(_thread_local, "gpu_res", None)
     if res is None:
         res = _thread_local.gpu_res = faiss.StandardGpuResources()

@@ -7,7 +7,7 @@ Error: each squared difference carries a relative error of at most ``3u`` (u = 2
 tree sum of ``C`` non-negative terms at most ``ceil(log2 C) u`` more, so the result is within
 ``SUM_EPS`` (relative) of the true squared distance for any ``C <= 2^13``.
 
-The engines that re-check candidates with these distances (``pruned``, ``numpy``) read the
+The engines that re-check candidates with these distances (``pruned``, ``dense``) read the
 gallery rows with :func:`row_reader` and select with :func:`kappa_smallest`, so they return the
 same bits.
 """

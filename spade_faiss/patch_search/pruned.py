@@ -25,7 +25,8 @@ One GEMM gives ``y`` ~ ``||a~(q) - a~(g)||^2 = ||a~(q)||^2 + ||a~(g)||^2 - 2 a~(
 (the squared norms enter as extra columns, each float32 norm split exactly into three
 bfloat16 parts; products of bfloat16 values are exact in float32). With float32 accumulation
 of ``m`` terms the accumulated value is within ``gamma * (N(q) + N(g))^2`` of that
-(``N = ||a~||``, ``gamma = m u / (1 - m u) + u``, ``u = 2^-24``), and the output rounding adds
+(``N = ||a~||``, ``gamma = m u / (1 - m u) + u``, ``u = 2^-24``; the code takes 1% more on the
+first term, a margin the argument does not need), and the output rounding adds
 a relative ``2^-8`` (bfloat16) or ``2^-24``. The only assumption is that the GEMM accumulates
 in float32 or better (oneDNN's bfloat16 kernels do; the tests are adversarial about it).
 
