@@ -102,18 +102,27 @@ def build_model(backbone: str, weights, seed: int = DEFAULTS["seed"]) -> torch.n
     if backbone not in BACKBONES:
         raise ValueError(f"backbone={backbone!r}: expected one of {list(BACKBONES)}")
     state = load_state_dict(backbone, weights)
-    # Random init draws from torch's global RNG: fork it so building a model leaves the
-    # caller's random state untouched (no global side effects), and seed it for determinism.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    if state is None:
+        # Random init draws from torch's global RNG: fork it so building a model leaves the
+        # caller's random state untouched (no global side effects), and seed it for determinism.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = torchvision.models.get_model(backbone, weights=None)
+        return model.eval().float()
+    # Weights replace every tensor: build the module without memory or random init (meta
+    # device) and take the loaded tensors as they are (assign), instead of initialising 69M
+    # parameters only to overwrite them.
+    with torch.device("meta"):
         model = torchvision.models.get_model(backbone, weights=None)
-    if state is not None:
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            first = str(e).splitlines()[0:3]
-            raise WeightsError(f"weights={str(weights)!r} do not fit backbone {backbone}: "
-                               + " ".join(s.strip() for s in first)) from None
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0:3]
+        raise WeightsError(f"weights={str(weights)!r} do not fit backbone {backbone}: "
+                           + " ".join(s.strip() for s in first)) from None
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise WeightsError(f"weights={str(weights)!r} leave {left[:3]} of backbone {backbone} unset")
     return model.eval().float()
 
 

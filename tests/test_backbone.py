@@ -52,6 +52,21 @@ def test_local_state_dict_file_gives_the_same_identity(tmp_path):
     torch.save(model.state_dict(), tmp_path / "w.pth")
     ext = FeatureExtractor("resnet18", weights=str(tmp_path / "w.pth"), device="cpu")
     assert ext.weights_sha256 == backbone.state_dict_sha256(model)
+    # Built on the meta device and given the file's tensors: the same features, bit for bit.
+    seeded = FeatureExtractor("resnet18", weights=None, device="cpu", seed=7)
+    x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    a, b = ext(x), seeded(x)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert not any(t.is_meta for t in ext.model.parameters())
+
+
+def test_weights_missing_a_buffer_are_refused(tmp_path):
+    state = _seeded_model("resnet18", 0).state_dict()
+    del state["bn1.running_mean"]
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(WeightsError, match="running_mean"):
+        FeatureExtractor("resnet18", weights=str(tmp_path / "w.pth"), device="cpu")
 
 
 def test_weights_that_do_not_fit_are_refused(tmp_path):
