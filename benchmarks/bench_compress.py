@@ -102,7 +102,7 @@ def main() -> None:
                       bytes_per_image=spade.info()["bytes_per_image"],
                       stage2_s_per_image=round(spade.timings_["stage2"] / n, 4),
                       gallery_io_s_per_image=round(spade.timings_["gallery_io"] / n, 4),
-                      mb_read_per_image=round(spade.store_.bytes_read / n / 1e6, 3),
+                      mb_read_per_image=round(spade.bytes_read_ / n / 1e6, 3),
                       max_rel_map_diff=float(rel.max()), median_rel_map_diff=float(np.median(rel)),
                       spearman_pooled=float(spearmanr(m.ravel()[pick], ref_maps.ravel()[pick])[0]),
                       spearman_per_image_min=float(np.min(per_image)),

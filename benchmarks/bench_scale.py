@@ -115,14 +115,14 @@ def score(path: Path, queries: list[str], extractor, cold: bool, k_gallery: int)
         for i, _ in enumerate(spade.iter_score(queries, maps=True)):
             if i == 0:  # the first query also fits the pruned engine's projections: left out
                 t0 = time.perf_counter()
-                base = dict(spade.timings_), spade.store_.bytes_read
+                base = dict(spade.timings_), spade.bytes_read_
         per = len(queries) - 1
         seconds = time.perf_counter() - t0
         timings = {k: round((v - base[0].get(k, 0.0)) / per, 4) for k, v in spade.timings_.items()}
         return {"cache": "cold" if cold else "warm", "s_per_image": round(seconds / per, 4),
                 "stage1_s": timings.get("stage1"), "stage2_s": timings.get("stage2"),
                 "gallery_io_s": timings.get("gallery_io"), "backbone_s": timings.get("backbone"),
-                "mb_read_per_query": round((spade.store_.bytes_read - base[1]) / per / 1e6, 2)}
+                "mb_read_per_query": round((spade.bytes_read_ - base[1]) / per / 1e6, 2)}
 
 
 def main() -> None:

@@ -237,6 +237,21 @@ class ImageIndex:
         attrs.update(sidecar=name, sidecar_sha256=hashlib.sha256(blob).hexdigest(), sidecar_bytes=int(blob.nbytes))
         store.write_index(None, attrs)
 
+    @staticmethod
+    def sidecar_problems(store) -> list[str]:
+        """Whether a sidecar ``.faiss`` file still has the sha256 the corpus recorded (read whole)."""
+        _, attrs = store.read_index()
+        if "sidecar" not in attrs:
+            return []
+        side = store.sidecar_path(attrs["sidecar"])
+        h = hashlib.sha256()
+        with open(side, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        if h.hexdigest() != attrs.get("sidecar_sha256"):
+            return [f"{side}: sha256 differs from the one recorded in {store.path}"]
+        return []
+
     @classmethod
     def load(cls, store) -> ImageIndex | None:
         """The index stored in ``store``, or None when none was written yet."""

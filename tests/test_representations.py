@@ -191,7 +191,7 @@ def _as_format_v1(src, dst):
     ``feature_shapes``, ``dtype`` in the config."""
     import json
 
-    from spade_faiss.store.corpus import write_layout
+    from spade_faiss.store.layout import write_layout
 
     with h5py.File(src) as a, h5py.File(dst, "w") as b:
         attrs = {k: v for k, v in a.attrs.items() if k not in ("feature_shapes", "n_committed", "writer")}

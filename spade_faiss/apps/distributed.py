@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import DEFAULTS
-from ..detector import Spade
-from ..store import join_shards
+from ..detector import Spade, join
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +103,7 @@ def index_ray(paths: list[str], out: str, params: dict, ray_workers: int = RAY_W
     shards = sorted({r["shard"] for r in rows})
     for unused in set(map(str, Path(shard_dir).glob("shard-*.h5"))) - set(shards):
         os.remove(unused)  # an actor that got no batch (or a failed earlier run) left it empty
-    n = join_shards(shards, out)
+    n = join(shards, out)
     keys = ("index", "nlist", "nprobe", "encoding", "target_recall", "seed")
     with Spade.open(out, mode="a", **{k: params[k] for k in keys if k in params}) as spade:
         spade.reindex()

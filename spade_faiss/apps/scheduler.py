@@ -23,11 +23,8 @@ import threading
 import time
 from concurrent.futures import Future
 
-import numpy as np
-
 from ..detector import Spade
 from ..images import LoadedImage
-from ..synthetic import texture
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +77,7 @@ class Scheduler:
 
     def start(self) -> Scheduler:
         """Warm the model and caches with a generated image, measure both lanes, start."""
-        c = self.spade.config_
-        rgb = texture(np.random.default_rng(0), (c.resize, c.resize))
-        for _ in range(2):
-            t = time.perf_counter()
-            retrieved = self.spade.retrieve([rgb])
-            self.times["score"] = time.perf_counter() - t
-            t = time.perf_counter()
-            self.spade.segment(retrieved)
-            self.times["map"] = time.perf_counter() - t
+        self.times.update(self.spade.warm_up())
         self._publish_times()
         self.thread.start()
         return self

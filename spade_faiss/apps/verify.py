@@ -3,7 +3,6 @@ config, the image index against the rows, pooled vectors, and optionally the sou
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import numpy as np
@@ -30,7 +29,7 @@ def verify(path, rehash: bool = False, deep: bool = False) -> list[str]:
     with store:
         n = len(store)
         problems += _check_config(store)
-        if int(store.attrs.get("writer", 0)):
+        if store.last_writer_died:
             problems.append(f"{path}: its last writer did not close it (a crash?); the committed rows are "
                             f"intact and the next `spade-faiss index` into it rewrites it from them")
         problems += _guarded(_check_index, store, n, deep)
@@ -106,15 +105,7 @@ def _check_index(store, n, deep: bool) -> list[str]:
             problems.append(f"{store.path}: the image index's vectors of rows {bad[:5]} differ from images/pool "
                             f"({len(bad)} rows; run `spade-faiss reindex {store.path}`)")
             break
-    _, attrs = store.read_index()
-    if "sidecar" in attrs:
-        side = store.sidecar_path(attrs["sidecar"])
-        h = hashlib.sha256()
-        with open(side, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        if h.hexdigest() != attrs.get("sidecar_sha256"):
-            problems.append(f"{side}: sha256 differs from the one recorded in {store.path}")
+    problems += ImageIndex.sidecar_problems(store)
     return problems
 
 

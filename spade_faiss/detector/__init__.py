@@ -7,6 +7,6 @@
 """
 
 from .pipeline import QueryPipeline
-from .spade import Spade, convert, describe
+from .spade import Spade, convert, describe, join
 
-__all__ = ["Spade", "QueryPipeline", "convert", "describe"]
+__all__ = ["Spade", "QueryPipeline", "convert", "describe", "join"]

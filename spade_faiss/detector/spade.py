@@ -22,7 +22,7 @@ from ..config import DEFAULTS, PARAM, Parameters, make_configs, parameters_doc
 from ..image_index import ImageIndex
 from ..representations import FIT_IMAGES
 from ..results import IndexReport, Retrieved, ScoredImage, SpadeResult
-from ..store import FeatureStore
+from ..store import FeatureStore, join_shards
 from ..store import convert as convert_store
 from .indexing import append_new, new_store
 from .pipeline import QueryPipeline
@@ -54,6 +54,8 @@ class Spade(Parameters, Thresholds):
         Seconds spent per stage (``backbone``, ``stage1``, ``gallery_io``, ``stage2``, ``post``).
     pruning_stats_ : dict
         Per level: pairs covered, re-checked exactly, and the fraction skipped (``pruned``).
+    bytes_read_ : int
+        Stored gallery bytes read from the corpus so far.
     """
 
     def __init__(self, *, k_image=DEFAULTS["k_image"], k_gallery=DEFAULTS["k_gallery"], kappa=DEFAULTS["kappa"],
@@ -203,6 +205,12 @@ class Spade(Parameters, Thresholds):
         covered, those the ``pruned`` engine re-checked exactly, and the fraction it skipped."""
         return self.pipeline_.pruning_stats()
 
+    @property
+    def bytes_read_(self) -> int:
+        """Stored bytes of gallery rows read from the corpus so far (compressed sizes for
+        compressed levels; gallery cache hits read nothing)."""
+        return self.store_.bytes_read
+
     def _extractor(self) -> FeatureExtractor:
         if getattr(self, "extractor_", None) is None:
             self.extractor_ = load_extractor(self.backbone, self.weights, self.options_.device, self.seed,
@@ -341,6 +349,23 @@ class Spade(Parameters, Thresholds):
                            r.neighbour_distances, [self.paths_[int(i)] for i in r.neighbour_ids[:self._ks()[0]]],
                            r.prepared.image, correspondences=r.correspondences, level_scores=r.level_scores)
 
+    def warm_up(self, rounds: int = 2) -> dict[str, float]:
+        """Run a generated image through both stages ``rounds`` times (the model, the caches and
+        the pruned engine's projections are then ready) and return the last round's seconds:
+        ``{"score": backbone and stage 1, "map": stage 2}``."""
+        from ..synthetic import texture
+
+        rgb = texture(np.random.default_rng(0), (self.config_.resize, self.config_.resize))
+        times = {}
+        for _ in range(rounds):
+            t = time.perf_counter()
+            retrieved = self.retrieve([rgb])
+            times["score"] = time.perf_counter() - t
+            t = time.perf_counter()
+            self.segment(retrieved)
+            times["map"] = time.perf_counter() - t
+        return times
+
     def info(self) -> dict:
         """Corpus metadata, the image index, thresholds and the scoring parameters in force."""
         return {**self.store_.describe(), "scoring": self.config_.scoring_dict()}
@@ -354,6 +379,13 @@ def convert(src, dst, storage: str, seed: int = DEFAULTS["seed"], on_progress=No
     returns the new corpus's description (see :func:`spade_faiss.store.convert`)."""
     PARAM["storage"].check("storage", storage)
     return convert_store(str(src), str(dst), storage, seed, on_progress)
+
+
+def join(shards: list, out) -> int:
+    """One corpus file ``out`` over shard corpora built in parallel (their levels referenced,
+    not copied; see :func:`spade_faiss.store.join_shards`); returns its number of images. Build
+    its image index with ``Spade.open(out, "a").reindex()``."""
+    return join_shards([str(s) for s in shards], str(out))
 
 
 def describe(path) -> dict:

@@ -1,6 +1,7 @@
 """The corpus file, format v2 (v1 read and migrated): this package is the only reader and writer of it.
 
 - ``corpus``: :class:`FeatureStore`, one open corpus (creation, reads, crash-safe appends)
+- ``layout``: the datasets of a corpus file, for every writer
 - ``writer``: :class:`AppendWriter`, appends on a background thread
 - ``shards``: :func:`join_shards`, one corpus over several shard files
 - ``repair``: :func:`rebuild`, a corpus whose writer died made writable again
@@ -8,7 +9,8 @@
 """
 
 from .convert import convert
-from .corpus import SHA_DTYPE, FeatureStore, StoreError
+from .corpus import FeatureStore, StoreError
+from .layout import SHA_DTYPE
 from .shards import join_shards
 from .writer import AppendWriter
 

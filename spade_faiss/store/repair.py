@@ -17,7 +17,7 @@ import h5py
 
 from ..config import upgrade_feature_dict
 from ..representations import Representation, per_level
-from .corpus import write_layout
+from .layout import write_layout
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ import os
 import h5py
 import numpy as np
 
-from .corpus import SHA_DTYPE, FeatureStore, write_layout
+from .corpus import FeatureStore
+from .layout import SHA_DTYPE, write_layout
 
 
 def join_shards(shards: list[str], out: str) -> int:

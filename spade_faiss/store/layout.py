@@ -1,0 +1,54 @@
+"""The datasets of a corpus file (format v2): created here for new, rebuilt, converted and
+joined corpora alike. h5py and numpy only."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+
+from ..representations import Representation
+
+SHA_DTYPE = "S64"
+POOL_CHUNK_ROWS = 256
+STRING_CHUNK_ROWS = 1024
+
+
+def write_layout(h5: h5py.File, attrs: dict, levels: dict, pool_dim: int, n: int = 0, checksums: bool = True) -> None:
+    """The attributes and the (empty, resizable) datasets of a corpus, ``n`` rows long.
+
+    ``levels``: per level, ``(stored shape (h, w, c), stored dtype, h5py filter keywords)`` or an
+    ``h5py.VirtualLayout`` (a joined corpus: rows live in shard files). ``checksums``: fletcher32
+    on the numeric image datasets (format v2)."""
+    h5.attrs.update(attrs)
+    h5.attrs["n_committed"] = n
+    check = {"fletcher32": True} if checksums else {}
+    img = h5.create_group("images")
+    img.create_dataset("path", (n,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"), chunks=(STRING_CHUNK_ROWS,))
+    img.create_dataset("sha256", (n,), maxshape=(None,), dtype=SHA_DTYPE, chunks=(STRING_CHUNK_ROWS,), **check)
+    img.create_dataset("pool", (n, pool_dim), maxshape=(None, pool_dim), dtype=np.float32,
+                       chunks=(POOL_CHUNK_ROWS, pool_dim), **check)
+    group = h5.create_group("levels")
+    for name, spec in levels.items():
+        if isinstance(spec, h5py.VirtualLayout):
+            group.create_virtual_dataset(name, spec, fillvalue=0)
+        else:
+            shape, dtype, filters = spec
+            group.create_dataset(name, (n, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(1, *shape),
+                                 **filters)
+    h5.create_group("index")
+
+
+def level_specs(representations: dict[str, Representation], feature_shapes: dict) -> dict:
+    """:func:`write_layout`'s level specs of these representations."""
+    return {lv: ((*feature_shapes[lv][:2], r.stored_channels), r.stored_dtype, r.filters())
+            for lv, r in representations.items()}
+
+
+def write_representations(h5: h5py.File, representations: dict[str, Representation]) -> None:
+    """The fitted arrays of the pca representations under ``representations/<level>``."""
+    group = h5.require_group("representations")
+    for lv, r in representations.items():
+        if r.state is not None and lv not in group:
+            sub = group.create_group(lv)
+            for key, value in r.state.items():
+                sub.create_dataset(key, data=value, fletcher32=True)
