@@ -191,3 +191,46 @@ def test_a_deleted_image_index_says_so_instead_of_an_empty_corpus(store, dataset
     assert cli.main(["score", str(store), str(dataset), "--out", str(run), *RUN]) == cli.EXIT_ERROR
     err = capsys.readouterr().err
     assert "holds 12 images but no image index" in err and "reindex" in err
+
+
+def _append_in_subprocess(src, out, preexec=None):
+    return subprocess.run([sys.executable, "-m", "spade_faiss", "index", str(src), "--out", str(out), *RUN],
+                          capture_output=True, text=True, preexec_fn=preexec)
+
+
+def _intact(path, n):
+    with FeatureStore.open(path) as s:
+        assert len(s) == n
+    assert verify(path, deep=True) == []
+
+
+def test_a_file_size_limit_during_an_append_is_a_clean_error_and_the_corpus_stays_readable(store, many_images):
+    import resource
+
+    limit = store.stat().st_size + (1 << 20)  # room for a few rows, not for 40 images
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    done = _append_in_subprocess(many_images, store, cap)
+    assert done.returncode == cli.EXIT_ERROR, (done.returncode, done.stderr[-2000:])
+    assert "ulimit -f" in done.stderr and "committed images are intact" in done.stderr
+    assert "Traceback" not in done.stderr
+    _intact(store, 12)
+
+
+def test_a_full_disk_during_an_append_is_a_clean_error_and_the_corpus_stays_readable(store, many_images, tmp_path):
+    disk = tmp_path / "small_disk"
+    disk.mkdir()
+    room_kib = store.stat().st_size // 1024 + 512  # the corpus and a few rows, not 40 more images
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={room_kib}k", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        corpus = disk / "c.h5"
+        shutil.copy(store, corpus)
+        done = _append_in_subprocess(many_images, corpus)
+        assert done.returncode == cli.EXIT_ERROR, (done.returncode, done.stderr[-2000:])
+        assert "free on its disk" in done.stderr and "Traceback" not in done.stderr
+        _intact(corpus, 12)
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

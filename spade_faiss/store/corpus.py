@@ -18,6 +18,7 @@ import datetime
 import json
 import logging
 import os
+import resource
 from pathlib import Path
 
 import h5py
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
+# Room an append asks for besides twice its raw rows: B-tree nodes, heaps, the commit flush.
+ROW_OVERHEAD_BYTES = 4096
+METADATA_MARGIN_BYTES = 8 << 20
 
 
 class StoreError(ValueError):
@@ -320,6 +324,7 @@ class FeatureStore:
         if not (len(sha256s) == b == len(feats["pool"])):
             raise ValueError("paths, sha256s and features must have the same length")
         n = len(self)
+        self._check_room(b)
         groups = [self.h5["images/path"], self.h5["images/sha256"], self.h5["images/pool"]] + \
                  [self.h5["levels"][lv] for lv in self.config.levels]
         for ds in groups:
@@ -337,6 +342,29 @@ class FeatureStore:
         self.h5.attrs["n_committed"] = n + b
         self.h5.flush()
         return np.arange(n, n + b, dtype=np.int64)
+
+    def _check_room(self, b: int) -> None:
+        """Refuse a batch the disk or the process's file-size limit cannot hold, before a byte is
+        written: HDF5 cannot undo a half-flushed write (a full disk mid-append used to leave a
+        file that no command could open, though its committed rows were intact)."""
+        if self.h5.driver == "core":
+            return
+        per_image = 2 * (self.pool_dim * 4 + sum(int(np.prod(self.h5["levels"][lv].shape[1:]))
+                                                 * self.h5["levels"][lv].dtype.itemsize
+                                                 for lv in self.config.levels)) + ROW_OVERHEAD_BYTES
+        need = b * per_image + METADATA_MARGIN_BYTES
+        stats = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        free = stats.f_bavail * stats.f_frsize
+        if need > free:
+            raise StoreError(f"{self.path}: {free // 2**20} MiB free on its disk, a batch of {b} images needs about "
+                             f"{need // 2**20} MiB: nothing was written (the committed images are intact); free "
+                             f"space and run the same command again")
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        size = os.path.getsize(self.path)
+        if limit != resource.RLIM_INFINITY and size + need > limit:
+            raise StoreError(f"{self.path}: the process may write files of at most {limit} bytes (ulimit -f), the "
+                             f"corpus would grow to about {size + need}: nothing was written (the committed images "
+                             f"are intact)")
 
     @property
     def needs_fit(self) -> bool:
