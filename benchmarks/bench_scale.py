@@ -158,6 +158,7 @@ def main() -> None:
             records.append(r)
         if not args.keep:
             path.unlink()
+            path.with_suffix(".faiss").unlink(missing_ok=True)  # the image index's sidecar, when large
     (out / "scale.json").write_text(json.dumps(records, indent=1))
 
 

@@ -234,3 +234,10 @@ def test_a_full_disk_during_an_append_is_a_clean_error_and_the_corpus_stays_read
         _intact(corpus, 12)
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_damaged_sha256_values_are_listed_not_a_crash(store):
+    with h5py.File(store, "r+") as h:
+        h["images/sha256"][2] = b"\x9c" * 64
+    problems = verify(store, deep=True)
+    assert any("malformed sha256" in p for p in problems), problems
