@@ -230,6 +230,11 @@ def test_a_format_v1_corpus_scores_bitwise_as_before_and_converts(dataset, tmp_p
     info = convert(tmp_path / "v1.h5", tmp_path / "small.h5", "compact")
     assert info["bytes_per_image"]["total"] < 0.15 * 2 * sum(64 * 16 * 16 * 2 ** i for i in range(3))
     assert verify(tmp_path / "small.h5", deep=True) == []
+    convert(tmp_path / "small.h5", tmp_path / "same.h5", "compact")  # pca codes copied with their fit
+    with Spade.open(tmp_path / "small.h5", k_gallery=6, k_image=3) as a, \
+            Spade.open(tmp_path / "same.h5", k_gallery=6, k_image=3) as b:
+        np.testing.assert_array_equal(a.score(queries).maps, b.score(queries).maps)
+    (tmp_path / "same.h5").unlink()
     with pytest.raises(StoreError, match="original features are not in the file"):
         convert(tmp_path / "small.h5", tmp_path / "back.h5", "float32")
     with pytest.raises(FileExistsError):

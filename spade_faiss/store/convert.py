@@ -13,6 +13,7 @@ import numpy as np
 
 from ..representations import FIT_IMAGES
 from .corpus import FeatureStore, StoreError
+from .layout import write_representations
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +54,20 @@ def _write(source: FeatureStore, tmp: str, config, seed: int, on_progress) -> No
                               weights_source=source.weights_source())
     try:
         out.h5.attrs["converted_from"] = os.path.abspath(source.path)
+        kept = {lv for lv, r in out.representations.items()
+                if r.is_pca and source.representations[lv].name == r.name}  # codes copied as they are
+        for lv in kept:
+            out.representations[lv].state = source.representations[lv].state
+        write_representations(out.h5, out.representations)
         if out.needs_fit and n:
             rows = np.arange(min(n, FIT_IMAGES))
-            out.fit_representations({lv: source.level(lv, rows) for lv in levels}, seed)
+            out.fit_representations({lv: source.level(lv, rows) for lv in levels if lv not in kept}, seed)
         paths, shas = source.paths(), source.sha256s()
         for start in range(0, n, COPY_ROWS):
             rows = np.arange(start, min(n, start + COPY_ROWS))
-            feats = {lv: source.level(lv, rows) for lv in levels}
+            feats = {lv: source.stored_level(lv, rows) if lv in kept else source.level(lv, rows) for lv in levels}
             feats["pool"] = source.pool(rows[0], rows[-1] + 1)
-            out.append([paths[i] for i in rows], [shas[i] for i in rows], feats)
+            out.append([paths[i] for i in rows], [shas[i] for i in rows], feats, encoded=kept)
             if on_progress:
                 on_progress(len(rows))
         blob, attrs = source.read_index()

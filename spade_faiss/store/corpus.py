@@ -310,11 +310,11 @@ class FeatureStore:
 
     # --- writing -------------------------------------------------------------------------
 
-    def append(self, paths, sha256s, feats: dict, encoded: bool = False) -> np.ndarray:
+    def append(self, paths, sha256s, feats: dict, encoded: bool | set = False) -> np.ndarray:
         """Write a batch of images and commit it; returns their row ids (int64).
 
         ``feats`` holds ``pool`` (B, D) and every stored level (B, h, w, C) as features, or,
-        with ``encoded``, as they are stored (pca codes: a generator of corpora that copies
+        with ``encoded`` (True, or a set of levels), as they are stored (pca codes: copies of
         stored rows).
         """
         b = len(paths)
@@ -337,7 +337,8 @@ class FeatureStore:
             if rep.needs_fit:
                 raise StoreError(f"{self.path}: {lv} is stored as {rep.name}, which is not fitted yet "
                                  f"(fit_representations first)")
-            self.h5["levels"][lv][n:n + b] = feats[lv] if encoded else rep.encode(feats[lv])
+            stored = lv in encoded if isinstance(encoded, (set, frozenset)) else encoded
+            self.h5["levels"][lv][n:n + b] = feats[lv] if stored else rep.encode(feats[lv])
         self.h5.flush()
         self.h5.attrs["n_committed"] = n + b
         self.h5.flush()
