@@ -125,6 +125,31 @@ def score(path: Path, queries: list[str], extractor, cold: bool, k_gallery: int)
                 "mb_read_per_query": round((spade.bytes_read_ - base[1]) / per / 1e6, 2)}
 
 
+def plot(records: list[dict], path: Path) -> None:
+    """Seconds per image by stage, per corpus size and storage, cold beside warm."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted((r for r in records if "cache" in r), key=lambda r: (r["images"], r["storage"], r["cache"]))
+    labels = [f"{r['images']:,}\n{r['storage']}\n{r['cache']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.5))
+    bottom = [0.0] * len(rows)
+    for stage in ("backbone_s", "stage1_s", "gallery_io_s", "stage2_s"):
+        values = [r.get(stage) or 0.0 for r in rows]
+        ax.bar(range(len(rows)), values, bottom=bottom, label=stage.removesuffix("_s"))
+        bottom = [b + v for b, v in zip(bottom, values)]
+    for i, r in enumerate(rows):
+        ax.text(i, bottom[i], f"{r['mb_read_per_query']:.0f} MB", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_ylabel("seconds per image (K=50)")
+    ax.set_title("scoring cost by corpus size and stored representation (MB read per query on top)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10000])
@@ -133,10 +158,14 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=13, help="real magnetic_tile test images (the first is warm-up)")
     ap.add_argument("--k-gallery", type=int, default=50)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--plot", metavar="JSONL", help="only draw DIR/scale.png from the JSON lines of earlier runs")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.plot:
+        plot([json.loads(line) for line in Path(args.plot).read_text().splitlines()], out / "scale.png")
+        return
     emit(bench="scale", machine=machine(), storage=args.storage)
     base_path = bases(out, args.storage, args.bases)
     queries = real_images("test", args.queries)
@@ -160,6 +189,7 @@ def main() -> None:
             path.unlink()
             path.with_suffix(".faiss").unlink(missing_ok=True)  # the image index's sidecar, when large
     (out / "scale.json").write_text(json.dumps(records, indent=1))
+    plot(records, out / "scale.png")
 
 
 if __name__ == "__main__":

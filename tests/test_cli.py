@@ -201,3 +201,17 @@ def test_the_report_summarises_the_whole_run_after_a_resume_in_plain_words(tmp_p
     assert "<title>spade-faiss: run</title>" in page
     assert "<th>images</th><td>7</td>" in page and "<th>invocations</th><td>2</td>" in page
     assert "skipped_done" not in page and '{"k_image"' not in page and "k_gallery: 3" in page
+
+
+def test_convert_and_info_show_the_bytes_per_image(tmp_path, dataset, capsys):
+    store, small = tmp_path / "c.h5", tmp_path / "small.h5"
+    assert cli.main(["index", str(dataset), "--out", str(store), *FEAT]) == 0
+    capsys.readouterr()
+    assert cli.main(["convert", str(store), "--out", str(small), "--storage", "compact"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["storage"] == "layer1=pca64,layer2=pca96,layer3=pca128" and out["images"] == 12
+    assert cli.main(["info", str(small)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["bytes_per_image"] == out["bytes_per_image"] and info["format_version"] == 2
+    assert info["bytes_per_image"]["layer1"] == 16 * 16 * 64  # int8 codes: one byte per direction
+    assert cli.main(["convert", str(store), "--out", str(small)]) == cli.EXIT_ERROR  # exists: refused

@@ -172,8 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("convert", "write a corpus in another stored representation (format v2; v1 files migrate)")
     p.add_argument("store", help="corpus file to read (left unchanged)")
     p.add_argument("--out", required=True, help="new corpus file (written under a temporary name, then renamed)")
-    p.add_argument("--storage", required=True, help=PARAM["storage"].help)
-    add_params(p.add_argument_group("seed"), ("seed",))
+    add_params(p.add_argument_group("the new corpus"), ("storage", "seed"))  # float16 by default: v1 -> v2
 
     p = command("info", "print a corpus file's metadata (JSON)")
     p.add_argument("store", help="corpus file")

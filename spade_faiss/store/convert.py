@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 COPY_ROWS = 16
 
 
-def convert(src: str, dst: str, storage: str, seed: int = 0, on_progress: Callable[[int], None] | None = None) -> dict:
+def convert(src: str, dst: str, storage: str, seed: int, on_progress: Callable[[int], None] | None = None) -> dict:
     """Write the corpus ``src`` to ``dst`` with ``storage``; returns ``dst``'s description.
 
     The features come from ``src``'s decoded rows, so a level stored as pca cannot become
