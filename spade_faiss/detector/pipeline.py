@@ -45,10 +45,13 @@ class QueryPipeline:
         Returns the (lazily built) FeatureExtractor.
     cache_bytes : int
         Bound of the gallery cache.
+    seed : int
+        Seed of the sample the pruned engine's projections are fitted on (any sample is exact).
     """
 
-    def __init__(self, store: FeatureStore, index: ImageIndex | None, extractor: Callable, cache_bytes: int):
-        self.store, self.index, self.extractor = store, index, extractor
+    def __init__(self, store: FeatureStore, index: ImageIndex | None, extractor: Callable, cache_bytes: int,
+                 seed: int):
+        self.store, self.index, self.extractor, self.seed = store, index, extractor, seed
         self.cache = GalleryCache(self._load, cache_bytes)
         self.timings = Counter()
         self.stats: dict[str, patch_search.SearchStats] = {}
@@ -174,6 +177,6 @@ class QueryPipeline:
         feats = load_entries(self.store.level, [(mode, int(i)) for i in rows], self.store.config.levels)
         sample = np.concatenate([f[name].reshape(-1, f[name].shape[-1]) for f in feats]).astype(np.float32)
         if len(sample) > PROJECTION_VECTORS:
-            sample = sample[np.random.default_rng(0).choice(len(sample), PROJECTION_VECTORS, replace=False)]
+            sample = sample[np.random.default_rng(self.seed).choice(len(sample), PROJECTION_VECTORS, replace=False)]
         grid = feats[0][name].shape[0] * feats[0][name].shape[1]
         self.projections[name] = patch_search.Projection.fit(sample, patch_search.projection_dims(grid))

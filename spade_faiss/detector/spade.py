@@ -190,7 +190,8 @@ class Spade(Parameters, Thresholds):
         self.calibration_ = store.thresholds()
         self.tau_ = self.calibration_["tau"] if self.calibration_ else None
         self.theta_ = self.calibration_["theta"] if self.calibration_ else None
-        self.pipeline_ = QueryPipeline(store, self.index_, self._extractor, self.options_.cache_bytes)
+        self.pipeline_ = QueryPipeline(store, self.index_, self._extractor, self.options_.cache_bytes,
+                                       self.options_.seed)
         self.paths_ = store.paths()
         return self
 
