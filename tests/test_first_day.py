@@ -1,6 +1,6 @@
 """A quality engineer's first day: each trap a newcomer fell into, reproduced, with the behaviour
-and the message that now meet them (one test per item of the issue; item 10, the Ray run
-layout, is in test_distributed.py; item 11 also in test_evaluation.py)."""
+and the message that now meet them, each test named after that behaviour (the Ray run layout is
+in test_distributed.py, the evaluation plots also in test_evaluation.py)."""
 
 import json
 import shutil
@@ -41,14 +41,14 @@ def corpus(tmp_path, dataset, capsys):
     return out
 
 
-def test_1_calibrating_on_indexed_images_is_refused(corpus, dataset, capsys):
+def test_calibrating_on_indexed_images_is_refused(corpus, dataset, capsys):
     code, _, err = run(capsys, "calibrate", corpus, dataset, *RUN, "--k-gallery", "5")
     assert code == cli.EXIT_ERROR and len(errors(err)) == 1
     assert "is in the corpus: calibrate on held-out normal images" in errors(err)[0]
     assert json.loads(run(capsys, "info", corpus)[1])["thresholds"] is None  # nothing was stored
 
 
-def test_2_an_mvtec_root_indexes_train_good_only_and_says_so(tmp_path, dataset, capsys):
+def test_an_mvtec_root_indexes_train_good_only_and_says_so(tmp_path, dataset, capsys):
     code, out, err = run(capsys, "index", dataset, "--out", tmp_path / "c.h5", *FEAT)
     assert code == 0 and json.loads(out)["added"] == 12  # not the 7 test images nor the 4 masks
     assert "is an MVTec category: using train/good (12 images); test/ and ground_truth/ are left out" in err
@@ -60,7 +60,7 @@ def test_2_an_mvtec_root_indexes_train_good_only_and_says_so(tmp_path, dataset, 
     assert not (tmp_path / "d.h5").exists()
 
 
-def test_3_a_run_directory_holds_one_run(tmp_path, corpus, dataset, capsys):
+def test_a_run_directory_holds_one_run(tmp_path, corpus, dataset, capsys):
     runs = tmp_path / "run"
     assert run(capsys, "score", corpus, dataset, "--out", runs, *RUN, "--k-gallery", "5", "--no-overlays")[0] == 0
     manifest = read_manifest(runs)
@@ -77,7 +77,7 @@ def test_3_a_run_directory_holds_one_run(tmp_path, corpus, dataset, capsys):
     assert code == 0 and json.loads(out)["scored"] == 7 and read_manifest(runs)["corpus"] == str(other)
 
 
-def test_4_the_corpus_remembers_its_weights(tmp_path, dataset, capsys, monkeypatch):
+def test_the_corpus_remembers_its_weights(tmp_path, dataset, capsys, monkeypatch):
     weights = tmp_path / "w.pth"
     torch.manual_seed(3)
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
@@ -105,7 +105,7 @@ def _red(path: Path) -> float:
 
 
 @pytest.mark.parametrize("calibrated", [False, True])
-def test_5_overlays_share_one_scale_and_say_what_they_show(tmp_path, dataset, capsys, calibrated):
+def test_overlays_share_one_scale_and_say_what_they_show(tmp_path, dataset, capsys, calibrated):
     store = tmp_path / "c.h5"
     train = tmp_path / "train"
     shutil.copytree(dataset / "train" / "good", train)
@@ -131,7 +131,7 @@ def test_5_overlays_share_one_scale_and_say_what_they_show(tmp_path, dataset, ca
         assert rows["good"]["is_anomalous"] in ("0", "1")
 
 
-def test_6_progress_lines_when_stderr_is_not_a_terminal(corpus, dataset, tmp_path, capsys, monkeypatch):
+def test_progress_lines_when_stderr_is_not_a_terminal(corpus, dataset, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)
     code, _, err = run(capsys, "score", corpus, dataset, "--out", tmp_path / "run", *RUN, "--k-gallery", "5",
                        "--batch-size", "2", "--no-overlays")
@@ -140,7 +140,7 @@ def test_6_progress_lines_when_stderr_is_not_a_terminal(corpus, dataset, tmp_pat
     assert "img/s" in lines[0] and "ETA" in lines[0] and lines[-1].startswith("scoring: 7/7 (100%)")
 
 
-def test_7_bench_quick_writes_only_to_its_folder(tmp_path, capsys):
+def test_bench_quick_writes_only_to_its_folder(tmp_path, capsys):
     def tracked_state():
         return subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
     before = tracked_state()
@@ -152,7 +152,7 @@ def test_7_bench_quick_writes_only_to_its_folder(tmp_path, capsys):
     assert code == cli.EXIT_ERROR and "unknown benchmark(s) ['nope']" in errors(err)[0]
 
 
-def test_8_messages_say_what_to_do(tmp_path, corpus, dataset, capsys, monkeypatch):
+def test_messages_say_what_to_do(tmp_path, corpus, dataset, capsys, monkeypatch):
     code, _, err = run(capsys, "info", tmp_path)
     assert code == cli.EXIT_ERROR and "is a folder; expected a corpus file" in errors(err)[0]
     code, _, err = run(capsys, "index", dataset, "--out", corpus, *FEAT, "--crop", "48")
@@ -170,7 +170,7 @@ def test_8_messages_say_what_to_do(tmp_path, corpus, dataset, capsys, monkeypatc
         assert code == cli.EXIT_ERROR and len(errors(err)) == 1, (bad, err)
 
 
-def test_9_every_option_is_documented_and_verbose_goes_anywhere(capsys):
+def test_every_option_is_documented_and_verbose_goes_anywhere(capsys):
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     for name, p in sub.choices.items():
@@ -186,7 +186,7 @@ def test_9_every_option_is_documented_and_verbose_goes_anywhere(capsys):
     assert parser.parse_args(["-v", "info", "c.h5"]).verbose is True
 
 
-def test_11_evaluate_plots_carry_their_areas(tmp_path, monkeypatch, capsys):
+def test_evaluate_plots_carry_their_areas(tmp_path, monkeypatch, capsys):
     labels = []
     real = pictures.curve_png
 
