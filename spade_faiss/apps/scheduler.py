@@ -60,11 +60,13 @@ class Job:
 
 class Scheduler:
     """The worker thread and its two lanes. ``metrics`` is an object with the service's
-    instruments (see ``serve.Metrics``) or None."""
+    instruments (see ``serve.Metrics``) or None; ``clock`` gives the time deadlines are in
+    (``time.monotonic``; tests inject their own)."""
 
     def __init__(self, spade: Spade, max_batch: int = 8, window_s: float = 0.005, queue_size: int = 64,
-                 metrics=None):
+                 metrics=None, clock=time.monotonic):
         self.spade, self.max_batch, self.window_s, self.queue_size = spade, max_batch, window_s, queue_size
+        self.clock = clock
         self.metrics = metrics
         self.lanes: dict[str, collections.deque] = {"score": collections.deque(), "map": collections.deque()}
         self.cond = threading.Condition()
@@ -107,12 +109,12 @@ class Scheduler:
         could not be queued now. The service asks before decoding an image, so that a refusal
         costs next to nothing when the server is overloaded; :meth:`submit` asks again."""
         with self.cond:
-            self._admit(time.monotonic(), wants_map, deadline)
+            self._admit(self.clock(), wants_map, deadline)
 
     def submit(self, job: Job) -> None:
         """Queue ``job`` or raise :class:`Busy` (with the seconds after which to retry)."""
         with self.cond:
-            self._admit(time.monotonic(), job.maps != "false", job.deadline)
+            self._admit(self.clock(), job.maps != "false", job.deadline)
             self.lanes["score"].append(job)
             self.cond.notify_all()
 
@@ -159,7 +161,7 @@ class Scheduler:
         taken = []
         with self.cond:
             q = self.lanes[lane]
-            now = time.monotonic()
+            now = self.clock()
             while q and len(taken) < n:
                 job = q.popleft()
                 if job.live(now):
@@ -178,7 +180,7 @@ class Scheduler:
             return
         t = time.perf_counter()
         with self.cond:
-            self.busy_until = time.monotonic() + SAFETY * len(batch) * self.times["score"]
+            self.busy_until = self.clock() + SAFETY * len(batch) * self.times["score"]
         retrieved = self.spade.retrieve([j.image for j in batch])
         self._measure("score", (time.perf_counter() - t) / len(batch), len(batch))
         for job, r in zip(batch, retrieved):
@@ -195,7 +197,7 @@ class Scheduler:
         if not jobs:
             return
         job = jobs[0]
-        now = time.monotonic()
+        now = self.clock()
         if now + self.times["map"] > job.deadline:
             self._answer(job, "skipped: the deadline would pass")
             return
