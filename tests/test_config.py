@@ -23,7 +23,7 @@ OTHER_MEANING = {"synthetic.py:make_dataset(seed=...)": "the seed of generated t
 def test_defaults_follow_spec():
     c = SpadeConfig()
     assert (c.backbone, c.resize, c.crop, c.levels, c.storage) == \
-        ("wide_resnet50_2", 256, 224, ("layer1", "layer2", "layer3"), "float16")
+        ("wide_resnet50_2", 256, 224, ("layer1", "layer2", "layer3"), "float16+zstd")
     assert (c.k_image, c.k_gallery, c.kappa, c.pixel_mode, c.sigma) == (5, 50, 1, "per_level", 4.0)
 
 
@@ -56,8 +56,10 @@ def test_feature_mismatch_names_both_values():
     b = SpadeConfig(crop=200).feature_dict()
     assert feature_mismatch(a, b) == ["crop: store has 224, requested 200"]
     assert feature_mismatch(a, a) == []
-    v1 = {**{k: v for k, v in a.items() if k != "storage"}, "dtype": "float16"}  # format v1's spelling
-    assert feature_mismatch(v1, a) == []
+    f16 = SpadeConfig(storage="float16").feature_dict()
+    v1 = {**{k: v for k, v in f16.items() if k != "storage"}, "dtype": "float16"}  # format v1's spelling
+    assert feature_mismatch(v1, f16) == []
+    assert feature_mismatch(v1, a) == ["storage: store has 'float16', requested 'float16+zstd'"]
 
 
 def test_every_parameter_is_declared_once_and_the_records_take_its_default():

@@ -210,7 +210,7 @@ def _as_format_v1(src, dst):
 def test_a_format_v1_corpus_scores_bitwise_as_before_and_converts(dataset, tmp_path):
     train = [s.path for s in datasets.discover(dataset)]
     queries = [s.path for s in datasets.discover(dataset, "test")]
-    with Spade.create(tmp_path / "v2.h5", k_gallery=6, k_image=3, **SMALL) as spade:
+    with Spade.create(tmp_path / "v2.h5", storage="float16", k_gallery=6, k_image=3, **SMALL) as spade:
         spade.add(train)
         want = spade.score(queries)
     _as_format_v1(tmp_path / "v2.h5", tmp_path / "v1.h5")
