@@ -63,6 +63,7 @@ def test_ray_build_and_scoring_equal_one_process(cluster, tmp_path, dataset, cap
             np.testing.assert_array_equal(a[p][1][lv], b[p][1][lv])
     with h5py.File(dist) as h:
         assert h["levels/layer1"].is_virtual and h["images/pool"].shape == (12, 512)
+    assert sorted(p.name for p in dist.with_suffix(".shards").iterdir() if not p.name.startswith("shard-")) == []
     assert verify(dist, deep=True) == []
     with FeatureStore.open(dist, "a") as s, pytest.raises(StoreError, match="cannot grow"):
         s.append(["x"], ["0" * 64], {})

@@ -49,6 +49,13 @@ def test_every_representation_round_trips_through_the_file(tmp_path, rng, storag
                 assert got.dtype == np.float32 and got.shape[-1] == rep.dims + 1 and (got[..., -1] == 0).all()
             else:  # lossless: exactly the values as stored
                 np.testing.assert_array_equal(got, f[lv][[4, 0, 2]].astype(rep.stored_dtype))
+        # Bytes read: 3 rows per level, compressed chunks at their stored size, others raw.
+        want = 0
+        for lv in SHAPES:
+            ds = s.h5["levels"][lv]
+            want += sum(ds.id.get_chunk_info_by_coord((i, 0, 0, 0)).size if ds.compression else ds[i].nbytes
+                        for i in (4, 0, 2))
+        assert s.bytes_read == want
         info = s.describe()
         assert info["bytes_per_image"]["total"] == sum(info["bytes_per_image"][k] for k in (*SHAPES, "pool"))
     with h5py.File(tmp_path / "c.h5") as h:

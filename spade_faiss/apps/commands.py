@@ -288,15 +288,14 @@ def cmd_bench(args) -> int:
 
         args.out = tempfile.mkdtemp(prefix="spade-bench-")
         print(f"spade-faiss: benchmark files go to {args.out}", file=sys.stderr)
-    args.which = args.which or []
-    if args.which[:1] == ["compress"]:
-        if len(args.which) != 3:
+    which = args.which or list(BENCHES)
+    if which[0] == "compress":
+        if len(which) != 3:
             raise ValueError("bench compress needs CORPUS HELD_OUT: a corpus file and held-out images "
                              "(an MVTec category's test/ gives AUROC and AU-PRO too)")
-        cmd = [sys.executable, str(folder / "bench_compress.py"), "--corpus", args.which[1], "--held-out",
-               args.which[2], "--out", args.out]
+        cmd = [sys.executable, str(folder / "bench_compress.py"), "--corpus", which[1], "--held-out", which[2],
+               "--out", args.out]
         return subprocess.call(cmd)
-    which = args.which or list(BENCHES)
     unknown = sorted(set(which) - set(BENCHES))
     if unknown:
         raise ValueError(f"unknown benchmark(s) {unknown}: expected any of {list(BENCHES)}")

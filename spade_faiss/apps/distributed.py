@@ -68,11 +68,9 @@ class _IndexWorker:
                 "error": np.array([bad.get(str(p), "") for p in batch["path"]], dtype=object)}
 
 
-def _fitted_template(paths: list[str], shard_dir: str, params: dict) -> str | None:
+def _fitted_template(paths: list[str], shard_dir: str, params: dict) -> str:
     """An empty corpus whose stored representations are fitted on the first images, shared by
-    every shard (pca fitted per shard could not be joined); None when nothing needs fitting."""
-    if not Spade(**params).validate_params().config_.storage_is_fitted:
-        return None
+    every shard (pca fitted per shard could not be joined)."""
     os.makedirs(shard_dir, exist_ok=True)
     path = os.path.join(shard_dir, "template.h5")
     if os.path.exists(path):
@@ -89,16 +87,18 @@ def index_ray(paths: list[str], out: str, params: dict, ray_workers: int = RAY_W
     if os.path.exists(out):
         raise FileExistsError(f"{out}: already exists (the Ray engine builds new corpora; append with "
                               f"--engine local, or choose a new name)")
-    Spade(**params).validate_params()  # before the cluster starts
+    config = Spade(**params).validate_params().config_  # before the cluster starts
     ray = init_ray(address, None if address else ray_workers)
     shard_dir = str(Path(out).with_suffix(SHARDS_DIR_SUFFIX))
-    template = _fitted_template(paths, shard_dir, params)
+    template = _fitted_template(paths, shard_dir, params) if config.storage_is_fitted else None
     cpus = _cpus_per_worker(ray, ray_workers)
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, len(paths) // batch_size))
     rows = ds.map_batches(_IndexWorker, fn_constructor_kwargs={"shard_dir": shard_dir, "params": params,
                                                                 "threads": cpus, "template": template},
                           batch_size=batch_size, concurrency=ray_workers, num_cpus=cpus, num_gpus=gpus_per_worker,
                           batch_format="numpy").take_all()
+    if template is not None:
+        os.remove(template)  # every shard holds its fit now
     errors = [(r["path"], r["error"]) for r in rows if r["error"]]
     shards = sorted({r["shard"] for r in rows})
     for unused in set(map(str, Path(shard_dir).glob("shard-*.h5"))) - set(shards):

@@ -67,7 +67,7 @@ def _check_names(store) -> list[str]:
     bad = [s for s in shas if len(s) != 64 or any(c not in "0123456789abcdef" for c in s)]
     if bad:
         problems.append(f"{store.path}: {len(bad)} malformed sha256 values, first {bad[0]!r}")
-    store.paths()
+    store.paths()  # read, not checked: a damaged chunk of images/path is a finding (StoreError)
     return problems
 
 

@@ -271,13 +271,22 @@ class FeatureStore:
                 ds.read_direct(out, np.s_[int(ids[k])], np.s_[int(k)])
             except OSError as e:
                 raise self._damaged(f"levels/{name}", f"row {int(ids[k])}", e) from None
-        self.bytes_read += len(ids) * self._row_bytes(name)
+        self.bytes_read += self._stored_bytes(ds, ids)
         return self.representations[name].decode(out)
 
     def stored_level(self, name: str, ids) -> np.ndarray:
         """The stored rows of :meth:`level` before decoding (codes for pca), for copies."""
         ds = self.h5["levels"][name]
         return np.stack([ds[int(i)] for i in ids]) if len(ids) else np.empty((0, *ds.shape[1:]), ds.dtype)
+
+    @staticmethod
+    def _stored_bytes(ds: h5py.Dataset, ids: np.ndarray) -> int:
+        """Bytes the rows ``ids`` of ``ds`` take on disk: their compressed chunks' sizes (one
+        chunk per row, looked up by coordinate), else their raw size."""
+        if ds.is_virtual or not ds.compression:
+            return len(ids) * int(np.prod(ds.shape[1:])) * ds.dtype.itemsize
+        origin = (0,) * (ds.ndim - 1)
+        return sum(ds.id.get_chunk_info_by_coord((int(i), *origin)).size for i in ids)
 
     def _row_bytes(self, name: str) -> int:
         """Stored bytes of one row of level ``name`` (the mean over committed rows when compressed)."""
