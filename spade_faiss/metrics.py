@@ -120,13 +120,19 @@ def au_pro(masks, maps, max_fpr: float = PRO_MAX_FPR) -> float:
     return float(np.trapezoid(pro, fpr) / max_fpr)
 
 
+def check_fpr(fpr: float) -> float:
+    """``fpr`` if it is a false-positive rate a threshold can be set at (0 <= fpr < 1)."""
+    if not 0 <= fpr < 1:
+        raise ValueError(f"fpr={fpr}: expected 0 <= fpr < 1")
+    return fpr
+
+
 def threshold_at_fpr(normal_scores, fpr: float = 0.01) -> float:
     """The smallest threshold t such that at most ``fpr`` of the normal scores are > t."""
     s = np.sort(np.asarray(normal_scores, dtype=np.float64).ravel())
     if s.size == 0:
         raise ValueError("threshold_at_fpr: no normal scores")
-    if not 0 <= fpr < 1:
-        raise ValueError(f"fpr={fpr}: expected 0 <= fpr < 1")
+    check_fpr(fpr)
     allowed = int(np.floor(fpr * s.size))  # how many normals may lie above t
     return float(s[s.size - 1 - allowed])
 

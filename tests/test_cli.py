@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from spade_faiss.apps import cli
-from spade_faiss.apps.runs import read_rows, read_run
+from spade_faiss.apps.runs import RunDir, read_rows
 from spade_faiss.store import FeatureStore
 
 from .conftest import FEAT, RUN
@@ -113,7 +113,7 @@ def test_shards_union_equals_one_run(tmp_path, dataset, corpus, capsys):
         code, _, _ = run(capsys, "score", corpus, dataset, "--out", tmp_path / "sharded", *RUN, "--no-overlays",
                          "--shard-index", i, "--num-shards", 3)
         assert code == 0
-    assert read_run(tmp_path / "sharded") == read_run(tmp_path / "one")
+    assert RunDir(tmp_path / "sharded").score_rows() == RunDir(tmp_path / "one").score_rows()
     assert len(list((tmp_path / "sharded").glob("scores.shard-*-of-00003.csv"))) == 3
 
 

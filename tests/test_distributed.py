@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from spade_faiss.apps import cli
-from spade_faiss.apps.runs import read_run
+from spade_faiss.apps.runs import RunDir
 from spade_faiss.apps.verify import verify
 from spade_faiss.datasets import discover
 from spade_faiss.detector import Spade
@@ -51,8 +51,10 @@ def test_ray_build_and_scoring_equal_one_process(cluster, tmp_path, dataset, cap
     local, dist = tmp_path / "local.h5", tmp_path / "dist.h5"
     FEAT = [*FEAT_SMALL, "--storage", storage]
     assert cli.main(["index", str(dataset), "--out", str(local), *FEAT, *one_thread]) == 0
+    # --threads 1 for the driver too: it computes the fit of the stored representations, and the
+    # backbone's bits depend on the thread count (the workers run one thread each).
     assert cli.main(["index", str(dataset), "--out", str(dist), *FEAT, "--engine", "ray", "--ray-workers", "2",
-                     "--batch-size", "2"]) == 0
+                     "--batch-size", "2", *one_thread]) == 0
     out = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(out)["images"] == 12 and json.loads(out)["shards"] in (1, 2)
     a, b = by_path(local), by_path(dist)
@@ -75,7 +77,7 @@ def test_ray_build_and_scoring_equal_one_process(cluster, tmp_path, dataset, cap
     capsys.readouterr()
     # The same run layout as the local engine: one scores.csv, one maps.h5, the same numbers.
     assert sorted(p.name for p in (tmp_path / "r2").iterdir()) == ["maps.h5", "report.html", "run.json", "scores.csv"]
-    one, many = read_run(tmp_path / "r1"), read_run(tmp_path / "r2")
+    one, many = RunDir(tmp_path / "r1").score_rows(), RunDir(tmp_path / "r2").score_rows()
     assert [r["image_path"] for r in one] == [r["image_path"] for r in many]
     for x, y in zip(one, many):
         assert x["score"] == y["score"] and x["map_max"] == y["map_max"]

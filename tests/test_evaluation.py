@@ -10,7 +10,7 @@ import pytest
 
 from spade_faiss import metrics
 from spade_faiss.apps import cli, evaluation
-from spade_faiss.apps.runs import read_run
+from spade_faiss.apps.runs import RunDir
 from spade_faiss.datasets import discover
 from spade_faiss.detector import Spade
 
@@ -75,7 +75,7 @@ def test_evaluate_on_a_few_real_magnetic_tile_images(tmp_path, capsys):
     for f in ("roc.png", "pro.png", "worst_cases.png", "metrics.json", "corpus.h5", "scores.csv", "maps.h5",
               "report.html", "run.json"):
         assert (out / "tiles_a" / f).is_file(), f
-    rows = read_run(out / "tiles_a")  # per-image scores and overlays
+    rows = RunDir(out / "tiles_a").score_rows()  # per-image scores and overlays
     assert len(rows) == 12 and all((out / "tiles_a" / r["overlay"]).is_file() for r in rows)
     table = (out / "table.md").read_text()
     assert "| tiles_a |" in table and "**mean**" in table

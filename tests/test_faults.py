@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from spade_faiss.apps import cli
-from spade_faiss.apps.runs import read_run
+from spade_faiss.apps.runs import RunDir
 from spade_faiss.apps.verify import verify
 from spade_faiss.store import FeatureStore
 from spade_faiss.synthetic import texture, write_png
@@ -149,8 +149,8 @@ def test_concurrent_scorers_agree_and_a_writer_locks_readers_out(store, tmp_path
                                "--out", str(r), *RUN, "--k-gallery", "5", "--no-overlays"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for r in runs]
     assert [p.wait() for p in procs] == [0, 0, 0]
-    first = read_run(runs[0])
-    assert len(first) == 7 and all(read_run(r) == first for r in runs[1:])
+    first = RunDir(runs[0]).score_rows()
+    assert len(first) == 7 and all(RunDir(r).score_rows() == first for r in runs[1:])
     # A writer holds the corpus: readers get a clear refusal, never a torn view.
     holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time; f = h5py.File(sys.argv[1], 'r+'); "
                                "print('open', flush=True); time.sleep(30)", str(store)],

@@ -14,7 +14,7 @@ import torchvision
 
 from spade_faiss import backbone
 from spade_faiss.apps import cli, pictures, progress
-from spade_faiss.apps.runs import read_manifest, read_rows
+from spade_faiss.apps.runs import RunDir, read_rows
 from spade_faiss.synthetic import make_dataset
 
 from .conftest import FEAT, RUN
@@ -63,7 +63,7 @@ def test_an_mvtec_root_indexes_train_good_only_and_says_so(tmp_path, dataset, ca
 def test_a_run_directory_holds_one_run(tmp_path, corpus, dataset, capsys):
     runs = tmp_path / "run"
     assert run(capsys, "score", corpus, dataset, "--out", runs, *RUN, "--k-gallery", "5", "--no-overlays")[0] == 0
-    manifest = read_manifest(runs)
+    manifest = RunDir(runs).manifest()
     assert manifest["corpus"] == str(corpus) and manifest["scoring"]["k_gallery"] == 5
     assert manifest["weights_sha256"] and manifest["spade_faiss"] and manifest["runs"][0]["scored"] == 7
     code, out, err = run(capsys, "score", corpus, dataset, "--out", runs, *RUN, "--k-gallery", "3")
@@ -74,7 +74,7 @@ def test_a_run_directory_holds_one_run(tmp_path, corpus, dataset, capsys):
     code, _, err = run(capsys, "score", other, dataset, "--out", runs, *RUN, "--k-gallery", "5")
     assert code == cli.EXIT_ERROR and "corpus:" in errors(err)[0]
     code, out, _ = run(capsys, "score", other, dataset, "--out", runs, *RUN, "--k-gallery", "5", "--restart")
-    assert code == 0 and json.loads(out)["scored"] == 7 and read_manifest(runs)["corpus"] == str(other)
+    assert code == 0 and json.loads(out)["scored"] == 7 and RunDir(runs).manifest()["corpus"] == str(other)
 
 
 def test_the_corpus_remembers_its_weights(tmp_path, dataset, capsys, monkeypatch):

@@ -6,7 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from spade_faiss.apps import runs
+from spade_faiss.apps import run_writer, runs
+from spade_faiss.apps.runs import RunDir
 from spade_faiss.images import LoadedImage
 from spade_faiss.results import ScoredImage
 
@@ -23,26 +24,26 @@ def result(path, score, with_map=True, size=(10, 12)):
 
 def test_manifest_new_resumed_refused_and_restarted(tmp_path):
     run = tmp_path / "run"
-    runs.open_run(run, MANIFEST)
-    assert runs.read_manifest(run)["corpus"] == "/c.h5"
-    runs.open_run(run, dict(MANIFEST, started="later"))  # not a key: resumes
+    RunDir(run).open(MANIFEST)
+    assert runs.RunDir(run).manifest()["corpus"] == "/c.h5"
+    RunDir(run).open(dict(MANIFEST, started="later"))  # not a key: resumes
     with pytest.raises(ValueError, match=r"made differently \(scoring: .*k_gallery.*--restart"):
-        runs.open_run(run, dict(MANIFEST, scoring={"k_gallery": 10}))
-    writer = runs.RunWriter(run, 8, 10, colour_max=2.0)
+        RunDir(run).open(dict(MANIFEST, scoring={"k_gallery": 10}))
+    writer = RunDir(run).writer(8, 10, colour_max=2.0)
     writer.write([result("/d/good/a.png", 1.0)])
-    runs.open_run(run, dict(MANIFEST, scoring={"k_gallery": 10}), restart=True)
-    assert runs.read_run(run) == [] and not (run / "maps.h5").exists() and not (run / "overlays").exists()
-    assert runs.read_manifest(run)["scoring"] == {"k_gallery": 10}
-    runs.record_invocation(run, {"scored": 3})
-    assert runs.read_manifest(run)["runs"] == [{"scored": 3}]
+    RunDir(run).open(dict(MANIFEST, scoring={"k_gallery": 10}), restart=True)
+    assert runs.RunDir(run).score_rows() == [] and not (run / "maps.h5").exists() and not (run / "overlays").exists()
+    assert runs.RunDir(run).manifest()["scoring"] == {"k_gallery": 10}
+    RunDir(run).record_invocation({"scored": 3})
+    assert runs.RunDir(run).manifest()["runs"] == [{"scored": 3}]
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "scores.csv").write_text("image_path,score\n/x.png,1\n")
     with pytest.raises(ValueError, match="without run.json"):
-        runs.open_run(tmp_path / "old", MANIFEST)
+        RunDir(tmp_path / "old").open(MANIFEST)
 
 
 def test_writer_rows_maps_overlays_and_errors(tmp_path):
-    writer = runs.RunWriter(tmp_path, 8, 10, colour_max=2.0, theta=1.0)
+    writer = RunDir(tmp_path).writer(8, 10, colour_max=2.0, theta=1.0)
     writer.write([result("/d/good/a.png", 0.5), result("/d/crack/a.png", 1.5),
                   ScoredImage("/d/bad.png", None, error="/d/bad.png: empty file"),
                   result("/e/good/a.png", 0.7, with_map=False)])
@@ -58,7 +59,7 @@ def test_writer_rows_maps_overlays_and_errors(tmp_path):
         np.testing.assert_array_equal(h["maps"][:, 0, 0], [0.5, 1.5, 0.0])  # zeros where no map
     assert [e["image_path"] for e in runs.read_rows(tmp_path / "errors.csv")] == ["/d/bad.png"]
     # The same overlay name for another image in the same folder gets a hash of the path.
-    again = runs.RunWriter(tmp_path, 8, 10, colour_max=2.0)
+    again = RunDir(tmp_path).writer(8, 10, colour_max=2.0)
     again.write([result("/x/good/a.png", 0.6)])
     name = runs.read_rows(tmp_path / "scores.csv")[-1]["overlay"]
     assert name.startswith("overlays/good/a-") and name.endswith(".png") and (tmp_path / name).is_file()
@@ -67,11 +68,50 @@ def test_writer_rows_maps_overlays_and_errors(tmp_path):
 
 def test_shards_are_read_as_one_run(tmp_path):
     for i in range(2):
-        w = runs.RunWriter(tmp_path, 8, 10, shard_index=i, num_shards=2)
+        w = RunDir(tmp_path).writer(8, 10, shard_index=i, num_shards=2)
         w.write([result(f"/d/good/{i}.png", float(i))])
-    assert [r["image_path"] for r in runs.read_run(tmp_path)] == ["/d/good/0.png", "/d/good/1.png"]
+    assert [r["image_path"] for r in runs.RunDir(tmp_path).score_rows()] == ["/d/good/0.png", "/d/good/1.png"]
     assert sorted(p.name for p in tmp_path.glob("scores*.csv")) == \
         ["scores.shard-00000-of-00002.csv", "scores.shard-00001-of-00002.csv"]
-    row = runs.score_row(result("/a/b/c.png", 2.0))
+    row = run_writer.score_row(result("/a/b/c.png", 2.0))
     assert all(isinstance(v, str) for v in row.values()) and float(row["score"]) == 2.0  # rows are plain text
     assert row["folder"] == "b" and row["image_path"] == "/a/b/c.png"
+
+
+def test_restart_clears_every_result_and_nothing_else(tmp_path):
+    run = RunDir(tmp_path).open(MANIFEST)
+    run.writer(8, 10, colour_max=2.0).write([result("/d/good/a.png", 1.0)])
+    for p in [run.report, run.metrics, run.table, run.plot("roc"), run.explain / "good" / "a.png"]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("x")
+    (tmp_path / "corpus.h5").write_text("kept")  # an evaluation's corpus lives beside its run
+    run.open(MANIFEST, restart=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.h5", "run.json"]
+    assert run.explain_sheets() == [] and run.score_rows() == [] and run.metrics_record() is None
+
+
+def test_score_into_run_writes_observes_and_returns_the_failures(tmp_path):
+    run = RunDir(tmp_path)
+    seen, progress = [], []
+    bad = ScoredImage("/d/bad.png", None, error="/d/bad.png: empty file")
+    errors = runs.score_into_run(iter([result("/d/good/a.png", 1.0), bad]), run.writer(8, 10), seen.append,
+                                 on_progress=progress.append)
+    assert errors == [("/d/bad.png", "/d/bad.png: empty file")]
+    assert [r.path for r in seen] == ["/d/good/a.png", "/d/bad.png"] and progress == [1, 1]
+    assert [r["image_path"] for r in run.score_rows()] == ["/d/good/a.png"]
+    assert [r["image_path"] for r in run.error_rows()] == ["/d/bad.png"]
+
+
+def test_only_the_run_directory_names_its_files():
+    """Every other module asks RunDir for a run's paths (one owner for each file name)."""
+    import re
+    from pathlib import Path
+
+    import spade_faiss
+
+    owners = {"runs.py", "run_writer.py"}
+    pattern = re.compile(r"""glob\(["'](scores|errors|maps)|/ ["'](explain|overlays|run\.json|metrics\.json|"""
+                         r"""report\.html|table\.md|roc\.png|pro\.png|worst_cases\.png)["']""")
+    found = [f"{p.name}:{i}" for p in Path(spade_faiss.__file__).parent.rglob("*.py") if p.name not in owners
+             for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert found == []

@@ -7,6 +7,7 @@ Exit status: 0 success; 1 error (one line on stderr naming the file or value and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import warnings
@@ -209,12 +210,33 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def main(argv=None) -> int:
+    """The ``spade-faiss`` command. Process-wide settings are made here and nowhere in the
+    library: the heap's (only for the process's own command line, ``argv`` None: it cannot be
+    undone) and torch's thread count for ``--threads`` (restored when the command returns, so a
+    caller in the same process keeps its own)."""
     args = build_parser().parse_args(argv)
-    keep_freed_memory()
-    if getattr(args, "threads", None):
-        import torch  # a process-wide setting: made here, by the entry point, and nowhere in the library
+    if argv is None:
+        keep_freed_memory()
+    with _threads(getattr(args, "threads", None)):
+        return _dispatch(args)
 
-        torch.set_num_threads(args.threads)
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    if not n:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _dispatch(args) -> int:
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     with warnings.catch_warnings():

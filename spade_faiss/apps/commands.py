@@ -3,7 +3,6 @@ on stdout, report skipped inputs on stderr, return the exit status."""
 
 from __future__ import annotations
 
-import datetime
 import gc
 import json
 import os
@@ -12,8 +11,10 @@ import time
 from pathlib import Path
 
 from .. import datasets
+from ..clock import utc_now
 from ..config import PARAMS
 from ..detector import Spade, describe
+from ..metrics import check_fpr
 from .progress import Progress
 
 EXIT_ERROR = 1
@@ -113,8 +114,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    if not 0 <= args.fpr < 1:
-        raise ValueError(f"--fpr {args.fpr}: expected 0 <= fpr < 1")
+    check_fpr(args.fpr)  # before the model loads
     samples = datasets.discover(args.src, split="train")
     describe_source(args.src, "train", samples)
     with Spade.open(args.store, mode="a", **spade_params(args)) as spade:
@@ -128,27 +128,17 @@ def cmd_calibrate(args) -> int:
 MAPS = {"all": True, "none": False, "auto": "auto"}
 
 
-def run_manifest(spade: Spade, args) -> dict:
-    info = spade.info()
-    return {"corpus": os.path.abspath(args.store), "corpus_created": info["created"],
-            "corpus_images": info["images"], "weights_sha256": info["config"]["weights_sha256"],
-            "weights": info["weights_source"], "scoring": info["scoring"], "maps": args.maps,
-            "tau": spade.tau_, "theta": spade.theta_, "source": os.path.abspath(args.src),
-            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "command": " ".join(["spade-faiss"] + sys.argv[1:])}
-
-
 def cmd_score(args) -> int:
-    from . import pictures
     from .allocator import release_freed_memory
     from .explain import TopExplained
-    from .runs import RunWriter, open_run, record_invocation
+    from .runs import RunDir, colour_scale, run_manifest, score_into_run
 
     if not 0 <= args.shard_index < args.num_shards:
         raise ValueError(f"--shard-index {args.shard_index}: expected 0 <= i < --num-shards {args.num_shards}")
     samples = datasets.discover(args.src, split="test")
     describe_source(args.src, "test", samples)
     samples = samples[args.shard_index::args.num_shards]
+    run = RunDir(args.out)
     spade = Spade.open(args.store, **spade_params(args))
     with spade:
         spade.set_thresholds(tau=args.tau, theta=args.theta)
@@ -156,14 +146,12 @@ def cmd_score(args) -> int:
         if maps == "auto" and spade.tau_ is None:
             raise ValueError("--maps auto needs an image threshold: run `spade-faiss calibrate` or pass --tau")
         spade.load_backbone()
-        open_run(args.out, run_manifest(spade, args), args.restart)
-        scale = None
-        if not args.no_overlays and maps is not False:
-            scale = pictures.colour_scale_max(spade.theta_, 2 * spade.leave_one_out_theta())
-        writer = RunWriter(args.out, spade.crop, spade.resize, args.shard_index, args.num_shards,
-                           colour_max=scale, theta=spade.theta_)
+        run.open(run_manifest(spade, args.store, args.src, args.maps), args.restart)
+        scale = None if args.no_overlays or maps is False else colour_scale(spade)
+        writer = run.writer(spade.crop, spade.resize, args.shard_index, args.num_shards, colour_max=scale,
+                            theta=spade.theta_)
         todo = [s for s in samples if not writer.is_done(s.path)]
-        errors, start, top = [], time.perf_counter(), TopExplained()
+        start, top = time.perf_counter(), TopExplained()
         with Progress(len(samples), "scoring", done=len(samples) - len(todo)) as bar:
             if args.engine == "ray":
                 from .distributed import score_ray
@@ -171,20 +159,14 @@ def cmd_score(args) -> int:
                                     args.ray_address, args.gpus_per_worker, args.correspondences)
             else:
                 results = spade.iter_score(todo, maps=maps, correspondences=args.correspondences)
-            for r in results:
-                writer.write([r])
-                top.offer(r)
-                if r.error:
-                    errors.append((r.path, r.error))
-                bar.update(1)
-        top.write(Path(args.out) / "explain", spade.paths_, spade.resize, spade.crop)
+            errors = score_into_run(results, writer, top.offer, on_progress=bar.update)
+        top.write(run.explain, spade.paths_, spade.resize, spade.crop)
     del spade, results  # the model and galleries: the report's plotting reuses their memory
     gc.collect()
     release_freed_memory()
     summary = {"run": args.out, "scored": len(todo) - len(errors), "skipped_done": len(samples) - len(todo),
                "errors": len(errors)}
-    record_invocation(args.out, {**summary, "seconds": round(time.perf_counter() - start, 2),
-                                 "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
+    run.record_invocation({**summary, "seconds": round(time.perf_counter() - start, 2), "finished": utc_now()})
     if not args.no_report:
         from .report import write_report
         write_report(args.out)
@@ -196,14 +178,16 @@ def cmd_evaluate(args) -> int:
     from .evaluation import evaluate
 
     params = spade_params(args)
+    from .runs import RunDir
+
     report = evaluate(args.dataset, args.out, args.categories, params, args.fpr, overlays=not args.no_overlays)
-    print(Path(args.out, "table.md").read_text())
+    print(RunDir(args.out).table.read_text())
     print(json.dumps({"run": args.out, "mean": report["mean"]}))
     return 0
 
 
 def cmd_explain(args) -> int:
-    from .explain import regions, sheet
+    from .explain import nearest_images, sheet
     from .pictures import save_png
 
     if not Path(args.image).is_file():
@@ -214,12 +198,7 @@ def cmd_explain(args) -> int:
         if result.error:
             raise ValueError(result.error)
         save_png(args.out, sheet(result, spade.paths_, spade.resize, spade.crop))
-        points = {}
-        for name, (y, x) in regions(result).items():
-            points[name] = {"pixel": [int(y), int(x)], "nearest": {
-                level: {"image": spade.paths_[int(c[min(c.shape[0] - 1, y * c.shape[0] // spade.crop),
-                                                 min(c.shape[1] - 1, x * c.shape[1] // spade.crop), 0])]}
-                for level, c in result.correspondences.items()}}
+        points = nearest_images(result, spade.paths_, spade.crop)
     print(json.dumps({"image": args.image, "score": result.score, "explanation": args.out, "points": points}))
     return 0
 

@@ -21,7 +21,7 @@ from .. import __version__, datasets, images, metrics
 from ..detector import Spade
 from . import pictures
 from .progress import Progress
-from .runs import RunWriter, open_run
+from .runs import RunDir, colour_scale, run_manifest, score_into_run
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +58,12 @@ def evaluate_category(root, out_dir, params: dict, fpr: float = 0.01, overlays: 
         timings["calibrate_s"] = time.perf_counter() - t
         t = time.perf_counter()
         test = datasets.discover(root, "test")
-        manifest = {"corpus": os.path.abspath(corpus), "corpus_created": spade.info()["created"],
-                    "corpus_images": len(train), "weights_sha256": spade.config_.weights_sha256,
-                    "scoring": spade.config_.scoring_dict(), "maps": "all", "tau": spade.tau_,
-                    "theta": spade.theta_, "source": os.path.abspath(root / "test")}
-        open_run(out_dir, manifest, restart=True)
-        scale = pictures.colour_scale_max(spade.theta_, 2 * spade.leave_one_out_theta())
-        writer = RunWriter(out_dir, spade.crop, spade.resize, colour_max=scale if overlays else None,
-                           theta=spade.theta_)
+        run = RunDir(out_dir).open(run_manifest(spade, corpus, root / "test", "all"), restart=True)
+        scale = colour_scale(spade)
+        writer = run.writer(spade.crop, spade.resize, colour_max=scale if overlays else None, theta=spade.theta_)
         results = []
         with Progress(len(test), f"{name}: scoring") as bar:
-            for r in spade.iter_score(test, maps=True):
-                writer.write([r])
-                results.append(r)
-                bar.update(1)
+            score_into_run(spade.iter_score(test, maps=True), writer, results.append, on_progress=bar.update)
         timings["score_s"] = time.perf_counter() - t
         ok = [r for r in results if r.error is None]
         labels = np.array([r.sample.label for r in ok])
@@ -91,8 +83,8 @@ def evaluate_category(root, out_dir, params: dict, fpr: float = 0.01, overlays: 
                       n_test=len(ok), errors=[r.error for r in results if r.error],
                       empty_mask_anomalies=int(sum(1 for r, m in zip(ok, masks) if r.sample.label and not m.any())),
                       timings={k: round(v, 2) for k, v in timings.items()})
-        _pictures(out_dir, spade, ok, labels, scores, maps, masks, result, scale)
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        _pictures(run, spade, ok, labels, scores, maps, masks, result, scale)
+    run.metrics.write_text(json.dumps(result, indent=2))
     from .report import write_report
     write_report(out_dir)
     return result
@@ -102,15 +94,15 @@ def _ratio(a, b) -> float | None:
     return float(a / b) if b else None
 
 
-def _pictures(out_dir, spade, ok, labels, scores, maps, masks, result, scale, n_worst: int = 6):
+def _pictures(run: RunDir, spade, ok, labels, scores, maps, masks, result, scale, n_worst: int = 6):
     fpr, tpr, _ = metrics.roc_curve(labels, scores)
     pfpr, ptpr, _ = metrics.roc_curve(masks, maps)
-    pictures.curve_png(out_dir / "roc.png", {f"image (AUROC {result['image_AUROC']:.3f})": (fpr, tpr),
+    pictures.curve_png(run.plot("roc"), {f"image (AUROC {result['image_AUROC']:.3f})": (fpr, tpr),
                                              f"pixel (AUROC {result['pixel_AUROC']:.3f})": (pfpr, ptpr)},
                        "false positive rate", "true positive rate", "ROC")
     if masks.any():
         x, y = metrics.pro_curve(masks, maps)
-        pictures.curve_png(out_dir / "pro.png", {f"PRO (AU-PRO {result['AUPRO']:.3f})": (x, y)},
+        pictures.curve_png(run.plot("pro"), {f"PRO (AU-PRO {result['AUPRO']:.3f})": (x, y)},
                            "false positive rate", "per-region overlap", "PRO up to FPR 0.3", xmax=metrics.PRO_MAX_FPR)
     # Worst: anomalies with the lowest scores, then normals with the highest.
     anomalous = [i for i in np.argsort(scores) if labels[i] == 1][: n_worst // 2]
@@ -124,7 +116,7 @@ def _pictures(out_dir, spade, ok, labels, scores, maps, masks, result, scale, n_
                      "map": maps[i], "mask": masks[i],
                      "title": f"{'anomalous' if labels[i] else 'normal'} score={scores[i]:.4g} "
                               f"{Path(r.path).parent.name}/{Path(r.path).name}"})
-    pictures.worst_cases_png(out_dir / "worst_cases.png", rows, scale, spade.theta_)
+    pictures.worst_cases_png(run.plot("worst_cases"), rows, scale, spade.theta_)
 
 
 def evaluate(dataset_root, out_dir, categories=None, params=None, fpr: float = 0.01, overlays: bool = True) -> dict:
@@ -142,6 +134,7 @@ def evaluate(dataset_root, out_dir, categories=None, params=None, fpr: float = 0
     if not found:
         raise ValueError(f"{root}: no MVTec-layout category (expected <category>/train/good)")
     params = dict(params or {})
+    metrics.check_fpr(fpr)
     Spade(**params).validate_params()  # before any category is built
     per = {name: evaluate_category(path, out_dir / name, params, fpr, overlays) for name, path in found.items()}
     mean = {m: float(np.mean([per[c][m] for c in per])) for m in METRIC_NAMES}
@@ -151,8 +144,9 @@ def evaluate(dataset_root, out_dir, categories=None, params=None, fpr: float = 0
               "weights": "random-init (seeded; not ImageNet)" if weights is None else str(weights),
               "versions": _versions(), "calibration": f"every {HOLDOUT_EVERY}th train/good image held out, "
                                                       f"thresholds at FPR {fpr}"}
-    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "table.md").write_text(markdown_table(per, mean, report["weights"]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    RunDir(out_dir).metrics.write_text(json.dumps(report, indent=2))
+    RunDir(out_dir).table.write_text(markdown_table(per, mean, report["weights"]))
     return report
 
 

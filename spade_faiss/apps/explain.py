@@ -27,6 +27,21 @@ def regions(result: ScoredImage) -> dict[str, tuple[int, int]]:
             "most normal": np.unravel_index(int(np.argmin(amap)), amap.shape)}
 
 
+def cell_of(point: tuple[int, int], grid: tuple[int, int], crop: int) -> tuple[int, int]:
+    """The cell of an (h, w) grid over the crop that holds crop pixel ``point`` = (y, x)."""
+    (y, x), (h, w) = point, grid
+    return min(h - 1, int(y) * h // crop), min(w - 1, int(x) * w // crop)
+
+
+def nearest_images(result: ScoredImage, paths: list[str], crop: int) -> dict:
+    """For each explained point, its pixel and, per level, the corpus image holding its
+    nearest normal patch."""
+    return {name: {"pixel": [int(y), int(x)],
+                   "nearest": {level: {"image": paths[int(c[cell_of((y, x), c.shape[:2], crop)][0])]}
+                               for level, c in result.correspondences.items()}}
+            for name, (y, x) in regions(result).items()}
+
+
 def patch(rgb_crop: np.ndarray, grid: tuple[int, int], cell: tuple[int, int], colour) -> np.ndarray:
     """Three cells by three around ``cell`` of an (h, w) grid over the crop, enlarged, the cell
     framed."""
@@ -55,7 +70,7 @@ def sheet(result: ScoredImage, paths: list[str], resize: int, crop: int) -> np.n
         rows.append(pictures.caption_band([f"{name} point: pixel ({int(y)}, {int(x)}) of the crop"], width))
         for level, corr in result.correspondences.items():
             h, w = corr.shape[:2]
-            cell = (min(h - 1, int(y) * h // crop), min(w - 1, int(x) * w // crop))
+            cell = cell_of((y, x), (h, w), crop)
             image_id, row, col = (int(v) for v in corr[cell])
             if image_id not in crops:
                 try:

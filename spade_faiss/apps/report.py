@@ -5,18 +5,17 @@ sortable, filterable table of every image with its overlay beside its nearest no
 from __future__ import annotations
 
 import base64
-import datetime
 import html
-import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from .. import metrics
+from ..clock import utc_now
 from ..images import ImageError, load_image
 from . import pictures
-from .runs import read_manifest, read_run
+from .runs import RunDir
 
 THUMB = 150
 NORMAL_FOLDERS = ("good", "normal", "ok")
@@ -47,21 +46,20 @@ def _labels(rows: list[dict]) -> np.ndarray | None:
     return labels if 0 < labels.sum() < len(labels) else None
 
 
-def summary(run_dir, rows: list[dict]) -> dict:
+def summary(run: RunDir, rows: list[dict]) -> dict:
     """Counts, thresholds, timing and, when the folders tell normal from anomalous, metrics."""
-    manifest = read_manifest(run_dir) or {}
+    manifest = run.manifest() or {}
     scored = [r for r in rows if r["score"]]
     flagged = sum(1 for r in scored if r["is_anomalous"] == "1")
     out = {"images": len(scored), "flagged anomalous": flagged if manifest.get("tau") is not None else "n/a",
-           "errors": len(_errors(run_dir)), "tau (image threshold)": manifest.get("tau"),
+           "errors": len(run.error_rows()), "tau (image threshold)": manifest.get("tau"),
            "theta (pixel threshold)": manifest.get("theta"), "corpus": manifest.get("corpus"),
            "corpus images": manifest.get("corpus_images"), "scoring": manifest.get("scoring"),
            "started": manifest.get("started"), "invocations": len(manifest.get("runs") or []),
            "scoring time (s, all invocations)": round(sum(r.get("seconds", 0) for r in manifest.get("runs") or []), 2),
            "last finished": (manifest.get("runs") or [{}])[-1].get("finished")}
-    metrics_file = Path(run_dir) / "metrics.json"
-    if metrics_file.is_file():
-        m = json.loads(metrics_file.read_text())
+    m = run.metrics_record()
+    if m is not None:
         out["metrics"] = {k: round(m[k], 4) for k in ("image_AUROC", "pixel_AUROC", "AUPRO") if k in m}
     else:
         labels = _labels(scored)
@@ -78,19 +76,11 @@ def _fact(value) -> str:
     return html.escape(str(value))
 
 
-def _errors(run_dir) -> list[dict]:
-    from .runs import read_rows
-    rows = []
-    for p in sorted(Path(run_dir).glob("errors*.csv")):
-        rows += read_rows(p)
-    return rows
-
-
-def _plots(run_dir: Path, rows: list[dict], tau) -> list[tuple[str, str]]:
-    plots = [(name, _file_uri(run_dir / f"{name}.png")) for name in ("roc", "pro", "worst_cases")]
+def _plots(run: RunDir, rows: list[dict], tau) -> list[tuple[str, str]]:
+    plots = [(name, _file_uri(run.plot(name))) for name in run.PLOTS]
     scores = [float(r["score"]) for r in rows if r["score"]]
     if scores:
-        tmp = run_dir / ".histogram.png"
+        tmp = run.path / ".histogram.png"
         pictures.histogram_png(tmp, scores, tau)
         plots.append(("score histogram", _file_uri(tmp)))
         tmp.unlink()
@@ -99,13 +89,14 @@ def _plots(run_dir: Path, rows: list[dict], tau) -> list[tuple[str, str]]:
 
 def write_report(run_dir) -> Path:
     """Write ``run_dir/report.html`` from the run's files and return its path."""
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
+    run_dir = run.path
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
-    rows = read_run(run_dir)
-    if not rows and not _errors(run_dir):
+    rows = run.score_rows()
+    if not rows and not run.error_rows():
         raise ValueError(f"{run_dir}: no scores.csv: not a run directory (written by `spade-faiss score`)")
-    info = summary(run_dir, rows)
+    info = summary(run, rows)
     table = []
     for r in sorted(rows, key=lambda r: -float(r["score"] or "nan")):
         overlay = run_dir / r["overlay"] if r.get("overlay") else None
@@ -118,10 +109,10 @@ def write_report(run_dir) -> Path:
                      f"<td><img alt='overlay' src='{_thumb(overlay) if overlay else ''}'></td>"
                      f"<td><img alt='nearest normal' src='{_thumb(nearest) if nearest else ''}'>"
                      f"<div class='small'>{html.escape(Path(nearest).name)}</div></td></tr>")
-    errors = "".join(f"<li>{html.escape(e['image_path'])}: {html.escape(e['reason'])}</li>" for e in _errors(run_dir))
+    errors = "".join(f"<li>{html.escape(e['image_path'])}: {html.escape(e['reason'])}</li>" for e in run.error_rows())
     plots = "".join(f"<figure><img src='{uri}' alt='{html.escape(n)}'><figcaption>{html.escape(n)}</figcaption>"
-                    f"</figure>" for n, uri in _plots(run_dir, rows, info["tau (image threshold)"]))
-    sheets = sorted((run_dir / "explain").rglob("*.png")) if (run_dir / "explain").is_dir() else []
+                    f"</figure>" for n, uri in _plots(run, rows, info["tau (image threshold)"]))
+    sheets = run.explain_sheets()
     why = "".join(f"<figure><img src='{_file_uri(p)}' alt='explanation'><figcaption>"
                   f"{html.escape(str(p.relative_to(run_dir)))}</figcaption></figure>" for p in sheets)
     facts = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fact(v)}</td></tr>"
@@ -129,9 +120,9 @@ def write_report(run_dir) -> Path:
     why = f"<h2>Why: nearest normal patches of the most anomalous images</h2>{why}" if why else ""
     page = TEMPLATE.format(title=html.escape(f"spade-faiss: {run_dir.resolve().name}"), facts=facts, plots=plots + why,
                            rows="".join(table), errors=f"<h2>Skipped inputs</h2><ul>{errors}</ul>" if errors else "",
-                           written=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
-    out = run_dir / "report.html"
-    tmp = run_dir / "report.html.tmp"
+                           written=utc_now())
+    out = run.report
+    tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(out)
     return out

@@ -1,227 +1,170 @@
-"""The files of a scoring run: ``run.json`` (how it was made), ``scores.csv``, ``errors.csv``,
-``maps.h5`` and ``overlays/``.
+"""A run directory: every path and file of a scoring run, and scoring samples into one.
 
-Appends are ordered so that a crash loses nothing that was reported: maps are written and
-flushed first, the CSV row last; on resume the CSV is the record of what is done and any map
-rows past it are overwritten. A run directory holds one run: resuming with another corpus or
-other parameters is refused (``restart`` clears it instead).
+``run.json`` (the manifest: how the run was made, and each invocation), ``scores*.csv``,
+``errors*.csv``, ``maps*.h5`` (one of each per shard), ``overlays/``, ``explain/``, and for an
+evaluation ``metrics.json``, ``table.md`` and the plots; ``report.html`` is made from them.
+Nothing else in the package names these files. A run directory holds one run: resuming with
+another corpus or other parameters is refused (``restart`` clears it instead).
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 import os
 import shutil
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import h5py
-import numpy as np
-
-from .. import __version__
-from ..images import printable
+from ..clock import utc_now
 from ..results import ScoredImage
-from ..scoring import map_to_original
+from ..version import __version__
 from . import pictures
+from .run_writer import RunWriter, read_rows, shard_suffix
 
-SCORE_FIELDS = ["image_path", "score", "is_anomalous", "map_max", "folder", "overlay", "neighbour_paths"]
-ERROR_FIELDS = ["image_path", "reason"]
-MANIFEST = "run.json"
 # What must be equal for two invocations to write into one run directory.
 MANIFEST_KEYS = ("corpus", "corpus_created", "corpus_images", "weights_sha256", "scoring", "maps", "tau", "theta")
 
 
-def shard_suffix(shard_index: int, num_shards: int) -> str:
-    return "" if num_shards == 1 else f".shard-{shard_index:05d}-of-{num_shards:05d}"
+class RunDir:
+    """The files of one run directory, by name (the directory need not exist yet)."""
 
+    MANIFEST = "run.json"
+    REPORT = "report.html"
+    METRICS = "metrics.json"
+    TABLE = "table.md"
+    OVERLAYS = "overlays"
+    EXPLAIN = "explain"
+    PLOTS = ("roc", "pro", "worst_cases")  # <name>.png, written by an evaluation
 
-def read_rows(path) -> list[dict]:
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    def __init__(self, path):
+        self.path = Path(path)
 
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
 
-def read_run(run_dir) -> list[dict]:
-    """All score rows of a run directory, every shard included, sorted by path."""
-    rows = []
-    for p in sorted(Path(run_dir).glob("scores*.csv")):
-        rows += read_rows(p)
-    return sorted(rows, key=lambda r: r["image_path"])
+    # Paths.
+    def scores_csv(self, suffix: str = "") -> Path:
+        return self.path / f"scores{suffix}.csv"
 
+    def errors_csv(self, suffix: str = "") -> Path:
+        return self.path / f"errors{suffix}.csv"
 
-def read_manifest(run_dir) -> dict | None:
-    path = Path(run_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    def maps_h5(self, suffix: str = "") -> Path:
+        return self.path / f"maps{suffix}.h5"
 
+    def plot(self, name: str) -> Path:
+        return self.path / f"{name}.png"
 
-def open_run(run_dir, manifest: dict, restart: bool = False) -> None:
-    """Make ``run_dir`` hold the run described by ``manifest``: new, resumed (same manifest
-    keys), or refused with the way out; ``restart`` deletes an earlier run's results first."""
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"--out {run_dir}: is a file; expected a run directory")
-    old = read_manifest(run_dir)
-    if restart and run_dir.is_dir():
-        for p in list(run_dir.glob("scores*.csv")) + list(run_dir.glob("errors*.csv")) + \
-                list(run_dir.glob("maps*.h5")) + [run_dir / MANIFEST, run_dir / "report.html"]:
+    manifest_path = property(lambda self: self.path / self.MANIFEST)
+    report = property(lambda self: self.path / self.REPORT)
+    metrics = property(lambda self: self.path / self.METRICS)
+    table = property(lambda self: self.path / self.TABLE)
+    overlays = property(lambda self: self.path / self.OVERLAYS)
+    explain = property(lambda self: self.path / self.EXPLAIN)
+
+    # Reading.
+    def score_rows(self) -> list[dict]:
+        """Every score row, all shards, sorted by path."""
+        rows = [r for p in sorted(self.path.glob("scores*.csv")) for r in read_rows(p)]
+        return sorted(rows, key=lambda r: r["image_path"])
+
+    def error_rows(self) -> list[dict]:
+        """Every skipped input, all shards."""
+        return [r for p in sorted(self.path.glob("errors*.csv")) for r in read_rows(p)]
+
+    def manifest(self) -> dict | None:
+        return json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else None
+
+    def metrics_record(self) -> dict | None:
+        return json.loads(self.metrics.read_text()) if self.metrics.is_file() else None
+
+    def explain_sheets(self) -> list[Path]:
+        return sorted(self.explain.rglob("*.png")) if self.explain.is_dir() else []
+
+    # Writing.
+    def open(self, manifest: dict, restart: bool = False) -> RunDir:
+        """Make the directory hold the run described by ``manifest``: new, resumed (same
+        manifest keys), or refused with the way out; ``restart`` deletes an earlier run's
+        results first."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"--out {self.path}: is a file; expected a run directory")
+        if restart and self.path.is_dir():
+            self.clear()
+        old = self.manifest()
+        if old is None and self.score_rows():
+            raise ValueError(f"{self.path} holds results of a run without {self.MANIFEST} (an older version): "
+                             f"choose another --out, or pass --restart to replace them")
+        if old is not None:
+            diff = [k for k in MANIFEST_KEYS if old.get(k) != manifest.get(k)]
+            if diff:
+                shown = "; ".join(f"{k}: {old.get(k)!r} -> {manifest.get(k)!r}" for k in diff)
+                raise ValueError(f"{self.path} holds a run made differently ({shown}): choose another --out, "
+                                 f"or pass --restart to replace it")
+            return self
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._write_manifest({**manifest, "spade_faiss": __version__})
+        return self
+
+    def clear(self) -> None:
+        """Delete every result of the run (the directory and any foreign file stay)."""
+        for pattern in ("scores*.csv", "errors*.csv", "maps*.h5"):
+            for p in self.path.glob(pattern):
+                p.unlink()
+        for p in [self.manifest_path, self.report, self.metrics, self.table] + [self.plot(n) for n in self.PLOTS]:
             p.unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "overlays", ignore_errors=True)
-        old = None
-    if old is None and read_run(run_dir):
-        raise ValueError(f"{run_dir} holds results of a run without {MANIFEST} (an older version): "
-                         f"choose another --out, or pass --restart to replace them")
-    if old is not None:
-        diff = [k for k in MANIFEST_KEYS if old.get(k) != manifest.get(k)]
-        if diff:
-            shown = "; ".join(f"{k}: {old.get(k)!r} -> {manifest.get(k)!r}" for k in diff)
-            raise ValueError(f"{run_dir} holds a run made differently ({shown}): choose another --out, "
-                             f"or pass --restart to replace it")
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({**manifest, "spade_faiss": __version__}, indent=2))
-    os.replace(tmp, run_dir / MANIFEST)
+        for folder in (self.overlays, self.explain):
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def record_invocation(self, entry: dict) -> None:
+        """Append ``entry`` (what one invocation did) to the manifest's ``runs`` list."""
+        manifest = self.manifest()
+        if manifest is not None:
+            manifest.setdefault("runs", []).append(entry)
+            self._write_manifest(manifest)
+
+    def writer(self, crop: int, resize: int, shard_index: int = 0, num_shards: int = 1,
+               colour_max: float | None = None, theta: float | None = None) -> RunWriter:
+        return RunWriter(self, crop, resize, shard_index, num_shards, colour_max, theta)
+
+    def _write_manifest(self, manifest: dict) -> None:
+        tmp = self.path / (self.MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, self.manifest_path)
 
 
-def record_invocation(run_dir, entry: dict) -> None:
-    """Append ``entry`` (what one invocation did) to the manifest's ``runs`` list."""
-    manifest = read_manifest(run_dir)
-    if manifest is None:
-        return
-    manifest.setdefault("runs", []).append(entry)
-    tmp = Path(run_dir) / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, Path(run_dir) / MANIFEST)
+def run_manifest(spade, corpus, source, maps: str) -> dict:
+    """The manifest of a run scoring ``source`` against the opened ``spade`` (``corpus``: its
+    file), with ``maps`` the CLI's spelling of the maps choice."""
+    info = spade.info()
+    return {"corpus": os.path.abspath(corpus), "corpus_created": info["created"], "corpus_images": info["images"],
+            "weights_sha256": info["config"]["weights_sha256"], "weights": info["weights_source"],
+            "scoring": info["scoring"], "maps": maps, "tau": spade.tau_, "theta": spade.theta_,
+            "source": os.path.abspath(source), "started": utc_now(),
+            "command": " ".join(["spade-faiss"] + sys.argv[1:])}
 
 
-class RunWriter:
-    """Appends results of one shard (or the only one) of a run, resumable.
-
-    No file stays open between writes, so any writer can be killed without leaving a handle
-    behind. Overlays are written when ``colour_max`` (the top of their colour scale) is given;
-    ``theta`` is the pixel threshold drawn as a contour (None: no contour).
-    """
-
-    def __init__(self, run_dir, crop: int, resize: int, shard_index: int = 0, num_shards: int = 1,
-                 colour_max: float | None = None, theta: float | None = None):
-        self.dir = Path(run_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        sfx = self.suffix = shard_suffix(shard_index, num_shards)
-        self.scores_path = self.dir / f"scores{sfx}.csv"
-        self.errors_path = self.dir / f"errors{sfx}.csv"
-        self.maps_path = self.dir / f"maps{sfx}.h5"
-        self.crop, self.resize = crop, resize
-        self.colour_max, self.theta = colour_max, theta
-        # Resume knows everything done in this run directory, by any shard.
-        self.done = {r["image_path"] for r in read_run(self.dir)}
-        self.failed = {r["image_path"] for r in read_rows(self.errors_path)}
-        self.overlay_dir = self.dir / "overlays" if colour_max is not None else None
-        self.overlays_taken = {r["overlay"]: r["image_path"] for r in read_run(self.dir) if r.get("overlay")}
-        self.n_maps = len(read_rows(self.scores_path))  # map rows past the CSV: leftovers of a crash
-
-    def is_done(self, path: str) -> bool:
-        return path in self.done or printable(path) in self.failed
-
-    def write(self, results: list[ScoredImage]) -> None:
-        """Append results: errors to ``errors.csv``; the others' maps (zeros where there is no
-        map), overlays and CSV rows, in that order."""
-        self._write_errors([(r.path, r.error) for r in results if r.error])
-        ok = [r for r in results if r.error is None]
-        if not ok:
-            return
-        rows = [score_row(r, self._overlay_name(r)) for r in ok]
-        maps = np.stack([r.map if r.map is not None else np.zeros((self.crop, self.crop), np.float32) for r in ok])
-        with h5py.File(self.maps_path, "a") as h:
-            if "maps" not in h:
-                c = self.crop
-                h.create_dataset("maps", (0, c, c), maxshape=(None, c, c), dtype=np.float32, chunks=(1, c, c))
-                h.create_dataset("path", (0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"))
-            for name in ("maps", "path"):
-                h[name].resize(self.n_maps + len(ok), axis=0)
-            h["maps"][self.n_maps:] = maps
-            h["path"][self.n_maps:] = [r.path for r in ok]
-            _write_correspondences(h, self.n_maps, ok)
-        self.n_maps += len(ok)
-        for r, row in zip(ok, rows):
-            if row["overlay"]:
-                self._write_overlay(r, self.dir / row["overlay"])
-        _append_csv(self.scores_path, SCORE_FIELDS, rows)
-        self.done.update(r.path for r in ok)
-
-    def _overlay_name(self, r: ScoredImage) -> str:
-        """``overlays/<folder>/<stem>.png`` relative to the run (the folder is the class in an
-        MVTec test set); a second image with the same name gets a hash of its path appended."""
-        if self.overlay_dir is None or r.map is None:
-            return ""
-        name = f"overlays/{folder_of(r.path) or '_'}/{Path(r.path).stem}"
-        if self.overlays_taken.get(name + ".png", r.path) != r.path:
-            name += "-" + hashlib.sha1(r.path.encode()).hexdigest()[:8]
-        self.overlays_taken[name + ".png"] = r.path
-        return name + ".png"
-
-    def _write_overlay(self, r: ScoredImage, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        verdict = {None: "not calibrated", True: "ANOMALOUS", False: "normal"}[r.is_anomalous]
-        caption = [f"{folder_of(r.path)}/{Path(r.path).name}",
-                   f"score {r.score:.4g}  {verdict}  map max {r.map_max:.4g}"]
-        amap = map_to_original(r.map, r.image.size, self.resize)
-        pictures.save_png(path, pictures.overlay(r.image.rgb, amap, self.colour_max, self.theta, caption))
-
-    def _write_errors(self, errors: list[tuple[str, str]]) -> None:
-        fresh = []
-        for path, reason in errors:
-            path = printable(path)
-            if path not in self.failed:
-                fresh.append({"image_path": path, "reason": reason})
-                self.failed.add(path)
-        _append_csv(self.errors_path, ERROR_FIELDS, fresh)
+def colour_scale(spade) -> float:
+    """The top of the colour scale every picture of ``spade``'s maps shares: twice the pixel
+    threshold, or twice the leave-one-out one when it is not calibrated."""
+    return pictures.colour_scale_max(spade.theta_, 2 * spade.leave_one_out_theta())
 
 
-def _write_correspondences(h: h5py.File, start: int, results: list[ScoredImage]) -> None:
-    """``correspondences/<level>`` (N, h, w, 3) int32 (image id, row, col; -1 where an image has
-    no map) and ``level_scores/<level>`` (N, h, w) float32 (NaN there), rows as ``maps``."""
-    example = next((r for r in results if r.correspondences), None)
-    if example is None and "correspondences" not in h:
-        return
-    stop = start + len(results)
-    for level, value in (example.correspondences if example else {}).items():
-        for group, shape, dtype, fill in (("correspondences", value.shape, np.int32, -1),
-                                          ("level_scores", value.shape[:2], np.float32, np.nan)):
-            if f"{group}/{level}" not in h:
-                h.create_dataset(f"{group}/{level}", (0, *shape), maxshape=(None, *shape), dtype=dtype,
-                                 chunks=(1, *shape), fillvalue=fill)
-    for group in ("correspondences", "level_scores"):
-        for level, ds in h[group].items() if group in h else ():
-            ds.resize(stop, axis=0)
-            for i, r in enumerate(results):
-                source = r.correspondences if group == "correspondences" else r.level_scores
-                if source is not None:
-                    ds[start + i] = source[level]
+def score_into_run(results: Iterable[ScoredImage], writer: RunWriter, *observers: Callable[[ScoredImage], None],
+                   on_progress: Callable[[int], None] | None = None) -> list[tuple[str, str]]:
+    """Write each result into the run as it arrives (local or Ray: any iterable of results),
+    show it to each observer, and return the (path, reason) of those that failed."""
+    errors = []
+    for r in results:
+        writer.write([r])
+        for observe in observers:
+            observe(r)
+        if r.error:
+            errors.append((r.path, r.error))
+        if on_progress is not None:
+            on_progress(1)
+    return errors
 
 
-def folder_of(path: str) -> str:
-    """The input's parent folder name: the class of an MVTec test image."""
-    return Path(path).parent.name
-
-
-def score_row(r: ScoredImage, overlay: str = "") -> dict:
-    return {"image_path": r.path, "score": f"{r.score:.6g}",
-            "is_anomalous": "" if r.is_anomalous is None else int(r.is_anomalous),
-            "map_max": "" if r.map is None else f"{r.map_max:.6g}", "folder": folder_of(r.path), "overlay": overlay,
-            "neighbour_paths": ";".join(r.neighbour_paths)}
-
-
-def _append_csv(path, fields, rows) -> None:
-    """Append rows (a header first in a new file) and fsync: a row on disk is a done image."""
-    if not rows:
-        return
-    new = not os.path.isfile(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
+__all__ = ["MANIFEST_KEYS", "RunDir", "RunWriter", "colour_scale", "read_rows", "run_manifest", "score_into_run",
+           "shard_suffix"]

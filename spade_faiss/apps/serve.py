@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import images as imglib
 from ..detector import Spade
 from . import pictures
+from .runs import colour_scale
 from .scheduler import MAPS, Busy, Job, Scheduler
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def create_app(spade: Spade, token: str | None = None, max_upload_bytes: int = 3
     the application and, at shutdown, serves what is queued before it stops."""
     metrics = Metrics()
     scheduler = Scheduler(spade, max_batch, batch_window_ms / 1000, queue_size, metrics)
-    scale = pictures.colour_scale_max(spade.theta_, 2 * spade.leave_one_out_theta())
+    scale = colour_scale(spade)
     info = spade.info()
 
     async def lifespan(app):

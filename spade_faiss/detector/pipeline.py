@@ -104,10 +104,10 @@ class QueryPipeline:
         for r in retrieved:
             groups.setdefault(tuple(sorted(r.neighbour_ids.tolist())), []).append(r)
         mode, levels = config.pixel_mode, config.levels
-        keep16 = device != "cpu" and options.gpu_float16  # else float32 once, at load
+        settings = patch_search.SearchSettings(device, options.chunk_bytes, options.gpu_float16, config.radius)
         for key, members in groups.items():
             engines = self._engines(mode, len(key), options.stage2, device, config, correspondences)
-            variant = (tuple(sorted(engines.items())), keep16)
+            variant = (tuple(sorted(engines.items())), settings)
             with self.timed("gallery_io"):
                 galleries = self.cache.get([(mode, variant, i) for i in key])
             encoded = [self._search_space(m, mode, levels) for m in members]
@@ -115,10 +115,10 @@ class QueryPipeline:
             per_level, nearest = [], {}
             for name, q in query.items():
                 with self.timed("stage2"), self.timed(f"stage2.{name}"):
-                    dist, nearest[name] = patch_search.search_level(
-                        engines[name], q, [g[name] for g in galleries], config.kappa, device, options.chunk_bytes,
-                        options.gpu_float16, self.projections.get(name),
-                        self.stats.setdefault(name, patch_search.SearchStats()), config.radius)
+                    request = patch_search.LevelSearch(q, [g[name] for g in galleries], config.kappa,
+                                                       self.projections.get(name),
+                                                       self.stats.setdefault(name, patch_search.SearchStats()))
+                    dist, nearest[name] = patch_search.search_level(engines[name], request, settings)
                 per_level.append(dist)
             with self.timed("post"):
                 maps = scoring.smooth(scoring.assemble_maps(per_level, config.crop), config.sigma)
@@ -157,14 +157,14 @@ class QueryPipeline:
                                                 correspondences) for name, shape in named.items()}
 
     def _load(self, keys: list) -> list[dict]:
-        """Gallery entries of ``(pixel_mode, (engines, keep_float16), image id)`` keys."""
-        mode, (engines, keep16), _ = keys[0]
+        """Gallery entries of ``(pixel_mode, (engines, search settings), image id)`` keys."""
+        mode, (engines, settings), _ = keys[0]
         engines = dict(engines)
         raw = load_entries(self.store.level, [(m, i) for m, _, i in keys], self.store.config.levels)
         for name, engine in engines.items():
             if engine == "pruned":
                 self._projection(name, mode)
-        return [{name: patch_search.prepare(engines[name], f, self.projections.get(name), keep16)
+        return [{name: patch_search.prepare(engines[name], f, self.projections.get(name), settings)
                  for name, f in r.items()} for r in raw]
 
     def _projection(self, name: str, mode: str) -> None:

@@ -25,8 +25,7 @@ class Thresholds:
         Images already in the corpus are refused: their distances to themselves are 0, which
         would give thresholds that flag every new normal image.
         """
-        if not 0 <= fpr < 1:
-            raise ValueError(f"fpr={fpr}: expected 0 <= fpr < 1")
+        metrics.check_fpr(fpr)
         indexed = set(self.store_.sha256s())
         scores, maps, errors = [], [], []
         for r in self.iter_score(normals, maps=True, on_progress=on_progress):

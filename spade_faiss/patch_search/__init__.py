@@ -17,6 +17,9 @@ correspondence); asking for correspondences makes ``auto`` use them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..config import DEFAULTS
@@ -24,7 +27,61 @@ from . import brute, dense, pruned, window
 from .brute import gpu_available, iter_chunks, knn_mean, level_maps, resolve_search_device
 from .pruned import Projection, SearchStats
 
-ENGINES = ("pruned", "dense", "faiss", "window")
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How stage 2 runs: the same for every level and every query of a run."""
+
+    device: str = "cpu"  # where the faiss engine searches ("cpu", "cuda[:N]")
+    chunk_bytes: int = brute.DEFAULT_CHUNK_BYTES
+    gpu_float16: bool = DEFAULTS["gpu_float16"]
+    radius: int = DEFAULTS["radius"]
+
+    @property
+    def keep_float16(self) -> bool:
+        """Whether brute force on a GPU gets the gallery in float16 (else float32 once, at load)."""
+        return self.device != "cpu" and self.gpu_float16
+
+
+@dataclass
+class LevelSearch:
+    """One stage-2 search: a level's query images against its gallery.
+
+    ``query``: float32 (B, h, w, C); ``gallery``: per-image entries made by :func:`prepare` for
+    the same engine; ``projection``: the pruned engine's; ``stats``: where it counts its work.
+    """
+
+    query: np.ndarray
+    gallery: list
+    kappa: int
+    projection: Projection | None = None
+    stats: SearchStats | None = None
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A stage-2 engine: how it keeps a gallery image, and how it searches."""
+
+    prepare: Callable[[np.ndarray, Projection | None, SearchSettings], object]
+    search: Callable[[LevelSearch, SearchSettings], tuple]
+
+
+def _faiss_search(req: LevelSearch, s: SearchSettings):
+    # One query image at a time, so that an image's result does not depend on which images
+    # share its gallery (BLAS blocks by the number of query rows).
+    return np.concatenate([level_maps(q[None], req.gallery, req.kappa, s.device, s.chunk_bytes, s.gpu_float16)
+                           for q in req.query]), None
+
+
+ENGINE_TABLE = {
+    "pruned": Engine(lambda f, proj, s: pruned.prepare_image(proj, f, pruned.operand_dtype()),
+                     lambda r, s: pruned.search(r.query, r.gallery, r.kappa, r.projection, r.stats)),
+    "dense": Engine(lambda f, proj, s: dense.prepare_image(f), lambda r, s: dense.search(r.query, r.gallery, r.kappa)),
+    "faiss": Engine(lambda f, proj, s: f if s.keep_float16 else np.asarray(f, dtype=np.float32), _faiss_search),
+    # The exact values as stored, converted per comparison.
+    "window": Engine(lambda f, proj, s: f, lambda r, s: window.search(r.query, r.gallery, r.kappa, s.radius)),
+}
+ENGINES = tuple(ENGINE_TABLE)
 # Below this much brute-force work per query image (GFLOP), the pruned engine's fixed costs
 # (projections, screening, re-checks) exceed what it saves: ``auto`` uses dense there. Measured
 # on Wide-ResNet50-2 (benchmarks/README.md): layer3 at K=5 (0.4 GFLOP) dense 4.5 ms vs pruned
@@ -69,38 +126,18 @@ def projection_dims(grid: int) -> int:
     return next(w for size, w in WIDTHS if grid >= size) - 7
 
 
-def prepare(engine: str, feats: np.ndarray, projection: Projection | None, keep_float16: bool = False):
-    """A gallery image's features (h, w, C) as its engine keeps them in the gallery cache."""
-    if engine == "pruned":
-        return pruned.prepare_image(projection, feats, pruned.operand_dtype())
-    if engine == "dense":
-        return dense.prepare_image(feats)
-    if engine == "window":
-        return feats  # exact values as stored; converted per comparison
-    return feats if keep_float16 else np.asarray(feats, dtype=np.float32)
+def prepare(engine: str, feats: np.ndarray, projection: Projection | None, settings: SearchSettings):
+    """A gallery image's features (h, w, C) as ``engine`` keeps them in the gallery cache."""
+    return ENGINE_TABLE[engine].prepare(feats, projection, settings)
 
 
-def search_level(engine: str, query: np.ndarray, gallery: list, kappa: int, search_device: str = "cpu",
-                 chunk_bytes: int = brute.DEFAULT_CHUNK_BYTES, gpu_float16: bool = DEFAULTS["gpu_float16"],
-                 projection: Projection | None = None, stats: SearchStats | None = None,
-                 radius: int = DEFAULTS["radius"]):
+def search_level(engine: str, request: LevelSearch, settings: SearchSettings = SearchSettings()):
     """Mean of the ``kappa`` smallest squared distances of each query location, float32 (B, h, w),
     and the nearest gallery vector of each, int64 (B, h, w, 2) = (gallery image index, flat
-    position), or None from the faiss engine.
-
-    ``query``: float32 (B, h, w, C); ``gallery``: per-image entries made by :func:`prepare`.
-    Brute force searches one query image at a time, so that an image's result does not depend
-    on which images share its gallery (BLAS blocks by the number of query rows).
-    """
-    if engine == "pruned":
-        return pruned.search(query, gallery, kappa, projection, stats)
-    if engine == "window":
-        return window.search(query, gallery, kappa, radius)
-    if engine == "dense":
-        return dense.search(query, gallery, kappa)
-    return np.concatenate([level_maps(q[None], gallery, kappa, search_device, chunk_bytes, gpu_float16)
-                           for q in query]), None
+    position), or None from the faiss engine."""
+    return ENGINE_TABLE[engine].search(request, settings)
 
 
-__all__ = ["ENGINES", "Projection", "SearchStats", "gpu_available", "iter_chunks", "knn_mean", "level_engine",
-           "level_maps", "prepare", "projection_dims", "resolve_engine", "resolve_search_device", "search_level"]
+__all__ = ["ENGINES", "ENGINE_TABLE", "Engine", "LevelSearch", "Projection", "SearchSettings", "SearchStats",
+           "gpu_available", "iter_chunks", "knn_mean", "level_engine", "level_maps", "prepare", "projection_dims",
+           "resolve_engine", "resolve_search_device", "search_level"]

@@ -1,0 +1,169 @@
+"""Appending results to a run directory, resumably.
+
+Appends are ordered so that a crash loses nothing that was reported: maps are written and
+flushed first, the CSV row last; on resume the CSV is the record of what is done and any map
+rows past it are overwritten. No file stays open between writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..images import printable
+from ..results import ScoredImage
+from ..scoring import map_to_original
+from . import pictures
+
+SCORE_FIELDS = ["image_path", "score", "is_anomalous", "map_max", "folder", "overlay", "neighbour_paths"]
+ERROR_FIELDS = ["image_path", "reason"]
+
+
+def shard_suffix(shard_index: int, num_shards: int) -> str:
+    return "" if num_shards == 1 else f".shard-{shard_index:05d}-of-{num_shards:05d}"
+
+
+def read_rows(path) -> list[dict]:
+    """The rows of one CSV file of a run (none when it does not exist)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+class RunWriter:
+    """Appends results of one shard (or the only one) of a run, resumable (made by
+    ``RunDir.writer``).
+
+    No file stays open between writes, so any writer can be killed without leaving a handle
+    behind. Overlays are written when ``colour_max`` (the top of their colour scale) is given;
+    ``theta`` is the pixel threshold drawn as a contour (None: no contour).
+    """
+
+    def __init__(self, run, crop: int, resize: int, shard_index: int = 0, num_shards: int = 1,
+                 colour_max: float | None = None, theta: float | None = None):
+        self.run = run  # a runs.RunDir: the paths are its
+        self.dir = self.run.path
+        self.dir.mkdir(parents=True, exist_ok=True)
+        sfx = self.suffix = shard_suffix(shard_index, num_shards)
+        self.scores_path, self.errors_path, self.maps_path = (self.run.scores_csv(sfx), self.run.errors_csv(sfx),
+                                                              self.run.maps_h5(sfx))
+        self.crop, self.resize = crop, resize
+        self.colour_max, self.theta = colour_max, theta
+        # Resume knows everything done in this run directory, by any shard.
+        done = self.run.score_rows()
+        self.done = {r["image_path"] for r in done}
+        self.failed = {r["image_path"] for r in read_rows(self.errors_path)}
+        self.overlay_dir = self.run.overlays if colour_max is not None else None
+        self.overlays_taken = {r["overlay"]: r["image_path"] for r in done if r.get("overlay")}
+        self.n_maps = len(read_rows(self.scores_path))  # map rows past the CSV: leftovers of a crash
+
+    def is_done(self, path: str) -> bool:
+        return path in self.done or printable(path) in self.failed
+
+    def write(self, results: list[ScoredImage]) -> None:
+        """Append results: errors to ``errors.csv``; the others' maps (zeros where there is no
+        map), overlays and CSV rows, in that order."""
+        self._write_errors([(r.path, r.error) for r in results if r.error])
+        ok = [r for r in results if r.error is None]
+        if not ok:
+            return
+        rows = [score_row(r, self._overlay_name(r)) for r in ok]
+        maps = np.stack([r.map if r.map is not None else np.zeros((self.crop, self.crop), np.float32) for r in ok])
+        with h5py.File(self.maps_path, "a") as h:
+            if "maps" not in h:
+                c = self.crop
+                h.create_dataset("maps", (0, c, c), maxshape=(None, c, c), dtype=np.float32, chunks=(1, c, c))
+                h.create_dataset("path", (0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"))
+            for name in ("maps", "path"):
+                h[name].resize(self.n_maps + len(ok), axis=0)
+            h["maps"][self.n_maps:] = maps
+            h["path"][self.n_maps:] = [r.path for r in ok]
+            _write_correspondences(h, self.n_maps, ok)
+        self.n_maps += len(ok)
+        for r, row in zip(ok, rows):
+            if row["overlay"]:
+                self._write_overlay(r, self.dir / row["overlay"])
+        _append_csv(self.scores_path, SCORE_FIELDS, rows)
+        self.done.update(r.path for r in ok)
+
+    def _overlay_name(self, r: ScoredImage) -> str:
+        """``overlays/<folder>/<stem>.png`` relative to the run (the folder is the class in an
+        MVTec test set); a second image with the same name gets a hash of its path appended."""
+        if self.overlay_dir is None or r.map is None:
+            return ""
+        name = f"{self.run.OVERLAYS}/{folder_of(r.path) or '_'}/{Path(r.path).stem}"
+        if self.overlays_taken.get(name + ".png", r.path) != r.path:
+            name += "-" + hashlib.sha1(r.path.encode()).hexdigest()[:8]
+        self.overlays_taken[name + ".png"] = r.path
+        return name + ".png"
+
+    def _write_overlay(self, r: ScoredImage, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        verdict = {None: "not calibrated", True: "ANOMALOUS", False: "normal"}[r.is_anomalous]
+        caption = [f"{folder_of(r.path)}/{Path(r.path).name}",
+                   f"score {r.score:.4g}  {verdict}  map max {r.map_max:.4g}"]
+        amap = map_to_original(r.map, r.image.size, self.resize)
+        pictures.save_png(path, pictures.overlay(r.image.rgb, amap, self.colour_max, self.theta, caption))
+
+    def _write_errors(self, errors: list[tuple[str, str]]) -> None:
+        fresh = []
+        for path, reason in errors:
+            path = printable(path)
+            if path not in self.failed:
+                fresh.append({"image_path": path, "reason": reason})
+                self.failed.add(path)
+        _append_csv(self.errors_path, ERROR_FIELDS, fresh)
+
+
+def _write_correspondences(h: h5py.File, start: int, results: list[ScoredImage]) -> None:
+    """``correspondences/<level>`` (N, h, w, 3) int32 (image id, row, col; -1 where an image has
+    no map) and ``level_scores/<level>`` (N, h, w) float32 (NaN there), rows as ``maps``."""
+    example = next((r for r in results if r.correspondences), None)
+    if example is None and "correspondences" not in h:
+        return
+    stop = start + len(results)
+    for level, value in (example.correspondences if example else {}).items():
+        for group, shape, dtype, fill in (("correspondences", value.shape, np.int32, -1),
+                                          ("level_scores", value.shape[:2], np.float32, np.nan)):
+            if f"{group}/{level}" not in h:
+                h.create_dataset(f"{group}/{level}", (0, *shape), maxshape=(None, *shape), dtype=dtype,
+                                 chunks=(1, *shape), fillvalue=fill)
+    for group in ("correspondences", "level_scores"):
+        for level, ds in h[group].items() if group in h else ():
+            ds.resize(stop, axis=0)
+            for i, r in enumerate(results):
+                source = r.correspondences if group == "correspondences" else r.level_scores
+                if source is not None:
+                    ds[start + i] = source[level]
+
+
+def folder_of(path: str) -> str:
+    """The input's parent folder name: the class of an MVTec test image."""
+    return Path(path).parent.name
+
+
+def score_row(r: ScoredImage, overlay: str = "") -> dict:
+    return {"image_path": r.path, "score": f"{r.score:.6g}",
+            "is_anomalous": "" if r.is_anomalous is None else int(r.is_anomalous),
+            "map_max": "" if r.map is None else f"{r.map_max:.6g}", "folder": folder_of(r.path), "overlay": overlay,
+            "neighbour_paths": ";".join(r.neighbour_paths)}
+
+
+def _append_csv(path, fields, rows) -> None:
+    """Append rows (a header first in a new file) and fsync: a row on disk is a done image."""
+    if not rows:
+        return
+    new = not os.path.isfile(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
