@@ -35,6 +35,10 @@ RERANK_MARGIN = 8
 TUNING_QUERIES = 200
 TUNING_K = 50
 NPROBE_MARGIN = 2
+# An IVF grown by appends keeps its trained lists; its default nprobe is tuned again once the
+# corpus has grown by this factor since the last tuning (more vectors per list, the same
+# nprobe scans a larger share), and `reindex` is suggested once ivf_nlist would double.
+RETUNE_GROWTH = 1.5
 
 
 def ivf_nlist(n: int) -> int:
@@ -101,7 +105,7 @@ class ImageIndex:
             rows = np.sort(np.random.default_rng(seed + 1).choice(n, min(TUNING_QUERIES, n), replace=False))
             # Leave-one-out queries sit in the index and overestimate the recall of new images
             # (measured at 1M vectors: 0.998 against 0.976 at the same nprobe): take twice it.
-            ivf.tuning = ivf.tune(vectors, rows, target_recall, min(k, n - 1), margin=NPROBE_MARGIN)
+            ivf.tuning = {**ivf.tune(vectors, rows, target_recall, min(k, n - 1), margin=NPROBE_MARGIN), "images": n}
             ivf.nprobe = ivf.tuning["timed_nprobe"]
             if kind == "auto" and ivf.tuning["ivf_ms"] >= ivf.tuning["flat_ms"]:
                 log.info("IVF (%.2f ms/query) is not faster than Flat (%.2f ms): keeping Flat",
@@ -151,6 +155,23 @@ class ImageIndex:
         return {"nprobe": int(hi), "timed_nprobe": int(used), "target_recall": float(target_recall),
                 "recall": measured[hi], "k": int(k), "queries": int(len(rows)), "ivf_ms": round(ivf_ms, 4),
                 "flat_ms": round(flat_ms, 4)}
+
+    def retune_if_grown(self, vectors: np.ndarray, seed: int, target_recall: float, k: int) -> bool:
+        """Tune the default nprobe again over ``vectors`` (every indexed one) when the index has
+        grown by ``RETUNE_GROWTH`` since it was tuned; False for Flat, for an nprobe the user
+        chose (never tuned) and for a corpus tuned before the size was recorded."""
+        at = int(self.tuning.get("images", 0)) if self.ivf is not None else 0
+        if not at or self.ntotal < RETUNE_GROWTH * at:
+            return False
+        n = self.ntotal
+        rows = np.sort(np.random.default_rng(seed + 1).choice(n, min(TUNING_QUERIES, n), replace=False))
+        self.tuning = {**self.tune(_as_f32(vectors), rows, target_recall, min(k, n - 1), margin=NPROBE_MARGIN),
+                       "images": n}
+        self.nprobe = self.tuning["timed_nprobe"]
+        if ivf_nlist(n) >= 2 * self.ivf.nlist:
+            log.warning("the IVF image index has %d lists for %d images (%d would suit it): `spade-faiss reindex` "
+                        "retrains it", self.ivf.nlist, n, ivf_nlist(n))
+        return True
 
     def add(self, vectors: np.ndarray) -> None:
         """Append vectors; their ids continue from ``ntotal`` (no retraining)."""

@@ -117,3 +117,18 @@ def test_add_continues_ids(rng):
     assert ids[0, 0] == 80
     with pytest.raises(ValueError, match="k=101"):
         idx.search(xb[:1], 101)
+
+
+def test_an_ivf_grown_by_half_is_tuned_again_to_its_target(rng):
+    """Appends keep the trained lists; at RETUNE_GROWTH times the tuned size the default
+    nprobe is tuned again, and reaches the target recall on the grown index."""
+    xb = rng.standard_normal((6000, 16)).astype(np.float32)
+    ivf = ImageIndex.build(xb[:2000], "ivf", target_recall=0.95, k=20)
+    assert ivf.tuning["images"] == 2000
+    ivf.add(xb[2000:2900])
+    assert not ivf.retune_if_grown(xb[:2900], 0, 0.95, 20) and ivf.tuning["images"] == 2000
+    ivf.add(xb[2900:])
+    assert ivf.retune_if_grown(xb, 0, 0.95, 20) and ivf.tuning["images"] == 6000
+    rows = np.sort(np.random.default_rng(1).choice(6000, 200, replace=False))
+    assert leave_one_out_recall(ivf, xb, rows, 20, ivf.tuning["nprobe"]) >= 0.95
+    assert not ImageIndex.build(xb, "flat").retune_if_grown(xb, 0, 0.95, 20)

@@ -63,7 +63,8 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "spade_faiss", "serve", str(store), "--port", str(self.port), *RUN,
+            [sys.executable, "-m", "spade_faiss", "serve", *map(str, store if isinstance(store, list) else [store]),
+             "--port", str(self.port), *RUN,
              "--k-gallery", "5", "--token-file", str(tmp_path / "token"), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.time() + 120
@@ -168,7 +169,8 @@ def test_concurrent_clients_are_batched_and_counted(server, store, dataset):
     batches = metric(after, "spade_batch_size_count") - metric(before, "spade_batch_size_count")
     assert 0 < batches < 160  # requests were batched together
     assert metric(after, "spade_request_seconds_count", lane="score") >= 160
-    assert 'spade_queue_depth{lane="map"}' in after and 'spade_service_seconds{lane="score"}' in after
+    assert 'spade_queue_depth{corpus="c",lane="map"}' in after  # per corpus: the file's stem names it
+    assert metric(after, "spade_service_seconds", corpus="c", lane="score") > 0
 
 
 def test_bad_requests_get_the_right_status_and_the_server_stays_healthy(server, dataset):
@@ -384,3 +386,93 @@ def test_sigterm_during_load_answers_every_accepted_request_and_exits_0(big, tmp
     codes = [c.getresponse().status for c in conns]
     assert set(codes) <= {200, 503} and codes.count(200) >= 1, codes
     assert server.proc.wait(60) == 0
+
+
+def test_a_served_corpus_grows_while_it_answers_and_every_answer_is_its_state_s(tmp_path):
+    """A writer appends 20 images in 5 commits while a client streams requests: every request
+    is answered, each answer equals Spade.score on the corpus state it reports, and the served
+    state reaches all 26 images; thresholds calibrated meanwhile reach the service too."""
+    root = make_dataset(tmp_path / "line", n_train=30, n_good=1, n_defect=1, size=(80, 80), seed=5)
+    train = [s.path for s in discover(root, "train")]
+    first = tmp_path / "first"
+    first.mkdir()
+    for p in train[:6]:
+        os.symlink(p, first / os.path.basename(p))
+    store = tmp_path / "c.h5"
+    assert cli.main(["index", str(first), "--out", str(store), *FEAT]) == 0
+    server = Server(store, tmp_path, "--refresh-s", "0.2")
+    probe = [s.path for s in discover(root, "test")][1]
+    body = open(probe, "rb").read()
+    listing = tmp_path / "shift.txt"
+    listing.write_text("\n".join(train[6:26]) + "\n")
+    answers = []
+    try:
+        writer = subprocess.Popen([sys.executable, "-m", "spade_faiss", "index", str(listing), "--out", str(store),
+                                   "--batch-size", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            code, raw, _ = request(server.url + "/v1/score?map=true&raw=true", body)
+            assert code == 200, raw
+            answers.append(json.loads(raw))
+            if writer.poll() is not None and answers[-1]["corpus"]["images"] == 26:
+                break
+        assert writer.wait() == 0, writer.stderr.read().decode()
+        assert answers[-1]["corpus"]["images"] == 26 and answers[-1]["corpus"]["generation"] == 5
+        info = json.loads(request(server.url + "/v1/info")[1])
+        assert info["images"] == 26 and info["corpus_state"]["generation"] == 5
+        assert info["corpus_state"]["thresholds"]["tau"] is None
+        # Calibrated while served: the new thresholds are used.
+        held = tmp_path / "held"
+        held.mkdir()
+        for p in train[26:30]:
+            os.symlink(p, held / os.path.basename(p))
+        assert cli.main(["calibrate", str(store), str(held), "--fpr", "0.25", *RUN]) == 0
+        for _ in range(100):
+            info = json.loads(request(server.url + "/v1/info")[1])
+            if info["corpus_state"]["thresholds"]["tau"] is not None:
+                break
+            time.sleep(0.1)
+        assert info["corpus_state"]["thresholds_changed_at"] and info["thresholds"]["tau"] == \
+            info["corpus_state"]["thresholds"]["tau"]
+        assert "is_anomalous" in json.loads(request(server.url + "/v1/score", body)[1])
+        assert metric(server.metrics(), "spade_corpus_images") == 26.0
+    finally:
+        server.stop()
+    states = sorted({a["corpus"]["generation"] for a in answers})
+    assert len(states) >= 2  # the stream saw the corpus grow
+    for g in states:
+        with Spade.open(store, generation=g, k_gallery=5) as spade:
+            want = spade.score([probe])
+        for a in (a for a in answers if a["corpus"]["generation"] == g):
+            assert a["corpus"]["images"] == len(spade.paths_)
+            assert a["score"] == float(want.image_scores[0])
+            np.testing.assert_array_equal(decoded_map(a), want.maps[0])
+
+
+def test_two_corpora_in_one_service_answer_as_each_alone_with_one_model(store, dataset, tmp_path):
+    other_data = make_dataset(tmp_path / "other", n_train=8, n_good=1, n_defect=1, size=(96, 96), seed=7)
+    other = tmp_path / "other.h5"
+    assert cli.main(["index", str(other_data), "--out", str(other), *FEAT]) == 0
+    server = Server([f"tiles={store}", f"parts={other}"], tmp_path)
+    try:
+        listing = json.loads(request(server.url + "/v1/corpora")[1])
+        assert sorted(listing["corpora"]) == ["parts", "tiles"] and listing["models"] == 1  # same weights
+        assert listing["corpora"]["tiles"]["images"] == 12 and listing["corpora"]["parts"]["images"] == 8
+        probe = [s.path for s in discover(dataset, "test")][0]
+        body = open(probe, "rb").read()
+        for name, path in (("tiles", store), ("parts", other)):
+            with Spade.open(path, k_gallery=5) as alone:
+                want = alone.score([probe])
+            code, raw, _ = request(server.url + f"/v1/corpora/{name}/score?map=true&raw=true", body)
+            out = json.loads(raw)
+            assert code == 200 and out["score"] == float(want.image_scores[0])
+            np.testing.assert_array_equal(decoded_map(out), want.maps[0])
+            assert json.loads(request(server.url + f"/v1/corpora/{name}/info")[1])["name"] == name
+        code, raw, _ = request(server.url + "/v1/score", body)
+        assert code == 404 and "parts" in json.loads(raw)["error"]
+        assert request(server.url + "/v1/corpora/nope/score", body)[0] == 404
+        text = server.metrics()
+        assert metric(text, "spade_corpus_images", corpus="parts") == 8.0
+        assert metric(text, "spade_requests_total", path="/v1/corpora/{name}/score", code="200") == 2.0
+    finally:
+        server.stop()

@@ -184,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deep", action="store_true", help="read every level row")
 
     p = command("serve", "online scoring over HTTP (needs the 'serve' extra)", _model_args, _scoring_args, _run_args)
-    p.add_argument("store", help="corpus file")
+    p.add_argument("store", nargs="+", help="corpus file(s), each PATH or NAME=PATH (default name: the file's "
+                                            "stem); several are served under /v1/corpora/NAME/, one model per "
+                                            "distinct weights")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback only by default)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--token-file", help="file holding the bearer token every endpoint but /v1/health requires")
@@ -194,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", type=int, default=64, help="waiting requests per lane before 503")
     p.add_argument("--max-batch", type=int, default=8, help="images per backbone batch")
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    p.add_argument("--refresh-s", type=float, default=2.0,
+                   help="how often to take in images appended and thresholds calibrated while serving, in "
+                        "seconds (0: never); the state served is in /v1/info and in each answer")
 
     p = command("bench", "run the benchmark scripts of benchmarks/ (JSON lines on stdout); "
                          "`bench compress CORPUS HELD_OUT` measures each stored representation on your own data")

@@ -221,8 +221,11 @@ def cmd_verify(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    import contextlib
+
     try:
         from .serve import run
+        from .served import corpus_names, share_models
     except ImportError as e:
         raise ImportError(f"`serve` needs the 'serve' extra: pip install 'spade_faiss[serve]' "
                           f"({e.name} is missing)") from None
@@ -234,12 +237,14 @@ def cmd_serve(args) -> int:
         token = Path(args.token_file).read_text().strip()
         if not token:
             raise ValueError(f"{args.token_file}: empty token file")
-    with Spade.open(args.store, **spade_params(args)) as spade:
-        spade.load_backbone()
-        print(json.dumps({"serving": args.store, "url": f"http://{args.host}:{args.port}"}), flush=True)
-        run(spade, args.host, args.port, token=token, max_upload_bytes=int(args.max_upload_mb * 2**20),
+    named = corpus_names(args.store)
+    with contextlib.ExitStack() as stack:
+        spades = {name: stack.enter_context(Spade.open(path, **spade_params(args))) for name, path in named.items()}
+        models = share_models(list(spades.values()))
+        print(json.dumps({"serving": named, "models": models, "url": f"http://{args.host}:{args.port}"}), flush=True)
+        run(spades, args.host, args.port, token=token, max_upload_bytes=int(args.max_upload_mb * 2**20),
             max_pixels=args.max_pixels, timeout_s=args.timeout, queue_size=args.queue_size,
-            max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
+            max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, refresh_s=args.refresh_s)
     return 0
 
 

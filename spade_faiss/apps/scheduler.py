@@ -12,6 +12,10 @@ measured service times, ends before its deadline; otherwise :class:`Busy` is rai
 with the time the backlog needs to clear. Work for a job that was answered or abandoned is
 never started, and a map whose deadline can no longer be met is skipped (the image decision is
 still returned, saying so).
+
+Between jobs, at most every ``refresh_s`` seconds, the worker takes in what was committed
+beside the corpus (``Spade.refresh``: images appended, thresholds calibrated), so a job is
+scored against one corpus state from start to end, and its answer says which.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class Job:
     future: Future = dataclasses.field(default_factory=Future)
     submitted: float = dataclasses.field(default_factory=time.monotonic)
     retrieved: object = None
+    corpus: dict | None = None  # the corpus state it was scored against: images, generation
     started: bool = False  # the worker has taken it
     abandoned: bool = False  # the client left or its answer was given: do no more work
 
@@ -60,13 +65,15 @@ class Job:
 
 class Scheduler:
     """The worker thread and its two lanes. ``metrics`` is an object with the service's
-    instruments (see ``serve.Metrics``) or None; ``clock`` gives the time deadlines are in
+    instruments (see ``served.CorpusMetrics``) or None; ``clock`` gives the time deadlines are in
     (``time.monotonic``; tests inject their own)."""
 
     def __init__(self, spade: Spade, max_batch: int = 8, window_s: float = 0.005, queue_size: int = 64,
-                 metrics=None, clock=time.monotonic):
+                 metrics=None, clock=time.monotonic, refresh_s: float | None = None, on_refresh=None):
         self.spade, self.max_batch, self.window_s, self.queue_size = spade, max_batch, window_s, queue_size
         self.clock = clock
+        self.refresh_s, self.on_refresh = refresh_s, on_refresh
+        self.next_refresh = clock() + (refresh_s or 0)
         self.metrics = metrics
         self.lanes: dict[str, collections.deque] = {"score": collections.deque(), "map": collections.deque()}
         self.cond = threading.Condition()
@@ -145,16 +152,32 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self.cond:
-                while not (self.lanes["score"] or self.lanes["map"] or self.stopping):
-                    self.cond.wait()
+                while not (self.lanes["score"] or self.lanes["map"] or self.stopping or self._refresh_due()):
+                    self.cond.wait(None if not self.refresh_s else max(0.0, self.next_refresh - self.clock()))
                 if self.stopping and not (self.lanes["score"] or self.lanes["map"]):
                     return
-                lane = "score" if self.lanes["score"] else "map"
+                lane = "refresh" if self._refresh_due() else "score" if self.lanes["score"] else "map"
+            if lane == "refresh":  # between jobs (ids are stable: a queued map needs no redo)
+                self._refresh()
+                continue
             try:
                 self._serve_scores() if lane == "score" else self._serve_map()
             except Exception as e:  # answer the jobs in hand, keep serving
                 log.exception("scoring failed")
                 self._fail(e)
+
+    def _refresh_due(self) -> bool:
+        return bool(self.refresh_s) and self.clock() >= self.next_refresh
+
+    def _refresh(self) -> None:
+        self.next_refresh = self.clock() + self.refresh_s
+        try:
+            changes = self.spade.refresh()
+        except Exception:  # a damaged segment: keep serving what is taken in, say so
+            log.exception("taking in the corpus's new state failed")
+            changes = {"error": True}
+        if self.on_refresh is not None:
+            self.on_refresh(changes)
 
     def _take(self, lane: str, n: int) -> list[Job]:
         """Up to ``n`` live jobs of a lane; expired or abandoned ones are dropped, counted."""
@@ -183,8 +206,9 @@ class Scheduler:
             self.busy_until = self.clock() + SAFETY * len(batch) * self.times["score"]
         retrieved = self.spade.retrieve([j.image for j in batch])
         self._measure("score", (time.perf_counter() - t) / len(batch), len(batch))
+        state = {"images": len(self.spade.paths_), "generation": self.spade.generation_}
         for job, r in zip(batch, retrieved):
-            job.retrieved = r
+            job.retrieved, job.corpus = r, state
             wants = job.maps == "true" or (job.maps == "auto" and r.score > self.spade.tau_)
             if not wants:
                 self._answer(job, "not requested" if job.maps == "false" else "below the image threshold")

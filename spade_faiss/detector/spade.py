@@ -9,29 +9,25 @@ them reads the store or runs a stage itself.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from .. import images, patch_search
 from ..backbone import FeatureExtractor, check_weights, load_extractor
 from ..config import DEFAULTS, PARAM, Parameters, make_configs, parameters_doc
-from ..image_index import ImageIndex
-from ..representations import FIT_IMAGES
-from ..results import IndexReport, Retrieved, ScoredImage, SpadeResult
-from ..store import FeatureStore, join_shards
+from ..results import Retrieved, ScoredImage, SpadeResult
 from ..store import convert as convert_store
-from .indexing import append_new, new_store
-from .pipeline import QueryPipeline
+from ..store import join_shards, open_corpus
+from .lifecycle import Lifecycle
 from .thresholds import Thresholds
 
 log = logging.getLogger(__name__)
 
 
-class Spade(Parameters, Thresholds):
+class Spade(Parameters, Lifecycle, Thresholds):
     """SPADE anomaly detector over a FAISS-indexed HDF5 corpus of normal images.
 
     Scores are "higher = more anomalous" everywhere (image scores, maps, thresholds).
@@ -46,7 +42,8 @@ class Spade(Parameters, Thresholds):
     config_ : SpadeConfig
         The parameters in force (the one source of truth after fit/open).
     options_ : RunOptions
-    store_ : FeatureStore
+    store_ : CorpusView
+        The corpus file and the segments appended beside it (``store/view.py``).
     index_ : ImageIndex or None
     tau_, theta_ : float or None
         Image and pixel thresholds set by :meth:`calibrate` (stored in the corpus).
@@ -106,95 +103,6 @@ class Spade(Parameters, Thresholds):
         self.search_device_ = patch_search.resolve_search_device(self.options_.device)
         patch_search.resolve_engine(self.options_.stage2, self.search_device_)
 
-    # --- construction --------------------------------------------------------------------
-
-    @classmethod
-    def create(cls, path, like=None, **params) -> Spade:
-        """A new, empty corpus file at ``path`` (fill it with :meth:`add`). ``like``: a corpus
-        file whose fitted stored representations this one shares (the shards of one corpus)."""
-        spade = cls(**params)
-        spade._configure()
-        if os.path.exists(path):
-            raise FileExistsError(f"{path}: already exists (open it to append, or choose a new name)")
-        spade._attach(spade._new_store(path, in_memory=False))
-        if like is not None:
-            with FeatureStore.open(like) as template:
-                spade.store_.adopt_representations(template)
-        return spade
-
-    def fit_storage(self, samples: Iterable) -> Spade:
-        """Fit the stored representations on the features of up to ``FIT_IMAGES`` of ``samples``
-        without adding them (:meth:`add` does it on the first images otherwise); returns self."""
-        if self.store_.needs_fit:
-            prepared = [p for batch in self._batches(list(samples)[:FIT_IMAGES]) for p in batch if p.error is None]
-            if not prepared:
-                raise ValueError("no decodable image to fit the stored representations on")
-            feats = self._extractor()(np.stack([p.tensor for p in prepared]), "float32")
-            self.store_.fit_representations(feats, self.seed)
-        return self
-
-    @classmethod
-    def open(cls, path, mode: str = "r", **params) -> Spade:
-        """Open a corpus. Feature parameters and the weights default to the corpus's own; other
-        weights are refused (compared by the sha256 of their tensors) when the model loads."""
-        store = FeatureStore.open(path, mode)
-        try:
-            c = store.config
-            for key in ("backbone", "resize", "crop", "levels", "storage"):
-                params.setdefault(key, getattr(c, key))
-            source = store.weights_source()
-            for key in ("weights", "seed"):
-                if key in source:
-                    params.setdefault(key, source[key])
-            spade = cls(**params)
-            spade._configure(c.weights_sha256)
-            store.check_config(spade.config_)
-            return spade._attach(store)
-        except Exception:
-            store.close()
-            raise
-
-    def fit(self, images_, y=None) -> Spade:
-        """Index ``images_`` (paths, dataset samples or RGB uint8 arrays) in an in-memory corpus
-        and return self (scikit-learn style)."""
-        self._configure()
-        self._attach(self._new_store(f"spade-memory-{id(self)}.h5", in_memory=True))
-        report = self.add(images_)
-        if report.errors:
-            raise ValueError("cannot fit: " + "; ".join(r for _, r in report.errors[:5]))
-        return self
-
-    def _new_store(self, path, in_memory: bool) -> FeatureStore:
-        store = new_store(path, self._extractor(), self.config_, self.weights, self.seed, in_memory)
-        self.config_ = store.config.replace(**self.config_.scoring_dict())
-        return store
-
-    def _attach(self, store: FeatureStore) -> Spade:
-        self.store_ = store
-        self.index_ = ImageIndex.load(store)
-        self.index_problem_, self._index_ahead = None, False
-        if self.index_ is None and len(store):
-            self.index_problem_ = (f"{store.path}: holds {len(store)} images but no image index: "
-                                   f"run `spade-faiss reindex {store.path}`")
-        elif self.index_ is not None and self.index_.ntotal > len(store):
-            # n_committed lowered (damage): the index knows rows the corpus no longer commits, and
-            # an append would overwrite rows the index still returns.
-            self.index_problem_ = (f"{store.path}: its image index holds {self.index_.ntotal} images, but only "
-                                   f"{len(store)} are committed (a damaged n_committed?): check it with `spade-faiss "
-                                   f"verify`; `spade-faiss reindex {store.path}` indexes the committed ones")
-            self.index_, self._index_ahead = None, True
-        if self.index_ is not None and self.index_.ntotal < len(store):
-            # Rows committed after the index was last saved (a crash): add them from the store.
-            log.warning("%s: index has %d of %d images; adding the rest", store.path, self.index_.ntotal, len(store))
-            self.index_.add(store.pool(self.index_.ntotal))
-        self.calibration_ = store.thresholds()
-        self.tau_ = self.calibration_["tau"] if self.calibration_ else None
-        self.theta_ = self.calibration_["theta"] if self.calibration_ else None
-        self.pipeline_ = QueryPipeline(store, self.index_, self._extractor, self.options_.cache_bytes,
-                                       self.options_.seed)
-        self.paths_ = store.paths()
-        return self
-
     @property
     def timings_(self):
         """Seconds spent per stage, accumulated over calls (see the class docstring)."""
@@ -223,55 +131,17 @@ class Spade(Parameters, Thresholds):
         self._extractor()
         return self
 
-    def close(self):
-        if getattr(self, "store_", None) is not None:
-            self.store_.close()
-
-    def reopen(self, mode: str = "r") -> Spade:
-        """Open the same corpus file again after :meth:`close`, keeping the model (a worker that
-        must not hold the file between batches); returns self."""
-        store = FeatureStore.open(self.store_.path, mode)
-        store.check_config(self.config_)
-        return self._attach(store)
-
-    def __enter__(self):
+    def share_backbone(self, other: Spade) -> Spade:
+        """Use ``other``'s model instead of building one (a service with several corpora built
+        from the same weights keeps one copy); refused for another architecture or other
+        weights (compared by the sha256 of their tensors). Returns self."""
+        mine = (self.config_.backbone, self.config_.weights_sha256, self.options_.device)
+        theirs = (other.config_.backbone, other.config_.weights_sha256, other.options_.device)
+        if mine != theirs:
+            raise ValueError(f"cannot share a model: this corpus needs {mine[0]} weights {str(mine[1])[:12]} on "
+                             f"{mine[2]}, the other has {theirs[0]} {str(theirs[1])[:12]} on {theirs[2]}")
+        self.extractor_ = other._extractor()
         return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    # --- indexing ------------------------------------------------------------------------
-
-    def add(self, samples: Iterable, on_progress: Callable[[int], None] | None = None) -> IndexReport:
-        """Extract and append the images not yet in the corpus (dedupe by content sha256), then
-        update and save the image index. ``on_progress(n)`` is called after each batch of n."""
-        if self._index_ahead:
-            raise ValueError(self.index_problem_)  # appending would overwrite rows the index returns
-        start = time.perf_counter()
-        n_before = len(self.store_)
-        report = append_new(self.store_, self._batches(samples), self._extractor, self.seed, on_progress)
-        if len(self.store_) > n_before or (self.index_ is None and len(self.store_)):
-            self._save_index(self.index_ is None)
-        report.seconds = time.perf_counter() - start
-        return report
-
-    def _save_index(self, rebuild: bool) -> None:
-        o = self.options_
-        if rebuild:
-            self.index_ = ImageIndex.build(self.store_.pool(), o.index, o.nlist, self.config_.nprobe, o.encoding,
-                                           o.seed, o.target_recall, self.config_.k_gallery)
-        else:
-            self.index_.add(self.store_.pool(self.index_.ntotal))
-        self.index_.save(self.store_)
-        self.index_problem_, self._index_ahead = None, False
-        self.pipeline_.index = self.index_
-        self.paths_ = self.store_.paths()
-
-    def reindex(self) -> dict:
-        """Rebuild (and retrain) the image index over all committed rows with the ``index``,
-        ``nlist``, ``nprobe``, ``encoding`` and ``seed`` parameters, and save it."""
-        self._save_index(rebuild=True)
-        return self.index_.attrs()
 
     # --- scoring -------------------------------------------------------------------------
 
@@ -391,5 +261,5 @@ def join(shards: list, out) -> int:
 
 def describe(path) -> dict:
     """What ``spade-faiss info`` prints about a corpus file (no model is built)."""
-    with FeatureStore.open(path) as store:
+    with open_corpus(path) as store:
         return store.describe()

@@ -6,12 +6,16 @@
 - ``shards``: :func:`join_shards`, one corpus over several shard files
 - ``repair``: :func:`rebuild`, a corpus whose writer died made writable again
 - ``convert``: :func:`convert`, a corpus in another stored representation (v1 -> v2 too)
+- ``appends``: the segments a corpus grows by while other processes read it
+- ``view``: :class:`CorpusView`, a corpus and its segments as one; :func:`open_corpus`
 """
 
 from .convert import convert
-from .corpus import FeatureStore, StoreError
+from .corpus import CorpusLocked, FeatureStore, StoreError
 from .layout import SHA_DTYPE
 from .shards import join_shards
+from .view import CorpusView, merge_segments, open_corpus
 from .writer import AppendWriter
 
-__all__ = ["FeatureStore", "StoreError", "AppendWriter", "join_shards", "convert", "SHA_DTYPE"]
+__all__ = ["AppendWriter", "CorpusLocked", "CorpusView", "FeatureStore", "SHA_DTYPE", "StoreError", "convert",
+           "join_shards", "merge_segments", "open_corpus"]

@@ -14,7 +14,6 @@ overwritten by the next append.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ import h5py
 import hdf5plugin  # noqa: F401  registers the lossless filters with HDF5: every reader can decode them
 import numpy as np
 
+from ..clock import utc_now
 from ..config import SpadeConfig, feature_mismatch, upgrade_feature_dict
 from ..representations import Representation
 from ..version import __version__
@@ -44,8 +44,9 @@ class StoreError(ValueError):
     """A corpus file that is missing parts, corrupt, or built with another configuration."""
 
 
-def _utc_now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+class CorpusLocked(StoreError):
+    """The corpus file is open in another process in a way that excludes this open (HDF5's
+    file lock: one writer excludes everyone, readers share)."""
 
 
 def _plain(attrs: dict) -> dict:
@@ -106,7 +107,7 @@ class FeatureStore:
         ``weights_source`` records where the backbone weights came from (for later opens)."""
         path = str(path)
         shapes = {lv: tuple(int(x) for x in level_shapes[lv]) for lv in config.levels}
-        attrs = dict(format_version=FORMAT_VERSION, library_version=__version__, created=_utc_now(),
+        attrs = dict(format_version=FORMAT_VERSION, library_version=__version__, created=utc_now(),
                      config=json.dumps(config.feature_dict(), sort_keys=True),
                      weights_source=json.dumps(weights_source or {}, sort_keys=True),
                      feature_shapes=json.dumps(shapes, sort_keys=True))
@@ -141,10 +142,11 @@ class FeatureStore:
         try:
             h5 = h5py.File(path, "r" if mode == "r" else "r+")
         except OSError as e:
-            # HDF5 locks files: one writer excludes everyone, readers share (documented in README).
-            if "unable to lock file" in str(e):
-                raise StoreError(f"{path}: is being written by another process (HDF5 file lock); "
-                                 f"retry when it has finished") from None
+            # HDF5 locks files: one writer excludes everyone, readers share (documented in README);
+            # within one process, HDF5 refuses to open for writing a file it has open for reading.
+            if "unable to lock file" in str(e) or "already open for read-only" in str(e):
+                raise CorpusLocked(f"{path}: is being written by another process (HDF5 file lock); "
+                                   f"retry when it has finished") from None
             raise StoreError(f"{path}: not a readable HDF5 corpus ({e})") from None
         try:
             store = cls(h5, path)
@@ -304,7 +306,7 @@ class FeatureStore:
                 "images": len(self), "bytes": self.nbytes_on_disk(), "bytes_per_image": self.bytes_per_image(),
                 "config": self.config.feature_dict(),
                 "weights_source": self.weights_source(), "levels": {k: list(v) for k, v in self.level_shapes.items()},
-                "pool_dim": self.pool_dim, "index": _plain(self.read_index()[1]) or None,
+                "pool_dim": self.pool_dim, "index": _plain(dict(self.h5["index"].attrs)) or None,
                 "thresholds": self.thresholds()}
 
     def bytes_per_image(self) -> dict:

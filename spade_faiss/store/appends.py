@@ -1,0 +1,102 @@
+"""Appends beside a served corpus: how a corpus grows while other processes read it.
+
+HDF5 locks a file for its one writer, and a process that reads it (``serve``, ``score``)
+keeps it open, so an append in place has to wait for every reader to close. Instead, a writer
+that finds the corpus open elsewhere commits each batch as a *segment*: a small corpus file of
+the same configuration and fitted representations, written whole under a temporary name and
+renamed into ``<corpus>.appends/`` (a rename is atomic: a segment is there whole or not at
+all). Readers see the corpus file's rows and then each segment's, in segment order
+(``view.py``), and pick up new segments when they refresh. Thresholds calibrated meanwhile go
+to ``<corpus>.appends/thresholds.json`` the same way.
+
+The next writer that has the corpus file to itself merges the segments into it (rows copied
+as stored, deduplicated by sha256, so a merge cut short is finished by the next one) and
+removes them: the ids and scores are the same before and after (docs/design.md §2, "Growing
+while served").
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from pathlib import Path
+
+SUFFIX = ".appends"
+THRESHOLDS = "thresholds.json"
+LOCK = ".writer.lock"
+_SEGMENT = re.compile(r"^seg-(\d{6})\.h5$")
+
+
+def appends_dir(path) -> Path:
+    return Path(f"{os.path.abspath(path)}{SUFFIX}")
+
+
+def segment_paths(path) -> list[str]:
+    """The committed segments of corpus ``path``, in commit order (temporary files left out)."""
+    folder = appends_dir(path)
+    if not folder.is_dir():
+        return []
+    return [str(folder / n) for n in sorted(os.listdir(folder)) if _SEGMENT.match(n)]
+
+
+def next_segment_path(path) -> str:
+    names = [Path(p).name for p in segment_paths(path)]
+    number = int(_SEGMENT.match(names[-1]).group(1)) + 1 if names else 1
+    return str(appends_dir(path) / f"seg-{number:06d}.h5")
+
+
+class WriterLock:
+    """One writer at a time beside a corpus: an exclusive ``flock`` on
+    ``<corpus>.appends/.writer.lock``, released on close (or when the process dies)."""
+
+    def __init__(self, path):
+        folder = appends_dir(path)
+        folder.mkdir(exist_ok=True)
+        self.fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise BlockingIOError(f"{path}: another process is appending to it; retry when it has finished") from None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def remove_temporaries(path) -> None:
+    """Segments a killed writer left half-written (under the writer lock: none is being written)."""
+    folder = appends_dir(path)
+    for name in os.listdir(folder) if folder.is_dir() else []:
+        if ".tmp-" in name:
+            os.remove(folder / name)
+
+
+def write_thresholds(path, thresholds: dict) -> None:
+    """Thresholds beside corpus ``path`` (atomic: the old file or the new one)."""
+    folder = appends_dir(path)
+    folder.mkdir(exist_ok=True)
+    tmp = folder / f"{THRESHOLDS}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(thresholds, sort_keys=True))
+    os.replace(tmp, folder / THRESHOLDS)
+
+
+def read_thresholds(path) -> dict | None:
+    file = appends_dir(path) / THRESHOLDS
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def clear(path) -> None:
+    """Remove the segments and thresholds once merged into the corpus file, then the folder."""
+    folder = appends_dir(path)
+    for p in segment_paths(path) + [str(folder / THRESHOLDS), str(folder / LOCK)]:
+        if os.path.exists(p):
+            os.remove(p)
+    if folder.is_dir() and not os.listdir(folder):
+        folder.rmdir()

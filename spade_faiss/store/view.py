@@ -1,0 +1,258 @@
+"""A corpus as a process sees it: the corpus file, then the segments appended beside it while
+it was served (``appends.py``), as one sequence of images with stable ids.
+
+Image ids run through the corpus file's committed rows, then each segment's rows whose sha256
+is new, in segment order; :meth:`CorpusView.refresh` adds segments committed since. Every
+reader sees the same ids for the same segments, and the merge that later moves them into the
+corpus file keeps those ids, so scores are bitwise the same before and after.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from . import appends
+from .corpus import CorpusLocked, FeatureStore, StoreError
+
+log = logging.getLogger(__name__)
+
+
+class CorpusView:
+    """Read access to a corpus and its segments, with :class:`FeatureStore`'s reading methods
+    (anything not defined here is the corpus file's), and appends: into the corpus file when
+    this process has it to itself, else (``beside``) as new segments."""
+
+    def __init__(self, base: FeatureStore, beside: bool = False, lock: appends.WriterLock | None = None,
+                 generation: int | None = None):
+        self.base, self.beside, self.lock = base, beside, lock
+        self.parts: list[FeatureStore] = [base]
+        self.rows: list[np.ndarray] = [np.arange(len(base), dtype=np.int64)]  # rows of each part in the view
+        self.starts = [0]
+        self._paths, self._shas = base.paths(), base.sha256s()
+        self._known = set(self._shas)
+        self._thresholds_mtime = None
+        self.segments = 0
+        self.refresh(generation)
+        self.thresholds_changed()
+
+    def __getattr__(self, name):  # the corpus file's configuration, index, metadata
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- growing -------------------------------------------------------------------------
+
+    @property
+    def writable(self) -> bool:
+        """Whether appends and the image index go into the corpus file itself."""
+        return not self.beside and self.base.h5.mode == "r+"
+
+    def refresh(self, until: int | None = None) -> np.ndarray:
+        """Add the segments committed since the last call (up to ``until`` segments in all);
+        returns the pooled vectors of the images they add, float32 (n, D), in id order."""
+        new = []
+        for path in appends.segment_paths(self.base.path)[self.segments:until]:
+            try:
+                seg = FeatureStore.open(path)
+            except FileNotFoundError:
+                break  # merged meanwhile by a writer that had the corpus file to itself
+            self._check_segment(seg)
+            shas = seg.sha256s()
+            keep = np.array([i for i, s in enumerate(shas) if s not in self._known], dtype=np.int64)
+            self._known.update(shas)
+            self.parts.append(seg)
+            self.rows.append(keep)
+            self.starts.append(len(self._paths))
+            paths = seg.paths()
+            self._paths += [paths[i] for i in keep]
+            self._shas += [shas[i] for i in keep]
+            self.segments += 1
+            if len(keep):
+                new.append(seg.pool()[keep])
+        return np.concatenate(new) if new else np.empty((0, self.base.pool_dim), np.float32)
+
+    def _check_segment(self, seg: FeatureStore) -> None:
+        if seg.config.feature_dict() != self.base.config.feature_dict():
+            seg.close()
+            raise StoreError(f"{seg.path}: built with another configuration than {self.base.path}")
+        for lv, rep in self.base.representations.items():
+            theirs = seg.representations[lv].state or {}
+            if any(not np.array_equal(v, theirs.get(k)) for k, v in (rep.state or {}).items()):
+                seg.close()
+                raise StoreError(f"{seg.path}: its {lv} representation is fitted differently from {self.base.path}'s")
+
+    def thresholds_changed(self) -> bool:
+        """Whether the thresholds file beside the corpus changed since the last call."""
+        try:
+            mtime = os.stat(appends.appends_dir(self.base.path) / appends.THRESHOLDS).st_mtime_ns
+        except FileNotFoundError:
+            mtime = None
+        changed, self._thresholds_mtime = mtime != self._thresholds_mtime, mtime
+        return changed
+
+    # --- reading -------------------------------------------------------------------------
+
+    def paths(self) -> list[str]:
+        return list(self._paths)
+
+    def sha256s(self) -> list[str]:
+        return list(self._shas)
+
+    def _locate(self, ids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(np.asarray(self.starts), ids, side="right") - 1
+
+    def pool(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        stop = len(self) if stop is None else min(stop, len(self))
+        if len(self.parts) == 1:
+            return self.base.pool(start, stop)
+        ids = np.arange(start, max(start, stop), dtype=np.int64)
+
+        def read(part, rows):  # one range per part
+            lo = int(rows.min())
+            return part.pool(lo, int(rows.max()) + 1)[rows - lo]
+
+        return self._gather(ids, read, (self.base.pool_dim,), np.float32)
+
+    def level(self, name: str, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
+            raise IndexError(f"image ids must lie in [0, {len(self)}), got {ids.min()}..{ids.max()}")
+        if len(self.parts) == 1:
+            return self.base.level(name, ids)
+        shape = self.base.level_shapes[name]
+        return self._gather(ids, lambda part, rows: part.level(name, rows), shape, None)
+
+    def stored_level(self, name: str, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        ds = self.base.h5["levels"][name]
+        return self._gather(ids, lambda part, rows: part.stored_level(name, rows), ds.shape[1:], ds.dtype)
+
+    def _gather(self, ids: np.ndarray, read, shape, dtype) -> np.ndarray:
+        """``read(part, local rows)`` for the ids of each part, assembled in ``ids`` order."""
+        which = self._locate(ids) if ids.size else ids
+        out = None
+        for p in np.unique(which):
+            sel = np.flatnonzero(which == p)
+            block = read(self.parts[p], self.rows[p][ids[sel] - self.starts[p]])
+            if out is None:
+                out = np.empty((len(ids), *block.shape[1:]), dtype or block.dtype)
+            out[sel] = block
+        return out if out is not None else np.empty((0, *shape), dtype or np.float32)
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(p.bytes_read for p in self.parts)
+
+    def thresholds(self) -> dict | None:
+        beside = appends.read_thresholds(self.base.path)
+        return beside if beside is not None else self.base.thresholds()
+
+    def describe(self) -> dict:
+        return {**self.base.describe(), "images": len(self), "segments": self.segments,
+                "thresholds": self.thresholds()}
+
+    # --- writing -------------------------------------------------------------------------
+
+    def append(self, paths, sha256s, feats: dict, encoded: bool | set = False) -> np.ndarray:
+        """Commit a batch: into the corpus file, or (``beside``) as a new segment."""
+        if not self.beside:
+            ids = self.base.append(paths, sha256s, feats, encoded)
+            self._paths += list(paths)
+            self._shas += list(sha256s)
+            self._known.update(sha256s)
+            self.rows[0] = np.arange(len(self.base), dtype=np.int64)
+            return ids
+        final = appends.next_segment_path(self.base.path)
+        tmp = f"{final}.tmp-{os.getpid()}"
+        seg = FeatureStore.create(tmp, self.base.config, self.base.feature_shapes, self.base.pool_dim,
+                                  weights_source=self.base.weights_source())
+        try:
+            seg.adopt_representations(self.base)
+            seg.append(paths, sha256s, feats, encoded)
+        finally:
+            seg.close()
+        os.replace(tmp, final)
+        start = len(self)
+        self.refresh()
+        return np.arange(start, len(self), dtype=np.int64)
+
+    def write_thresholds(self, thresholds: dict) -> None:
+        if self.beside:
+            appends.write_thresholds(self.base.path, thresholds)
+        else:
+            self.base.write_thresholds(thresholds)
+
+    def close(self) -> None:
+        for p in self.parts:
+            p.close()
+        if self.lock is not None:
+            self.lock.release()
+
+
+def merge_segments(base: FeatureStore) -> int:
+    """Move the segments beside ``base`` (opened for appending, so nobody reads it) into it:
+    new rows copied as stored, in segment order; returns how many images were added."""
+    seg_paths = appends.segment_paths(base.path)
+    beside = appends.read_thresholds(base.path)
+    if not seg_paths and beside is None:
+        return 0
+    known, added = set(base.sha256s()), 0
+    for path in seg_paths:
+        with FeatureStore.open(path) as seg:
+            shas = seg.sha256s()
+            keep = [i for i, s in enumerate(shas) if s not in known]
+            known.update(shas)
+            if keep:
+                paths = seg.paths()
+                feats = {"pool": seg.pool()[keep], **{lv: seg.stored_level(lv, keep) for lv in base.config.levels}}
+                base.append([paths[i] for i in keep], [shas[i] for i in keep], feats, encoded=True)
+                added += len(keep)
+    if beside is not None:
+        base.write_thresholds(beside)
+    appends.remove_temporaries(base.path)
+    appends.clear(base.path)
+    log.info("%s: merged %d segment(s), %d image(s)", base.path, len(seg_paths), added)
+    return added
+
+
+def open_corpus(path, mode: str = "r", generation: int | None = None) -> CorpusView:
+    """Open corpus ``path`` with its segments (the first ``generation`` of them: a state a
+    service reported). ``mode="a"``: append into the file when this process can have it to
+    itself (merging the segments first), else beside it."""
+    if mode != "a":
+        return CorpusView(FeatureStore.open(path, mode), generation=generation)
+    try:
+        base = FeatureStore.open(path, "a")
+    except CorpusLocked as busy:
+        try:
+            base = FeatureStore.open(path, "r")  # read by others (serve, score): append beside it
+        except CorpusLocked:
+            raise busy from None
+        try:
+            if base.needs_fit:
+                raise StoreError(f"{path}: an empty corpus cannot grow while it is read elsewhere; stop the "
+                                 f"readers for its first append")
+            lock = appends.WriterLock(path)
+        except BaseException:
+            base.close()
+            raise
+        appends.remove_temporaries(path)
+        return CorpusView(base, beside=True, lock=lock)
+    try:
+        merge_segments(base)
+    except BaseException:
+        base.close()
+        raise
+    return CorpusView(base)

@@ -1,0 +1,131 @@
+"""A corpus grows while it is read: appends beside it (segments), readers that catch up, the
+merge, thresholds calibrated meanwhile; scores bitwise those of a corpus built at once."""
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from spade_faiss import Spade
+from spade_faiss.datasets import discover
+from spade_faiss.store import FeatureStore, appends
+from spade_faiss.synthetic import make_dataset
+
+from .conftest import SMALL
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = make_dataset(tmp_path_factory.mktemp("grow") / "tile", n_train=20, n_good=2, n_defect=2, size=(80, 80),
+                        seed=3)
+    train = [s.path for s in discover(root, "train")]
+    return train, [s.path for s in discover(root, "test")]
+
+
+def scores(spade, test):
+    r = spade.score(test)
+    return r.image_scores, r.maps
+
+
+def built_at_once(tmp_path, train, test):
+    with Spade.create(tmp_path / "once.h5", **SMALL, k_gallery=4) as once:
+        once.add(train)
+        return scores(once, test)
+
+
+def test_a_reader_catches_up_with_appends_beside_it_and_the_merge_keeps_its_scores(tmp_path, data):
+    train, test = data
+    path = tmp_path / "c.h5"
+    with Spade.create(path, **SMALL, k_gallery=4) as first:
+        first.add(train[:8])
+    reader = Spade.open(path, k_gallery=4)
+    before = scores(reader, test)
+    with Spade.open(path, "a", k_gallery=4) as writer:  # the reader has the file: appends go beside it
+        assert writer.store_.beside
+        writer.add(train[8:14])
+        writer.add(train[12:20])  # 12, 13 again: duplicates, not added twice
+    assert len(appends.segment_paths(path)) >= 2
+    with FeatureStore.open(path) as base:
+        assert len(base) == 8  # the corpus file itself is untouched while read
+    np.testing.assert_array_equal(scores(reader, test)[0], before[0])  # nothing seen before refresh
+    changes = reader.refresh()
+    assert changes["added"] == 12 and len(reader.store_) == 20 and reader.paths_[8:] == \
+        [os.path.abspath(p) for p in train[8:]]
+    caught_up = scores(reader, test)
+    with Spade.open(path, k_gallery=4) as fresh:  # opened after the appends
+        np.testing.assert_array_equal(scores(fresh, test)[0], caught_up[0])
+        np.testing.assert_array_equal(scores(fresh, test)[1], caught_up[1])
+    want = built_at_once(tmp_path, train, test)
+    np.testing.assert_array_equal(caught_up[0], want[0])
+    np.testing.assert_array_equal(caught_up[1], want[1])
+    reader.close()
+    with Spade.open(path, "a", k_gallery=4) as writer:  # nobody reads: the segments are merged
+        assert not writer.store_.beside and len(writer.store_.base) == 20
+    assert not appends.appends_dir(path).exists()
+    with Spade.open(path, k_gallery=4) as merged:
+        assert merged.index_.ntotal == 20
+        np.testing.assert_array_equal(scores(merged, test)[0], want[0])
+        np.testing.assert_array_equal(scores(merged, test)[1], want[1])
+
+
+def test_thresholds_calibrated_while_served_reach_the_reader(tmp_path, data):
+    train, test = data
+    path = tmp_path / "c.h5"
+    with Spade.create(path, **SMALL, k_gallery=3) as first:
+        first.add(train[:10])
+    with Spade.open(path, k_gallery=3) as reader:
+        assert reader.tau_ is None
+        with Spade.open(path, "a", k_gallery=3) as writer:
+            th = writer.calibrate(train[10:14], fpr=0.25)
+        assert reader.refresh()["thresholds_changed"] and reader.tau_ == th["tau"] and reader.theta_ == th["theta"]
+        assert not reader.refresh()["thresholds_changed"]
+    with Spade.open(path, "a", k_gallery=3):
+        pass  # merged into the corpus file
+    with Spade.open(path, k_gallery=3) as fresh:
+        assert fresh.tau_ == th["tau"] and fresh.store_.base.thresholds()["tau"] == th["tau"]
+
+
+def test_one_writer_beside_a_corpus_and_a_killed_one_leaves_nothing_seen(tmp_path, data):
+    train, _ = data
+    path = tmp_path / "c.h5"
+    with Spade.create(path, **SMALL) as first:
+        first.add(train[:6])
+    with Spade.open(path) as reader:
+        with Spade.open(path, "a"):
+            with pytest.raises(BlockingIOError, match="another process is appending"):
+                Spade.open(path, "a")
+        # What a writer killed mid-segment leaves: a temporary file, never read.
+        half = appends.appends_dir(path) / "seg-000001.h5.tmp-999"
+        half.write_bytes(b"\x89HDF half")
+        assert reader.refresh()["added"] == 0
+        with Spade.open(path, "a") as writer:  # the next writer removes it, and appends
+            assert not half.exists()
+            assert writer.add(train[6:9]).added == 3
+        assert reader.refresh()["added"] == 3
+
+
+def test_a_writer_killed_mid_append_beside_a_reader_loses_only_its_uncommitted_batch(tmp_path, data):
+    train, test = data
+    path = tmp_path / "c.h5"
+    with Spade.create(path, **SMALL, k_gallery=3) as first:
+        first.add(train[:6])
+    listing = tmp_path / "new.txt"
+    listing.write_text("\n".join(train[6:20]) + "\n")
+    with Spade.open(path, k_gallery=3) as reader:
+        before = scores(reader, test)
+        cmd = [sys.executable, "-m", "spade_faiss", "index", str(listing), "--out", str(path), "--batch-size", "2"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        while len(appends.segment_paths(path)) < 2 and proc.poll() is None:
+            time.sleep(0.02)
+        proc.kill()
+        proc.wait()
+        reader.refresh()
+        n = len(reader.store_)
+        assert 6 < n < 20 and n % 2 == 0  # whole batches only
+        assert len(scores(reader, test)[0]) == len(before[0])  # serves the committed corpus meanwhile
+        assert subprocess.run(cmd, capture_output=True).returncode == 0  # resumes: the rest only
+        assert reader.refresh()["added"] == 20 - n and len(reader.store_) == 20
+        assert len(set(reader.store_.sha256s())) == 20
