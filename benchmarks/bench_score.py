@@ -2,9 +2,14 @@
 `auto`) against the float32 brute-force floor and `--stage2 faiss`, in the default environment
 and with the OPENBLAS variables unset; per level, the stage-2 time, effective GFLOP/s and
 fraction pruned of each engine (pruned, dense, faiss) for K in --ks and concat mode.
+A stage table (``step="stages"``): seconds per image of decoding and resizing, the backbone,
+stage 1, gallery reads, each stage-2 level (with its fraction pruned), map assembly and
+smoothing, the run files with and without overlays, and the report. ``--size 900`` scores
+the same images as MVTec-style 900x900 RGB parts (upscaled copies written under --out).
 Prints JSON lines; writes only under --out.
 
     .venv/bin/python benchmarks/bench_score.py --out bench-out             # 60 normal + 12 test real images
+    .venv/bin/python benchmarks/bench_score.py --out bench-out --size 900  # the same as 900x900 RGB parts
     .venv/bin/python benchmarks/bench_score.py --out bench-out --quick     # small backbone, generated data
 """
 
@@ -142,6 +147,59 @@ def per_level(store: Path, test: list[str], ks: list[int], concat_k: int) -> Non
             spade.close()
 
 
+def as_large(paths: list[str], out: Path, size: int) -> list[str]:
+    """RGB copies of ``paths`` at ``size`` x ``size`` (bicubic), in the same folder layout."""
+    import cv2
+
+    done = []
+    for p in paths:
+        q = out / f"large{size}" / Path(p).parent.name / (Path(p).stem + ".png")
+        if not q.exists():
+            q.parent.mkdir(parents=True, exist_ok=True)
+            img = cv2.imread(p, cv2.IMREAD_COLOR)
+            cv2.imwrite(str(q), cv2.resize(img, (size, size), interpolation=cv2.INTER_CUBIC))
+        done.append(str(q))
+    return done
+
+
+def stage_table(store: Path, test: list[str], out: Path, size: int | None) -> None:
+    """Where one image's time goes when `score` runs it, stage by stage, same process, warm."""
+    from spade_faiss import images
+    from spade_faiss.apps.report import write_report
+    from spade_faiss.apps.runs import RunDir, colour_scale
+
+    with Spade.open(store, device="cpu") as spade:
+        spade.score(test[:1])  # warm: model, caches, projections
+        t = time.perf_counter()
+        for p in test:
+            images.prepare(p, spade.resize, spade.crop)
+        decode = (time.perf_counter() - t) / len(test)
+        spade.timings_.clear()
+        t = time.perf_counter()
+        results = list(spade.iter_score(test, maps=True))
+        scoring = (time.perf_counter() - t) / len(test)
+        stages = {k: v / len(test) for k, v in spade.timings_.items()}
+        pruned = {k: v["pruned"] for k, v in spade.pruning_stats_.items()}
+        scale = colour_scale(spade)
+        files = {}
+        for overlays in (False, True):
+            run = RunDir(out / f"stages_run_{overlays}")
+            run.clear() if run.path.exists() else None
+            writer = run.writer(spade.crop, spade.resize, colour_max=scale if overlays else None, theta=spade.theta_)
+            t = time.perf_counter()
+            for r in results:
+                writer.write([r])
+            files[overlays] = (time.perf_counter() - t) / len(test)
+        t = time.perf_counter()
+        write_report(run.path)
+        report = (time.perf_counter() - t) / len(test)
+    emit(bench="score", step="stages", size=size or "original", images=len(test),
+         decode_and_resize_s=round(decode, 4), scoring_loop_s=round(scoring, 4),
+         **{f"{k}_s": round(v, 4) for k, v in sorted(stages.items())},
+         fraction_pruned=pruned, run_files_no_overlays_s=round(files[False], 4),
+         overlays_s=round(files[True] - files[False], 4), report_s=round(report, 4))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench-out", help="folder for corpora and runs (created)")
@@ -151,6 +209,8 @@ def main() -> None:
     ap.add_argument("--concat-k", type=int, default=10, help="0: no concat row")
     ap.add_argument("--backbone", default="wide_resnet50_2")
     ap.add_argument("--repeat", type=int, default=3, help="fresh processes per end-to-end timing (the fastest)")
+    ap.add_argument("--size", type=int, default=None, help="score the images as SIZE x SIZE RGB parts (e.g. 900)")
+    ap.add_argument("--stages-only", action="store_true", help="the stage table only (no end-to-end runs)")
     ap.add_argument("--kernels-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="resnet18, generated data, 12 + 3 images, K=5, one run")
     args = ap.parse_args()
@@ -164,12 +224,17 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train, test, source = dataset_images(out, args.n_train, args.n_test, generated=args.quick)
+    if args.size:
+        train, test, source = as_large(train, out, args.size), as_large(test, out, args.size), f"{source}{args.size}"
     store = out / f"score_{args.backbone}_{source}_{args.n_train}.h5"
     if not store.exists():
         (out / "train.txt").write_text("\n".join(train))
         cli("index", out / "train.txt", "--out", store, "--weights", "none", "--backbone", args.backbone,
             "--device", "cpu")
     emit(bench="score", step="machine", data=source, **machine())
+    stage_table(store, test, out, args.size)
+    if args.stages_only:
+        return
     keep_freed_memory()  # as the CLI does, so that the floor's backbone runs as fast as the CLI's
     with Spade.open(store, device="cpu", k_gallery=min(50, args.n_train)) as spade:
         spade.score(test[:1], maps=False)

@@ -1,7 +1,10 @@
 """Service benchmark: `spade-faiss serve` under open-loop load (requests arrive at a fixed rate,
 not as fast as answers return) at 0.5x, 1x and 2x its measured capacity, for score-only and
 map requests: goodput (200s per second), p50/p99 latency, 503 and 504 counts. Capacity is the
-throughput of a closed loop of 16 clients. Prints JSON lines; writes only under --out.
+throughput of a closed loop of 16 clients. With ``--append N``, the 1x point is measured again
+while a niced one-thread `spade-faiss index` appends N new normal images to the served corpus
+(docs/design.md §2, "Growing while served"): goodput and p99 against the point without it, and
+the images the service took in. Prints JSON lines; writes only under --out.
 
     .venv/bin/python benchmarks/bench_serve.py --out bench-out            # default backbone, real images
     .venv/bin/python benchmarks/bench_serve.py --out bench-out --quick    # resnet18, generated data
@@ -97,6 +100,27 @@ def open_loop(url: str, bodies: list[bytes], rate: float, seconds: float) -> dic
             "n_other": sum(c not in (200, 503, 504) for c in codes)}
 
 
+def with_append(base: str, url: str, bodies: list, capacity: float, args, store: Path, out: Path, kind: str,
+                new: list[str], baseline: dict) -> None:
+    """The 1x point again while a writer appends ``new`` images beside the served corpus."""
+    listing = out / f"append_{kind}.txt"
+    listing.write_text("\n".join(new) + "\n")
+    before = json.load(urllib.request.urlopen(base + "/v1/info"))["corpus_state"]["images"]
+    writer = subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "spade_faiss", "index", str(listing),
+                               "--out", str(store), "--threads", "1", "--batch-size", "4"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    r = open_loop(url, bodies, capacity, args.seconds)
+    writer_running = writer.poll() is None
+    writer.wait()
+    time.sleep(2 * 2.0)  # two refresh intervals (the service's default --refresh-s)
+    after = json.load(urllib.request.urlopen(base + "/v1/info"))["corpus_state"]
+    emit(bench="serve", step="open_loop_append", kind=kind, load=1, appended=len(new),
+         images_before=before, images_after=after["images"], generation=after["generation"],
+         writer_outlasted_the_load=writer_running, goodput_fraction_of_load=round(r["goodput_per_s"] / capacity, 3),
+         p99_over_no_append=round(r["p99_ms"] / baseline["p99_ms"], 2) if r["p99_ms"] and baseline["p99_ms"]
+         else None, **r)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench-out")
@@ -105,13 +129,15 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="per open-loop point")
     ap.add_argument("--timeout", type=float, default=10.0, help="the server's per-request deadline")
     ap.add_argument("--loads", default="0.5,1,2")
+    ap.add_argument("--append", type=int, default=0, help="images appended during a second 1x point, per kind")
     ap.add_argument("--quick", action="store_true", help="resnet18, generated data, 5 s points")
     args = ap.parse_args()
     if args.quick:
         args.backbone, args.n_train, args.seconds = "resnet18", 20, 5.0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train, test, source = dataset_images(out, args.n_train, 12, generated=args.quick)
+    train, test, source = dataset_images(out, args.n_train + 2 * args.append, 12, generated=args.quick)
+    train, extra = train[:args.n_train], train[args.n_train:]
     store = out / f"serve_{args.backbone}_{source}_{args.n_train}.h5"
     if not store.exists():
         (out / "serve_train.txt").write_text("\n".join(train))
@@ -143,6 +169,9 @@ def main() -> None:
                 r = open_loop(url, bodies, load * capacity, args.seconds)
                 emit(bench="serve", step="open_loop", kind=kind, load=load, rate_per_s=round(load * capacity, 2),
                      goodput_fraction_of_capacity=round(r["goodput_per_s"] / capacity, 3), **r)
+                if load == 1 and args.append:
+                    new, extra = extra[:args.append], extra[args.append:]
+                    with_append(base, url, bodies, capacity, args, store, out, kind, new, r)
     finally:
         server.terminate()
         server.wait(60)

@@ -44,15 +44,15 @@ def free_port() -> int:
 def time_score(corpus: Path, image: str, out: Path) -> float:
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "spade_faiss", "score", str(corpus), image, "--out", str(out),
-                    "--restart", "--no-report", "--k-gallery", "5"], check=True, capture_output=True)
+                    "--restart", "--no-report"], check=True, capture_output=True)
     return time.perf_counter() - t
 
 
 def time_serve(corpus: Path) -> float:
     port = free_port()
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "spade_faiss", "serve", str(corpus), "--port", str(port),
-                             "--k-gallery", "5"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "spade_faiss", "serve", str(corpus), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         while True:
             try:

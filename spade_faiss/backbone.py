@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
-from torchvision.models.feature_extraction import create_feature_extractor
 
 from .config import BACKBONES, DEFAULTS, LEVELS
+from .resnets import ResNet
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +37,8 @@ def resolve_device(device: str = DEFAULTS["device"]) -> torch.device:
 
 def imagenet_weights(backbone: str):
     """The torchvision ImageNet weights enum member used for ``backbone`` (IMAGENET1K_V1)."""
+    import torchvision  # only where its weights registry is needed (see resnets.py)
+
     return torchvision.models.get_model_weights(backbone).IMAGENET1K_V1
 
 
@@ -97,23 +98,18 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def build_model(backbone: str, weights, seed: int = DEFAULTS["seed"]) -> torch.nn.Module:
-    """A torchvision classifier with the requested weights, in eval mode, float32."""
+def build_model(backbone: str, weights, seed: int = DEFAULTS["seed"]) -> ResNet:
+    """The backbone (``resnets.ResNet``) with the requested weights, in eval mode, float32."""
     if backbone not in BACKBONES:
         raise ValueError(f"backbone={backbone!r}: expected one of {list(BACKBONES)}")
     state = load_state_dict(backbone, weights)
     if state is None:
-        # Random init draws from torch's global RNG: fork it so building a model leaves the
-        # caller's random state untouched (no global side effects), and seed it for determinism.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = torchvision.models.get_model(backbone, weights=None)
-        return model.eval().float()
-    # Weights replace every tensor: build the module without memory or random init (meta
-    # device) and take the loaded tensors as they are (assign), instead of initialising 69M
+        state = _random_init(backbone, seed)
+    # The weights replace every tensor: build the module without memory or random init (meta
+    # device) and take the given tensors as they are (assign), instead of initialising 69M
     # parameters only to overwrite them.
     with torch.device("meta"):
-        model = torchvision.models.get_model(backbone, weights=None)
+        model = ResNet(backbone)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
@@ -126,8 +122,19 @@ def build_model(backbone: str, weights, seed: int = DEFAULTS["seed"]) -> torch.n
     return model.eval().float()
 
 
+def _random_init(backbone: str, seed: int) -> dict:
+    """torchvision's seeded random init of ``backbone`` as a state_dict (the identity random-init
+    corpora were built with). It draws from torch's global RNG: forked, so that building a
+    model leaves the caller's random state untouched, and seeded for determinism."""
+    import torchvision
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torchvision.models.get_model(backbone, weights=None).state_dict()
+
+
 class FeatureExtractor:
-    """A backbone cut at ``layer1..3`` and ``avgpool``.
+    """A backbone cut at ``layer1..3`` and ``avgpool`` (``resnets.ResNet``).
 
     Parameters
     ----------
@@ -153,8 +160,7 @@ class FeatureExtractor:
         self.device = resolve_device(device)
         model = build_model(backbone, weights, seed)
         self.weights_sha256 = state_dict_sha256(model)
-        nodes = {lv: lv for lv in LEVELS} | {"avgpool": "pool"}
-        self.model = create_feature_extractor(model, return_nodes=nodes).to(self.device).eval()
+        self.model = model.to(self.device).eval()
 
     def __call__(self, batch: np.ndarray, level_dtype: str = "float32") -> dict[str, np.ndarray]:
         """Features of a preprocessed batch.

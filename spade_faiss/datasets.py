@@ -80,10 +80,11 @@ def mvtec_categories(root: str | os.PathLike) -> dict[str, Path]:
 
 
 def source_kind(src: str | os.PathLike) -> str:
-    """``list``, ``category`` (MVTec), ``dataset`` (a root of MVTec categories) or ``folder``."""
+    """``image`` (one image file), ``list``, ``category`` (MVTec), ``dataset`` (a root of MVTec
+    categories) or ``folder``."""
     src = Path(src)
     if src.is_file():
-        return "list"
+        return "image" if src.suffix.lower() in IMAGE_SUFFIXES else "list"
     if is_mvtec_category(src):
         return "category"
     if mvtec_categories(src):
@@ -92,7 +93,7 @@ def source_kind(src: str | os.PathLike) -> str:
 
 
 def discover(src: str | os.PathLike, split: str = "train") -> list[Sample]:
-    """Samples of ``src``: a list file, an MVTec category (``split`` ``train``: ``train/good``;
+    """Samples of ``src``: one image file, a list file, an MVTec category (``split`` ``train``: ``train/good``;
     ``test``: ``test/*`` with masks), or a folder of images.
 
     A dataset root holding several MVTec categories is refused (one corpus per category), and
@@ -111,7 +112,9 @@ def discover(src: str | os.PathLike, split: str = "train") -> list[Sample]:
         names = list(mvtec_categories(src))
         raise ValueError(f"{src} is an MVTec dataset root with categories {names}: give one category "
                          f"(e.g. {src / names[0]}), or run `spade-faiss evaluate {src}` for all of them")
-    if kind == "list":
+    if kind == "image":
+        samples = [Sample(str(src))]
+    elif kind == "list":
         samples = [Sample(p) for p in list_file(src)]
     elif kind == "category":
         samples = mvtec_split(src, split)

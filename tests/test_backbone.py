@@ -1,4 +1,4 @@
-"""Features equal a direct torchvision forward; weights resolution and its errors."""
+"""Features equal a direct torchvision forward, bit for bit; weights resolution and its errors."""
 
 import numpy as np
 import pytest
@@ -25,15 +25,21 @@ def _seeded_model(name, seed):
     return torchvision.models.get_model(name, weights=None).eval()
 
 
-def test_features_equal_direct_forward(rng):
-    ext = FeatureExtractor("resnet18", weights=None, device="cpu", seed=3)
+@pytest.mark.parametrize("name", ["resnet18", "wide_resnet50_2"])
+def test_features_are_torchvision_s_bit_for_bit(rng, name):
+    """Our own modules (resnets.py) hold torchvision's state_dict names and compute its
+    features exactly, image by image."""
+    ext = FeatureExtractor(name, weights=None, device="cpu", seed=3)
+    model = _seeded_model(name, 3)
+    assert sorted(ext.model.state_dict()) == sorted(model.state_dict())
     x = rng.standard_normal((2, 3, 64, 64)).astype(np.float32)
     got = ext(x)
-    want = _direct_forward(_seeded_model("resnet18", 3), x)
-    for lv in ("layer1", "layer2", "layer3"):
-        assert got[lv].shape == tuple(want[lv].permute(0, 2, 3, 1).shape)  # channels-last
-        np.testing.assert_allclose(got[lv], want[lv].permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(got["pool"], want["pool"].numpy(), rtol=1e-5, atol=1e-5)
+    for i in range(2):
+        want = _direct_forward(model, x[i:i + 1])
+        for lv in ("layer1", "layer2", "layer3"):
+            assert got[lv][i:i + 1].shape == tuple(want[lv].permute(0, 2, 3, 1).shape)  # channels-last
+            np.testing.assert_array_equal(got[lv][i:i + 1], want[lv].permute(0, 2, 3, 1).numpy())
+        np.testing.assert_array_equal(got["pool"][i:i + 1], want["pool"].numpy())
 
 
 def test_random_init_is_seeded_and_leaves_global_rng_alone():

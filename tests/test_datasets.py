@@ -72,3 +72,11 @@ def test_links_back_into_the_tree_list_each_file_once(tmp_path):
     (tmp_path / "again.png").symlink_to("a.png")
     got = [os.path.relpath(p, tmp_path) for p in datasets.list_folder(tmp_path)]
     assert got == ["a.png", "sub/b.png"]
+
+
+def test_one_image_file_is_one_sample_not_a_list_file(tmp_path, dataset):
+    image = datasets.discover(dataset, "test")[0].path
+    assert [s.path for s in datasets.discover(image, "test")] == [image]
+    upper = tmp_path / "PART.PNG"
+    upper.write_bytes(open(image, "rb").read())
+    assert [s.path for s in datasets.discover(upper)] == [str(upper)]

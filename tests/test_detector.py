@@ -258,3 +258,18 @@ def test_calibration_says_when_its_sample_cannot_support_the_fpr(dataset):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert spade.calibrate(train[8:12], fpr=0.5)["images_above_tau"] == 2
+
+
+def test_the_leave_one_out_colour_scale_is_kept_in_the_corpus_by_its_writer(tmp_path, dataset, monkeypatch):
+    from spade_faiss.datasets import discover as find
+
+    path = tmp_path / "c.h5"
+    with Spade.create(path, **SMALL) as writer:
+        writer.add([s.path for s in find(dataset, "train")])
+        theta = writer.leave_one_out_theta()
+    with Spade.open(path) as reader:  # read-only: takes it from the file, computes nothing
+        monkeypatch.setattr(reader.pipeline_, "leave_one_out_theta", lambda *a: pytest.fail("recomputed"))
+        assert reader.leave_one_out_theta() == theta
+    with Spade.open(path, k_gallery=3) as other:  # other scoring parameters: its own value
+        monkeypatch.setattr(other.pipeline_, "leave_one_out_theta", lambda *a: 1.5)
+        assert other.leave_one_out_theta() == 1.5

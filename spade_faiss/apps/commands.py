@@ -62,6 +62,8 @@ def cmd_index(args) -> int:
     try:
         with spade, Progress(len(samples), "indexing") as bar:
             report = spade.add(samples, on_progress=bar.update)
+            if spade.store_.writable and len(spade.paths_) >= 2 and spade.tau_ is None:
+                spade.leave_one_out_theta()  # stored: the colour scale of later runs' pictures
             info = spade.info()
     except BaseException:
         if created and os.path.exists(args.out) and not _has_images(args.out):

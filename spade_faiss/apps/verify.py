@@ -4,6 +4,8 @@ config, the image index against the rows, pooled vectors, and optionally the sou
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -13,6 +15,23 @@ from ..images import read_bytes, sha256_bytes
 from ..store import FeatureStore
 
 BLOCK_ROWS = 4096
+# libhdf5 can loop forever on some damaged object headers (format v1-v2 corpora carry no
+# metadata checksums): verify reads every attribute in a child process first, bounded by this.
+METADATA_PROBE_S = 30
+_PROBE = ("import sys, h5py\n"
+          "def walk(name, obj):\n    [obj.attrs[k] for k in obj.attrs]\n"
+          "with h5py.File(sys.argv[1], 'r') as f:\n    [f.attrs[k] for k in f.attrs]\n    f.visititems(walk)\n")
+
+
+def _metadata_problem(path) -> str | None:
+    """Why the file's metadata cannot be read (a hang included), or None."""
+    try:
+        subprocess.run([sys.executable, "-c", _PROBE, os.fspath(path)], capture_output=True, text=True,
+                       timeout=METADATA_PROBE_S)
+    except subprocess.TimeoutExpired:
+        return (f"{path}: reading its HDF5 metadata did not finish in {METADATA_PROBE_S} s (libhdf5 loops on some "
+                f"damaged object headers): the file is damaged")
+    return None  # an error there is found again, and named, by the checks below
 
 
 def verify(path, rehash: bool = False, deep: bool = False) -> list[str]:
@@ -21,6 +40,10 @@ def verify(path, rehash: bool = False, deep: bool = False) -> list[str]:
     ``deep`` reads every committed level row (finds unreadable chunks and non-finite values);
     ``rehash`` re-reads each source image and compares its sha256 with the stored one.
     """
+    if os.path.isfile(path):
+        hang = _metadata_problem(path)
+        if hang:
+            return [hang]
     try:
         store = FeatureStore.open(path)
     except (ValueError, FileNotFoundError, OSError) as e:

@@ -11,6 +11,8 @@ import numpy as np
 
 from .. import metrics
 
+LOO_THETA = "leave_one_out_theta"  # the corpus attribute keeping it
+
 # A threshold this many times the median held-out score says the held-out set holds outliers.
 OUTLIER_RATIO = 10.0
 
@@ -65,11 +67,20 @@ class Thresholds:
 
     def leave_one_out_theta(self, n_images: int = 8, fpr: float = 0.01) -> float:
         """A pixel threshold estimated without held-out images (see
-        :meth:`QueryPipeline.leave_one_out_theta`), cached per corpus size: a calibration-free
-        colour scale for pictures."""
+        :meth:`QueryPipeline.leave_one_out_theta`): a calibration-free colour scale for
+        pictures. Kept per corpus size and scoring parameters, in the object and, when this
+        process may write the corpus file, in the file (``index`` stores it, so that a
+        one-image ``score`` process does not pay for it)."""
         self._check_ready()
-        n = len(self.store_)
-        if getattr(self, "_loo_", (None,))[0] != n:
-            theta = self.pipeline_.leave_one_out_theta(n_images, fpr, self.config_, self.options_, self.search_device_)
-            self._loo_ = (n, theta)
+        key = {"images": len(self.store_), "n_images": n_images, "fpr": fpr, "scoring": self.config_.scoring_dict()}
+        if getattr(self, "_loo_", (None,))[0] != key:
+            stored = self.store_.estimate(LOO_THETA)
+            if stored is not None and {k: v for k, v in stored.items() if k != "theta"} == key:
+                theta = stored["theta"]
+            else:
+                theta = self.pipeline_.leave_one_out_theta(n_images, fpr, self.config_, self.options_,
+                                                           self.search_device_)
+                if self.store_.writable:
+                    self.store_.write_estimate(LOO_THETA, {**key, "theta": theta})
+            self._loo_ = (key, theta)
         return self._loo_[1]

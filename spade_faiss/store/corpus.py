@@ -435,6 +435,14 @@ class FeatureStore:
     def thresholds(self) -> dict | None:
         return json.loads(self.h5.attrs["thresholds"]) if "thresholds" in self.h5.attrs else None
 
+    def write_estimate(self, name: str, record: dict) -> None:
+        """Store a derived value the corpus can answer for itself (JSON attribute ``name``)."""
+        self.h5.attrs[name] = json.dumps(record, sort_keys=True)
+        self.h5.flush()
+
+    def estimate(self, name: str) -> dict | None:
+        return json.loads(self.h5.attrs[name]) if name in self.h5.attrs else None
+
     def sidecar_path(self, name: str) -> str:
         return os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
 
