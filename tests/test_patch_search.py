@@ -394,3 +394,25 @@ def test_engine_names_in_the_docstrings_are_real_engines():
         for group in re.findall(r"engines?[^.]*?\(((?:``\w+``(?:, )?)+)\)", text):
             named |= set(re.findall(r"``(\w+)``", group))
     assert named and named <= set(patch_search.ENGINES), named - set(patch_search.ENGINES)
+
+
+def test_the_bound_operand_type_is_forced_or_the_faster_one_measured(monkeypatch):
+    """bfloat16 bounds only where the CPU has them natively and they measure faster; the
+    variable forces one (benchmarks); results are the same either way (tests above)."""
+    import torch
+
+    from spade_faiss.patch_search import bounds
+
+    try:
+        for forced in ("float32", "bfloat16"):
+            bounds.operand_dtype.cache_clear()
+            monkeypatch.setenv(bounds.OPERAND_VARIABLE, forced)
+            assert bounds.operand_dtype() == getattr(torch, forced)
+        monkeypatch.delenv(bounds.OPERAND_VARIABLE)
+        native = "bf16" in open("/proc/cpuinfo").read()
+        for faster in (torch.float32, torch.bfloat16):
+            bounds.operand_dtype.cache_clear()
+            monkeypatch.setattr(bounds, "_bound_gemm_seconds", lambda d, f=faster: 1.0 if d == f else 2.0)
+            assert bounds.operand_dtype() == (faster if native else torch.float32)
+    finally:
+        bounds.operand_dtype.cache_clear()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import time
 
 import numpy as np
 import torch
@@ -99,13 +101,40 @@ def prepare_image(projection: Projection, feats: np.ndarray, dtype: torch.dtype)
                          hash(flat[:: max(1, len(flat) // 64)].tobytes()))
 
 
+# Set to "float32" or "bfloat16" to take that operand type without measuring (benchmarks).
+OPERAND_VARIABLE = "SPADE_FAISS_BOUND_DTYPE"
+
+
 @functools.lru_cache(maxsize=1)
 def operand_dtype() -> torch.dtype:
-    """bfloat16 where the CPU multiplies it natively (AVX512_BF16 or AMX: about 4x float32
-    here), else float32. The results are the same either way; only the speed differs."""
+    """The operand type of the bound GEMMs on this machine, chosen once per process:
+    bfloat16 only where the CPU multiplies it natively (AVX512_BF16 or AMX) *and* a product of
+    the engine's shape measures faster in it than in float32 (the rate varies 2.4x between
+    machines of one kind); else float32. The results are the same either way (the bounds are
+    rigorous for each type, docs/design.md §4); only the speed differs."""
+    forced = os.environ.get(OPERAND_VARIABLE)
+    if forced in ("float32", "bfloat16"):
+        return getattr(torch, forced)
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(next((ln for ln in f if ln.startswith("flags")), "").split())
     except OSError:
         flags = set()
-    return torch.bfloat16 if flags & {"avx512_bf16", "amx_bf16"} else torch.float32
+    if not flags & {"avx512_bf16", "amx_bf16"}:
+        return torch.float32
+    return min((torch.bfloat16, torch.float32), key=_bound_gemm_seconds)
+
+
+def _bound_gemm_seconds(dtype: torch.dtype, m: int = 2048, n: int = 8192, k: int = 96, repeat: int = 3) -> float:
+    """The fastest of ``repeat`` bound-shaped products (layer1's grid against a gallery block,
+    the projected width) in ``dtype``: about 3 GFLOP, tens of milliseconds."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(m, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)
+    out = torch.empty(m, n, dtype=dtype)
+    torch.mm(a, b.T, out=out)  # first call: kernel selection, page faults
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        torch.mm(a, b.T, out=out)
+        best = min(best, time.perf_counter() - t)
+    return best
