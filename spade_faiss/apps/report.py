@@ -88,8 +88,16 @@ def _plots(run: RunDir, rows: list[dict], tau) -> list[tuple[str, str]]:
 
 
 def write_report(run_dir) -> Path:
-    """Write ``run_dir/report.html`` from the run's files and return its path."""
+    """Write ``run_dir/report.html`` from the run's files and return its path (each picture
+    decoded once: rows share their nearest normal images)."""
     run = RunDir(run_dir)
+    thumbs: dict[str, str] = {}
+
+    def thumb(path) -> str:
+        if str(path) not in thumbs:
+            thumbs[str(path)] = _thumb(path)
+        return thumbs[str(path)]
+
     run_dir = run.path
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
@@ -106,8 +114,8 @@ def write_report(run_dir) -> Path:
                      f"<td class='name'>{html.escape(r['image_path'])}</td><td>{html.escape(r['folder'])}</td>"
                      f"<td>{float(r['score']):.4g}</td><td class='{verdict.replace(' ', '-')}'>{verdict}</td>"
                      f"<td>{r['map_max'] or ''}</td>"
-                     f"<td><img alt='overlay' src='{_thumb(overlay) if overlay else ''}'></td>"
-                     f"<td><img alt='nearest normal' src='{_thumb(nearest) if nearest else ''}'>"
+                     f"<td><img alt='overlay' src='{thumb(overlay) if overlay else ''}'></td>"
+                     f"<td><img alt='nearest normal' src='{thumb(nearest) if nearest else ''}'>"
                      f"<div class='small'>{html.escape(Path(nearest).name)}</div></td></tr>")
     errors = "".join(f"<li>{html.escape(e['image_path'])}: {html.escape(e['reason'])}</li>" for e in run.error_rows())
     plots = "".join(f"<figure><img src='{uri}' alt='{html.escape(n)}'><figcaption>{html.escape(n)}</figcaption>"
