@@ -273,3 +273,29 @@ def test_the_leave_one_out_colour_scale_is_kept_in_the_corpus_by_its_writer(tmp_
     with Spade.open(path, k_gallery=3) as other:  # other scoring parameters: its own value
         monkeypatch.setattr(other.pipeline_, "leave_one_out_theta", lambda *a: 1.5)
         assert other.leave_one_out_theta() == 1.5
+
+
+def test_the_pruned_engine_s_projections_are_kept_by_the_writer_and_change_no_result(tmp_path, dataset,
+                                                                                     monkeypatch):
+    import shutil
+
+    import h5py
+
+    from spade_faiss.datasets import discover as find
+    from spade_faiss.patch_search import Projection
+
+    path = tmp_path / "c.h5"
+    test = [s.path for s in find(dataset, "test")]
+    with Spade.create(path, **SMALL, k_gallery=5, stage2="pruned") as writer:
+        writer.add([s.path for s in find(dataset, "train")])
+        want = writer.score(test).maps
+    bare = tmp_path / "bare.h5"
+    shutil.copy(path, bare)
+    with h5py.File(bare, "a") as h:
+        assert {"layer1", "layer2", "layer3"} <= set(h["projections"])
+        del h["projections"]
+    with Spade.open(bare, k_gallery=5, stage2="pruned") as fitted:  # fits its own (read-only: keeps none)
+        np.testing.assert_array_equal(fitted.score(test).maps, want)
+    monkeypatch.setattr(Projection, "fit", classmethod(lambda *a: pytest.fail("fitted again")))
+    with Spade.open(path, k_gallery=5, stage2="pruned") as reader:
+        np.testing.assert_array_equal(reader.score(test).maps, want)

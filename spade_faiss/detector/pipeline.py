@@ -169,8 +169,19 @@ class QueryPipeline:
 
     def _projection(self, name: str, mode: str) -> None:
         """The principal directions of a level (or of concat features), fitted once on a
-        seeded sample of the corpus: up to 16 images (evenly spaced rows), 16384 vectors."""
+        seeded sample of the corpus: up to 16 images (evenly spaced rows), 16384 vectors.
+        Kept in the corpus file by a process that may write it (``projections/<name>``), and
+        read from there by later ones: any basis gives the same exact results (a good one
+        prunes more), so one fitted on fewer images stays valid as the corpus grows."""
         if name in self.projections:
+            return
+        shapes = self.store.level_shapes
+        h, w, _ = shapes["layer1"] if name == "concat" else shapes[name]
+        channels = sum(s[2] for s in shapes.values()) if name == "concat" else shapes[name][2]
+        dims = min(patch_search.projection_dims(h * w), channels)
+        stored = self.store.arrays(f"projections/{name}")
+        if stored is not None and stored["basis"].shape == (channels, dims):
+            self.projections[name] = patch_search.Projection(stored["mean"], stored["basis"])
             return
         n = len(self.store)
         rows = _spread_rows(n, PROJECTION_IMAGES)
@@ -178,5 +189,6 @@ class QueryPipeline:
         sample = np.concatenate([f[name].reshape(-1, f[name].shape[-1]) for f in feats]).astype(np.float32)
         if len(sample) > PROJECTION_VECTORS:
             sample = sample[np.random.default_rng(self.seed).choice(len(sample), PROJECTION_VECTORS, replace=False)]
-        grid = feats[0][name].shape[0] * feats[0][name].shape[1]
-        self.projections[name] = patch_search.Projection.fit(sample, patch_search.projection_dims(grid))
+        projection = self.projections[name] = patch_search.Projection.fit(sample, dims)
+        if self.store.writable:
+            self.store.write_arrays(f"projections/{name}", {"mean": projection.mean, "basis": projection.basis})

@@ -443,6 +443,21 @@ class FeatureStore:
     def estimate(self, name: str) -> dict | None:
         return json.loads(self.h5.attrs[name]) if name in self.h5.attrs else None
 
+    def write_arrays(self, group: str, arrays: dict) -> None:
+        """Store derived arrays the corpus can answer for itself (``group/<name>``, replaced,
+        checksummed)."""
+        if group in self.h5:
+            del self.h5[group]
+        g = self.h5.create_group(group)
+        for name, value in arrays.items():
+            g.create_dataset(name, data=value, chunks=True, fletcher32=True)
+        self.h5.flush()
+
+    def arrays(self, group: str) -> dict | None:
+        if group not in self.h5:
+            return None
+        return {name: self._read(f"{group}/{name}", ()) for name in self.h5[group]}
+
     def sidecar_path(self, name: str) -> str:
         return os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
 
