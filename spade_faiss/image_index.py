@@ -156,13 +156,16 @@ class ImageIndex:
                 "recall": measured[hi], "k": int(k), "queries": int(len(rows)), "ivf_ms": round(ivf_ms, 4),
                 "flat_ms": round(flat_ms, 4)}
 
-    def retune_if_grown(self, vectors: np.ndarray, seed: int, target_recall: float, k: int) -> bool:
-        """Tune the default nprobe again over ``vectors`` (every indexed one) when the index has
-        grown by ``RETUNE_GROWTH`` since it was tuned; False for Flat, for an nprobe the user
-        chose (never tuned) and for a corpus tuned before the size was recorded."""
+    @property
+    def retune_due(self) -> bool:
+        """Whether the index has grown by ``RETUNE_GROWTH`` since its nprobe was tuned; False
+        for Flat, for an nprobe the user chose (never tuned) and for a corpus tuned before the
+        size was recorded."""
         at = int(self.tuning.get("images", 0)) if self.ivf is not None else 0
-        if not at or self.ntotal < RETUNE_GROWTH * at:
-            return False
+        return bool(at) and self.ntotal >= RETUNE_GROWTH * at
+
+    def retune(self, vectors: np.ndarray, seed: int, target_recall: float, k: int) -> None:
+        """Tune the default nprobe again over ``vectors`` (every indexed one)."""
         n = self.ntotal
         rows = np.sort(np.random.default_rng(seed + 1).choice(n, min(TUNING_QUERIES, n), replace=False))
         self.tuning = {**self.tune(_as_f32(vectors), rows, target_recall, min(k, n - 1), margin=NPROBE_MARGIN),
@@ -171,7 +174,6 @@ class ImageIndex:
         if ivf_nlist(n) >= 2 * self.ivf.nlist:
             log.warning("the IVF image index has %d lists for %d images (%d would suit it): `spade-faiss reindex` "
                         "retrains it", self.ivf.nlist, n, ivf_nlist(n))
-        return True
 
     def add(self, vectors: np.ndarray) -> None:
         """Append vectors; their ids continue from ``ntotal`` (no retraining)."""

@@ -126,9 +126,11 @@ def test_an_ivf_grown_by_half_is_tuned_again_to_its_target(rng):
     ivf = ImageIndex.build(xb[:2000], "ivf", target_recall=0.95, k=20)
     assert ivf.tuning["images"] == 2000
     ivf.add(xb[2000:2900])
-    assert not ivf.retune_if_grown(xb[:2900], 0, 0.95, 20) and ivf.tuning["images"] == 2000
+    assert not ivf.retune_due and ivf.tuning["images"] == 2000
     ivf.add(xb[2900:])
-    assert ivf.retune_if_grown(xb, 0, 0.95, 20) and ivf.tuning["images"] == 6000
+    assert ivf.retune_due
+    ivf.retune(xb, 0, 0.95, 20)
+    assert ivf.tuning["images"] == 6000 and not ivf.retune_due
     rows = np.sort(np.random.default_rng(1).choice(6000, 200, replace=False))
     assert leave_one_out_recall(ivf, xb, rows, 20, ivf.tuning["nprobe"]) >= 0.95
-    assert not ImageIndex.build(xb, "flat").retune_if_grown(xb, 0, 0.95, 20)
+    assert not ImageIndex.build(xb, "flat").retune_due

@@ -167,8 +167,8 @@ class Lifecycle:
         else:
             self.index_.add(self.store_.pool(self.index_.ntotal))
         if self.store_.writable:
-            if not rebuild and self.index_.retune_if_grown(self.store_.pool(), o.seed, o.target_recall,
-                                                           self.config_.k_gallery):
+            if not rebuild and self.index_.retune_due:  # only then every pooled vector is read
+                self.index_.retune(self.store_.pool(), o.seed, o.target_recall, self.config_.k_gallery)
                 log.info("%s: nprobe re-tuned to %d at %d images", self.store_.path, self.index_.nprobe,
                          self.index_.ntotal)
             self.index_.save(self.store_)
