@@ -189,7 +189,8 @@ def stage_table(store: Path, test: list[str], out: Path, size: int | None) -> No
         files = {}
         for overlays in (False, True):
             run = RunDir(out / f"stages_run_{overlays}")
-            run.clear() if run.path.exists() else None
+            if run.path.exists():
+                run.clear()
             writer = run.writer(spade.crop, spade.resize, colour_max=scale if overlays else None, theta=spade.theta_)
             t = time.perf_counter()
             for r in results:

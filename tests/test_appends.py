@@ -129,3 +129,15 @@ def test_a_writer_killed_mid_append_beside_a_reader_loses_only_its_uncommitted_b
         assert subprocess.run(cmd, capture_output=True).returncode == 0  # resumes: the rest only
         assert reader.refresh()["added"] == 20 - n and len(reader.store_) == 20
         assert len(set(reader.store_.sha256s())) == 20
+
+
+def test_an_empty_corpus_read_elsewhere_is_refused_before_anything_is_written(tmp_path):
+    """Its first append builds the image index (and fits pca levels): that needs the file."""
+    from spade_faiss.store import StoreError
+
+    path = tmp_path / "c.h5"
+    Spade.create(path, **SMALL).close()
+    with FeatureStore.open(path):  # a reader
+        with pytest.raises(StoreError, match="empty corpus cannot grow"):
+            Spade.open(path, "a")
+    assert appends.segment_paths(path) == []

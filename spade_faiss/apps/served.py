@@ -132,7 +132,7 @@ def corpus_names(paths: list[str]) -> dict[str, str]:
         if not sep:
             name, path = os.path.splitext(os.path.basename(item))[0], item
         if not name or "/" in name:
-            raise ValueError(f"{item}: expected PATH or NAME=PATH with a NAME of letters, digits, - or _")
+            raise ValueError(f"{item}: expected PATH or NAME=PATH with a non-empty NAME without '/'")
         if name in named:
             raise ValueError(f"two corpora named {name!r} ({named[name]}, {path}): name them, e.g. {name}2={path}")
         named[name] = path

@@ -241,7 +241,7 @@ def open_corpus(path, mode: str = "r", generation: int | None = None) -> CorpusV
         except CorpusLocked:
             raise busy from None
         try:
-            if base.needs_fit:
+            if not len(base):  # its first append fits the representations and builds the image index
                 raise StoreError(f"{path}: an empty corpus cannot grow while it is read elsewhere; stop the "
                                  f"readers for its first append")
             lock = appends.WriterLock(path)
