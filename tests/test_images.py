@@ -156,3 +156,28 @@ def test_a_fifo_or_a_device_is_refused_at_once_and_a_huge_file_before_it_is_read
         f.truncate(2048)
     with pytest.raises(images.ImageError, match="2048 bytes, more than the 1024"):
         images.read_bytes(big, max_bytes=1024)
+
+
+def _damaged_scan(data: bytes) -> bytes:
+    """A JPEG with bytes of its entropy-coded data overwritten (structure and length intact)."""
+    damaged = bytearray(data)
+    sos = data.find(b"\xff\xda")
+    for k in range(20):
+        damaged[sos + 200 + 37 * k] ^= 0x5A
+    return bytes(damaged)
+
+
+def test_a_jpeg_with_damaged_scan_data_is_refused_by_name(tmp_path, rng, capfd):
+    import cv2
+
+    arr = cv2.GaussianBlur(rng.integers(0, 256, (200, 200, 3), dtype=np.uint8), (9, 9), 3)
+    good = _write(tmp_path / "good.jpg", arr)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(_damaged_scan(open(good, "rb").read()))
+    assert cv2.imdecode(np.fromfile(bad, np.uint8), cv2.IMREAD_COLOR) is not None  # OpenCV accepts it
+    capfd.readouterr()
+    with pytest.raises(images.ImageError, match=f"{bad}: damaged JPEG data \\(Corrupt JPEG data"):
+        images.load_image(bad)
+    prepared = images.prepare(str(bad), 64, 64)
+    assert prepared.tensor is None and "damaged JPEG data" in prepared.error
+    images.load_image(good)  # the intact file still decodes
