@@ -71,3 +71,21 @@ def test_extreme_and_large_images_get_an_overlay_within_the_writers_limits(tmp_p
     assert max(out.shape[:2]) <= pictures.MAX_SIDE + 200  # the caption band and colour bar on top
     pictures.save_png(tmp_path / "o.png", out)
     assert (tmp_path / "o.png").stat().st_size > 0
+
+
+def test_colours_and_the_colour_layer_equal_their_plain_definition(rng):
+    """Oracle: JET of trunc(255 * clip(nan_to_num(map) / hi, 0, 1)) (RGB), blended half and half
+    with the image where the map is finite, the image itself elsewhere (no contour, no resize)."""
+    amap = (rng.random((330, 340)) * 3 - 0.5).astype(np.float32)
+    amap[rng.random(amap.shape) < 0.2] = np.nan
+    amap[0, :3] = [np.inf, -np.inf, np.nan]
+    rgb = rng.integers(0, 256, (330, 340, 3), dtype=np.uint8)
+    for hi in (1.0, 0.37, 2.5e-3):
+        with np.errstate(over="ignore"):  # nan_to_num turns inf into the largest float32
+            norm = np.clip(np.nan_to_num(amap * hi, nan=0.0) / hi, 0, 1)
+        expected = cv2.applyColorMap((norm * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
+        np.testing.assert_array_equal(pictures.colourize(amap * hi, hi), expected)
+    expected = cv2.addWeighted(rgb, 0.5, pictures.colourize(amap, 1.0), 0.5, 0)
+    expected = np.where(np.isfinite(amap)[..., None], expected, rgb)
+    out = pictures.overlay(rgb, amap, 1.0)
+    np.testing.assert_array_equal(out[:, :340], expected)

@@ -36,8 +36,11 @@ def colour_scale_max(theta: float | None, fallback: float | None = None) -> floa
 
 def colourize(amap: np.ndarray, hi: float) -> np.ndarray:
     """JET colours of ``amap`` on the fixed scale [0, hi], RGB uint8 (NaN pixels black)."""
-    norm = np.clip(np.nan_to_num(amap, nan=0.0) / hi, 0, 1)
-    return cv2.applyColorMap((norm * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1].copy()
+    norm = np.divide(amap, hi, dtype=np.float32)
+    np.fmax(norm, 0, out=norm)  # NaN -> 0 (fmax ignores NaN)
+    np.fmin(norm, 1, out=norm)
+    np.multiply(norm, 255, out=norm)
+    return cv2.cvtColor(cv2.applyColorMap(norm.astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
 
 
 def map_png(amap: np.ndarray, hi: float) -> bytes:
@@ -65,11 +68,12 @@ def overlay(rgb: np.ndarray, amap: np.ndarray, hi: float, theta: float | None = 
         rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_NEAREST if factor > 1 else cv2.INTER_AREA)
         seen = cv2.resize(np.isfinite(amap).astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
         amap = np.where(seen, cv2.resize(np.nan_to_num(amap, nan=0.0), size, interpolation=cv2.INTER_LINEAR), np.nan)
-    seen = np.isfinite(amap)
+    seen = np.isfinite(amap).view(np.uint8)
     layer = cv2.addWeighted(rgb, 1 - alpha, colourize(amap, hi), alpha, 0)
-    out = np.where(seen[..., None], layer, rgb)
+    out = np.ascontiguousarray(rgb).copy()
+    cv2.copyTo(layer, seen, out)  # the colour layer where the model saw the image
     if theta is not None:
-        above = (np.nan_to_num(amap, nan=-np.inf) > theta).astype(np.uint8)
+        above = (amap > theta).view(np.uint8)  # False where NaN
         contours, _ = cv2.findContours(above, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(out, contours, -1, WHITE, max(1, min(out.shape[:2]) // 200))
     out = np.concatenate([out, colour_bar(out.shape[0], hi, theta)], axis=1)
