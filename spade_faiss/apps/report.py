@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import html
+import os
 from pathlib import Path
 
 import cv2
@@ -13,7 +14,7 @@ import numpy as np
 
 from .. import metrics
 from ..clock import utc_now
-from ..images import ImageError, load_image
+from ..images import ImageError, decode, read_bytes
 from . import pictures
 from .runs import RunDir
 
@@ -35,9 +36,17 @@ def _file_uri(path: Path) -> str:
 
 def _thumb(path) -> str:
     try:
-        return _data_uri(load_image(path).rgb)
+        return _data_uri(decode(read_bytes(path), str(path)))
     except (ImageError, OSError):
         return ""
+
+
+def _thumbs(paths: list[str]) -> dict[str, str]:
+    """Thumbnails of ``paths``, each decoded once, in threads (OpenCV releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        return dict(zip(paths, pool.map(_thumb, paths)))
 
 
 def _labels(rows: list[dict]) -> np.ndarray | None:
@@ -94,8 +103,6 @@ def write_report(run_dir) -> Path:
     thumbs: dict[str, str] = {}
 
     def thumb(path) -> str:
-        if str(path) not in thumbs:
-            thumbs[str(path)] = _thumb(path)
         return thumbs[str(path)]
 
     run_dir = run.path
@@ -105,6 +112,9 @@ def write_report(run_dir) -> Path:
     if not rows and not run.error_rows():
         raise ValueError(f"{run_dir}: no scores.csv: not a run directory (written by `spade-faiss score`)")
     info = summary(run, rows)
+    pictures_needed = {str(run_dir / r["overlay"]) for r in rows if r.get("overlay")}
+    pictures_needed |= {r["neighbour_paths"].split(";")[0] for r in rows if r["neighbour_paths"]}
+    thumbs.update(_thumbs(sorted(pictures_needed)))
     table = []
     for r in sorted(rows, key=lambda r: -float(r["score"] or "nan")):
         overlay = run_dir / r["overlay"] if r.get("overlay") else None
