@@ -416,3 +416,26 @@ def test_the_bound_operand_type_is_forced_or_the_faster_one_measured(monkeypatch
             assert bounds.operand_dtype() == (faster if native else torch.float32)
     finally:
         bounds.operand_dtype.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_the_integer_screen_passes_exactly_the_values_below_the_threshold(dtype):
+    """Oracle: every bit pattern of ``dtype`` near each threshold (both signs, zeros, subnormals
+    and huge values), compared as floats with the float32 threshold and as integers with
+    ``_threshold_bits``: the same verdict, for thresholds on, between and far from the values."""
+    rng = np.random.default_rng(0)
+    t = np.concatenate([rng.random(200) * 10.0 ** rng.integers(-30, 30, 200), [2.0**-100, 1.0, 3.0e38],
+                        np.asarray(torch.tensor([0.3, 7.1]).to(dtype).float())]).astype(np.float32)
+    t = torch.from_numpy(t)
+    thr = pruned._threshold_bits(t, dtype)
+    base = t.to(dtype).view(pruned._bits(dtype)).long()
+    steps = torch.arange(-300, 301)
+    patterns = (base[:, None] + steps[None, :]).clamp(torch.iinfo(pruned._bits(dtype)).min,
+                                                       torch.iinfo(pruned._bits(dtype)).max)
+    patterns = torch.cat([patterns, (-patterns).clamp(min=torch.iinfo(pruned._bits(dtype)).min)], dim=1)
+    bits = patterns.to(pruned._bits(dtype))
+    values = bits.view(dtype).float()
+    finite = torch.isfinite(values)
+    by_float = values <= t[:, None]
+    by_bits = bits <= thr[:, None]
+    assert torch.equal(by_float[finite], by_bits[finite])
