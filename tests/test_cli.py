@@ -50,10 +50,17 @@ def test_partly_unreadable_folder_indexes_the_rest_and_lists_the_bad(tmp_path, d
     (src / "text.png").write_text("hello")
     data = (src / "000.png").read_bytes()
     (src / "trunc.png").write_bytes(data[: len(data) // 3])
+    import cv2
+    jpg = bytearray(cv2.imencode(".jpg", cv2.imread(str(src / "000.png")))[1].tobytes())
+    scan = jpg.find(b"\xff\xda") + 200
+    for k in range(20):
+        jpg[scan + 37 * k] ^= 0x5A  # damaged scan data: libjpeg decodes it with a warning only
+    (src / "damaged.jpg").write_bytes(bytes(jpg))
     code, out, err = run(capsys, "index", src, "--out", tmp_path / "c.h5", *FEAT)
     assert code == cli.EXIT_PARTIAL
-    assert json.loads(out)["added"] == 12 and json.loads(out)["errors"] == 2
+    assert json.loads(out)["added"] == 12 and json.loads(out)["errors"] == 3
     assert "text.png: not a decodable image" in err and "trunc.png: truncated PNG" in err
+    assert "damaged.jpg: damaged JPEG data (Corrupt JPEG data" in err
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "only_bad", "backbone", "weights", "config"])

@@ -64,6 +64,9 @@ def make_odd_corpus(root):
     w("empty.png", b"", "empty file")
     w("trunc.png", ok_png[: len(ok_png) // 2], "truncated PNG")
     w("trunc.jpg", ok_jpg[: len(ok_jpg) // 2], "truncated JPEG")
+    scan = ok_jpg.find(b"\xff\xda") + 200
+    damaged = bytes(b ^ 0x5A if scan <= i < scan + 740 and (i - scan) % 37 == 0 else b for i, b in enumerate(ok_jpg))
+    w("damaged_scan.jpg", damaged, "damaged JPEG data (Corrupt JPEG data")
     w("header_only.png", ok_png[:40], "truncated PNG")
     w("text.png", b"this is not an image\n" * 10, "not a decodable image")
     w("html.jpg", b"<html><body>404</body></html>", "not a decodable image")

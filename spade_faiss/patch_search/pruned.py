@@ -51,7 +51,8 @@ has one; either way ``minimum <= T(q)`` (``T > 0``) reads the same as for the fl
 Each query's ``U`` is the largest exact distance of the ``kappa`` vectors of smallest bound
 among its ``kappa`` best blocks (any ``kappa`` gallery vectors give a valid ``U``; these give a
 tight one); candidate blocks are those whose minimum passes ``T(q)`` (screened by
-super-blocks of 4 first), and within them the vectors whose recomputed bound passes. Identical
+super-blocks of 4 first, as integers: each query's threshold becomes the bit pattern of the
+largest operand value ``<= T(q)``), and within them the vectors whose recomputed bound passes. Identical
 gallery images (byte-equal features) are searched once when ``kappa == 1`` (a duplicate cannot
 change a minimum; the nearest is reported in the first of them).
 """
