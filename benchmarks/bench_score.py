@@ -238,10 +238,10 @@ def main() -> None:
         cli("index", out / "train.txt", "--out", store, "--weights", "none", "--backbone", args.backbone,
             "--device", "cpu")
     emit(bench="score", step="machine", data=source, **machine())
+    keep_freed_memory()  # as the CLI does: the stage table and the floor then run as `score` does
     stage_table(store, test, out, args.size)
     if args.stages_only:
         return
-    keep_freed_memory()  # as the CLI does, so that the floor's backbone runs as fast as the CLI's
     with Spade.open(store, device="cpu", k_gallery=min(50, args.n_train)) as spade:
         spade.score(test[:1], maps=False)
         backbone_s = float("inf")
