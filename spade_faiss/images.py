@@ -114,18 +114,26 @@ def _check_complete(data: bytes, name: str) -> None:
         raise ImageError(f"{name}: truncated JPEG (no end-of-image marker after the image data)")
 
 
+# libjpeg's warnings that mean damaged image data (jerror.h), as against benign ones such as
+# "unknown JFIF revision number" or an unknown Adobe transform code.
+JPEG_DAMAGE = ("Corrupt JPEG data", "Premature end of JPEG file")
+
+
 def _check_jpeg_scan(data: bytes, name: str) -> None:
     """Refuse a JPEG whose entropy-coded data is damaged. libjpeg decodes one with a warning on
     stderr only ("Corrupt JPEG data: ..."), guessing the damaged blocks, and OpenCV, PIL and
-    torchvision all return that picture. simplejpeg's strict mode raises libjpeg-turbo's
-    warnings instead; the check decodes at 1/8 scale in gray (every coefficient is still
-    entropy-decoded, about 2 ms for 900x900). A file that simplejpeg cannot decode even leniently
-    (a variant it does not support) is left to OpenCV, whose decode is the one used."""
+    torchvision all return that picture. simplejpeg's strict mode raises libjpeg-turbo's first
+    warning instead; the check decodes at 1/8 scale in gray (every coefficient is still
+    entropy-decoded, about 2 ms for 900x900). A benign first warning, or a file that simplejpeg
+    cannot decode even leniently (a variant it does not support), is left to OpenCV, whose
+    decode is the one used."""
     import simplejpeg
     scaled = dict(colorspace="gray", min_factor=8, min_height=1, min_width=1)
     try:
         simplejpeg.decode_jpeg(data, strict=True, **scaled)
     except ValueError as strict:
+        if not str(strict).startswith(JPEG_DAMAGE):
+            return
         try:
             simplejpeg.decode_jpeg(data, strict=False, **scaled)
         except ValueError:
