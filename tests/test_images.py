@@ -181,8 +181,11 @@ def test_a_jpeg_with_damaged_scan_data_is_refused_by_name(tmp_path, rng, capfd):
     prepared = images.prepare(str(bad), 64, 64)
     assert prepared.tensor is None and "damaged JPEG data" in prepared.error
     images.load_image(good)  # the intact file still decodes
-    # A benign libjpeg warning (an unknown JFIF revision) is no reason to refuse the picture.
-    jfif = bytearray(open(good, "rb").read())
-    jfif[jfif.find(b"JFIF\x00") + 5] = 2
-    (tmp_path / "jfif2.jpg").write_bytes(bytes(jfif))
-    np.testing.assert_array_equal(images.load_image(tmp_path / "jfif2.jpg").rgb, images.load_image(good).rgb)
+    # A benign libjpeg warning is no reason to refuse the picture: a baseline scan header whose
+    # spectral end reads 62 ("Invalid SOS parameters for sequential JPEG"; libjpeg ignores it).
+    odd = bytearray(open(good, "rb").read())
+    sos = odd.find(b"\xff\xda")
+    assert odd[sos + 6 + 2 * odd[sos + 4]] == 63
+    odd[sos + 6 + 2 * odd[sos + 4]] = 62
+    (tmp_path / "odd_sos.jpg").write_bytes(bytes(odd))
+    np.testing.assert_array_equal(images.load_image(tmp_path / "odd_sos.jpg").rgb, images.load_image(good).rgb)
