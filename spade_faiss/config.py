@@ -36,6 +36,16 @@ STAGE2_ENGINES = ("auto", "pruned", "dense", "faiss")
 INDEX_KINDS = ("auto", "flat", "ivf")
 DEVICE_HELP = "expected 'auto', 'cpu' or 'cuda[:N]'"
 K_IMAGE_DEFAULT = 5  # k_image=None means min(K_IMAGE_DEFAULT, k_gallery): the one rule, Python and CLI
+# The service's own limits (`serve` options and `create_app` arguments; not scoring parameters).
+SERVICE_DEFAULTS = {
+    "max_upload_mb": 32.0,  # larger uploads are refused (413)
+    "max_pixels": 50_000_000,  # larger images are refused (413)
+    "timeout_s": 30.0,  # per-request deadline
+    "queue_size": 64,  # waiting requests per lane before 503
+    "max_batch": 8,  # images per backbone batch
+    "batch_window_ms": 5.0,  # how long a batch waits to fill
+    "refresh_s": 2.0,  # how often appends and new thresholds are taken in (0: never)
+}
 
 
 def check_choice(name, value, choices):

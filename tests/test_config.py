@@ -136,3 +136,20 @@ def test_k_image_above_k_gallery_is_refused_from_python_and_the_cli():
 def test_the_deprecated_dtype_option_still_means_storage():
     args = cli.build_parser().parse_args(["index", "src", "--out", "c.h5", "--dtype", "float32"])
     assert spade_params(args)["storage"] == "float32"
+
+
+def test_the_service_limits_have_one_owner():
+    """`serve`'s option defaults and `create_app`'s argument defaults are SERVICE_DEFAULTS."""
+    pytest.importorskip("fastapi")
+    from spade_faiss.apps import serve
+    from spade_faiss.config import SERVICE_DEFAULTS
+
+    args = cli.build_parser().parse_args(["serve", "c.h5"])
+    signature = inspect.signature(serve.create_app).parameters
+    option = {"timeout_s": "timeout"}
+    for name, value in SERVICE_DEFAULTS.items():
+        assert getattr(args, option.get(name, name)) == value, name
+        if name == "max_upload_mb":
+            assert signature["max_upload_bytes"].default == int(value * 2**20)
+        else:
+            assert signature[name].default == value, name

@@ -13,7 +13,7 @@ import sys
 import warnings
 
 from .. import __version__
-from ..config import PARAM, PARAMETERS
+from ..config import PARAM, PARAMETERS, SERVICE_DEFAULTS
 from . import commands
 from .allocator import keep_freed_memory
 from .distributed import RAY_WORKERS
@@ -190,13 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback only by default)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--token-file", help="file holding the bearer token every endpoint but /v1/health requires")
-    p.add_argument("--max-upload-mb", type=float, default=32, help="larger uploads are refused (413)")
-    p.add_argument("--max-pixels", type=int, default=50_000_000, help="larger images are refused (413)")
-    p.add_argument("--timeout", type=float, default=30.0, help="per-request deadline in seconds")
-    p.add_argument("--queue-size", type=int, default=64, help="waiting requests per lane before 503")
-    p.add_argument("--max-batch", type=int, default=8, help="images per backbone batch")
-    p.add_argument("--batch-window-ms", type=float, default=5.0, help="how long a batch waits to fill")
-    p.add_argument("--refresh-s", type=float, default=2.0,
+    limits = SERVICE_DEFAULTS
+    p.add_argument("--max-upload-mb", type=float, default=limits["max_upload_mb"],
+                   help="larger uploads are refused (413)")
+    p.add_argument("--max-pixels", type=int, default=limits["max_pixels"], help="larger images are refused (413)")
+    p.add_argument("--timeout", type=float, default=limits["timeout_s"], help="per-request deadline in seconds")
+    p.add_argument("--queue-size", type=int, default=limits["queue_size"], help="waiting requests per lane before 503")
+    p.add_argument("--max-batch", type=int, default=limits["max_batch"], help="images per backbone batch")
+    p.add_argument("--batch-window-ms", type=float, default=limits["batch_window_ms"],
+                   help="how long a batch waits to fill")
+    p.add_argument("--refresh-s", type=float, default=limits["refresh_s"],
                    help="how often to take in images appended and thresholds calibrated while serving, in "
                         "seconds (0: never); the state served is in /v1/info and in each answer")
 

@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import images as imglib
+from ..config import SERVICE_DEFAULTS
 from ..detector import Spade
 from . import pictures
 from .http import DEADLINE_HEADER, Guard, error, header_seconds, read_image, wait_for
@@ -34,14 +35,16 @@ from .served import Metrics, ServedCorpus
 
 log = logging.getLogger(__name__)
 
-REFRESH_S = 2.0  # how often the service looks for appends and new thresholds (the CLI's --refresh-s)
 MAP_WORDS = {"false": "false", "0": "false", "no": "false", "true": "true", "1": "true", "yes": "true",
              "auto": "auto"}
 
 
-def create_app(spades: Spade | dict[str, Spade], token: str | None = None, max_upload_bytes: int = 32 * 2**20,
-               max_pixels: int = 50_000_000, timeout_s: float = 30.0, queue_size: int = 64,
-               max_batch: int = 8, batch_window_ms: float = 5.0, refresh_s: float = REFRESH_S) -> FastAPI:
+def create_app(spades: Spade | dict[str, Spade], token: str | None = None,
+               max_upload_bytes: int = int(SERVICE_DEFAULTS["max_upload_mb"] * 2**20),
+               max_pixels: int = SERVICE_DEFAULTS["max_pixels"], timeout_s: float = SERVICE_DEFAULTS["timeout_s"],
+               queue_size: int = SERVICE_DEFAULTS["queue_size"], max_batch: int = SERVICE_DEFAULTS["max_batch"],
+               batch_window_ms: float = SERVICE_DEFAULTS["batch_window_ms"],
+               refresh_s: float = SERVICE_DEFAULTS["refresh_s"]) -> FastAPI:
     """The FastAPI application serving ``spades`` (an opened Spade, or {name: Spade}); the
     schedulers start with the application and, at shutdown, serve what is queued before they
     stop. Every ``refresh_s`` seconds (0: never) each takes in images appended and thresholds
