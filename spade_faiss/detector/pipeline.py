@@ -107,7 +107,7 @@ class QueryPipeline:
         settings = patch_search.SearchSettings(device, options.chunk_bytes, options.gpu_float16, config.radius)
         for key, members in groups.items():
             engines = self._engines(mode, len(key), options.stage2, device, config, correspondences)
-            variant = (tuple(sorted(engines.items())), settings)
+            variant = (tuple(sorted(engines.items())), settings.keep_float16)  # what a prepared image depends on
             with self.timed("gallery_io"):
                 galleries = self.cache.get([(mode, variant, i) for i in key])
             encoded = [self._search_space(m, mode, levels) for m in members]
@@ -157,14 +157,14 @@ class QueryPipeline:
                                                 correspondences) for name, shape in named.items()}
 
     def _load(self, keys: list) -> list[dict]:
-        """Gallery entries of ``(pixel_mode, (engines, search settings), image id)`` keys."""
-        mode, (engines, settings), _ = keys[0]
+        """Gallery entries of ``(pixel_mode, (engines, keep_float16), image id)`` keys."""
+        mode, (engines, keep16), _ = keys[0]
         engines = dict(engines)
         raw = load_entries(self.store.level, [(m, i) for m, _, i in keys], self.store.config.levels)
         for name, engine in engines.items():
             if engine == "pruned":
                 self._projection(name, mode)
-        return [{name: patch_search.prepare(engines[name], f, self.projections.get(name), settings)
+        return [{name: patch_search.prepare(engines[name], f, self.projections.get(name), keep16)
                  for name, f in r.items()} for r in raw]
 
     def _projection(self, name: str, mode: str) -> None:

@@ -62,7 +62,7 @@ class LevelSearch:
 class Engine:
     """A stage-2 engine: how it keeps a gallery image, and how it searches."""
 
-    prepare: Callable[[np.ndarray, Projection | None, SearchSettings], object]
+    prepare: Callable[[np.ndarray, Projection | None, bool], object]  # (feats, projection, keep_float16)
     search: Callable[[LevelSearch, SearchSettings], tuple]
 
 
@@ -74,12 +74,13 @@ def _faiss_search(req: LevelSearch, s: SearchSettings):
 
 
 ENGINE_TABLE = {
-    "pruned": Engine(lambda f, proj, s: pruned.prepare_image(proj, f, pruned.operand_dtype()),
+    "pruned": Engine(lambda f, proj, keep16: pruned.prepare_image(proj, f, pruned.operand_dtype()),
                      lambda r, s: pruned.search(r.query, r.gallery, r.kappa, r.projection, r.stats)),
-    "dense": Engine(lambda f, proj, s: dense.prepare_image(f), lambda r, s: dense.search(r.query, r.gallery, r.kappa)),
-    "faiss": Engine(lambda f, proj, s: f if s.keep_float16 else np.asarray(f, dtype=np.float32), _faiss_search),
+    "dense": Engine(lambda f, proj, keep16: dense.prepare_image(f),
+                    lambda r, s: dense.search(r.query, r.gallery, r.kappa)),
+    "faiss": Engine(lambda f, proj, keep16: f if keep16 else np.asarray(f, dtype=np.float32), _faiss_search),
     # The exact values as stored, converted per comparison.
-    "window": Engine(lambda f, proj, s: f, lambda r, s: window.search(r.query, r.gallery, r.kappa, s.radius)),
+    "window": Engine(lambda f, proj, keep16: f, lambda r, s: window.search(r.query, r.gallery, r.kappa, s.radius)),
 }
 ENGINES = tuple(ENGINE_TABLE)
 # Below this much brute-force work per query image (GFLOP), the pruned engine's fixed costs
@@ -126,9 +127,11 @@ def projection_dims(grid: int) -> int:
     return next(w for size, w in WIDTHS if grid >= size) - 7
 
 
-def prepare(engine: str, feats: np.ndarray, projection: Projection | None, settings: SearchSettings):
-    """A gallery image's features (h, w, C) as ``engine`` keeps them in the gallery cache."""
-    return ENGINE_TABLE[engine].prepare(feats, projection, settings)
+def prepare(engine: str, feats: np.ndarray, projection: Projection | None, keep_float16: bool = False):
+    """A gallery image's features (h, w, C) as ``engine`` keeps them in the gallery cache
+    (``keep_float16``: :attr:`SearchSettings.keep_float16`, the one setting a prepared image
+    depends on)."""
+    return ENGINE_TABLE[engine].prepare(feats, projection, keep_float16)
 
 
 def search_level(engine: str, request: LevelSearch, settings: SearchSettings = SearchSettings()):
