@@ -102,11 +102,7 @@ class ImageIndex:
         index.add(vectors)
         ivf = cls(index, nprobe, encoding)
         if nprobe is None:
-            rows = np.sort(np.random.default_rng(seed + 1).choice(n, min(TUNING_QUERIES, n), replace=False))
-            # Leave-one-out queries sit in the index and overestimate the recall of new images
-            # (measured at 1M vectors: 0.998 against 0.976 at the same nprobe): take twice it.
-            ivf.tuning = {**ivf.tune(vectors, rows, target_recall, min(k, n - 1), margin=NPROBE_MARGIN), "images": n}
-            ivf.nprobe = ivf.tuning["timed_nprobe"]
+            ivf._tune_default(vectors, seed, target_recall, k)
             if kind == "auto" and ivf.tuning["ivf_ms"] >= ivf.tuning["flat_ms"]:
                 log.info("IVF (%.2f ms/query) is not faster than Flat (%.2f ms): keeping Flat",
                          ivf.tuning["ivf_ms"], ivf.tuning["flat_ms"])
@@ -167,13 +163,20 @@ class ImageIndex:
     def retune(self, vectors: np.ndarray, seed: int, target_recall: float, k: int) -> None:
         """Tune the default nprobe again over ``vectors`` (every indexed one)."""
         n = self.ntotal
-        rows = np.sort(np.random.default_rng(seed + 1).choice(n, min(TUNING_QUERIES, n), replace=False))
-        self.tuning = {**self.tune(_as_f32(vectors), rows, target_recall, min(k, n - 1), margin=NPROBE_MARGIN),
-                       "images": n}
-        self.nprobe = self.tuning["timed_nprobe"]
+        self._tune_default(_as_f32(vectors), seed, target_recall, k)
         if ivf_nlist(n) >= 2 * self.ivf.nlist:
             log.warning("the IVF image index has %d lists for %d images (%d would suit it): `spade-faiss reindex` "
                         "retrains it", self.ivf.nlist, n, ivf_nlist(n))
+
+    def _tune_default(self, vectors: np.ndarray, seed: int, target_recall: float, k: int) -> None:
+        """Set the default nprobe by :meth:`tune` over seeded leave-one-out queries of ``vectors``
+        (every indexed one), recording the size it was tuned at (``retune_due``)."""
+        n = len(vectors)
+        rows = np.sort(np.random.default_rng(seed + 1).choice(n, min(TUNING_QUERIES, n), replace=False))
+        # Leave-one-out queries sit in the index and overestimate the recall of new images
+        # (measured at 1M vectors: 0.998 against 0.976 at the same nprobe): take twice it.
+        self.tuning = {**self.tune(vectors, rows, target_recall, min(k, n - 1), margin=NPROBE_MARGIN), "images": n}
+        self.nprobe = self.tuning["timed_nprobe"]
 
     def add(self, vectors: np.ndarray) -> None:
         """Append vectors; their ids continue from ``ntotal`` (no retraining)."""
