@@ -11,6 +11,9 @@ from spade_faiss.apps import pictures
 def test_colour_scale_is_fixed_and_shared():
     assert pictures.colour_scale_max(0.5) == 1.0
     assert pictures.colour_scale_max(None, 3.0) == 3.0
+    asked = []
+    assert pictures.colour_scale_max(None, lambda: asked.append(1) or 3.0) == 3.0 and asked == [1]
+    assert pictures.colour_scale_max(0.5, lambda: asked.append(2) or 3.0) == 1.0 and asked == [1]  # not estimated
     with pytest.raises(ValueError, match="no colour scale"):
         pictures.colour_scale_max(None)
     m = np.array([[0.0, 1.0, 2.0, 4.0]], np.float32)

@@ -115,3 +115,22 @@ def test_only_the_run_directory_names_its_files():
     found = [f"{p.name}:{i}" for p in Path(spade_faiss.__file__).parent.rglob("*.py") if p.name not in owners
              for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert found == []
+
+
+def test_the_colour_scale_of_a_calibrated_corpus_estimates_nothing():
+    """Twice theta when calibrated, without the leave-one-out estimate (stage 2 over corpus
+    images); that estimate only when there is no pixel threshold."""
+    class Calibrated:
+        theta_ = 0.4
+
+        def leave_one_out_theta(self):
+            raise AssertionError("estimated although calibrated")
+
+    class Uncalibrated:
+        theta_ = None
+
+        def leave_one_out_theta(self):
+            return 1.5
+
+    assert runs.colour_scale(Calibrated()) == 0.8
+    assert runs.colour_scale(Uncalibrated()) == 3.0

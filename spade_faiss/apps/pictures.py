@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -25,10 +26,13 @@ BAR_WIDTH = 56
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 
 
-def colour_scale_max(theta: float | None, fallback: float | None = None) -> float:
-    """The top of the colour scale: ``2 * theta`` when calibrated, else ``fallback``."""
+def colour_scale_max(theta: float | None, fallback: float | Callable[[], float] | None = None) -> float:
+    """The top of the colour scale: ``2 * theta`` when calibrated, else ``fallback`` (a value,
+    or a function computing it, called only then)."""
     if theta is not None and theta > 0:
         return 2.0 * float(theta)
+    if callable(fallback):
+        fallback = fallback()
     if fallback is None or not fallback > 0:
         raise ValueError("no colour scale: calibrate the corpus, or give a positive fallback scale")
     return float(fallback)

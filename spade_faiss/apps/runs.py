@@ -146,8 +146,8 @@ def run_manifest(spade, corpus, source, maps: str) -> dict:
 
 def colour_scale(spade) -> float:
     """The top of the colour scale every picture of ``spade``'s maps shares: twice the pixel
-    threshold, or twice the leave-one-out one when it is not calibrated."""
-    return pictures.colour_scale_max(spade.theta_, 2 * spade.leave_one_out_theta())
+    threshold, or twice the leave-one-out one when it is not calibrated (estimated only then)."""
+    return pictures.colour_scale_max(spade.theta_, lambda: 2 * spade.leave_one_out_theta())
 
 
 def score_into_run(results: Iterable[ScoredImage], writer: RunWriter, *observers: Callable[[ScoredImage], None],
