@@ -299,3 +299,12 @@ def test_the_pruned_engine_s_projections_are_kept_by_the_writer_and_change_no_re
     monkeypatch.setattr(Projection, "fit", classmethod(lambda *a: pytest.fail("fitted again")))
     with Spade.open(path, k_gallery=5, stage2="pruned") as reader:
         np.testing.assert_array_equal(reader.score(test).maps, want)
+
+
+def test_a_model_is_shared_only_between_corpora_of_one_model_key():
+    one, same, other = (Spade(backbone=b) for b in ("resnet18", "resnet18", "resnet50"))
+    for s in (one, same, other):
+        s._configure()
+    assert one.model_key == same.model_key != other.model_key
+    with pytest.raises(ValueError, match="cannot share a model: this corpus needs resnet18"):
+        one.share_backbone(other)

@@ -144,7 +144,7 @@ def share_models(spades: list[Spade]) -> int:
     (the sha256 of their tensors) on the same device share one; returns how many were built."""
     built = {}
     for spade in spades:
-        key = (spade.config_.backbone, spade.config_.weights_sha256, spade.options_.device)
+        key = spade.model_key
         if key in built:
             spade.share_backbone(built[key])
         else:

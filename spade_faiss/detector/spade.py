@@ -131,12 +131,17 @@ class Spade(Parameters, Lifecycle, Thresholds):
         self._extractor()
         return self
 
+    @property
+    def model_key(self) -> tuple:
+        """What makes two corpora's models one: (architecture, sha256 of the weights' tensors,
+        device)."""
+        return self.config_.backbone, self.config_.weights_sha256, self.options_.device
+
     def share_backbone(self, other: Spade) -> Spade:
         """Use ``other``'s model instead of building one (a service with several corpora built
-        from the same weights keeps one copy); refused for another architecture or other
-        weights (compared by the sha256 of their tensors). Returns self."""
-        mine = (self.config_.backbone, self.config_.weights_sha256, self.options_.device)
-        theirs = (other.config_.backbone, other.config_.weights_sha256, other.options_.device)
+        from the same weights keeps one copy); refused for another :attr:`model_key`. Returns
+        self."""
+        mine, theirs = self.model_key, other.model_key
         if mine != theirs:
             raise ValueError(f"cannot share a model: this corpus needs {mine[0]} weights {str(mine[1])[:12]} on "
                              f"{mine[2]}, the other has {theirs[0]} {str(theirs[1])[:12]} on {theirs[2]}")
