@@ -178,10 +178,9 @@ def cmd_score(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .evaluation import evaluate
-
-    params = spade_params(args)
     from .runs import RunDir
 
+    params = spade_params(args)
     report = evaluate(args.dataset, args.out, args.categories, params, args.fpr, overlays=not args.no_overlays)
     print(RunDir(args.out).table.read_text())
     print(json.dumps({"run": args.out, "mean": report["mean"]}))

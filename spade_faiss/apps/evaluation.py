@@ -144,9 +144,10 @@ def evaluate(dataset_root, out_dir, categories=None, params=None, fpr: float = 0
               "weights": "random-init (seeded; not ImageNet)" if weights is None else str(weights),
               "versions": _versions(), "calibration": f"every {HOLDOUT_EVERY}th train/good image held out, "
                                                       f"thresholds at FPR {fpr}"}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    RunDir(out_dir).metrics.write_text(json.dumps(report, indent=2))
-    RunDir(out_dir).table.write_text(markdown_table(per, mean, report["weights"]))
+    run = RunDir(out_dir)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.metrics.write_text(json.dumps(report, indent=2))
+    run.table.write_text(markdown_table(per, mean, report["weights"]))
     return report
 
 
