@@ -313,6 +313,38 @@ def test_exact_distances_do_not_depend_on_the_batch(rng):
     np.testing.assert_allclose(full.numpy(), ((q.double() - g.double()) ** 2).sum(1).numpy(), rtol=exact.SUM_EPS)
 
 
+def _tree_oracle(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The exact distance's contract written out: float32 squared differences, zero-padded to
+    a power of two, summed by halving (a fresh tensor per step)."""
+    x = (q - g) ** 2
+    size = 1 << max(0, (x.shape[-1] - 1).bit_length())
+    x = torch.nn.functional.pad(x, (0, size - x.shape[-1]))
+    while size > 1:
+        size //= 2
+        x = x[..., :size] + x[..., size:]
+    return x[..., 0]
+
+
+@pytest.mark.parametrize("width", [1, 2, 7, 256, 300])
+@pytest.mark.parametrize("stored", [torch.float16, torch.float32])
+def test_pair_distances_are_the_exact_distance_bit_for_bit(rng, width, stored):
+    """The re-checking path (gallery rows read per image, the tree summed in place) gives the
+    contract's bits, for columns in ascending or any order."""
+    sizes = [5, 1, 9, 6]
+    feats = [torch.from_numpy(rng.standard_normal((n, width)).astype(np.float32)).to(stored) for n in sizes]
+    offsets = exact.gallery_offsets(sizes, 1)
+    rows_of = exact.row_reader(feats, offsets)
+    q = torch.from_numpy(rng.standard_normal((8, width)).astype(np.float32))
+    gallery = torch.cat(feats).float()
+    ascending = torch.arange(int(offsets[-1])).repeat_interleave(3)
+    for g_idx in (ascending, torch.from_numpy(rng.integers(0, offsets[-1], 200))):
+        q_idx = torch.from_numpy(rng.integers(0, len(q), len(g_idx)))
+        np.testing.assert_array_equal(rows_of(g_idx).numpy(), gallery[g_idx].numpy())
+        want = _tree_oracle(q[q_idx], gallery[g_idx]).numpy().view(np.int32)
+        np.testing.assert_array_equal(exact.pair_distances(q, rows_of, q_idx, g_idx).numpy().view(np.int32), want)
+        np.testing.assert_array_equal(exact.squared_distances(q[q_idx], gallery[g_idx]).numpy().view(np.int32), want)
+
+
 def test_engine_choice_depends_on_the_configuration_only():
     layer1, layer3 = (56, 56, 256), (14, 14, 1024)
     assert patch_search.level_engine("auto", "cpu", layer1, 50) == "pruned"   # 252 GFLOP of brute force

@@ -23,22 +23,26 @@ SUM_EPS = 2.0**-19
 STEP_BYTES = 4 << 20
 
 
-def tree_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over the last axis by halving (zero-padded to a power of two): a fixed order."""
+def tree_sum_(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last axis by halving (as if zero-padded to a power of two): a fixed order.
+    Works in place: ``x`` is overwritten (no fresh buffer per halving; adding the padding's
+    zeros would leave a value as it is, so only the lanes present are added)."""
     width = x.shape[-1]
     size = 1 << max(0, (width - 1).bit_length())
     if size != width:
-        x = torch.nn.functional.pad(x, (0, size - width))
+        half = size // 2
+        x[..., :width - half].add_(x[..., half:width])
+        size = half
     while size > 1:
         size //= 2
-        x = x[..., :size] + x[..., size:]
+        x[..., :size].add_(x[..., size:2 * size])
     return x[..., 0]
 
 
 def squared_distances(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
     """``||q - g||^2`` of matching rows (broadcasting over leading axes), float32."""
     diff = queries - gallery
-    return tree_sum(diff * diff)
+    return tree_sum_(diff.mul_(diff))
 
 
 def pair_distances(queries: torch.Tensor, gallery_rows, q_idx: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
@@ -49,7 +53,8 @@ def pair_distances(queries: torch.Tensor, gallery_rows, q_idx: torch.Tensor, g_i
     step = max(256, STEP_BYTES // (4 * queries.shape[1]))
     for start in range(0, len(q_idx), step):
         stop = start + step
-        out[start:stop] = squared_distances(queries[q_idx[start:stop]], gallery_rows(g_idx[start:stop]))
+        diff = queries[q_idx[start:stop]].sub_(gallery_rows(g_idx[start:stop]))  # a fresh gather: in place
+        out[start:stop] = tree_sum_(diff.mul_(diff))
     return out
 
 
@@ -70,17 +75,25 @@ def locate(columns: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def row_reader(feats: list[torch.Tensor], offsets: np.ndarray):
     """``rows_of(columns)``: the exact float32 gallery vectors of gallery columns, from per-image
-    (n_i, C) tensors (any float dtype) whose first columns are ``offsets[:-1]``."""
+    (n_i, C) tensors (any float dtype) whose first columns are ``offsets[:-1]``. Columns in
+    ascending order (as the engines ask for them) are read without a sort."""
     bounds = torch.from_numpy(offsets)
 
     def rows_of(idx: torch.Tensor) -> torch.Tensor:
-        order = torch.argsort(idx)
-        sorted_idx = idx[order]
+        if len(idx) < 2 or bool((idx[1:] >= idx[:-1]).all()):
+            order, sorted_idx = None, idx
+        else:
+            order = torch.argsort(idx)
+            sorted_idx = idx[order]
         cuts = torch.searchsorted(sorted_idx, bounds).numpy()
         out = torch.empty(len(idx), feats[0].shape[1], dtype=torch.float32)
         for j in np.flatnonzero(cuts[1:] > cuts[:-1]).tolist():  # the images present only
             lo, hi = int(cuts[j]), int(cuts[j + 1])
-            out[order[lo:hi]] = feats[j].index_select(0, sorted_idx[lo:hi] - int(offsets[j])).float()
+            part = feats[j].index_select(0, sorted_idx[lo:hi] - int(offsets[j]))
+            if order is None:
+                out[lo:hi] = part  # converted to float32 in the copy
+            else:
+                out[order[lo:hi]] = part.float()
         return out
     return rows_of
 
