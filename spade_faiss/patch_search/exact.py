@@ -39,9 +39,10 @@ def tree_sum_(x: torch.Tensor) -> torch.Tensor:
     return x[..., 0]
 
 
-def squared_distances(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
-    """``||q - g||^2`` of matching rows (broadcasting over leading axes), float32."""
-    diff = queries - gallery
+def squared_distances(queries: torch.Tensor, gallery: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+    """``||q - g||^2`` of matching rows (broadcasting over leading axes), float32.
+    ``overwrite``: ``queries`` is a temporary of the differences' shape, reused for them."""
+    diff = queries.sub_(gallery) if overwrite else queries - gallery
     return tree_sum_(diff.mul_(diff))
 
 
@@ -53,8 +54,8 @@ def pair_distances(queries: torch.Tensor, gallery_rows, q_idx: torch.Tensor, g_i
     step = max(256, STEP_BYTES // (4 * queries.shape[1]))
     for start in range(0, len(q_idx), step):
         stop = start + step
-        diff = queries[q_idx[start:stop]].sub_(gallery_rows(g_idx[start:stop]))  # a fresh gather: in place
-        out[start:stop] = tree_sum_(diff.mul_(diff))
+        out[start:stop] = squared_distances(queries[q_idx[start:stop]], gallery_rows(g_idx[start:stop]),
+                                            overwrite=True)  # the gather is a fresh copy
     return out
 
 
