@@ -125,7 +125,7 @@ def operand(request):
 def small_steps(monkeypatch):
     """Several row blocks, several GEMM chunks, a partial last chunk and padded blocks."""
     monkeypatch.setattr(pruned, "ROWS", 8)
-    monkeypatch.setattr(pruned, "CHUNK", 64)
+    monkeypatch.setattr(pruned, "CHUNK_BYTES", 1)  # one super-block (64 columns) per GEMM call
 
 
 @pytest.mark.parametrize("kappa", [1, 3])
