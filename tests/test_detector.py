@@ -308,3 +308,32 @@ def test_a_model_is_shared_only_between_corpora_of_one_model_key():
     assert one.model_key == same.model_key != other.model_key
     with pytest.raises(ValueError, match="cannot share a model: this corpus needs resnet18"):
         one.share_backbone(other)
+
+
+def test_float32_operands_use_the_first_columns_of_the_kept_basis_and_change_no_result(tmp_path, dataset,
+                                                                                       monkeypatch):
+    """The corpus keeps the basis fitted at the full width (WIDTHS); a process whose bound GEMM
+    runs in float32 takes its first FLOAT32_WIDTHS columns, and the maps are the same bits."""
+    import h5py
+
+    from spade_faiss import patch_search
+    from spade_faiss.datasets import discover as find
+    from spade_faiss.patch_search import pruned
+
+    path = tmp_path / "c.h5"
+    train, test = [s.path for s in find(dataset, "train")], [s.path for s in find(dataset, "test")]
+    monkeypatch.setattr(pruned, "operand_dtype", lambda: torch.bfloat16)
+    with Spade.create(path, **SMALL, k_gallery=5, stage2="pruned") as writer:
+        writer.add(train)
+        want = writer.score(test).maps
+        full = {name: p.basis.shape[1] for name, p in writer.pipeline_.projections.items()}
+    monkeypatch.setattr(pruned, "operand_dtype", lambda: torch.float32)
+    monkeypatch.setattr(patch_search, "FLOAT32_WIDTHS", ((0, 12),))  # 5 dimensions at every grid
+    with Spade.open(path, k_gallery=5, stage2="pruned") as narrow:
+        np.testing.assert_array_equal(narrow.score(test).maps, want)
+        used = narrow.pipeline_.projections
+        with h5py.File(path, "r") as h:
+            for name, width in full.items():
+                kept = h[f"projections/{name}/basis"][()]
+                assert kept.shape[1] == width > 5 and used[name].basis.shape[1] == 5
+                np.testing.assert_array_equal(used[name].basis, kept[:, :5])

@@ -471,3 +471,13 @@ def test_the_integer_screen_passes_exactly_the_values_below_the_threshold(dtype)
     by_float = values <= t[:, None]
     by_bits = bits <= thr[:, None]
     assert torch.equal(by_float[finite], by_bits[finite])
+
+
+def test_a_projection_s_leading_directions_are_the_projection_fitted_narrower(rng):
+    sample = rng.standard_normal((300, 24)) @ rng.standard_normal((24, 24))
+    wide = pruned.Projection.fit(sample, 20)
+    narrow = wide.leading(7)
+    fitted = pruned.Projection.fit(sample, 7)
+    np.testing.assert_array_equal(narrow.basis, fitted.basis)
+    np.testing.assert_array_equal(narrow.mean, fitted.mean)
+    assert narrow.basis.flags.c_contiguous and wide.leading(20) is wide

@@ -179,9 +179,12 @@ class QueryPipeline:
         h, w, _ = shapes["layer1"] if name == "concat" else shapes[name]
         channels = sum(s[2] for s in shapes.values()) if name == "concat" else shapes[name][2]
         dims = min(patch_search.projection_dims(h * w), channels)
+        # concat features (1792 channels, costlier re-checks) keep the full width: not measured narrower
+        operand = None if name == "concat" else patch_search.pruned.operand_dtype()
+        used = patch_search.projection_dims(h * w, operand)
         stored = self.store.arrays(f"projections/{name}")
         if stored is not None and stored["basis"].shape == (channels, dims):
-            self.projections[name] = patch_search.Projection(stored["mean"], stored["basis"])
+            self.projections[name] = patch_search.Projection(stored["mean"], stored["basis"]).leading(used)
             return
         n = len(self.store)
         rows = _spread_rows(n, PROJECTION_IMAGES)
@@ -189,6 +192,7 @@ class QueryPipeline:
         sample = np.concatenate([f[name].reshape(-1, f[name].shape[-1]) for f in feats]).astype(np.float32)
         if len(sample) > PROJECTION_VECTORS:
             sample = sample[np.random.default_rng(self.seed).choice(len(sample), PROJECTION_VECTORS, replace=False)]
-        projection = self.projections[name] = patch_search.Projection.fit(sample, dims)
+        projection = patch_search.Projection.fit(sample, dims)
+        self.projections[name] = projection.leading(used)
         if self.store.writable:
             self.store.write_arrays(f"projections/{name}", {"mean": projection.mean, "basis": projection.basis})

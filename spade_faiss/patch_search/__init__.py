@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ..config import DEFAULTS
 from . import brute, dense, pruned, window
@@ -92,6 +93,12 @@ PRUNED_MIN_GFLOP = 0.6
 # (a narrow one is cheaper), a small grid makes the exact re-checks dominate (a wide bound
 # leaves fewer). Measured on layer1/2/3 of Wide-ResNet50-2 (benchmarks/README.md).
 WIDTHS = ((2048, 96), (512, 192), (0, 256))
+# With float32 operands (a CPU without native bfloat16) the bound GEMM is bound by its FLOPs,
+# not by writing its output as with AMX bfloat16, so a large grid is fastest with a narrower
+# bound: layer1 at width 64 (57 dimensions) 0.77-0.94 s against 0.96-1.15 s at 96 on a 2-core
+# AVX2 EPYC, interleaved same-process rounds (benchmarks/README.md). Never wider than WIDTHS:
+# the basis kept in the corpus is fitted at those, and narrower ones are its first columns.
+FLOAT32_WIDTHS = ((2048, 64), (512, 192), (0, 256))
 
 
 def resolve_engine(stage2: str, device: str) -> str:
@@ -122,9 +129,12 @@ def level_engine(stage2: str, device: str, shape: tuple, k_gallery: int, search:
     return "dense" if stage2 == "auto" and engine == "pruned" and small else engine
 
 
-def projection_dims(grid: int) -> int:
-    """Projected dimensions of the pruned engine for a level with ``grid`` locations."""
-    return next(w for size, w in WIDTHS if grid >= size) - 7
+def projection_dims(grid: int, operand: torch.dtype | None = None) -> int:
+    """Projected dimensions of the pruned engine for a level with ``grid`` locations: those of
+    the basis fitted and kept in the corpus (``operand`` None), or those its bound GEMM uses with
+    operands of type ``operand`` (the fitted basis's first columns: the top principal directions)."""
+    table = FLOAT32_WIDTHS if operand == torch.float32 else WIDTHS
+    return next(w for size, w in table if grid >= size) - 7
 
 
 def prepare(engine: str, feats: np.ndarray, projection: Projection | None, keep_float16: bool = False):

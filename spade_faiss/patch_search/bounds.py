@@ -36,6 +36,12 @@ class Projection:
         basis = vectors.flip(1)[:, : min(dims, x.shape[1])].contiguous()
         return cls(mean.numpy(), basis.numpy())
 
+    def leading(self, dims: int) -> Projection:
+        """The projection on the first ``dims`` directions (the same as fitting at ``dims``)."""
+        if dims >= self.basis.shape[1]:
+            return self
+        return Projection(self.mean, np.ascontiguousarray(self.basis[:, :dims]))
+
     def augment(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """``a(x) = [p(x), r(x)]`` (n, d+1) float64 and ``||x - mu||`` (n,) of float32 rows."""
         xc = torch.from_numpy(np.asarray(x)).double() - torch.from_numpy(self.mean)
