@@ -481,3 +481,15 @@ def test_a_projection_s_leading_directions_are_the_projection_fitted_narrower(rn
     np.testing.assert_array_equal(narrow.basis, fitted.basis)
     np.testing.assert_array_equal(narrow.mean, fitted.mean)
     assert narrow.basis.flags.c_contiguous and wide.leading(20) is wide
+
+
+@pytest.mark.parametrize("images", [0, 1])
+def test_pruned_takes_any_number_of_query_images_as_dense_does(rng, operand, small_steps, images):
+    """Zero query images included (an empty batch): the same result as the dense engine."""
+    gallery = [rng.standard_normal((3, 5, 6)).astype(np.float32) for _ in range(2)]
+    query = rng.standard_normal((images, 4, 3, 6)).astype(np.float32)
+    dist, nearest, _ = run_pruned(query, gallery, 1, dtype=operand)
+    want_dist, want_nearest = dense.search(query, [dense.prepare_image(g) for g in gallery], 1)
+    assert dist.shape == (images, 4, 3) and nearest.shape == (images, 4, 3, 2)
+    np.testing.assert_array_equal(dist, want_dist)
+    np.testing.assert_array_equal(nearest, want_nearest)

@@ -124,7 +124,7 @@ def search(query: np.ndarray, gallery: list[PreparedImage], kappa: int, projecti
     norm_max = max(float(g.ops.norm.max()) for g in images)
     dist = np.empty(len(q), np.float32)
     nearest = np.empty(len(q), np.int64)
-    rows = -(-len(q) // -(-len(q) // ROWS))  # passes of equal size (56 x 56: 4 x 784, not 3 x 1024 + 64)
+    rows = _pass_rows(len(q))
     for start in range(0, len(q), rows):
         stop = min(len(q), start + rows)
         a = ops.rows[start:stop]
@@ -195,6 +195,13 @@ def _nonzero(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     search: several times faster than ``torch.nonzero`` on these sparse masks)."""
     row, col = np.divmod(np.flatnonzero(mask.numpy()), mask.shape[1])
     return torch.from_numpy(row), torch.from_numpy(col)
+
+
+def _pass_rows(n: int) -> int:
+    """Query rows per pass: at most ``ROWS``, in passes of equal size (56 x 56: 4 x 784, not
+    3 x 1024 + 64); ``ROWS`` when there are no rows."""
+    passes = -(-n // ROWS)
+    return -(-n // passes) if passes else ROWS
 
 
 def _chunk_columns(rows: int, dtype: torch.dtype) -> int:
