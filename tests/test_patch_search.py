@@ -123,8 +123,10 @@ def operand(request):
 
 @pytest.fixture
 def small_steps(monkeypatch):
-    """Several row blocks, several GEMM chunks, a partial last chunk and padded blocks."""
+    """Several row blocks, several GEMM chunks, a partial last chunk and padded blocks, and
+    blocks whose recomputed bounds take several products (more queries than a group)."""
     monkeypatch.setattr(pruned, "ROWS", 8)
+    monkeypatch.setattr(pruned, "GROUP", 3)
     monkeypatch.setattr(pruned, "CHUNK_BYTES", 1)  # one super-block (64 columns) per GEMM call
 
 
@@ -493,3 +495,29 @@ def test_pruned_takes_any_number_of_query_images_as_dense_does(rng, operand, sma
     assert dist.shape == (images, 4, 3) and nearest.shape == (images, 4, 3, 2)
     np.testing.assert_array_equal(dist, want_dist)
     np.testing.assert_array_equal(nearest, want_nearest)
+
+
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_recomputed_bounds_are_each_pair_s_products_within_the_float32_bound(rng, operand, group, monkeypatch):
+    """Oracle: float64 products of each (query, block) pair, pairs in random order with blocks
+    asked by one query and by many more than a group; every value within the accumulation bound
+    the thresholds assume (module doc: gamma times the sum of the terms' magnitudes, and the
+    output's rounding), in the pairs' order."""
+    monkeypatch.setattr(pruned, "GROUP", group)
+    width, n_blocks, n_queries = 40, 12, 30
+    cols = torch.from_numpy(rng.standard_normal((n_blocks * pruned.BLOCK, width)).astype(np.float32)).to(operand)
+    a = torch.from_numpy(rng.standard_normal((n_queries, width)).astype(np.float32)).to(operand)
+    blocks = torch.from_numpy(np.concatenate([np.full(25, 3), [7], rng.integers(0, n_blocks, 200)]))
+    q_idx = torch.from_numpy(rng.integers(0, n_queries, len(blocks)))
+    shuffle = torch.from_numpy(rng.permutation(len(blocks)))
+    blocks, q_idx = blocks[shuffle], q_idx[shuffle]
+    y = pruned._bounds(a, cols, q_idx, blocks)
+    g = cols.double().view(n_blocks, pruned.BLOCK, width)[blocks]  # (P, BLOCK, width)
+    q = a.double()[q_idx][:, None, :]
+    want = (g * q).sum(-1)
+    gamma = width * 2.0**-24 / (1 - width * 2.0**-24) + 2.0**-24
+    out_eps = 2.0**-8 if operand == torch.bfloat16 else 2.0**-24
+    slack = gamma * (g * q).abs().sum(-1) + out_eps * want.abs()
+    assert y.shape == (len(blocks), pruned.BLOCK) and y.dtype == torch.float32
+    assert bool(((y.double() - want).abs() <= slack * 1.0001).all())
+    assert pruned._bounds(a, cols, q_idx[:0], blocks[:0]).shape == (0, pruned.BLOCK)

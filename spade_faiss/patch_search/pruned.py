@@ -69,6 +69,7 @@ from .exact import STEP_BYTES, SUM_EPS, gallery_offsets, kappa_smallest, locate,
 
 BLOCK = 16  # gallery columns per block: the GEMM output is kept only as minima over blocks
 SUPER = 4  # blocks per super-block, screened first
+GROUP = 8  # queries of one block per batched product when bounds are recomputed (4-16: the same speed)
 # Output bytes per GEMM call: the product is read back at once for its block minima, so it
 # should stay in the last-level cache (4 MiB: 1280 float32 or 2624 bfloat16 gallery columns at
 # 784 query rows; 27% faster than 16 MiB on a 32 MiB-L3 EPYC, the same on a Xeon, benchmarks/README.md).
@@ -239,15 +240,45 @@ def _block_minima(a: torch.Tensor, cols: torch.Tensor):
 
 def _bounds(a: torch.Tensor, cols: torch.Tensor, q_idx: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """The bound of query ``q_idx[i]`` against the ``BLOCK`` columns of block ``blocks[i]``,
-    recomputed from the operands by a batched product of the same kind as the GEMM (the same
-    bounds hold): (P, BLOCK) float32."""
-    out = torch.empty(len(q_idx), BLOCK)
-    flat = cols.view(-1, BLOCK * cols.shape[1])
-    step = max(64, STEP_BYTES // flat[0].nbytes)  # small temporaries: reused, not fresh pages
-    for s in range(0, len(q_idx), step):
-        g = flat.index_select(0, blocks[s:s + step]).view(-1, BLOCK, cols.shape[1])
-        out[s:s + step] = torch.bmm(g, a.index_select(0, q_idx[s:s + step])[:, :, None])[:, :, 0]
+    recomputed from the operands by batched products of the same kind as the GEMM (the same
+    bounds hold, whatever the order of accumulation): (P, BLOCK) float32.
+
+    A block is gathered once for up to ``GROUP`` of its queries (pairs grouped by block, see
+    :func:`_segments`), not once per pair: a candidate block has about 7 queries at layer1, and
+    gathering it (4 KiB at width 64) cost more than the product."""
+    out = torch.empty(len(q_idx), BLOCK, dtype=torch.float32)
+    if not len(q_idx):
+        return out
+    order, seg, slot, seg_block, seg_query = _segments(q_idx, blocks)
+    flat = cols.view(-1, BLOCK, cols.shape[1])
+    width = cols.shape[1]
+    y = torch.empty(len(seg_block), BLOCK, GROUP, dtype=torch.float32)
+    step = max(64, STEP_BYTES // ((BLOCK + GROUP) * width * cols.element_size()))  # reused temporaries
+    for s in range(0, len(seg_block), step):
+        g = flat.index_select(0, seg_block[s:s + step])
+        q = a.index_select(0, seg_query[s:s + step].reshape(-1)).view(-1, GROUP, width)
+        y[s:s + step] = torch.bmm(g, q.transpose(1, 2))
+    out[order] = y[seg, :, slot]
     return out
+
+
+def _segments(q_idx: torch.Tensor, blocks: torch.Tensor):
+    """The (query, block) pairs grouped by block into segments of up to ``GROUP`` queries of
+    one block: ``order`` sorts the pairs by block (stably), and sorted pair ``i`` is query slot
+    ``slot[i]`` of segment ``seg[i]``, whose block is ``seg_block`` and whose ``GROUP`` queries
+    are ``seg_query`` (unused slots: query 0, computed and never read)."""
+    order = torch.argsort(blocks, stable=True)
+    block, query = blocks[order], q_idx[order]
+    pos = torch.arange(len(block))
+    first = torch.ones(len(block), dtype=torch.bool)
+    first[1:] = block[1:] != block[:-1]
+    run_start = torch.cummax(torch.where(first, pos, 0), dim=0).values
+    slot = (pos - run_start) % GROUP
+    seg = torch.cumsum(slot == 0, dim=0) - 1
+    seg_block = block[slot == 0]
+    seg_query = torch.zeros(len(seg_block), GROUP, dtype=torch.int64)
+    seg_query[seg, slot] = query
+    return order, seg, slot, seg_block, seg_query
 
 
 def _probe(q, a, cols, block_min, best_block, rows_of, start: int, total: int, kappa: int) -> np.ndarray:
