@@ -247,11 +247,9 @@ def _bounds(a: torch.Tensor, cols: torch.Tensor, q_idx: torch.Tensor, blocks: to
     :func:`_segments`), not once per pair: a candidate block has about 7 queries at layer1, and
     gathering it (4 KiB at width 64) cost more than the product."""
     out = torch.empty(len(q_idx), BLOCK, dtype=torch.float32)
-    if not len(q_idx):
-        return out
     order, seg, slot, seg_block, seg_query = _segments(q_idx, blocks)
-    flat = cols.view(-1, BLOCK, cols.shape[1])
     width = cols.shape[1]
+    flat = cols.view(-1, BLOCK, width)
     y = torch.empty(len(seg_block), BLOCK, GROUP, dtype=torch.float32)
     step = max(64, STEP_BYTES // ((BLOCK + GROUP) * width * cols.element_size()))  # reused temporaries
     for s in range(0, len(seg_block), step):
