@@ -36,16 +36,6 @@ STAGE2_ENGINES = ("auto", "pruned", "dense", "faiss")
 INDEX_KINDS = ("auto", "flat", "ivf")
 DEVICE_HELP = "expected 'auto', 'cpu' or 'cuda[:N]'"
 K_IMAGE_DEFAULT = 5  # k_image=None means min(K_IMAGE_DEFAULT, k_gallery): the one rule, Python and CLI
-# The service's own limits (`serve` options and `create_app` arguments; not scoring parameters).
-SERVICE_DEFAULTS = {
-    "max_upload_mb": 32.0,  # larger uploads are refused (413)
-    "max_pixels": 50_000_000,  # larger images are refused (413)
-    "timeout_s": 30.0,  # per-request deadline
-    "queue_size": 64,  # waiting requests per lane before 503
-    "max_batch": 8,  # images per backbone batch
-    "batch_window_ms": 5.0,  # how long a batch waits to fill
-    "refresh_s": 2.0,  # how often appends and new thresholds are taken in (0: never)
-}
 
 
 def check_choice(name, value, choices):
@@ -53,10 +43,19 @@ def check_choice(name, value, choices):
         raise ValueError(f"{name}={value!r}: expected one of {list(choices)}")
 
 
-def check_int(name, value, minimum: int = 1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+def check_int(name, value, minimum: int = 1, maximum: int | None = None):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or \
+            (maximum is not None and value > maximum):
+        if maximum is not None:
+            kind = f"an integer in [{minimum}, {maximum}]"
+        else:
+            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{name}={value!r}: expected {kind}")
+
+
+def _check_text(name, value):
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name}={value!r}: expected a non-empty string")
 
 
 def check_number(name, value, low: float, high: float | None = None, low_open: bool = False):
@@ -106,8 +105,11 @@ class Param:
 
     ``part``: ``feature`` (decides the stored features), ``source`` (where the weights come from;
     recorded in the corpus), ``scoring`` (how a query is answered) or ``option`` (how the work is
-    done). ``cli``: the option group on the command line, or None for Python only. ``choices``
-    also go to the command line; ``cli_type`` converts its text.
+    done): these four are ``Spade``'s parameters. ``calibration`` (the thresholds' false-positive
+    rate) and ``service`` (the HTTP service's address and limits) are arguments of commands and
+    functions, not of ``Spade``. ``cli``: the option group on the command line, or None for Python
+    only. ``choices`` also go to the command line; ``cli_type`` converts its text; ``option``: the
+    command line's spelling when it is not ``--name`` with dashes.
     """
 
     name: str
@@ -118,10 +120,15 @@ class Param:
     cli: str | None = None
     choices: tuple | None = None
     cli_type: Callable | None = None
+    option: str | None = None
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return self.option or "--" + self.name.replace("_", "-")
+
+    def check_value(self, value) -> None:
+        """Raise ``ValueError`` naming the parameter unless ``value`` satisfies its constraint."""
+        self.check(self.name, value)
 
 
 def _weights_arg(value: str):
@@ -193,14 +200,46 @@ PARAMETERS: tuple[Param, ...] = (
     Param("target_recall", 0.99, "option", lambda n, v: check_number(n, v, 0.0, 1.0, low_open=True),
           "IVF: recall@k_gallery against exact search that the default nprobe must reach", "index",
           cli_type=float),
+    # --- calibration (calibrate, evaluate, Spade.calibrate) ---
+    Param("fpr", 0.01, "calibration", lambda n, v: check_number(n, v, 0.0, 1.0, low_open=True),
+          "false-positive rate of the calibrated thresholds on held-out normal images and their pixels",
+          "calibration", cli_type=float),
+    # --- the service (`serve` options and `create_app` arguments) ---
+    Param("host", "127.0.0.1", "service", lambda n, v: _check_text(n, v),
+          "interface to bind (loopback only by default)", "service"),
+    Param("port", 8000, "service", lambda n, v: check_int(n, v, 0, 65535), "TCP port (0: any free one)",
+          "service", cli_type=int),
+    Param("max_upload_mb", 32.0, "service", lambda n, v: check_number(n, v, 0.0, low_open=True),
+          "larger uploads are refused (413)", "service", cli_type=float),
+    Param("max_pixels", 50_000_000, "service", check_int, "larger images are refused (413)", "service",
+          cli_type=int),
+    Param("timeout_s", 30.0, "service", lambda n, v: check_number(n, v, 0.0, 86400.0, low_open=True),
+          "per-request deadline in seconds", "service", cli_type=float, option="--timeout"),
+    Param("queue_size", 64, "service", check_int, "waiting requests per lane before 503", "service", cli_type=int),
+    Param("max_batch", 8, "service", lambda n, v: check_int(n, v, 1, 1024), "images per backbone batch", "service",
+          cli_type=int),
+    Param("batch_window_ms", 5.0, "service", lambda n, v: check_number(n, v, 0.0, 10_000.0),
+          "how long a batch waits to fill, in milliseconds", "service", cli_type=float),
+    Param("refresh_s", 2.0, "service", lambda n, v: check_number(n, v, 0.0, 86400.0),
+          "how often to take in images appended and thresholds calibrated while serving, in seconds (0: never); "
+          "the state served is in /v1/info and in each answer", "service", cli_type=float),
 )
 PARAM = {p.name: p for p in PARAMETERS}
 DEFAULTS = {p.name: p.default for p in PARAMETERS}
-PARAMS = tuple(p.name for p in PARAMETERS)
+SPADE_PARTS = ("scoring", "feature", "source", "option")
+PARAMS = tuple(p.name for p in PARAMETERS if p.part in SPADE_PARTS)  # Spade's parameters
+SERVICE_DEFAULTS = {p.name: p.default for p in PARAMETERS if p.part == "service"}
 SCORING_KEYS = tuple(p.name for p in PARAMETERS if p.part == "scoring")
 FEATURE_KEYS = ("backbone", "weights_sha256", "resize", "crop", "levels", "storage")
 FEATURE_PARAMS = tuple(p.name for p in PARAMETERS if p.part in ("feature", "source"))
 OPTION_KEYS = tuple(p.name for p in PARAMETERS if p.part == "option")
+
+
+def check_values(values: dict) -> None:
+    """Check each ``{name: value}`` against its declaration in the table (``ValueError`` naming
+    the first value out of range)."""
+    for name, value in values.items():
+        PARAM[name].check_value(value)
 
 
 def parameters_doc(names=PARAMS) -> str:

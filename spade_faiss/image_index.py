@@ -255,8 +255,8 @@ class ImageIndex:
         if blob.nbytes < SIDECAR_MIN_BYTES:
             store.write_index(blob, attrs)
             return
-        name = os.path.splitext(os.path.basename(store.path))[0] + ".faiss"
-        path = store.sidecar_path(name)
+        path = store.sidecar_path()
+        name = os.path.basename(path)
         tmp = path + ".tmp"
         blob.tofile(tmp)
         os.replace(tmp, path)  # atomic: a crash leaves the old sidecar or the new one
@@ -269,7 +269,7 @@ class ImageIndex:
         _, attrs = store.read_index()
         if "sidecar" not in attrs:
             return []
-        side = store.sidecar_path(attrs["sidecar"])
+        side = _sidecar(store, attrs)
         h = hashlib.sha256()
         with open(side, "rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
@@ -288,7 +288,7 @@ class ImageIndex:
             if blob is not None:
                 index = faiss.deserialize_index(blob)
             else:
-                index = _read_sidecar(store.sidecar_path(attrs["sidecar"]), attrs)
+                index = _read_sidecar(_sidecar(store, attrs), attrs)
         except (RuntimeError, OSError) as e:
             raise ValueError(f"{store.path}: the image index cannot be read ({str(e).splitlines()[0]}); "
                              f"rebuild it with `spade-faiss reindex {store.path}`") from None
@@ -299,6 +299,11 @@ class ImageIndex:
 
 def _drop_self(ids: np.ndarray, rows: np.ndarray, k: int) -> list[np.ndarray]:
     return [row_ids[row_ids != self_id][:k] for row_ids, self_id in zip(ids, rows)]
+
+
+def _sidecar(store, attrs: dict) -> str:
+    """The sidecar file the corpus recorded (by its name, in the corpus's folder)."""
+    return os.path.join(os.path.dirname(store.sidecar_path()), attrs["sidecar"])
 
 
 def _read_sidecar(path: str, attrs: dict) -> faiss.Index:

@@ -431,25 +431,26 @@ def test_engine_names_in_the_docstrings_are_real_engines():
 
 
 def test_the_bound_operand_type_is_forced_or_the_faster_one_measured(monkeypatch):
-    """bfloat16 bounds only where the CPU has them natively and they measure faster; the
-    variable forces one (benchmarks); results are the same either way (tests above)."""
+    """bfloat16 bounds only where the CPU has them natively and they measure faster; an entry
+    point forces one (benchmarks); results are the same either way (tests above)."""
     import torch
 
     from spade_faiss.patch_search import bounds
 
     try:
         for forced in ("float32", "bfloat16"):
-            bounds.operand_dtype.cache_clear()
-            monkeypatch.setenv(bounds.OPERAND_VARIABLE, forced)
+            bounds.force_operand(forced)
             assert bounds.operand_dtype() == getattr(torch, forced)
-        monkeypatch.delenv(bounds.OPERAND_VARIABLE)
+        with pytest.raises(ValueError, match="SPADE_FAISS_BOUND_DTYPE"):
+            bounds.force_operand("int8")
+        bounds.force_operand(None)
         native = "bf16" in open("/proc/cpuinfo").read()
         for faster in (torch.float32, torch.bfloat16):
             bounds.operand_dtype.cache_clear()
             monkeypatch.setattr(bounds, "_bound_gemm_seconds", lambda d, f=faster: 1.0 if d == f else 2.0)
             assert bounds.operand_dtype() == (faster if native else torch.float32)
     finally:
-        bounds.operand_dtype.cache_clear()
+        bounds.force_operand(None)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import warnings
 
 from .. import __version__
-from ..config import PARAM, PARAMETERS, SERVICE_DEFAULTS
+from ..config import PARAM, PARAMETERS
 from . import commands
 from .allocator import keep_freed_memory
 from .distributed import RAY_WORKERS
@@ -26,6 +27,7 @@ FEATURE_OPTIONS = tuple(p.name for p in PARAMETERS if p.cli == "features")
 SCORING_OPTIONS = tuple(p.name for p in PARAMETERS if p.cli == "scoring")
 INDEX_OPTIONS = tuple(p.name for p in PARAMETERS if p.cli == "index") + ("nprobe",)  # the tuned default's target
 RUN_OPTIONS = tuple(p.name for p in PARAMETERS if p.cli == "run")
+SERVICE_OPTIONS = tuple(p.name for p in PARAMETERS if p.cli == "service" and p.name not in ("host", "port"))
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -131,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="corpus file")
     p.add_argument("src", help="held-out normal images: a folder, a list file, or an MVTec category "
                                "(train/good; its images must not be indexed)")
-    p.add_argument("--fpr", type=float, default=0.01, help="false-positive rate on normal images and pixels")
+    add_params(p, ("fpr",))
 
     p = command("score", "score images against a corpus into a run directory (resumable)",
                 _model_args, _scoring_args, _run_args, _engine_args)
@@ -158,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", help="a dataset root with categories, or one category")
     p.add_argument("--categories", nargs="*", help="only these categories (default: all found)")
     p.add_argument("--out", required=True, help="output directory (corpora are built or reused there)")
-    p.add_argument("--fpr", type=float, default=0.01, help="false-positive rate of the calibrated thresholds")
+    add_params(p, ("fpr",))
     p.add_argument("--no-overlays", action="store_true", help="do not write per-image overlays")
 
     p = command("explain", "why an image is anomalous: its most anomalous and most normal points beside their "
@@ -187,21 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", nargs="+", help="corpus file(s), each PATH or NAME=PATH (default name: the file's "
                                             "stem); several are served under /v1/corpora/NAME/, one model per "
                                             "distinct weights")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback only by default)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    add_params(p, ("host", "port"))
     p.add_argument("--token-file", help="file holding the bearer token every endpoint but /v1/health requires")
-    limits = SERVICE_DEFAULTS
-    p.add_argument("--max-upload-mb", type=float, default=limits["max_upload_mb"],
-                   help="larger uploads are refused (413)")
-    p.add_argument("--max-pixels", type=int, default=limits["max_pixels"], help="larger images are refused (413)")
-    p.add_argument("--timeout", type=float, default=limits["timeout_s"], help="per-request deadline in seconds")
-    p.add_argument("--queue-size", type=int, default=limits["queue_size"], help="waiting requests per lane before 503")
-    p.add_argument("--max-batch", type=int, default=limits["max_batch"], help="images per backbone batch")
-    p.add_argument("--batch-window-ms", type=float, default=limits["batch_window_ms"],
-                   help="how long a batch waits to fill")
-    p.add_argument("--refresh-s", type=float, default=limits["refresh_s"],
-                   help="how often to take in images appended and thresholds calibrated while serving, in "
-                        "seconds (0: never); the state served is in /v1/info and in each answer")
+    add_params(p.add_argument_group("service limits"), SERVICE_OPTIONS)
 
     p = command("bench", "run the benchmark scripts of benchmarks/ (JSON lines on stdout); "
                          "`bench compress CORPUS HELD_OUT` measures each stored representation on your own data")
@@ -225,8 +215,18 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if argv is None:
         keep_freed_memory()
+        _environment()
     with _threads(getattr(args, "threads", None)):
         return _dispatch(args)
+
+
+def _environment() -> None:
+    """What the process's environment sets (read here, at the entry point, and nowhere in the library)."""
+    from ..patch_search import bounds
+
+    forced = os.environ.get(bounds.OPERAND_VARIABLE)
+    if forced:
+        bounds.force_operand(forced)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .. import datasets
 from ..clock import utc_now
-from ..config import PARAMS
+from ..config import PARAMS, SERVICE_DEFAULTS, check_values
 from ..detector import Spade, describe
 from ..metrics import check_fpr
 from .progress import Progress
@@ -230,6 +230,8 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise ImportError(f"`serve` needs the 'serve' extra: pip install 'spade_faiss[serve]' "
                           f"({e.name} is missing)") from None
+    limits = {name: getattr(args, name) for name in SERVICE_DEFAULTS}
+    check_values(limits)  # before any model loads
     token = None
     if args.token_file:
         if os.stat(args.token_file).st_mode & 0o077:
@@ -243,9 +245,9 @@ def cmd_serve(args) -> int:
         spades = {name: stack.enter_context(Spade.open(path, **spade_params(args))) for name, path in named.items()}
         models = share_models(list(spades.values()))
         print(json.dumps({"serving": named, "models": models, "url": f"http://{args.host}:{args.port}"}), flush=True)
-        run(spades, args.host, args.port, token=token, max_upload_bytes=int(args.max_upload_mb * 2**20),
-            max_pixels=args.max_pixels, timeout_s=args.timeout, queue_size=args.queue_size,
-            max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, refresh_s=args.refresh_s)
+        host, port = limits.pop("host"), limits.pop("port")
+        limits["max_upload_bytes"] = int(limits.pop("max_upload_mb") * 2**20)
+        run(spades, host, port, token=token, **limits)
     return 0
 
 

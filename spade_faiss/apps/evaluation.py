@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__, datasets, images, metrics
+from ..config import DEFAULTS
 from ..detector import Spade
 from . import pictures
 from .progress import Progress
@@ -36,7 +37,7 @@ def split_train(root) -> tuple[list, list]:
     return [s for s in train if s not in held], held
 
 
-def evaluate_category(root, out_dir, params: dict, fpr: float = 0.01, overlays: bool = True) -> dict:
+def evaluate_category(root, out_dir, params: dict, fpr: float = DEFAULTS["fpr"], overlays: bool = True) -> dict:
     """Build or reuse the corpus of one category, calibrate, score its test split into
     ``out_dir`` (a run directory), measure; returns the category's metrics record."""
     root, out_dir = Path(root), Path(out_dir)
@@ -119,7 +120,8 @@ def _pictures(run: RunDir, spade, ok, labels, scores, maps, masks, result, scale
     pictures.worst_cases_png(run.plot("worst_cases"), rows, scale, spade.theta_)
 
 
-def evaluate(dataset_root, out_dir, categories=None, params=None, fpr: float = 0.01, overlays: bool = True) -> dict:
+def evaluate(dataset_root, out_dir, categories=None, params=None, fpr: float = DEFAULTS["fpr"],
+             overlays: bool = True) -> dict:
     """Evaluate every MVTec-layout category under ``dataset_root`` (or the root itself when it
     is one category); writes ``metrics.json`` and ``table.md`` into ``out_dir``."""
     root, out_dir = Path(dataset_root), Path(out_dir)

@@ -27,6 +27,7 @@ import threading
 import time
 from concurrent.futures import Future
 
+from ..config import SERVICE_DEFAULTS
 from ..detector import Spade
 from ..images import LoadedImage
 
@@ -68,7 +69,9 @@ class Scheduler:
     instruments (see ``served.CorpusMetrics``) or None; ``clock`` gives the time deadlines are in
     (``time.monotonic``; tests inject their own)."""
 
-    def __init__(self, spade: Spade, max_batch: int = 8, window_s: float = 0.005, queue_size: int = 64,
+    def __init__(self, spade: Spade, max_batch: int = SERVICE_DEFAULTS["max_batch"],
+                 window_s: float = SERVICE_DEFAULTS["batch_window_ms"] / 1000,
+                 queue_size: int = SERVICE_DEFAULTS["queue_size"],
                  metrics=None, clock=time.monotonic, refresh_s: float | None = None, on_refresh=None):
         self.spade, self.max_batch, self.window_s, self.queue_size = spade, max_batch, window_s, queue_size
         self.clock = clock

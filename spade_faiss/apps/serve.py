@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import images as imglib
-from ..config import SERVICE_DEFAULTS
+from ..config import SERVICE_DEFAULTS, check_values
 from ..detector import Spade
 from . import pictures
 from .http import DEADLINE_HEADER, Guard, error, header_seconds, read_image, wait_for
@@ -49,6 +49,9 @@ def create_app(spades: Spade | dict[str, Spade], token: str | None = None,
     schedulers start with the application and, at shutdown, serve what is queued before they
     stop. Every ``refresh_s`` seconds (0: never) each takes in images appended and thresholds
     calibrated beside its corpus meanwhile."""
+    check_values({"max_upload_mb": max_upload_bytes / 2**20, "max_pixels": max_pixels, "timeout_s": timeout_s,
+                  "queue_size": queue_size, "max_batch": max_batch, "batch_window_ms": batch_window_ms,
+                  "refresh_s": refresh_s})
     if isinstance(spades, Spade):
         spades = {"default": spades}
     metrics = Metrics()
@@ -180,7 +183,8 @@ async def _score(c: ServedCorpus, request: Request, map: str, raw: bool, timeout
     return out
 
 
-def run(spades: Spade | dict[str, Spade], host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+def run(spades: Spade | dict[str, Spade], host: str = SERVICE_DEFAULTS["host"], port: int = SERVICE_DEFAULTS["port"],
+        **options) -> None:
     """Serve until SIGINT/SIGTERM: then stop accepting, answer what is queued, return (after
     SIGTERM normally, so that the process exits 0; SIGINT still interrupts)."""
     import signal

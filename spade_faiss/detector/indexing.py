@@ -1,19 +1,23 @@
-"""Indexing: a new corpus for a model, and prepared batches -> backbone features -> appended to
-the corpus, new images only (deduplicated by the sha256 of their file bytes)."""
+"""Indexing: a new corpus for a model, prepared batches -> backbone features -> appended to the
+corpus, new images only (deduplicated by the sha256 of their file bytes), and the image index
+brought up to them."""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
 
 from ..backbone import FeatureExtractor
 from ..config import SpadeConfig
+from ..image_index import ImageIndex
 from ..representations import FIT_IMAGES
 from ..results import IndexReport
 from ..store import AppendWriter, FeatureStore
+from .attached import AttachedCorpus
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +83,38 @@ def _fit_and_put(store: FeatureStore, writer: AppendWriter, held: list, seed: in
     for item in held:
         writer.put(*item)
     held.clear()
+
+
+def indexed(corpus: AttachedCorpus, options, config: SpadeConfig, rebuild: bool) -> AttachedCorpus:
+    """``corpus`` with its image index brought up to the committed rows (rebuilt, or the new
+    rows added) and saved in the corpus file; appends beside a read corpus only add (its readers
+    add them too)."""
+    store, index = corpus.store, corpus.index
+    if rebuild and store.beside:
+        raise ValueError(f"{store.path}: is read by another process; its image index is rebuilt when nothing reads it")
+    if rebuild:
+        index = ImageIndex.build(store.pool(), options.index, options.nlist, config.nprobe, options.encoding,
+                                 options.seed, options.target_recall, config.k_gallery)
+    else:
+        index.add(store.pool(index.ntotal))
+    if store.writable:
+        if not rebuild and index.retune_due:  # only then every pooled vector is read
+            index.retune(store.pool(), options.seed, options.target_recall, config.k_gallery)
+            log.info("%s: nprobe re-tuned to %d at %d images", store.path, index.nprobe, index.ntotal)
+        index.save(store)
+    return corpus.with_index(index)
+
+
+def add_images(corpus: AttachedCorpus, batches: Iterable[list], extractor: Callable, options, config: SpadeConfig,
+               on_progress: Callable[[int], None] | None = None) -> tuple[AttachedCorpus, IndexReport]:
+    """Append the new images of ``batches`` to ``corpus`` and bring its image index up to them:
+    the new state and what was added."""
+    if corpus.index_ahead:
+        raise ValueError(corpus.problem)  # appending would overwrite rows the index returns
+    start = time.perf_counter()
+    n_before = len(corpus.store)
+    report = append_new(corpus.store, batches, extractor, options.seed, on_progress)
+    if len(corpus.store) > n_before or (corpus.index is None and len(corpus.store)):
+        corpus = indexed(corpus, options, config, rebuild=corpus.index is None)
+    report.seconds = time.perf_counter() - start
+    return corpus, report

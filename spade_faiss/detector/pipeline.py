@@ -170,7 +170,7 @@ class QueryPipeline:
     def _projection(self, name: str, mode: str) -> None:
         """The principal directions of a level (or of concat features), fitted once on a
         seeded sample of the corpus: up to 16 images (evenly spaced rows), 16384 vectors.
-        Kept in the corpus file by a process that may write it (``projections/<name>``), and
+        Kept in the corpus file by a process that may write it (``store/names.py``), and
         read from there by later ones: any basis gives the same exact results (a good one
         prunes more), so one fitted on fewer images stays valid as the corpus grows."""
         if name in self.projections:
@@ -182,9 +182,9 @@ class QueryPipeline:
         # concat features (1792 channels, costlier re-checks) keep the full width: not measured narrower
         operand = None if name == "concat" else patch_search.pruned.operand_dtype()
         used = patch_search.projection_dims(h * w, operand)
-        stored = self.store.arrays(f"projections/{name}")
-        if stored is not None and stored["basis"].shape == (channels, dims):
-            self.projections[name] = patch_search.Projection(stored["mean"], stored["basis"]).leading(used)
+        stored = self.store.projection(name)
+        if stored is not None and stored[1].shape == (channels, dims):
+            self.projections[name] = patch_search.Projection(*stored).leading(used)
             return
         n = len(self.store)
         rows = _spread_rows(n, PROJECTION_IMAGES)
@@ -195,4 +195,4 @@ class QueryPipeline:
         projection = patch_search.Projection.fit(sample, dims)
         self.projections[name] = projection.leading(used)
         if self.store.writable:
-            self.store.write_arrays(f"projections/{name}", {"mean": projection.mean, "basis": projection.basis})
+            self.store.write_projection(name, projection.mean, projection.basis)

@@ -9,25 +9,28 @@ them reads the store or runs a stage itself.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
 from .. import images, patch_search
 from ..backbone import FeatureExtractor, check_weights, load_extractor
 from ..config import DEFAULTS, PARAM, Parameters, make_configs, parameters_doc
-from ..results import Retrieved, ScoredImage, SpadeResult
+from ..representations import FIT_IMAGES
+from ..results import IndexReport, Retrieved, ScoredImage, SpadeResult
+from ..store import CorpusView, FeatureStore, join_shards, open_corpus
 from ..store import convert as convert_store
-from ..store import join_shards, open_corpus
-from .lifecycle import Lifecycle
-from .thresholds import Thresholds
+from . import thresholds
+from .attached import attach
+from .indexing import add_images, indexed, new_store
 
 log = logging.getLogger(__name__)
 
 
-class Spade(Parameters, Lifecycle, Thresholds):
+class Spade(Parameters):
     """SPADE anomaly detector over a FAISS-indexed HDF5 corpus of normal images.
 
     Scores are "higher = more anomalous" everywhere (image scores, maps, thresholds).
@@ -42,6 +45,9 @@ class Spade(Parameters, Lifecycle, Thresholds):
     config_ : SpadeConfig
         The parameters in force (the one source of truth after fit/open).
     options_ : RunOptions
+    corpus_ : AttachedCorpus
+        The corpus this Spade answers from, as one value (``detector/attached.py``); the
+        attributes below read it.
     store_ : CorpusView
         The corpus file and the segments appended beside it (``store/view.py``).
     index_ : ImageIndex or None
@@ -148,6 +154,153 @@ class Spade(Parameters, Lifecycle, Thresholds):
         self.extractor_ = other._extractor()
         return self
 
+    # --- the attached corpus (detector/attached.py) ---------------------------------------
+
+    @classmethod
+    def create(cls, path, like=None, **params) -> Spade:
+        """A new, empty corpus file at ``path`` (fill it with :meth:`add`). ``like``: a corpus
+        file whose fitted stored representations this one shares (the shards of one corpus)."""
+        spade = cls(**params)
+        spade._configure()
+        if os.path.exists(path):
+            raise FileExistsError(f"{path}: already exists (open it to append, or choose a new name)")
+        spade._attach(spade._new_store(path, in_memory=False))
+        if like is not None:
+            with FeatureStore.open(like) as template:
+                spade.store_.adopt_representations(template)
+        return spade
+
+    @classmethod
+    def open(cls, path, mode: str = "r", generation: int | None = None, **params) -> Spade:
+        """Open a corpus. Feature parameters and the weights default to the corpus's own; other
+        weights are refused (compared by the sha256 of their tensors) when the model loads.
+
+        ``mode``: ``"r"`` to score, ``"a"`` to add images or calibrate (into the file, or beside
+        it while other processes read it). ``generation``: read the corpus as it was after that
+        many segments appended beside it (the state a service's answer reports), not all."""
+        store = open_corpus(path, mode, generation)
+        try:
+            c = store.config
+            for key in ("backbone", "resize", "crop", "levels", "storage"):
+                params.setdefault(key, getattr(c, key))
+            source = store.weights_source()
+            for key in ("weights", "seed"):
+                if key in source:
+                    params.setdefault(key, source[key])
+            spade = cls(**params)
+            spade._configure(c.weights_sha256)
+            store.check_config(spade.config_)
+            return spade._attach(store)
+        except Exception:
+            store.close()
+            raise
+
+    def fit(self, images_, y=None) -> Spade:
+        """Index ``images_`` (paths, dataset samples or RGB uint8 arrays) in an in-memory corpus
+        and return self (scikit-learn style)."""
+        self._configure()
+        self._attach(self._new_store(f"spade-memory-{id(self)}.h5", in_memory=True))
+        report = self.add(images_)
+        if report.errors:
+            raise ValueError("cannot fit: " + "; ".join(r for _, r in report.errors[:5]))
+        return self
+
+    def fit_storage(self, samples: Iterable) -> Spade:
+        """Fit the stored representations on the features of up to ``FIT_IMAGES`` of ``samples``
+        without adding them (:meth:`add` does it on the first images otherwise); returns self."""
+        if self.store_.needs_fit:
+            prepared = [p for batch in self._batches(list(samples)[:FIT_IMAGES]) for p in batch if p.error is None]
+            if not prepared:
+                raise ValueError("no decodable image to fit the stored representations on")
+            feats = self._extractor()(np.stack([p.tensor for p in prepared]), "float32")
+            self.store_.fit_representations(feats, self.seed)
+        return self
+
+    def _new_store(self, path, in_memory: bool) -> CorpusView:
+        store = new_store(path, self._extractor(), self.config_, self.weights, self.seed, in_memory)
+        self.config_ = store.config.replace(**self.config_.scoring_dict())
+        return CorpusView(store)
+
+    def _attach(self, store: CorpusView) -> Spade:
+        self.corpus_ = attach(store, self._extractor, self.options_.cache_bytes, self.options_.seed)
+        return self
+
+    def close(self):
+        if getattr(self, "corpus_", None) is not None:
+            self.corpus_.close()
+
+    def reopen(self, mode: str = "r") -> Spade:
+        """Open the same corpus file again after :meth:`close`, keeping the model (a worker that
+        must not hold the file between batches); returns self."""
+        store = open_corpus(self.store_.path, mode)
+        store.check_config(self.config_)
+        return self._attach(store)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def add(self, samples: Iterable, on_progress: Callable[[int], None] | None = None) -> IndexReport:
+        """Extract and append the images not yet in the corpus (dedupe by content sha256), then
+        update and save the image index. ``on_progress(n)`` is called after each batch of n."""
+        self.corpus_, report = add_images(self.corpus_, self._batches(samples), self._extractor, self.options_,
+                                          self.config_, on_progress)
+        return report
+
+    def reindex(self) -> dict:
+        """Rebuild (and retrain) the image index over all committed rows with the ``index``,
+        ``nlist``, ``nprobe``, ``encoding`` and ``seed`` parameters, and save it."""
+        self.corpus_ = indexed(self.corpus_, self.options_, self.config_, rebuild=True)
+        return self.index_.attrs()
+
+    def refresh(self, until: int | None = None) -> dict:
+        """Take in what was committed beside the corpus since it was opened (images appended
+        and thresholds calibrated while this process read it, docs/design.md §2 "Growing while
+        served"); ``until``: at most that many segments (a state a service reported). Returns
+        ``{"added": images, "thresholds_changed": bool, "generation": segments}``."""
+        self.corpus_, report = self.corpus_.refreshed(until)
+        return report
+
+    # --- thresholds (detector/thresholds.py) ------------------------------------------------
+
+    def calibrate(self, normals: Iterable, fpr: float = DEFAULTS["fpr"], on_progress=None) -> dict:
+        """Set ``tau_`` and ``theta_`` at false-positive rate ``fpr`` over held-out normal
+        images and their pixels, store them in the corpus and return the record.
+
+        Images already in the corpus are refused: their distances to themselves are 0, which
+        would give thresholds that flag every new normal image."""
+        results = self.iter_score(normals, maps=True, on_progress=on_progress)
+        record = thresholds.calibrate(self.corpus_, results, fpr, self.config_.scoring_dict())
+        self.corpus_ = self.corpus_.with_thresholds(record)
+        return record
+
+    def set_thresholds(self, tau: float | None = None, theta: float | None = None):
+        """Override the calibrated thresholds for this object (not stored); None keeps one."""
+        self.corpus_ = self.corpus_.with_overrides(tau, theta)
+        return self
+
+    def leave_one_out_theta(self, n_images: int = 8, fpr: float = DEFAULTS["fpr"]) -> float:
+        """A pixel threshold estimated without held-out images: a calibration-free colour scale
+        for pictures (see :func:`spade_faiss.detector.thresholds.leave_one_out_theta`)."""
+        self._check_ready()
+        return thresholds.leave_one_out_theta(self.corpus_, self.config_, self.options_, self.search_device_,
+                                              n_images, fpr)
+
+    # --- what the attached corpus holds, by its public names ------------------------------
+
+    store_ = property(lambda self: self.corpus_.store, doc="The corpus view (file and segments).")
+    index_ = property(lambda self: self.corpus_.index, doc="The image index (None: see index_problem_).")
+    index_problem_ = property(lambda self: self.corpus_.problem, doc="Why the corpus cannot be scored now.")
+    pipeline_ = property(lambda self: self.corpus_.pipeline, doc="The query pipeline (cache, timings).")
+    paths_ = property(lambda self: self.corpus_.paths, doc="Image paths by id.")
+    calibration_ = property(lambda self: self.corpus_.calibration, doc="The calibration record in force.")
+    tau_ = property(lambda self: self.corpus_.tau, doc="The image threshold (None: not calibrated).")
+    theta_ = property(lambda self: self.corpus_.theta, doc="The pixel threshold (None: not calibrated).")
+    generation_ = property(lambda self: self.corpus_.generation,
+                           doc="How many segments appended beside the corpus file this object sees.")
+
     # --- scoring -------------------------------------------------------------------------
 
     def iter_score(self, samples: Iterable, *, maps=True, correspondences: bool = False,
@@ -182,16 +335,9 @@ class Spade(Parameters, Lifecycle, Thresholds):
         return images.iter_prepared(samples, o.batch_size, c.resize, c.crop, o.workers)
 
     def _check_ready(self, maps=True):
-        if getattr(self, "store_", None) is None:
+        if getattr(self, "corpus_", None) is None:
             raise ValueError("this Spade is not fitted: call fit(images) or Spade.open(path)")
-        if self.index_problem_:
-            raise ValueError(self.index_problem_)
-        if self.index_ is None or len(self.store_) == 0:
-            raise ValueError(f"{self.store_.path}: the corpus holds no images")
-        if maps not in (True, False, "auto"):
-            raise ValueError(f"maps={maps!r}: expected True, False or 'auto'")
-        if maps == "auto" and self.tau_ is None:
-            raise ValueError("maps='auto' gates stage 2 on the image threshold: calibrate first")
+        self.corpus_.check_ready(maps)
 
     def _ks(self) -> tuple[int, int]:
         n = len(self.store_)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..config import DEFAULTS
-from . import brute, dense, pruned, window
+from . import dense, pruned, window
 from .brute import gpu_available, iter_chunks, knn_mean, level_maps, resolve_search_device
 from .pruned import Projection, SearchStats
 
@@ -34,7 +34,7 @@ class SearchSettings:
     """How stage 2 runs: the same for every level and every query of a run."""
 
     device: str = "cpu"  # where the faiss engine searches ("cpu", "cuda[:N]")
-    chunk_bytes: int = brute.DEFAULT_CHUNK_BYTES
+    chunk_bytes: int = DEFAULTS["chunk_bytes"]
     gpu_float16: bool = DEFAULTS["gpu_float16"]
     radius: int = DEFAULTS["radius"]
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
 
 import numpy as np
@@ -107,8 +106,21 @@ def prepare_image(projection: Projection, feats: np.ndarray, dtype: torch.dtype)
                          hash(flat[:: max(1, len(flat) // 64)].tobytes()))
 
 
-# Set to "float32" or "bfloat16" to take that operand type without measuring (benchmarks).
+# The environment variable the command line reads to force an operand type (benchmarks);
+# the library itself reads no environment: an entry point calls force_operand.
 OPERAND_VARIABLE = "SPADE_FAISS_BOUND_DTYPE"
+OPERANDS = ("float32", "bfloat16")
+_forced: str | None = None
+
+
+def force_operand(name: str | None) -> None:
+    """Take operand type ``name`` (``float32``/``bfloat16``) from now on without measuring, or
+    measure again (None). Called by entry points (``spade-faiss`` reads ``SPADE_FAISS_BOUND_DTYPE``)."""
+    global _forced
+    if name not in (None, *OPERANDS):
+        raise ValueError(f"{OPERAND_VARIABLE}={name!r}: expected one of {list(OPERANDS)}")
+    _forced = name
+    operand_dtype.cache_clear()
 
 
 @functools.lru_cache(maxsize=1)
@@ -118,9 +130,8 @@ def operand_dtype() -> torch.dtype:
     the engine's shape measures faster in it than in float32 (the rate varies 2.4x between
     machines of one kind); else float32. The results are the same either way (the bounds are
     rigorous for each type, docs/design.md §4); only the speed differs."""
-    forced = os.environ.get(OPERAND_VARIABLE)
-    if forced in ("float32", "bfloat16"):
-        return getattr(torch, forced)
+    if _forced is not None:
+        return getattr(torch, _forced)
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(next((ln for ln in f if ln.startswith("flags")), "").split())

@@ -21,7 +21,6 @@ from ..config import DEFAULTS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_BYTES = 64 * 2**20
 # faiss's BLAS kNN multiplies 4096-query x 1024-vector blocks by default; 4096-vector blocks
 # run ~20% faster here (benchmarks/README.md) for a 64 MiB block of inner products.
 BLAS_DATABASE_BLOCK = 4096
@@ -112,7 +111,7 @@ def _knn(queries: np.ndarray, gallery: np.ndarray, k: int, device: str) -> np.nd
 
 # --- chunked exact search ----------------------------------------------------------------
 
-def iter_chunks(galleries: Iterable[np.ndarray], chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+def iter_chunks(galleries: Iterable[np.ndarray], chunk_bytes: int = DEFAULTS["chunk_bytes"],
                 dtype=np.float32) -> Iterator[np.ndarray]:
     """Concatenate per-image galleries (each (n_i, C)) into chunks of at most ``chunk_bytes``
     (an image larger than the budget forms a chunk by itself)."""
@@ -172,7 +171,7 @@ def knn_mean(queries: np.ndarray, chunks: Iterable[np.ndarray], kappa: int = DEF
 
 
 def level_maps(query: np.ndarray, galleries: Sequence[np.ndarray], kappa: int = DEFAULTS["kappa"],
-               search_device: str = "cpu", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+               search_device: str = "cpu", chunk_bytes: int = DEFAULTS["chunk_bytes"],
                gpu_float16: bool = DEFAULTS["gpu_float16"]) -> np.ndarray:
     """Distance maps of several query images that share one gallery.
 

@@ -20,17 +20,15 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 from pathlib import Path
 
-SUFFIX = ".appends"
-THRESHOLDS = "thresholds.json"
-LOCK = ".writer.lock"
-_SEGMENT = re.compile(r"^seg-(\d{6})\.h5$")
+from . import names
+from .names import appends_dir
 
-
-def appends_dir(path) -> Path:
-    return Path(f"{os.path.abspath(path)}{SUFFIX}")
+SUFFIX = names.APPENDS_SUFFIX
+THRESHOLDS = names.THRESHOLDS_FILE
+LOCK = names.WRITER_LOCK
+_SEGMENT = names.SEGMENT
 
 
 def segment_paths(path) -> list[str]:
@@ -42,9 +40,9 @@ def segment_paths(path) -> list[str]:
 
 
 def next_segment_path(path) -> str:
-    names = [Path(p).name for p in segment_paths(path)]
-    number = int(_SEGMENT.match(names[-1]).group(1)) + 1 if names else 1
-    return str(appends_dir(path) / f"seg-{number:06d}.h5")
+    existing = [Path(p).name for p in segment_paths(path)]
+    number = int(_SEGMENT.match(existing[-1]).group(1)) + 1 if existing else 1
+    return str(appends_dir(path) / names.segment_name(number))
 
 
 class WriterLock:
@@ -79,7 +77,7 @@ def write_thresholds(path, thresholds: dict) -> None:
     """Thresholds beside corpus ``path`` (atomic: the old file or the new one)."""
     folder = appends_dir(path)
     folder.mkdir(exist_ok=True)
-    tmp = folder / f"{THRESHOLDS}.tmp-{os.getpid()}"
+    tmp = Path(names.temporary(folder / THRESHOLDS))
     tmp.write_text(json.dumps(thresholds, sort_keys=True))
     os.replace(tmp, folder / THRESHOLDS)
 

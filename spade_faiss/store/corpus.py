@@ -28,6 +28,7 @@ from ..clock import utc_now
 from ..config import SpadeConfig, feature_mismatch, upgrade_feature_dict
 from ..representations import Representation
 from ..version import __version__
+from . import names
 from .layout import SHA_DTYPE, level_specs, write_layout, write_representations
 from .repair import rebuild
 
@@ -80,21 +81,21 @@ class FeatureStore:
         self.representations = self._representations()
         self.level_shapes = {lv: (*self.feature_shapes[lv][:2], r.search_channels)
                              for lv, r in self.representations.items()}
-        self.pool_dim = int(self.h5["images/pool"].shape[1])
+        self.pool_dim = int(self.h5[names.POOL].shape[1])
         self.bytes_read = 0  # stored bytes of the level rows read so far (compressed size when compressed)
 
     def _feature_shapes(self) -> dict:
-        if "feature_shapes" in self.h5.attrs:
-            return {lv: tuple(v) for lv, v in json.loads(self.h5.attrs["feature_shapes"]).items()}
-        return {lv: tuple(self.h5["levels"][lv].shape[1:]) for lv in self.config.levels}  # format v1
+        if names.FEATURE_SHAPES in self.h5.attrs:
+            return {lv: tuple(v) for lv, v in json.loads(self.h5.attrs[names.FEATURE_SHAPES]).items()}
+        return {lv: tuple(self.h5[names.LEVELS][lv].shape[1:]) for lv in self.config.levels}  # format v1
 
     def _representations(self) -> dict[str, Representation]:
-        fitted = self.h5.get("representations")
+        fitted = self.h5.get(names.REPRESENTATIONS)
         out = {}
         for lv, name in self.config.storage_per_level().items():
             state = None
             if fitted is not None and lv in fitted:
-                state = {k: self._read(f"representations/{lv}/{k}", ()) for k in ("mean", "basis", "step")}
+                state = {k: self._read(names.representation(lv, k), ()) for k in ("mean", "basis", "step")}
             out[lv] = Representation(name, self.feature_shapes[lv][2], state)
         return out
 
@@ -121,7 +122,7 @@ class FeatureStore:
             raise FileExistsError(f"{path}: already exists (open it to append, or choose a new name)")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         # Written whole under a temporary name, then renamed: a crash leaves no half-made corpus.
-        tmp = f"{path}.tmp-{os.getpid()}"
+        tmp = names.temporary(path)
         with h5py.File(tmp, "w") as h5:
             write_layout(h5, attrs, specs, pool_dim)
         os.replace(tmp, path)
@@ -167,29 +168,29 @@ class FeatureStore:
     @property
     def last_writer_died(self) -> bool:
         """Whether the last writer did not close the file (a crash): the next writer rebuilds it."""
-        return bool(int(self.h5.attrs.get("writer", 0)))
+        return bool(int(self.h5.attrs.get(names.WRITER, 0)))
 
     def _mark_writer(self, open_: bool = True) -> None:
         """While a writer has the file, ``writer`` is 1; a writer that finds it 1 rebuilds the
         file first (``repair.py``)."""
         if self.h5.driver != "core":
-            self.h5.attrs["writer"] = int(open_)
+            self.h5.attrs[names.WRITER] = int(open_)
             self.h5.flush()
 
     def _validate(self):
         attrs = self.h5.attrs
-        for key in ("format_version", "config", "n_committed"):
+        for key in (names.FORMAT_VERSION, names.CONFIG, names.N_COMMITTED):
             if key not in attrs:
                 raise StoreError(f"{self.path}: missing attribute {key!r}: not a spade_faiss corpus")
-        if int(attrs["format_version"]) not in READABLE_VERSIONS:
+        if int(attrs[names.FORMAT_VERSION]) not in READABLE_VERSIONS:
             raise StoreError(f"{self.path}: format_version {attrs['format_version']}, "
                              f"this library reads {list(READABLE_VERSIONS)}")
         levels = self.raw_config()["levels"]
-        needed = ["images/path", "images/sha256", "images/pool", "index"] + [f"levels/{lv}" for lv in levels]
+        needed = [names.PATHS, names.SHA256, names.POOL, names.INDEX] + [names.level(lv) for lv in levels]
         for name in needed:
             if name not in self.h5:
                 raise StoreError(f"{self.path}: missing dataset {name!r}")
-        n = int(attrs["n_committed"])
+        n = int(attrs[names.N_COMMITTED])
         for name in needed[:3] + needed[4:]:
             if self.h5[name].shape[0] < n:
                 raise StoreError(f"{self.path}: {name} has {self.h5[name].shape[0]} rows, "
@@ -215,7 +216,7 @@ class FeatureStore:
         self.close()
 
     def __len__(self) -> int:
-        return int(self.h5.attrs["n_committed"])
+        return int(self.h5.attrs[names.N_COMMITTED])
 
     # --- reading -------------------------------------------------------------------------
 
@@ -239,23 +240,23 @@ class FeatureStore:
     def raw_config(self) -> dict:
         """The stored feature configuration (JSON; format v1's ``dtype`` read as ``storage``),
         before validation."""
-        return upgrade_feature_dict(json.loads(self.h5.attrs["config"]))
+        return upgrade_feature_dict(json.loads(self.h5.attrs[names.CONFIG]))
 
     def weights_source(self) -> dict:
         """Where the weights came from at creation: ``{"weights": ..., "seed": ...}`` or {}."""
-        return json.loads(self.h5.attrs.get("weights_source", "{}"))
+        return json.loads(self.h5.attrs.get(names.WEIGHTS_SOURCE, "{}"))
 
     def paths(self) -> list[str]:
         return [p.decode("utf-8") if isinstance(p, bytes) else p
-                for p in self._read("images/path", np.s_[: len(self)])]
+                for p in self._read(names.PATHS, np.s_[: len(self)])]
 
     def sha256s(self) -> list[str]:
-        return [s.decode("ascii", "replace") for s in self._read("images/sha256", np.s_[: len(self)])]
+        return [s.decode("ascii", "replace") for s in self._read(names.SHA256, np.s_[: len(self)])]
 
     def pool(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Pooled vectors of rows ``start:stop`` (default all committed), float32 (n, D)."""
         stop = len(self) if stop is None else min(stop, len(self))
-        return self._read("images/pool", np.s_[start:stop])
+        return self._read(names.POOL, np.s_[start:stop])
 
     def level(self, name: str, ids) -> np.ndarray:
         """Feature maps of image ``ids`` at ``name``, stored dtype, (len(ids), h, w, C).
@@ -266,19 +267,23 @@ class FeatureStore:
         n = len(self)
         if ids.size and (ids.min() < 0 or ids.max() >= n):
             raise IndexError(f"image ids must lie in [0, {n}), got {ids.min()}..{ids.max()}")
-        ds = self.h5["levels"][name]
+        ds = self.h5[names.LEVELS][name]
         out = np.empty((len(ids), *ds.shape[1:]), dtype=ds.dtype)
         for k in np.argsort(ids, kind="stable"):
             try:
                 ds.read_direct(out, np.s_[int(ids[k])], np.s_[int(k)])
             except OSError as e:
-                raise self._damaged(f"levels/{name}", f"row {int(ids[k])}", e) from None
+                raise self._damaged(names.level(name), f"row {int(ids[k])}", e) from None
         self.bytes_read += self._stored_bytes(ds, ids)
         return self.representations[name].decode(out)
 
+    def stored_dataset(self, name: str) -> h5py.Dataset:
+        """The dataset of level ``name``'s stored rows (its shape and dtype)."""
+        return self.h5[names.LEVELS][name]
+
     def stored_level(self, name: str, ids) -> np.ndarray:
         """The stored rows of :meth:`level` before decoding (codes for pca), for copies."""
-        ds = self.h5["levels"][name]
+        ds = self.h5[names.LEVELS][name]
         return np.stack([ds[int(i)] for i in ids]) if len(ids) else np.empty((0, *ds.shape[1:]), ds.dtype)
 
     @staticmethod
@@ -292,7 +297,7 @@ class FeatureStore:
 
     def _row_bytes(self, name: str) -> int:
         """Stored bytes of one row of level ``name`` (the mean over committed rows when compressed)."""
-        ds = self.h5["levels"][name]
+        ds = self.h5[names.LEVELS][name]
         raw = int(np.prod(ds.shape[1:])) * ds.dtype.itemsize
         if ds.is_virtual or not ds.compression or not len(self):
             return raw
@@ -301,12 +306,12 @@ class FeatureStore:
     def describe(self) -> dict:
         """What ``spade-faiss info`` prints: metadata, shapes, the index's attributes, thresholds."""
         attrs = self.attrs
-        return {"store": self.path, "format_version": int(attrs["format_version"]),
+        return {"store": self.path, "format_version": int(attrs[names.FORMAT_VERSION]),
                 "library_version": str(attrs.get("library_version")), "created": str(attrs.get("created")),
                 "images": len(self), "bytes": self.nbytes_on_disk(), "bytes_per_image": self.bytes_per_image(),
                 "config": self.config.feature_dict(),
                 "weights_source": self.weights_source(), "levels": {k: list(v) for k, v in self.level_shapes.items()},
-                "pool_dim": self.pool_dim, "index": _plain(dict(self.h5["index"].attrs)) or None,
+                "pool_dim": self.pool_dim, "index": _plain(dict(self.h5[names.INDEX].attrs)) or None,
                 "thresholds": self.thresholds()}
 
     def bytes_per_image(self) -> dict:
@@ -317,7 +322,7 @@ class FeatureStore:
         return per
 
     def is_joined(self) -> bool:
-        return any(self.h5["levels"][lv].is_virtual for lv in self.config.levels)
+        return any(self.h5[names.LEVELS][lv].is_virtual for lv in self.config.levels)
 
     # --- writing -------------------------------------------------------------------------
 
@@ -336,22 +341,22 @@ class FeatureStore:
             raise ValueError("paths, sha256s and features must have the same length")
         n = len(self)
         self._check_room(b)
-        groups = [self.h5["images/path"], self.h5["images/sha256"], self.h5["images/pool"]] + \
-                 [self.h5["levels"][lv] for lv in self.config.levels]
+        groups = [self.h5[names.PATHS], self.h5[names.SHA256], self.h5[names.POOL]] + \
+                 [self.h5[names.LEVELS][lv] for lv in self.config.levels]
         for ds in groups:
             if ds.shape[0] < n + b:
                 ds.resize(n + b, axis=0)
-        self.h5["images/path"][n:n + b] = list(paths)
-        self.h5["images/sha256"][n:n + b] = np.array([s.encode("ascii") for s in sha256s], dtype=SHA_DTYPE)
-        self.h5["images/pool"][n:n + b] = feats["pool"]
+        self.h5[names.PATHS][n:n + b] = list(paths)
+        self.h5[names.SHA256][n:n + b] = np.array([s.encode("ascii") for s in sha256s], dtype=SHA_DTYPE)
+        self.h5[names.POOL][n:n + b] = feats["pool"]
         for lv, rep in self.representations.items():
             if rep.needs_fit:
                 raise StoreError(f"{self.path}: {lv} is stored as {rep.name}, which is not fitted yet "
                                  f"(fit_representations first)")
             stored = lv in encoded if isinstance(encoded, (set, frozenset)) else encoded
-            self.h5["levels"][lv][n:n + b] = feats[lv] if stored else rep.encode(feats[lv])
+            self.h5[names.LEVELS][lv][n:n + b] = feats[lv] if stored else rep.encode(feats[lv])
         self.h5.flush()
-        self.h5.attrs["n_committed"] = n + b
+        self.h5.attrs[names.N_COMMITTED] = n + b
         self.h5.flush()
         return np.arange(n, n + b, dtype=np.int64)
 
@@ -361,8 +366,8 @@ class FeatureStore:
         file that no command could open, though its committed rows were intact)."""
         if self.h5.driver == "core":
             return
-        per_image = 2 * (self.pool_dim * 4 + sum(int(np.prod(self.h5["levels"][lv].shape[1:]))
-                                                 * self.h5["levels"][lv].dtype.itemsize
+        per_image = 2 * (self.pool_dim * 4 + sum(int(np.prod(self.h5[names.LEVELS][lv].shape[1:]))
+                                                 * self.h5[names.LEVELS][lv].dtype.itemsize
                                                  for lv in self.config.levels)) + ROW_OVERHEAD_BYTES
         need = b * per_image + METADATA_MARGIN_BYTES
         stats = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
@@ -411,11 +416,11 @@ class FeatureStore:
 
     def write_index(self, blob: np.ndarray | None, attrs: dict) -> None:
         """Replace the stored index: ``blob`` (uint8 bytes) or None when it lives in a sidecar."""
-        grp = self.h5["index"]
+        grp = self.h5[names.INDEX]
         if "faiss" in grp:
             del grp["faiss"]
         if blob is not None:  # checksummed (format v2), so damage is an error on load, not other scores
-            checks = {"chunks": True, "fletcher32": True} if int(self.h5.attrs["format_version"]) >= 2 else {}
+            checks = {"chunks": True, "fletcher32": True} if int(self.h5.attrs[names.FORMAT_VERSION]) >= 2 else {}
             grp.create_dataset("faiss", data=blob, **checks)
         for k in list(grp.attrs):
             del grp.attrs[k]
@@ -423,43 +428,48 @@ class FeatureStore:
         self.h5.flush()
 
     def read_index(self) -> tuple[np.ndarray | None, dict]:
-        grp = self.h5["index"]
-        blob = self._read("index/faiss", ()) if "faiss" in grp else None
+        grp = self.h5[names.INDEX]
+        blob = self._read(names.INDEX_BLOB, ()) if "faiss" in grp else None
         return blob, dict(grp.attrs)
 
     def write_thresholds(self, thresholds: dict) -> None:
         """Store calibrated thresholds (JSON in the ``thresholds`` attribute)."""
-        self.h5.attrs["thresholds"] = json.dumps(thresholds, sort_keys=True)
+        self.h5.attrs[names.THRESHOLDS] = json.dumps(thresholds, sort_keys=True)
         self.h5.flush()
 
     def thresholds(self) -> dict | None:
-        return json.loads(self.h5.attrs["thresholds"]) if "thresholds" in self.h5.attrs else None
+        return json.loads(self.h5.attrs[names.THRESHOLDS]) if names.THRESHOLDS in self.h5.attrs else None
 
-    def write_estimate(self, name: str, record: dict) -> None:
-        """Store a derived value the corpus can answer for itself (JSON attribute ``name``)."""
-        self.h5.attrs[name] = json.dumps(record, sort_keys=True)
+    def write_leave_one_out_theta(self, record: dict) -> None:
+        """Store the leave-one-out pixel threshold (``detector/thresholds.py``) with what it was
+        computed for (JSON attribute)."""
+        self.h5.attrs[names.LEAVE_ONE_OUT_THETA] = json.dumps(record, sort_keys=True)
         self.h5.flush()
 
-    def estimate(self, name: str) -> dict | None:
-        return json.loads(self.h5.attrs[name]) if name in self.h5.attrs else None
+    def leave_one_out_theta(self) -> dict | None:
+        attrs = self.h5.attrs
+        return json.loads(attrs[names.LEAVE_ONE_OUT_THETA]) if names.LEAVE_ONE_OUT_THETA in attrs else None
 
-    def write_arrays(self, group: str, arrays: dict) -> None:
-        """Store derived arrays the corpus can answer for itself (``group/<name>``, replaced,
-        checksummed)."""
+    def write_projection(self, name: str, mean: np.ndarray, basis: np.ndarray) -> None:
+        """Store the pruned engine's basis of level (or ``concat``) ``name`` (replaced, checksummed)."""
+        group = names.projection(name)
         if group in self.h5:
             del self.h5[group]
         g = self.h5.create_group(group)
-        for name, value in arrays.items():
-            g.create_dataset(name, data=value, chunks=True, fletcher32=True)
+        for key, value in (("mean", mean), ("basis", basis)):
+            g.create_dataset(key, data=value, chunks=True, fletcher32=True)
         self.h5.flush()
 
-    def arrays(self, group: str) -> dict | None:
+    def projection(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The stored ``(mean, basis)`` of level (or ``concat``) ``name``, or None."""
+        group = names.projection(name)
         if group not in self.h5:
             return None
-        return {name: self._read(f"{group}/{name}", ()) for name in self.h5[group]}
+        return self._read(f"{group}/mean", ()), self._read(f"{group}/basis", ())
 
-    def sidecar_path(self, name: str) -> str:
-        return os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
+    def sidecar_path(self) -> str:
+        """Where the image index's sidecar file of this corpus lives."""
+        return names.sidecar(self.path)
 
     def nbytes_on_disk(self) -> int:
         try:

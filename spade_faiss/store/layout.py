@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 
 from ..representations import Representation
+from . import names
 
 SHA_DTYPE = "S64"
 POOL_CHUNK_ROWS = 256
@@ -20,14 +21,16 @@ def write_layout(h5: h5py.File, attrs: dict, levels: dict, pool_dim: int, n: int
     ``h5py.VirtualLayout`` (a joined corpus: rows live in shard files). ``checksums``: fletcher32
     on the numeric image datasets (format v2)."""
     h5.attrs.update(attrs)
-    h5.attrs["n_committed"] = n
+    h5.attrs[names.N_COMMITTED] = n
     check = {"fletcher32": True} if checksums else {}
-    img = h5.create_group("images")
-    img.create_dataset("path", (n,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"), chunks=(STRING_CHUNK_ROWS,))
-    img.create_dataset("sha256", (n,), maxshape=(None,), dtype=SHA_DTYPE, chunks=(STRING_CHUNK_ROWS,), **check)
-    img.create_dataset("pool", (n, pool_dim), maxshape=(None, pool_dim), dtype=np.float32,
+    h5.create_group(names.IMAGES)
+    h5.create_dataset(names.PATHS, (n,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"),
+                      chunks=(STRING_CHUNK_ROWS,))
+    h5.create_dataset(names.SHA256, (n,), maxshape=(None,), dtype=SHA_DTYPE, chunks=(STRING_CHUNK_ROWS,),
+                      **check)
+    h5.create_dataset(names.POOL, (n, pool_dim), maxshape=(None, pool_dim), dtype=np.float32,
                        chunks=(POOL_CHUNK_ROWS, pool_dim), **check)
-    group = h5.create_group("levels")
+    group = h5.create_group(names.LEVELS)
     for name, spec in levels.items():
         if isinstance(spec, h5py.VirtualLayout):
             group.create_virtual_dataset(name, spec, fillvalue=0)
@@ -35,7 +38,7 @@ def write_layout(h5: h5py.File, attrs: dict, levels: dict, pool_dim: int, n: int
             shape, dtype, filters = spec
             group.create_dataset(name, (n, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(1, *shape),
                                  **filters)
-    h5.create_group("index")
+    h5.create_group(names.INDEX)
 
 
 def level_specs(representations: dict[str, Representation], feature_shapes: dict) -> dict:
@@ -46,7 +49,7 @@ def level_specs(representations: dict[str, Representation], feature_shapes: dict
 
 def write_representations(h5: h5py.File, representations: dict[str, Representation]) -> None:
     """The fitted arrays of the pca representations under ``representations/<level>``."""
-    group = h5.require_group("representations")
+    group = h5.require_group(names.REPRESENTATIONS)
     for lv, r in representations.items():
         if r.state is not None and lv not in group:
             sub = group.create_group(lv)

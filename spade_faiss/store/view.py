@@ -14,16 +14,17 @@ import os
 
 import numpy as np
 
-from . import appends
+from . import appends, names
 from .corpus import CorpusLocked, FeatureStore, StoreError
 
 log = logging.getLogger(__name__)
 
 
 class CorpusView:
-    """Read access to a corpus and its segments, with :class:`FeatureStore`'s reading methods
-    (anything not defined here is the corpus file's), and appends: into the corpus file when
-    this process has it to itself, else (``beside``) as new segments."""
+    """Read access to a corpus and its segments, and appends: into the corpus file when this
+    process has it to itself, else (``beside``) as new segments. Its interface is what the
+    layers above use of a corpus, each method written out (the configuration, the fitted
+    representations, the image index and the estimates are the corpus file's own)."""
 
     def __init__(self, base: FeatureStore, beside: bool = False, lock: appends.WriterLock | None = None,
                  generation: int | None = None):
@@ -38,10 +39,49 @@ class CorpusView:
         self.refresh(generation)
         self.thresholds_changed()
 
-    def __getattr__(self, name):  # the corpus file's configuration, index, metadata
-        if name == "base":
-            raise AttributeError(name)
-        return getattr(self.base, name)
+    # --- the corpus file's own answers (configuration, representations, image index, estimates) ---
+
+    path = property(lambda self: self.base.path)
+    config = property(lambda self: self.base.config)
+    feature_shapes = property(lambda self: self.base.feature_shapes)
+    representations = property(lambda self: self.base.representations)
+    level_shapes = property(lambda self: self.base.level_shapes)
+    pool_dim = property(lambda self: self.base.pool_dim)
+    needs_fit = property(lambda self: self.base.needs_fit)
+    input_dtype = property(lambda self: self.base.input_dtype)
+
+    def weights_source(self) -> dict:
+        return self.base.weights_source()
+
+    def check_config(self, config) -> None:
+        self.base.check_config(config)
+
+    def fit_representations(self, feats: dict, seed: int) -> None:
+        self.base.fit_representations(feats, seed)
+
+    def adopt_representations(self, other: FeatureStore) -> None:
+        self.base.adopt_representations(other)
+
+    def read_index(self) -> tuple:
+        return self.base.read_index()
+
+    def write_index(self, blob, attrs: dict) -> None:
+        self.base.write_index(blob, attrs)
+
+    def sidecar_path(self) -> str:
+        return self.base.sidecar_path()
+
+    def projection(self, name: str):
+        return self.base.projection(name)
+
+    def write_projection(self, name: str, mean: np.ndarray, basis: np.ndarray) -> None:
+        self.base.write_projection(name, mean, basis)
+
+    def leave_one_out_theta(self) -> dict | None:
+        return self.base.leave_one_out_theta()
+
+    def write_leave_one_out_theta(self, record: dict) -> None:
+        self.base.write_leave_one_out_theta(record)
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -136,7 +176,7 @@ class CorpusView:
 
     def stored_level(self, name: str, ids) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
-        ds = self.base.h5["levels"][name]
+        ds = self.base.stored_dataset(name)
         return self._gather(ids, lambda part, rows: part.stored_level(name, rows), ds.shape[1:], ds.dtype)
 
     def _gather(self, ids: np.ndarray, read, shape, dtype) -> np.ndarray:
@@ -175,7 +215,7 @@ class CorpusView:
             self.rows[0] = np.arange(len(self.base), dtype=np.int64)
             return ids
         final = appends.next_segment_path(self.base.path)
-        tmp = f"{final}.tmp-{os.getpid()}"
+        tmp = names.temporary(final)
         seg = FeatureStore.create(tmp, self.base.config, self.base.feature_shapes, self.base.pool_dim,
                                   weights_source=self.base.weights_source())
         try:

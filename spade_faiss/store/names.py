@@ -1,0 +1,79 @@
+"""Every name a corpus occupies: the datasets, groups and attributes inside its file, and the
+files beside it (the image index's sidecar, the segments folder and what it holds).
+
+The store package and the layers above ask this module for a name; none spells one itself
+(``tests/test_store.py`` checks that the literals live here only).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+# --- inside the file: datasets and groups -------------------------------------------------
+IMAGES = "images"
+PATHS = "images/path"
+SHA256 = "images/sha256"
+POOL = "images/pool"
+LEVELS = "levels"
+REPRESENTATIONS = "representations"
+INDEX = "index"
+INDEX_BLOB = "index/faiss"
+PROJECTIONS = "projections"
+
+# --- inside the file: attributes of the root --------------------------------------------------
+FORMAT_VERSION = "format_version"
+LIBRARY_VERSION = "library_version"
+CREATED = "created"
+CONFIG = "config"
+WEIGHTS_SOURCE = "weights_source"
+FEATURE_SHAPES = "feature_shapes"
+N_COMMITTED = "n_committed"
+WRITER = "writer"
+THRESHOLDS = "thresholds"
+LEAVE_ONE_OUT_THETA = "leave_one_out_theta"
+
+# --- beside the file --------------------------------------------------------------------------
+APPENDS_SUFFIX = ".appends"
+THRESHOLDS_FILE = "thresholds.json"
+WRITER_LOCK = ".writer.lock"
+SEGMENT = re.compile(r"^seg-(\d{6})\.h5$")
+SIDECAR_SUFFIX = ".faiss"
+
+
+def level(name: str) -> str:
+    """The dataset of level ``name``'s stored rows."""
+    return f"{LEVELS}/{name}"
+
+
+def representation(level_name: str, key: str | None = None) -> str:
+    """The group (or, with ``key``, the dataset) of a level's fitted representation."""
+    return f"{REPRESENTATIONS}/{level_name}" + (f"/{key}" if key else "")
+
+
+def projection(name: str) -> str:
+    """The group of the pruned engine's basis of a level (or ``concat``)."""
+    return f"{PROJECTIONS}/{name}"
+
+
+def sidecar(corpus_path) -> str:
+    """The path of the image index's sidecar file of corpus ``corpus_path`` (beside it)."""
+    stem = os.path.splitext(os.path.basename(str(corpus_path)))[0]
+    return os.path.join(os.path.dirname(os.path.abspath(str(corpus_path))), stem + SIDECAR_SUFFIX)
+
+
+def appends_dir(corpus_path) -> Path:
+    """The folder of segments and thresholds committed beside corpus ``corpus_path``, found
+    through its real path: every name of one corpus file (a symlink, a relative path) shares
+    one folder and one writer lock."""
+    return Path(f"{os.path.realpath(str(corpus_path))}{APPENDS_SUFFIX}")
+
+
+def segment_name(number: int) -> str:
+    return f"seg-{number:06d}.h5"
+
+
+def temporary(path) -> str:
+    """The name a file is written under before it is renamed into ``path`` (this process's)."""
+    return f"{path}.tmp-{os.getpid()}"
