@@ -48,7 +48,7 @@ def main() -> None:
         train, test = os.path.join(d, "train.txt"), os.path.join(d, "test.txt")
         open(train, "w").write("\n".join(train_paths))
         open(test, "w").write("\n".join(test_paths))
-        ray = ["--engine", "ray", "--ray-workers", str(args.ray_workers)]
+        ray = ["--backend", "ray", "--ray-workers", str(args.ray_workers)]
         for engine, extra in [("local", []), ("ray", ray)]:
             store = os.path.join(d, f"{engine}.h5")
             t_index = timed(cli + ["index", train, "--out", store, *feat, *extra])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
 import json
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,44 @@ STAGE2_ENGINES = ("auto", "pruned", "dense", "faiss")
 INDEX_KINDS = ("auto", "flat", "ivf")
 DEVICE_HELP = "expected 'auto', 'cpu' or 'cuda[:N]'"
 K_IMAGE_DEFAULT = 5  # k_image=None means min(K_IMAGE_DEFAULT, k_gallery): the one rule, Python and CLI
+
+
+class Maps(enum.Enum):
+    """Which scored images get a pixel map (stage 2): every one, none (image scores only), or
+    those above the image threshold tau (``auto``, the paper's gating). One type, one parser per
+    surface: Python (True/False/"auto"), the command line (all/none/auto), HTTP (true/false/auto
+    and their yes/no/1/0 spellings)."""
+
+    ALL = "all"
+    NONE = "none"
+    AUTO = "auto"
+
+    @classmethod
+    def from_python(cls, value) -> Maps:
+        if isinstance(value, cls):
+            return value
+        if value is True:
+            return cls.ALL
+        if value is False:
+            return cls.NONE
+        if isinstance(value, str) and value == "auto":
+            return cls.AUTO
+        raise ValueError(f"maps={value!r}: expected True, False or 'auto'")
+
+    @classmethod
+    def from_cli(cls, text: str) -> Maps:
+        return cls(text)
+
+    @classmethod
+    def from_http(cls, text: str) -> Maps:
+        word = HTTP_MAP_WORDS.get(str(text).lower())
+        if word is None:
+            raise ValueError(f"map={text!r}: expected one of {sorted(set(HTTP_MAP_WORDS))}")
+        return word
+
+
+HTTP_MAP_WORDS = {"false": Maps.NONE, "0": Maps.NONE, "no": Maps.NONE, "true": Maps.ALL, "1": Maps.ALL,
+                  "yes": Maps.ALL, "auto": Maps.AUTO}
 
 
 def check_choice(name, value, choices):

@@ -144,7 +144,7 @@ def test_reindex_to_ivf_and_corrupt_store(tmp_path, corpus, capsys):
 
 
 @pytest.mark.parametrize("extra, module, argv", [
-    ("ray", "ray", ["index", "{data}", "--out", "{tmp}/r.h5", *FEAT, "--engine", "ray"]),
+    ("ray", "ray", ["index", "{data}", "--out", "{tmp}/r.h5", *FEAT, "--backend", "ray"]),
     ("serve", "fastapi", ["serve", "{corpus}", *RUN]),
 ])
 def test_a_missing_extra_is_one_line_naming_it(tmp_path, dataset, corpus, capsys, monkeypatch, extra, module, argv):
@@ -222,3 +222,14 @@ def test_convert_and_info_show_the_bytes_per_image(tmp_path, dataset, capsys):
     assert info["bytes_per_image"] == out["bytes_per_image"] and info["format_version"] == 2
     assert info["bytes_per_image"]["layer1"] == 16 * 16 * 64  # int8 codes: one byte per direction
     assert cli.main(["convert", str(store), "--out", str(small)]) == cli.EXIT_ERROR  # exists: refused
+
+
+def test_the_old_engine_spelling_is_a_deprecated_alias_of_backend(capsys):
+    parser = cli.build_parser()
+    assert parser.parse_args(["score", "c.h5", "d", "--out", "o"]).backend == "local"
+    assert parser.parse_args(["score", "c.h5", "d", "--out", "o", "--backend", "ray"]).backend == "ray"
+    capsys.readouterr()
+    assert parser.parse_args(["score", "c.h5", "d", "--out", "o", "--engine", "ray"]).backend == "ray"
+    assert "--engine is deprecated: use --backend" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["score", "c.h5", "d", "--out", "o", "--backend", "spark"])

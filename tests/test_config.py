@@ -153,3 +153,16 @@ def test_the_service_limits_have_one_owner():
             assert signature["max_upload_bytes"].default == int(value * 2**20)
         else:
             assert signature[name].default == value, name
+
+
+def test_the_maps_choice_is_one_type_with_one_parser_per_surface():
+    from spade_faiss.config import Maps
+
+    assert [Maps.from_python(v) for v in (True, False, "auto")] == [Maps.ALL, Maps.NONE, Maps.AUTO]
+    assert [Maps.from_cli(v) for v in ("all", "none", "auto")] == [Maps.ALL, Maps.NONE, Maps.AUTO]
+    assert [Maps.from_http(v) for v in ("TRUE", "1", "no", "auto")] == [Maps.ALL, Maps.ALL, Maps.NONE, Maps.AUTO]
+    for bad in ("all", 1, None, "true"):
+        with pytest.raises(ValueError, match="maps="):
+            Maps.from_python(bad)
+    with pytest.raises(ValueError, match="map='maybe'"):
+        Maps.from_http("maybe")

@@ -53,7 +53,7 @@ def test_ray_build_and_scoring_equal_one_process(cluster, tmp_path, dataset, cap
     assert cli.main(["index", str(dataset), "--out", str(local), *FEAT, *one_thread]) == 0
     # --threads 1 for the driver too: it computes the fit of the stored representations, and the
     # backbone's bits depend on the thread count (the workers run one thread each).
-    assert cli.main(["index", str(dataset), "--out", str(dist), *FEAT, "--engine", "ray", "--ray-workers", "2",
+    assert cli.main(["index", str(dataset), "--out", str(dist), *FEAT, "--backend", "ray", "--ray-workers", "2",
                      "--batch-size", "2", *one_thread]) == 0
     out = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(out)["images"] == 12 and json.loads(out)["shards"] in (1, 2)
@@ -73,7 +73,7 @@ def test_ray_build_and_scoring_equal_one_process(cluster, tmp_path, dataset, cap
     assert cli.main(["score", str(local), str(dataset), "--out", str(tmp_path / "r1"), *RUN, "--k-gallery", "4",
                      "--no-overlays", *one_thread]) == 0
     assert cli.main(["score", str(dist), str(dataset), "--out", str(tmp_path / "r2"), *RUN, "--k-gallery", "4",
-                     "--engine", "ray", "--ray-workers", "2", "--batch-size", "2", "--no-overlays"]) == 0
+                     "--backend", "ray", "--ray-workers", "2", "--batch-size", "2", "--no-overlays"]) == 0
     capsys.readouterr()
     # The same run layout as the local engine: one scores.csv, one maps.h5, the same numbers.
     assert sorted(p.name for p in (tmp_path / "r2").iterdir()) == ["maps.h5", "report.html", "run.json", "scores.csv"]
@@ -87,7 +87,7 @@ def test_ray_build_and_scoring_equal_one_process(cluster, tmp_path, dataset, cap
         np.testing.assert_array_equal(a["maps"][:], b["maps"][:])
     # Resume: nothing left to do.
     assert cli.main(["score", str(dist), str(dataset), "--out", str(tmp_path / "r2"), *RUN, "--k-gallery", "4",
-                     "--engine", "ray", "--no-overlays"]) == 0
+                     "--backend", "ray", "--no-overlays"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped_done"] == 7
 
 

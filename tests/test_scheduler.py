@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from spade_faiss.apps.scheduler import SAFETY, Busy, Job, Scheduler
+from spade_faiss.config import Maps
 from spade_faiss.images import LoadedImage
 
 
@@ -24,7 +25,7 @@ def scheduler(clock, score=0.1, map_=0.5, queue_size=4, window=0.0):
 
 
 def job(maps, deadline):
-    return Job(LoadedImage("x", "0" * 64, np.zeros((2, 2, 3), np.uint8)), maps, deadline)
+    return Job(LoadedImage("x", "0" * 64, np.zeros((2, 2, 3), np.uint8)), Maps.from_http(maps), deadline)
 
 
 def test_a_score_is_admitted_exactly_when_it_can_finish_before_its_deadline():

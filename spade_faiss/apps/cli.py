@@ -95,10 +95,28 @@ def _scoring_args(p):
                SCORING_OPTIONS)
 
 
-def _engine_args(p):
-    g = p.add_argument_group("engine")
-    g.add_argument("--engine", default="local", choices=["local", "ray"], help="'ray' needs the 'ray' extra")
-    g.add_argument("--ray-workers", type=int, default=RAY_WORKERS, help="Ray actors (--engine ray)")
+class _Deprecated(argparse.Action):
+    """An old spelling of an option, kept for one release: it warns and sets the new one."""
+
+    def __init__(self, option_strings, dest, new: str, **kw):
+        self.new = new
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"spade-faiss: warning: {option_string} is deprecated: use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+BACKENDS = ("local", "ray")
+
+
+def _backend_args(p):
+    g = p.add_argument_group("execution backend")
+    g.add_argument("--backend", default="local", choices=BACKENDS,
+                   help="where the work runs: local (this process) or ray (a Ray cluster; needs the 'ray' extra)")
+    g.add_argument("--engine", dest="backend", choices=BACKENDS, action=_Deprecated, new="--backend",
+                   default=argparse.SUPPRESS, help="deprecated spelling of --backend (removed in the next release)")
+    g.add_argument("--ray-workers", type=int, default=RAY_WORKERS, help="Ray actors (--backend ray)")
     g.add_argument("--ray-address", help="join an existing Ray cluster (default: start a local one)")
     g.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPU share of each Ray actor")
 
@@ -120,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("index", "index normal images into a corpus file (appends only images not yet in it)",
-                _feature_args, _index_args, _run_args, _engine_args)
+                _feature_args, _index_args, _run_args, _backend_args)
     p.add_argument("src", help="a folder, a text file of paths, or an MVTec category (indexes train/good)")
     p.add_argument("--out", required=True, help="corpus file, e.g. indexes/NAME.h5 (created or appended to)")
 
@@ -136,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_params(p, ("fpr",))
 
     p = command("score", "score images against a corpus into a run directory (resumable)",
-                _model_args, _scoring_args, _run_args, _engine_args)
+                _model_args, _scoring_args, _run_args, _backend_args)
     p.add_argument("store", help="corpus file")
     p.add_argument("src", help="a folder, a text file of paths, or an MVTec category (scores test/)")
     p.add_argument("--out", required=True, help="run directory: run.json, scores.csv, maps.h5, overlays/, "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .. import datasets
 from ..clock import utc_now
-from ..config import PARAMS, SERVICE_DEFAULTS, check_values
+from ..config import PARAMS, SERVICE_DEFAULTS, Maps, check_values
 from ..detector import Spade, describe
 from ..metrics import check_fpr
 from .progress import Progress
@@ -49,7 +49,7 @@ def cmd_index(args) -> int:
     samples = datasets.discover(args.src, split="train")
     describe_source(args.src, "train", samples)
     params = spade_params(args)
-    if args.engine == "ray":
+    if args.backend == "ray":
         from .distributed import index_ray
         t = time.perf_counter()
         summary = index_ray([s.path for s in samples], args.out, params, args.ray_workers, args.batch_size,
@@ -127,9 +127,6 @@ def cmd_calibrate(args) -> int:
     return report_errors([(None, e) for e in th["skipped"]], "skipped")
 
 
-MAPS = {"all": True, "none": False, "auto": "auto"}
-
-
 def cmd_score(args) -> int:
     from .allocator import release_freed_memory
     from .explain import TopExplained
@@ -144,18 +141,18 @@ def cmd_score(args) -> int:
     spade = Spade.open(args.store, **spade_params(args))
     with spade:
         spade.set_thresholds(tau=args.tau, theta=args.theta)
-        maps = MAPS[args.maps]
-        if maps == "auto" and spade.tau_ is None:
+        maps = Maps.from_cli(args.maps)
+        if maps is Maps.AUTO and spade.tau_ is None:
             raise ValueError("--maps auto needs an image threshold: run `spade-faiss calibrate` or pass --tau")
         spade.load_backbone()
         run.open(run_manifest(spade, args.store, args.src, args.maps), args.restart)
-        scale = None if args.no_overlays or maps is False else colour_scale(spade)
+        scale = None if args.no_overlays or maps is Maps.NONE else colour_scale(spade)
         writer = run.writer(spade.crop, spade.resize, args.shard_index, args.num_shards, colour_max=scale,
                             theta=spade.theta_)
         todo = [s for s in samples if not writer.is_done(s.path)]
         start, top = time.perf_counter(), TopExplained()
         with Progress(len(samples), "scoring", done=len(samples) - len(todo)) as bar:
-            if args.engine == "ray":
+            if args.backend == "ray":
                 from .distributed import score_ray
                 results = score_ray(args.store, todo, spade.get_params(), maps, args.ray_workers, args.batch_size,
                                     args.ray_address, args.gpus_per_worker, args.correspondences)

@@ -32,7 +32,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     try:
         import ray
     except ImportError:
-        raise ImportError("--engine ray needs the 'ray' extra: pip install 'spade_faiss[ray]'") from None
+        raise ImportError("--backend ray needs the 'ray' extra: pip install 'spade_faiss[ray]'") from None
     if not ray.is_initialized():
         if address:
             ray.init(address=address, log_to_driver=False)
@@ -86,7 +86,7 @@ def index_ray(paths: list[str], out: str, params: dict, ray_workers: int = RAY_W
     """Build the corpus ``out`` from ``paths`` on Ray; returns a summary with the errors."""
     if os.path.exists(out):
         raise FileExistsError(f"{out}: already exists (the Ray engine builds new corpora; append with "
-                              f"--engine local, or choose a new name)")
+                              f"--backend local, or choose a new name)")
     config = Spade(**params).validate_params().config_  # before the cluster starts
     ray = init_ray(address, None if address else ray_workers)
     shard_dir = str(Path(out).with_suffix(SHARDS_DIR_SUFFIX))

@@ -27,13 +27,12 @@ import threading
 import time
 from concurrent.futures import Future
 
-from ..config import SERVICE_DEFAULTS
+from ..config import SERVICE_DEFAULTS, Maps
 from ..detector import Spade
 from ..images import LoadedImage
 
 log = logging.getLogger(__name__)
 
-MAPS = ("false", "true", "auto")
 SMOOTHING = 0.2  # weight of the newest measurement in the service-time averages
 SAFETY = 1.25  # admission budgets this much more than the measured service times
 
@@ -51,7 +50,7 @@ class Job:
     """One image to score; ``future`` receives ``(ScoredImage, map status)``."""
 
     image: LoadedImage
-    maps: str
+    maps: Maps
     deadline: float  # time.monotonic()
     future: Future = dataclasses.field(default_factory=Future)
     submitted: float = dataclasses.field(default_factory=time.monotonic)
@@ -124,7 +123,7 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         """Queue ``job`` or raise :class:`Busy` (with the seconds after which to retry)."""
         with self.cond:
-            self._admit(self.clock(), job.maps != "false", job.deadline)
+            self._admit(self.clock(), job.maps is not Maps.NONE, job.deadline)
             self.lanes["score"].append(job)
             self.cond.notify_all()
 
@@ -143,7 +142,7 @@ class Scheduler:
         scores = len(self.lanes["score"]) + 1
         done = start + SAFETY * (scores * self.times["score"] + self.window_s)
         if wants_map:
-            maps = len(self.lanes["map"]) + 1 + sum(j.maps != "false" for j in self.lanes["score"])
+            maps = len(self.lanes["map"]) + 1 + sum(j.maps is not Maps.NONE for j in self.lanes["score"])
             done += SAFETY * maps * self.times["map"]
         return done
 
@@ -212,9 +211,9 @@ class Scheduler:
         state = {"images": len(self.spade.paths_), "generation": self.spade.generation_}
         for job, r in zip(batch, retrieved):
             job.retrieved, job.corpus = r, state
-            wants = job.maps == "true" or (job.maps == "auto" and r.score > self.spade.tau_)
+            wants = job.maps is Maps.ALL or (job.maps is Maps.AUTO and r.score > self.spade.tau_)
             if not wants:
-                self._answer(job, "not requested" if job.maps == "false" else "below the image threshold")
+                self._answer(job, "not requested" if job.maps is Maps.NONE else "below the image threshold")
                 continue
             with self.cond:
                 self.lanes["map"].append(job)

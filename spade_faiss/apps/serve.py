@@ -26,17 +26,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import images as imglib
-from ..config import SERVICE_DEFAULTS, check_values
+from ..config import SERVICE_DEFAULTS, Maps, check_values
 from ..detector import Spade
 from . import pictures
 from .http import DEADLINE_HEADER, Guard, error, header_seconds, read_image, wait_for
-from .scheduler import MAPS, Busy, Job
+from .scheduler import Busy, Job
 from .served import Metrics, ServedCorpus
 
 log = logging.getLogger(__name__)
 
-MAP_WORDS = {"false": "false", "0": "false", "no": "false", "true": "true", "1": "true", "yes": "true",
-             "auto": "auto"}
 
 
 def create_app(spades: Spade | dict[str, Spade], token: str | None = None,
@@ -137,10 +135,11 @@ async def _score(c: ServedCorpus, request: Request, map: str, raw: bool, timeout
     if client is not None and not (client > 0 and math.isfinite(client)):
         return error(400, f"timeout={client!r}: expected a positive number of seconds")
     deadline = arrived + (timeout_s if client is None else min(timeout_s, client))
-    want = MAP_WORDS.get(map.lower())
-    if want is None:
-        return error(400, f"map={map!r}: expected one of {list(MAPS)}")
-    if want == "auto" and spade.tau_ is None:
+    try:
+        want = Maps.from_http(map)
+    except ValueError as e:
+        return error(400, str(e))
+    if want is Maps.AUTO and spade.tau_ is None:
         return error(400, "map=auto needs an image threshold: calibrate the corpus first")
     data, name, problem = await read_image(request, max_upload_bytes)
     if problem:
@@ -149,7 +148,7 @@ async def _score(c: ServedCorpus, request: Request, map: str, raw: bool, timeout
     if pixels is not None and pixels > max_pixels:
         return error(413, f"image has {pixels} pixels, more than {max_pixels}")
     try:
-        scheduler.admit(want != "false", deadline)  # before paying for decoding
+        scheduler.admit(want is not Maps.NONE, deadline)  # before paying for decoding
         image = await run_in_threadpool(imglib.load_bytes, data, name)
         job = Job(image, want, deadline)
         scheduler.submit(job)
@@ -159,7 +158,7 @@ async def _score(c: ServedCorpus, request: Request, map: str, raw: bool, timeout
         metrics.rejected.labels(busy.reason).inc()
         return error(503, f"server busy: {busy.reason}", headers={"Retry-After": str(math.ceil(busy.retry_after))})
     outcome = await wait_for(request, job, scheduler)
-    lane = "map" if want != "false" else "score"
+    lane = "map" if want is not Maps.NONE else "score"
     metrics.latency.labels(lane).observe(time.monotonic() - arrived)
     if outcome == "disconnected":
         metrics.disconnected.inc()

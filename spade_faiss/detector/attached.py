@@ -13,6 +13,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
+from ..config import Maps
 from ..image_index import ImageIndex
 from ..store import CorpusView
 from .pipeline import QueryPipeline
@@ -46,15 +47,13 @@ class AttachedCorpus:
         """How many segments appended beside the corpus file this state includes."""
         return self.store.segments
 
-    def check_ready(self, maps=True) -> None:
+    def check_ready(self, maps: Maps = Maps.ALL) -> None:
         """Raise ``ValueError`` unless queries can be answered (with ``maps``) from this state."""
         if self.problem:
             raise ValueError(self.problem)
         if self.index is None or len(self.store) == 0:
             raise ValueError(f"{self.store.path}: the corpus holds no images")
-        if maps not in (True, False, "auto"):
-            raise ValueError(f"maps={maps!r}: expected True, False or 'auto'")
-        if maps == "auto" and self.tau is None:
+        if maps is Maps.AUTO and self.tau is None:
             raise ValueError("maps='auto' gates stage 2 on the image threshold: calibrate first")
 
     def with_thresholds(self, calibration: dict | None) -> AttachedCorpus:

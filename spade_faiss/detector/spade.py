@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import images, patch_search
 from ..backbone import FeatureExtractor, check_weights, load_extractor
-from ..config import DEFAULTS, PARAM, Parameters, make_configs, parameters_doc
+from ..config import DEFAULTS, PARAM, Maps, Parameters, make_configs, parameters_doc
 from ..representations import FIT_IMAGES
 from ..results import IndexReport, Retrieved, ScoredImage, SpadeResult
 from ..store import CorpusView, FeatureStore, join_shards, open_corpus
@@ -314,10 +314,11 @@ class Spade(Parameters):
         ``correspondences``: also return, per level and location, the nearest normal patch
         (image id, row, col) of each image that gets a map.
         """
+        maps = Maps.from_python(maps)
         self._check_ready(maps)
         for batch in self._batches(samples):
             retrieved = self.retrieve([p for p in batch if p.error is None])
-            self.segment([r for r in retrieved if maps is True or (maps == "auto" and r.score > self.tau_)],
+            self.segment([r for r in retrieved if maps is Maps.ALL or (maps is Maps.AUTO and r.score > self.tau_)],
                          correspondences=correspondences)
             done = iter(retrieved)
             for p in batch:
@@ -334,7 +335,7 @@ class Spade(Parameters):
         o, c = self.options_, self.config_
         return images.iter_prepared(samples, o.batch_size, c.resize, c.crop, o.workers)
 
-    def _check_ready(self, maps=True):
+    def _check_ready(self, maps: Maps = Maps.ALL):
         if getattr(self, "corpus_", None) is None:
             raise ValueError("this Spade is not fitted: call fit(images) or Spade.open(path)")
         self.corpus_.check_ready(maps)

@@ -67,7 +67,7 @@ def leave_one_out_theta(corpus: AttachedCorpus, config, options, device: str, n_
     process does not pay for it)."""
     corpus.check_ready()
     key = {"images": len(corpus.store), "n_images": n_images, "fpr": fpr, "scoring": config.scoring_dict()}
-    memo = corpus.memo.get("leave_one_out_theta")
+    memo = corpus.memo.get("colour_scale")
     if memo is not None and memo[0] == key:
         return memo[1]
     stored = corpus.store.leave_one_out_theta()
@@ -77,5 +77,5 @@ def leave_one_out_theta(corpus: AttachedCorpus, config, options, device: str, n_
         theta = corpus.pipeline.leave_one_out_theta(n_images, fpr, config, options, device)
         if corpus.store.writable:
             corpus.store.write_leave_one_out_theta({**key, "theta": theta})
-    corpus.memo["leave_one_out_theta"] = (key, theta)
+    corpus.memo["colour_scale"] = (key, theta)
     return theta

@@ -17,6 +17,7 @@ import h5py
 
 from ..config import upgrade_feature_dict
 from ..representations import Representation, per_level
+from . import names
 from .layout import write_layout
 
 log = logging.getLogger(__name__)
@@ -28,26 +29,26 @@ def rebuild(path: str) -> int:
     """Rewrite the corpus at ``path`` from its committed rows; returns their number."""
     tmp = f"{path}.rebuild-{os.getpid()}"
     with h5py.File(path, "r") as src:
-        n = int(src.attrs["n_committed"])
-        config = upgrade_feature_dict(json.loads(src.attrs["config"]))
-        levels, v2 = config["levels"], int(src.attrs["format_version"]) >= 2
-        names = per_level(config["storage"], levels)
-        attrs = {k: v for k, v in src.attrs.items() if k not in ("n_committed", "writer")}
-        specs = {lv: (src["levels"][lv].shape[1:], src["levels"][lv].dtype,
-                      Representation(names[lv], 1).filters() if v2 else {}) for lv in levels}
+        n = int(src.attrs[names.N_COMMITTED])
+        config = upgrade_feature_dict(json.loads(src.attrs[names.CONFIG]))
+        levels, v2 = config["levels"], int(src.attrs[names.FORMAT_VERSION]) >= 2
+        storage = per_level(config["storage"], levels)
+        attrs = {k: v for k, v in src.attrs.items() if k not in (names.N_COMMITTED, names.WRITER)}
+        specs = {lv: (src[names.level(lv)].shape[1:], src[names.level(lv)].dtype,
+                      Representation(storage[lv], 1).filters() if v2 else {}) for lv in levels}
         with h5py.File(tmp, "w") as dst:
-            write_layout(dst, attrs, specs, src["images/pool"].shape[1], n, checksums=v2)
-            if "representations" in src:
-                src.copy("representations", dst)
-            for name in ["images/path", "images/sha256", "images/pool"] + [f"levels/{lv}" for lv in levels]:
+            write_layout(dst, attrs, specs, src[names.POOL].shape[1], n, checksums=v2)
+            if names.REPRESENTATIONS in src:
+                src.copy(names.REPRESENTATIONS, dst)
+            for name in [names.PATHS, names.SHA256, names.POOL] + [names.level(lv) for lv in levels]:
                 for start in range(0, n, COPY_ROWS):
                     stop = min(n, start + COPY_ROWS)
                     dst[name][start:stop] = src[name][start:stop]
-            index = src["index"]
+            index = src[names.INDEX]
             if int(index.attrs.get("ntotal", n + 1)) <= n:  # saved after its rows: still valid
                 if "faiss" in index:
-                    dst["index"].create_dataset("faiss", data=index["faiss"][()])
-                dst["index"].attrs.update(dict(index.attrs))
+                    dst[names.INDEX].create_dataset("faiss", data=index["faiss"][()])
+                dst[names.INDEX].attrs.update(dict(index.attrs))
     os.replace(tmp, path)
     log.warning("%s: its last writer did not close it (a crash?): rewrote it from its %d committed images",
                 path, n)

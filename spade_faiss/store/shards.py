@@ -8,6 +8,7 @@ import os
 import h5py
 import numpy as np
 
+from . import names
 from .corpus import FeatureStore
 from .layout import SHA_DTYPE, write_layout
 
@@ -29,7 +30,7 @@ def join_shards(shards: list[str], out: str) -> int:
             keep.append(np.array(rows, dtype=np.int64))
         n = int(sum(len(k) for k in keep))
         base = os.path.dirname(os.path.abspath(out))
-        attrs = {k: v for k, v in first.h5.attrs.items() if k not in ("n_committed", "thresholds")}
+        attrs = {k: v for k, v in first.h5.attrs.items() if k not in (names.N_COMMITTED, names.THRESHOLDS)}
         attrs["shards"] = [os.path.relpath(p, base) for p in shards]
         layouts = {lv: _virtual_layout(stores, keep, lv, base) for lv in first.config.levels}
         with h5py.File(out, "w") as h:
@@ -39,9 +40,9 @@ def join_shards(shards: list[str], out: str) -> int:
             row = 0
             for s, k in zip(stores, keep):
                 if len(k):
-                    h["images/path"][row:row + len(k)] = list(np.array(s.paths(), dtype=object)[k])
-                    h["images/sha256"][row:row + len(k)] = np.array(s.sha256s(), dtype=SHA_DTYPE)[k]
-                    h["images/pool"][row:row + len(k)] = s.pool()[k]
+                    h[names.PATHS][row:row + len(k)] = list(np.array(s.paths(), dtype=object)[k])
+                    h[names.SHA256][row:row + len(k)] = np.array(s.sha256s(), dtype=SHA_DTYPE)[k]
+                    h[names.POOL][row:row + len(k)] = s.pool()[k]
                     row += len(k)
     finally:
         for s in stores:
@@ -60,13 +61,13 @@ def _check_same_representations(a: FeatureStore, b: FeatureStore) -> None:
 
 
 def _virtual_layout(stores, keep, level: str, base: str) -> h5py.VirtualLayout:
-    ds0 = stores[0].h5["levels"][level]
+    ds0 = stores[0].stored_dataset(level)
     layout = h5py.VirtualLayout(shape=(int(sum(len(k) for k in keep)), *ds0.shape[1:]), dtype=ds0.dtype)
     row = 0
     for s, k in zip(stores, keep):
-        ds = s.h5["levels"][level]
+        ds = s.stored_dataset(level)
         # Relative source names resolve against the virtual file's folder.
-        src = h5py.VirtualSource(os.path.relpath(s.path, base), f"levels/{level}", shape=ds.shape)
+        src = h5py.VirtualSource(os.path.relpath(s.path, base), names.level(level), shape=ds.shape)
         for a, b in _runs(k):  # one mapping per run of consecutive kept rows
             layout[row:row + b - a] = src[a:b]
             row += b - a
