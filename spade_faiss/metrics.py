@@ -127,7 +127,7 @@ def check_fpr(fpr: float) -> float:
     return fpr
 
 
-def threshold_at_fpr(normal_scores, fpr: float = 0.01) -> float:
+def threshold_at_fpr(normal_scores, fpr: float) -> float:
     """The smallest threshold t such that at most ``fpr`` of the normal scores are > t."""
     s = np.sort(np.asarray(normal_scores, dtype=np.float64).ravel())
     if s.size == 0:

@@ -233,3 +233,17 @@ def test_the_old_engine_spelling_is_a_deprecated_alias_of_backend(capsys):
     assert "--engine is deprecated: use --backend" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parser.parse_args(["score", "c.h5", "d", "--out", "o", "--backend", "spark"])
+
+
+@pytest.mark.parametrize("option, value, word", [
+    ("--max-batch", "0", "max_batch=0"), ("--queue-size", "0", "queue_size=0"), ("--timeout", "-1", "timeout_s=-1"),
+    ("--max-upload-mb", "-1", "max_upload_mb=-1"), ("--port", "80000", "port=80000"),
+    ("--max-pixels", "0", "max_pixels=0"), ("--refresh-s", "-1", "refresh_s=-1"),
+    ("--batch-window-ms", "-5", "batch_window_ms=-5"),
+])
+def test_serve_refuses_a_limit_out_of_range_before_any_model_loads(tmp_path, capsys, option, value, word):
+    pytest.importorskip("fastapi")
+    missing = tmp_path / "no-such-corpus.h5"  # the limits are checked before the corpus is opened
+    assert cli.main(["serve", str(missing), option, value]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and word in err[0] and "expected" in err[0], err

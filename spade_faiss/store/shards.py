@@ -35,8 +35,8 @@ def join_shards(shards: list[str], out: str) -> int:
         layouts = {lv: _virtual_layout(stores, keep, lv, base) for lv in first.config.levels}
         with h5py.File(out, "w") as h:
             write_layout(h, attrs, layouts, first.pool_dim, n)
-            if "representations" in first.h5:
-                first.h5.copy("representations", h)
+            if names.REPRESENTATIONS in first.h5:
+                first.h5.copy(names.REPRESENTATIONS, h)
             row = 0
             for s, k in zip(stores, keep):
                 if len(k):
