@@ -57,6 +57,14 @@ def metric(text: str, name: str, **labels) -> float:
     return 0.0
 
 
+def wait_for(condition, timeout: float = 60.0, step: float = 0.01) -> None:
+    """Wait until ``condition()`` holds (observable progress), failing after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the awaited progress did not happen"
+        time.sleep(step)
+
+
 class Server:
     def __init__(self, store, tmp_path, *extra):
         (tmp_path / "token").write_text(TOKEN + "\n")
@@ -79,6 +87,10 @@ class Server:
 
     def metrics(self) -> str:
         return request(self.url + "/metrics")[1].decode()
+
+    def depth(self, lane: str) -> int:
+        """Jobs waiting in ``lane`` now (``/v1/health``)."""
+        return int(json.loads(request(self.url + "/v1/health")[1])["queue_depth"][lane])
 
     def stop(self):
         self.proc.terminate()
@@ -354,10 +366,12 @@ def test_a_client_that_leaves_is_not_scored(big, tmp_path):
         busy = [threading.Thread(target=request, args=(server.url + "/v1/score?map=true", body)) for _ in range(6)]
         for t in busy:
             t.start()
-        time.sleep(0.2)
+        wait_for(lambda: server.depth("map") >= 3)  # the worker is busy and maps wait: progress, not time
+        before = server.depth("map")
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
         conn.request("POST", "/v1/score?map=true", body, {"Authorization": f"Bearer {TOKEN}"})
-        time.sleep(0.1)
+        # queued behind the others: the lane grew (or the worker took one as ours arrived)
+        wait_for(lambda: server.depth("map") >= before or metric(server.metrics(), "spade_batch_size_count") > 6)
         conn.sock.shutdown(socket.SHUT_RDWR)
         conn.close()
         for t in busy:
@@ -381,7 +395,7 @@ def test_sigterm_during_load_answers_every_accepted_request_and_exits_0(big, tmp
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
         conn.request("POST", "/v1/score?map=true", body, {"Authorization": f"Bearer {TOKEN}"})
         conns.append(conn)
-    time.sleep(0.3)
+    wait_for(lambda: server.depth("map") >= 1)  # accepted and queued: progress, not time
     server.proc.send_signal(signal.SIGTERM)
     codes = [c.getresponse().status for c in conns]
     assert set(codes) <= {200, 503} and codes.count(200) >= 1, codes
