@@ -247,3 +247,37 @@ def test_serve_refuses_a_limit_out_of_range_before_any_model_loads(tmp_path, cap
     assert cli.main(["serve", str(missing), option, value]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and word in err[0] and "expected" in err[0], err
+
+
+def test_sigint_during_score_exits_130_at_a_committed_row_and_the_run_resumes(tmp_path, dataset):
+    """Ctrl-C stops `score` every time (several tries, each signalled once rows are committed):
+    exit 130, an "interrupted" line, the committed rows kept once each, and the same command
+    finishes the rest."""
+    import signal
+    import subprocess
+    import time
+
+    store = tmp_path / "c.h5"
+    assert cli.main(["index", str(dataset / "train"), "--out", str(store), *FEAT]) == 0
+    from spade_faiss.synthetic import make_dataset
+
+    images = make_dataset(tmp_path / "many", n_train=1, n_good=15, n_defect=15, size=(64, 64), seed=3) / "test"
+    for attempt, at_rows in enumerate((1, 3, 6)):
+        out = tmp_path / f"run{attempt}"
+        cmd = [sys.executable, "-m", "spade_faiss", "score", str(store), str(images), "--out", str(out), *RUN,
+               "--batch-size", "1", "--no-report"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while len(read_rows(out / "scores.csv")) < at_rows:  # progress, not time
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err
+        assert "interrupted" in err
+        rows = [r["image_path"] for r in read_rows(out / "scores.csv")]
+        assert at_rows <= len(rows) < 30 and len(set(rows)) == len(rows), len(rows)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        rows = [r["image_path"] for r in read_rows(out / "scores.csv")]
+        assert sorted(rows) == sorted(str(p) for p in images.rglob("*.png")) and len(rows) == 30

@@ -131,6 +131,7 @@ def cmd_score(args) -> int:
     from .allocator import release_freed_memory
     from .explain import TopExplained
     from .runs import RunDir, colour_scale, run_manifest, score_into_run
+    from .stopping import stop_on_interrupt
 
     if not 0 <= args.shard_index < args.num_shards:
         raise ValueError(f"--shard-index {args.shard_index}: expected 0 <= i < --num-shards {args.num_shards}")
@@ -151,21 +152,23 @@ def cmd_score(args) -> int:
                             theta=spade.theta_)
         todo = [s for s in samples if not writer.is_done(s.path)]
         start, top = time.perf_counter(), TopExplained()
-        with Progress(len(samples), "scoring", done=len(samples) - len(todo)) as bar:
+        with Progress(len(samples), "scoring", done=len(samples) - len(todo)) as bar, stop_on_interrupt() as stop:
             if args.backend == "ray":
                 from .distributed import score_ray
                 results = score_ray(args.store, todo, spade.get_params(), maps, args.ray_workers, args.batch_size,
                                     args.ray_address, args.gpus_per_worker, args.correspondences)
             else:
                 results = spade.iter_score(todo, maps=maps, correspondences=args.correspondences)
-            errors = score_into_run(results, writer, top.offer, on_progress=bar.update)
+            errors = score_into_run(results, writer, top.offer, on_progress=bar.update, check_stop=stop.check)
         top.write(run.explain, spade.paths_, spade.resize, spade.crop)
+        work = {"stage_seconds": {k: round(v, 3) for k, v in spade.timings_.items()},
+                "bytes_read": spade.bytes_read_, "pruning": spade.pruning_stats_} if args.backend == "local" else {}
     del spade, results  # the model and galleries: the report's plotting reuses their memory
     gc.collect()
     release_freed_memory()
     summary = {"run": args.out, "scored": len(todo) - len(errors), "skipped_done": len(samples) - len(todo),
                "errors": len(errors)}
-    run.record_invocation({**summary, "seconds": round(time.perf_counter() - start, 2), "finished": utc_now()})
+    run.record_invocation({**summary, **work, "seconds": round(time.perf_counter() - start, 2), "finished": utc_now()})
     if not args.no_report:
         from .report import write_report
         write_report(args.out)

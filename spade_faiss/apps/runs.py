@@ -151,9 +151,11 @@ def colour_scale(spade) -> float:
 
 
 def score_into_run(results: Iterable[ScoredImage], writer: RunWriter, *observers: Callable[[ScoredImage], None],
-                   on_progress: Callable[[int], None] | None = None) -> list[tuple[str, str]]:
+                   on_progress: Callable[[int], None] | None = None,
+                   check_stop: Callable[[], None] | None = None) -> list[tuple[str, str]]:
     """Write each result into the run as it arrives (local or Ray: any iterable of results),
-    show it to each observer, and return the (path, reason) of those that failed."""
+    show it to each observer, and return the (path, reason) of those that failed.
+    ``check_stop()`` runs after each committed row (it raises to stop: ``apps/stopping.py``)."""
     errors = []
     for r in results:
         writer.write([r])
@@ -163,6 +165,8 @@ def score_into_run(results: Iterable[ScoredImage], writer: RunWriter, *observers
             errors.append((r.path, r.error))
         if on_progress is not None:
             on_progress(1)
+        if check_stop is not None:
+            check_stop()
     return errors
 
 

@@ -1,0 +1,216 @@
+"""The user's run: what a new user does with real data, measured as whole processes.
+
+Workloads (real images from ../shared/data; nothing noise-perturbed):
+
+- ``magnetic_tile``: the 761 normal training images sorted by name, every 10th held out for
+  calibration (76, interleaved over the acquisition sessions, not the last ones by name), the
+  other 685 indexed; all 583 test images scored.
+- ``large``: an MVTec-layout category of 900x900 images made from magnetic_tile (each image
+  upscaled with INTER_CUBIC, masks with INTER_NEAREST; there is no other 900x900 data here):
+  200 normals indexed, 20 held out, 60 test images interleaved over the defect classes.
+
+Each step is one ``spade-faiss`` process with default settings (maps for every image,
+overlays, the HTML report; ``--weights none``: no ImageNet weights can be downloaded here, and
+the random-init model has the same shapes and costs): ``index``, ``calibrate``, ``score``
+(the whole test set), then ``score`` with the default engine and with ``--stage2 faiss`` on the
+first 24 test images, for their ratio in the same run. Per step: wall seconds, seconds per
+image, images/s, peak RSS of that process (``wait4``), and for ``score`` the library's own
+per-stage seconds, bytes read and pruning (run.json). The machine's kernel rates are measured
+in the same run. JSON lines on stdout (and ``--out``/user_run.jsonl), a PNG plot.
+
+    python benchmarks/bench_user_run.py --out /tmp/user_run                 # both workloads
+    python benchmarks/bench_user_run.py --out /tmp/user_run --workloads magnetic_tile
+    python benchmarks/bench_user_run.py --out /tmp/ur --quick                # 60/12/24 images, minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DATA, machine  # noqa: E402
+
+SUBSET = 24
+HELD_OUT_EVERY = 10
+
+
+def emit(out: Path, **record) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    with open(out / "user_run.jsonl", "a") as f:
+        f.write(line + "\n")
+
+
+def process(cmd: list[str], log: Path, env: dict | None = None) -> dict:
+    """Run one process to its end: wall seconds, exit status and its own peak RSS (MB)."""
+    t = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd)} exited {proc.returncode}; see {log}:\n{log.read_text()[-3000:]}")
+    return {"seconds": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+
+
+def spade(*args) -> list[str]:
+    return [sys.executable, "-m", "spade_faiss", *map(str, args)]
+
+
+def split_normals(train: list[str]) -> tuple[list[str], list[str]]:
+    """(indexed, held out): every 10th of the normals sorted by name is held out."""
+    train = sorted(train)
+    held = train[HELD_OUT_EVERY - 1::HELD_OUT_EVERY]
+    chosen = set(held)
+    return [p for p in train if p not in chosen], held
+
+
+def interleaved_test(root: Path) -> list[str]:
+    from spade_faiss.datasets import discover
+
+    by_class: dict[str, list] = {}
+    for s in discover(root, split="test"):
+        by_class.setdefault(s.defect, []).append(s.path)
+    return [c[i] for i in range(max(map(len, by_class.values()))) for c in by_class.values() if i < len(c)]
+
+
+def make_large(src: Path, out: Path, size: int, n_train: int, n_test: int) -> Path:
+    """An MVTec-layout category of ``size`` x ``size`` images upscaled from ``src`` (see above)."""
+    import cv2
+
+    root = out / f"magnetic_tile_{size}"
+    if (root / "train" / "good").is_dir():
+        return root
+    from spade_faiss.datasets import discover
+
+    train = sorted(s.path for s in discover(src, split="train"))
+    step = max(1, len(train) // n_train)
+    picks = {"train/good": train[::step][:n_train]}
+    test = [s for s in discover(src, split="test")]
+    by_class: dict[str, list] = {}
+    for s in test:
+        by_class.setdefault(s.defect, []).append(s)
+    order = [c[i] for i in range(max(map(len, by_class.values()))) for c in by_class.values() if i < len(c)]
+    for s in order[:n_test]:
+        picks.setdefault(f"test/{s.defect}", []).append(s.path)
+        if s.mask:
+            picks.setdefault(f"ground_truth/{s.defect}", []).append(s.mask)
+    for folder, paths in picks.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        nearest = folder.startswith("ground_truth")
+        for p in paths:
+            img = cv2.imread(p, cv2.IMREAD_UNCHANGED)
+            big = cv2.resize(img, (size, size), interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_CUBIC)
+            cv2.imwrite(str(root / folder / (Path(p).stem + ".png")), big)
+    return root
+
+
+def write_list(path: Path, paths: list[str]) -> Path:
+    path.write_text("\n".join(paths) + "\n")
+    return path
+
+
+def score_details(run: Path) -> dict:
+    last = json.loads((run / "run.json").read_text())["runs"][-1]
+    return {k: last[k] for k in ("stage_seconds", "bytes_read", "pruning") if k in last}
+
+
+def workload(name: str, root: Path, out: Path, n_index: int | None, n_held: int | None, n_test: int | None,
+             extra: list[str]) -> dict:
+    from spade_faiss.datasets import discover
+
+    work = out / name
+    work.mkdir(parents=True, exist_ok=True)
+    indexed, held = split_normals([s.path for s in discover(root, split="train")])
+    indexed, held = indexed[:n_index], held[:n_held]
+    test = interleaved_test(root)[:n_test]
+    lists = {k: write_list(work / f"{k}.txt", v) for k, v in
+             (("indexed", indexed), ("held_out", held), ("test", test), ("subset", test[:SUBSET]))}
+    store = work / "corpus.h5"
+    for f in (store, Path(f"{store}.appends")):
+        if f.is_file():
+            f.unlink()
+    common = ["--weights", "none", *extra]
+    steps = [("index", spade("index", lists["indexed"], "--out", store, *common), len(indexed)),
+             ("calibrate", spade("calibrate", store, lists["held_out"], *common), len(held)),
+             ("score", spade("score", store, lists["test"], "--out", work / "run", "--restart", *common), len(test)),
+             ("score_subset_default", spade("score", store, lists["subset"], "--out", work / "run_subset",
+                                            "--restart", *common), min(SUBSET, len(test))),
+             ("score_subset_faiss", spade("score", store, lists["subset"], "--out", work / "run_faiss", "--restart",
+                                          "--stage2", "faiss", *common), min(SUBSET, len(test)))]
+    seconds = {}
+    for step, cmd, n in steps:
+        rec = process(cmd, work / f"{step}.log")
+        seconds[step] = rec["seconds"]
+        details = {}
+        if step.startswith("score"):
+            run = Path(cmd[cmd.index("--out") + 1])
+            details = score_details(run)
+            if "stage_seconds" in details:
+                details["stage_s_per_image"] = {k: round(v / n, 4) for k, v in details.pop("stage_seconds").items()}
+        emit(out, bench="user_run", workload=name, step=step, images=n, **rec,
+             s_per_image=round(rec["seconds"] / n, 3), images_per_s=round(n / rec["seconds"], 3), **details)
+    ratio = seconds["score_subset_faiss"] / seconds["score_subset_default"]
+    emit(out, bench="user_run", workload=name, step="ratio", faiss_over_default_subset=round(ratio, 2),
+         corpus_bytes=store.stat().st_size, corpus_images=len(indexed))
+    for f in (store,):
+        f.unlink()
+    return seconds
+
+
+def plot(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in (out / "user_run.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r.get("bench") == "user_run" and "s_per_image" in r]
+    if not rows:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [f"{r['workload']}\n{r['step']}" for r in rows]
+    a.barh(labels, [r["s_per_image"] for r in rows])
+    a.set_xlabel("seconds per image (whole process)")
+    b.barh(labels, [r["peak_rss_mb"] / 1024 for r in rows])
+    b.set_xlabel("peak RSS (GiB)")
+    b.set_yticklabels([])
+    fig.tight_layout()
+    fig.savefig(out / "user_run.png", dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="folder for corpora, runs, logs, user_run.jsonl and the plot")
+    ap.add_argument("--data", default=str(DATA), help="the magnetic_tile category (MVTec layout)")
+    ap.add_argument("--workloads", nargs="*", default=["magnetic_tile", "large"], help="magnetic_tile and/or large")
+    ap.add_argument("--quick", action="store_true", help="60 normals, 12 held out, 24 test images per workload")
+    ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="options passed to every command")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(args.data)
+    if not data.is_dir():
+        sys.exit(f"{data}: no magnetic_tile data here (this benchmark runs on real images only)")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_score import kernel_rates
+
+    emit(out, bench="user_run", step="machine", **machine(), kernels_gflops=kernel_rates())
+    q = args.quick
+    if "magnetic_tile" in args.workloads:
+        workload("magnetic_tile", data, out, 60 if q else None, 12 if q else None, 24 if q else None, args.extra)
+    if "large" in args.workloads:
+        root = make_large(data, out / "data", 900, 230, 60)
+        workload("large_900", root, out, 60 if q else None, 12 if q else 20, 24 if q else 60, args.extra)
+    plot(out)
+
+
+if __name__ == "__main__":
+    main()
