@@ -4,6 +4,7 @@ roots). Only paths here: nothing is decoded."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -125,6 +126,19 @@ def discover(src: str | os.PathLike, split: str = "train") -> list[Sample]:
     if not samples:
         raise ValueError(f"{src}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
     return samples
+
+
+def hold_out(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(kept, held out): each sample held out when a seeded hash of its path falls below
+    ``fraction``: about that fraction, spread over the whole set (not the last files of one
+    session), the same choice for an image whatever else the set holds (a set that grows keeps
+    its held-out images held out)."""
+    def draw(path: str) -> float:
+        digest = hashlib.sha256(f"{seed}:{os.path.abspath(path)}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    held = [draw(s.path) < fraction for s in samples]
+    return [s for s, h in zip(samples, held) if not h], [s for s, h in zip(samples, held) if h]
 
 
 def _refuse_masks(src: Path, paths: list[str]) -> None:

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -281,3 +282,24 @@ def test_sigint_during_score_exits_130_at_a_committed_row_and_the_run_resumes(tm
         assert done.returncode == 0, done.stderr
         rows = [r["image_path"] for r in read_rows(out / "scores.csv")]
         assert sorted(rows) == sorted(str(p) for p in images.rglob("*.png")) and len(rows) == 30
+
+
+def test_index_hold_out_sets_aside_a_seeded_sample_disjoint_from_the_corpus_and_calibrates_on_it(tmp_path, capsys):
+    from spade_faiss.detector import describe, held_out_list
+    from spade_faiss.synthetic import make_dataset
+
+    root = make_dataset(tmp_path / "data", n_train=30, n_good=1, n_defect=1, size=(64, 64), seed=4)
+    every = sorted(str(p) for p in (root / "train" / "good").iterdir())
+    chosen = {}
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "7")):
+        out = tmp_path / f"{name}.h5"
+        assert cli.main(["index", str(root), "--out", str(out), *FEAT, "--hold-out", "0.3", "--seed", seed]) in (0, 3)
+        record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        held = Path(held_out_list(out)).read_text().split()
+        with FeatureStore.open(out) as store:
+            indexed = store.paths()
+        assert held and not set(held) & set(indexed) and sorted(held + indexed) == every  # disjoint, complete
+        assert record["n_images"] == len(held) and record["tau"] == describe(out)["thresholds"]["tau"]
+        chosen[name] = held
+    assert chosen["a"] == chosen["b"] != chosen["c"]  # seeded
+    assert cli.main(["index", str(root), "--out", str(tmp_path / "d.h5"), *FEAT, "--hold-out", "1.5"]) == 1

@@ -337,3 +337,29 @@ def test_float32_operands_use_the_first_columns_of_the_kept_basis_and_change_no_
                 kept = h[f"projections/{name}/basis"][()]
                 assert kept.shape[1] == width > 5 and used[name].basis.shape[1] == 5
                 np.testing.assert_array_equal(used[name].basis, kept[:, :5])
+
+
+def test_the_calibration_diagnostics_name_an_outlier_and_a_held_out_set_unlike_the_corpus():
+    from spade_faiss.detector.thresholds import diagnose
+
+    normal = list(np.linspace(10.0, 12.0, 40))
+    corpus = {"min": 9.0, "q25": 10.0, "median": 11.0, "q75": 11.5, "max": 13.0}
+    assert diagnose(normal, 12.0, 0, 0.05, corpus) == []
+    one_outlier = normal + [40.0]  # tau becomes its one maximum
+    (message,) = diagnose(one_outlier, 40.0, 0, 0.05, corpus)
+    assert "rests on 1 far-out held-out score" in message
+    session = list(np.linspace(20.0, 22.0, 40))  # another acquisition session: every score above the corpus's
+    (message,) = diagnose(session, 22.0, 0, 0.05, corpus)
+    assert "look unlike the corpus" in message and "--hold-out" in message
+    assert diagnose(session, 22.0, 0, 0.05, None) == []  # without the corpus's scores nothing to compare
+
+
+def test_calibrate_warns_when_tau_rests_on_one_outlier_and_records_the_spreads(dataset):
+    train = [s.path for s in datasets.discover(dataset)]
+    outlier = np.full((96, 96, 3), 255, np.uint8)  # a blank white frame among normal textures
+    outlier[::7] = 0
+    spade = Spade(k_gallery=4, **SMALL).fit(train[:8])
+    with pytest.warns(UserWarning, match="rests on 1 far-out held-out score"):
+        th = spade.calibrate(train[8:12] + [outlier], fpr=0.01)
+    assert th["held_out_scores"]["max"] == pytest.approx(th["tau"])
+    assert th["corpus_scores"]["min"] <= th["corpus_scores"]["median"] <= th["corpus_scores"]["max"]

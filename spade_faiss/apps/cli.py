@@ -115,7 +115,8 @@ def _backend_args(p):
     g.add_argument("--backend", default="local", choices=BACKENDS,
                    help="where the work runs: local (this process) or ray (a Ray cluster; needs the 'ray' extra)")
     g.add_argument("--engine", dest="backend", choices=BACKENDS, action=_Deprecated, new="--backend",
-                   default=argparse.SUPPRESS, help="deprecated spelling of --backend (removed in the next release)")
+                   default=argparse.SUPPRESS,
+                   help="deprecated spelling of --backend, removed in the next release (default: that of --backend)")
     g.add_argument("--ray-workers", type=int, default=RAY_WORKERS, help="Ray actors (--backend ray)")
     g.add_argument("--ray-address", help="join an existing Ray cluster (default: start a local one)")
     g.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPU share of each Ray actor")
@@ -141,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
                 _feature_args, _index_args, _run_args, _backend_args)
     p.add_argument("src", help="a folder, a text file of paths, or an MVTec category (indexes train/good)")
     p.add_argument("--out", required=True, help="corpus file, e.g. indexes/NAME.h5 (created or appended to)")
+    p.add_argument("--hold-out", type=float, default=0.0, metavar="FRACTION",
+                   help="set aside about this fraction of the normals (a seeded choice per image, stable as the "
+                        "set grows; listed in NAME.held_out.txt beside the corpus), index the rest and calibrate "
+                        "on them: one command instead of index + calibrate (0: index every image)")
+    add_params(p, ("fpr",), note=" (with --hold-out)")
 
     p = command("reindex", "rebuild and retrain the image index of a corpus", _index_args)
     p.add_argument("store", help="corpus file")

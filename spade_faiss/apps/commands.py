@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import datasets
 from ..clock import utc_now
 from ..config import PARAMS, SERVICE_DEFAULTS, Maps, check_values
-from ..detector import Spade, describe
+from ..detector import Spade, describe, held_out_list
 from ..metrics import check_fpr
 from .progress import Progress
 
@@ -46,8 +46,20 @@ def describe_source(src, split: str, samples) -> None:
 
 
 def cmd_index(args) -> int:
+    if not 0.0 <= args.hold_out < 1.0:
+        raise ValueError(f"--hold-out {args.hold_out}: expected a fraction in [0, 1)")
+    check_fpr(args.fpr)
     samples = datasets.discover(args.src, split="train")
     describe_source(args.src, "train", samples)
+    held = []
+    if args.hold_out:
+        samples, held = datasets.hold_out(samples, args.hold_out, args.seed)
+        if not held or not samples:
+            raise ValueError(f"--hold-out {args.hold_out}: {len(held)} of {len(samples) + len(held)} images held out; "
+                             f"both parts need at least one image")
+        Path(held_out_list(args.out)).write_text("".join(s.path + "\n" for s in held))
+        print(f"spade-faiss: holding out {len(held)} of {len(samples) + len(held)} normal images for calibration "
+              f"({held_out_list(args.out)})", file=sys.stderr)
     params = spade_params(args)
     if args.backend == "ray":
         from .distributed import index_ray
@@ -79,7 +91,11 @@ def cmd_index(args) -> int:
         print(f"spade-faiss: error: no image of {args.src} could be indexed", file=sys.stderr)
         report_errors(report.errors, "skipped")
         return EXIT_ERROR
-    return report_errors(report.errors, "skipped")
+    status = report_errors(report.errors, "skipped")
+    if held:
+        calibrated = _calibrate(args.out, held, args.fpr, spade_params(args))
+        status = max(status, calibrated)
+    return status
 
 
 def _has_images(path) -> bool:
@@ -119,11 +135,19 @@ def cmd_calibrate(args) -> int:
     check_fpr(args.fpr)  # before the model loads
     samples = datasets.discover(args.src, split="train")
     describe_source(args.src, "train", samples)
-    with Spade.open(args.store, mode="a", **spade_params(args)) as spade:
+    return _calibrate(args.store, samples, args.fpr, spade_params(args))
+
+
+def _calibrate(store, samples, fpr: float, params: dict) -> int:
+    with Spade.open(store, mode="a", **params) as spade:
         spade.load_backbone()
         with Progress(len(samples), "calibrating") as bar:
-            th = spade.calibrate(samples, args.fpr, on_progress=bar.update)
-    print(json.dumps({"store": args.store, **{k: v for k, v in th.items() if k != "skipped"}}))
+            th = spade.calibrate(samples, fpr, on_progress=bar.update)
+    spread = th["held_out_scores"]
+    print(f"spade-faiss: held-out scores min {spread['min']:.4g}, quartiles {spread['q25']:.4g} / "
+          f"{spread['median']:.4g} / {spread['q75']:.4g}, max {spread['max']:.4g}; tau {th['tau']:.4g}",
+          file=sys.stderr)
+    print(json.dumps({"store": str(store), **{k: v for k, v in th.items() if k != "skipped"}}))
     return report_errors([(None, e) for e in th["skipped"]], "skipped")
 
 

@@ -11,11 +11,15 @@ from collections.abc import Iterable
 import numpy as np
 
 from .. import metrics
+from .. import scoring as scoring_lib
+from ..config import K_IMAGE_DEFAULT
 from ..results import ScoredImage
 from .attached import AttachedCorpus
 
 # A threshold this many times the median held-out score says the held-out set holds outliers.
 OUTLIER_RATIO = 10.0
+# Corpus images whose leave-one-out stage-1 scores describe what the corpus's normals score.
+CORPUS_SAMPLE = 256
 
 
 def calibrate(corpus: AttachedCorpus, results: Iterable[ScoredImage], fpr: float, scoring: dict) -> dict:
@@ -40,23 +44,64 @@ def calibrate(corpus: AttachedCorpus, results: Iterable[ScoredImage], fpr: float
         raise ValueError("calibrate: none of the normal images could be scored")
     tau = metrics.threshold_at_fpr(scores, fpr)
     above = int(np.sum(np.asarray(scores) > tau))
+    spread = score_spread(scores)
+    corpus_spread = score_spread(corpus_scores(corpus, scoring)) if len(corpus.store) > 2 else None
     record = {"tau": tau, "theta": metrics.threshold_at_fpr(np.stack(maps), fpr), "fpr": fpr,
-              "n_images": len(scores), "images_above_tau": above, "skipped": errors, "scoring": scoring}
-    _warn(scores, tau, above, fpr)
+              "n_images": len(scores), "images_above_tau": above, "held_out_scores": spread,
+              "corpus_scores": corpus_spread, "skipped": errors, "scoring": scoring}
+    for message in diagnose(scores, tau, above, fpr, corpus_spread):
+        warnings.warn(f"calibrate: {message}", stacklevel=3)
     corpus.store.write_thresholds(record)
     return record
 
 
-def _warn(scores: list[float], tau: float, above: int, fpr: float) -> None:
+def score_spread(scores) -> dict:
+    """Quartiles and extremes of image scores (printed by ``calibrate``, kept in the record)."""
+    q = np.quantile(np.asarray(scores, np.float64), [0.0, 0.25, 0.5, 0.75, 1.0])
+    return dict(zip(("min", "q25", "median", "q75", "max"), (float(round(v, 6)) for v in q)))
+
+
+def corpus_scores(corpus: AttachedCorpus, scoring: dict, sample: int = CORPUS_SAMPLE) -> np.ndarray:
+    """Stage-1 image scores of up to ``sample`` corpus images (evenly spaced rows) against the rest
+    of the corpus, each one's own row left out: what a normal image like the corpus's scores."""
+    n = len(corpus.store)
+    rows = np.unique(np.linspace(0, n - 1, min(sample, n)).round().astype(np.int64))
+    k_gallery = min(scoring["k_gallery"], n - 1)
+    k_image = min(scoring["k_image"] or K_IMAGE_DEFAULT, k_gallery)
+    dist, ids = corpus.index.search(corpus.store.pool()[rows], k_gallery + 1, scoring["nprobe"])
+    kept = np.stack([d[i != row][:k_gallery] for d, i, row in zip(dist, ids, rows)])
+    return scoring_lib.image_scores(kept, k_image)
+
+
+def diagnose(scores, tau: float, above: int, fpr: float, corpus: dict | None) -> list[str]:
+    """Why thresholds calibrated on these held-out scores may mislead (empty: no reason seen):
+    too few images for ``fpr``; tau far above the median; tau resting on far-out scores (Tukey's
+    outer fence, q75 + 3 IQR); held-out images unlike the corpus's own images (their median
+    outside the corpus's leave-one-out scores' range)."""
+    scores = np.sort(np.asarray(scores, np.float64))
+    out = []
     needed = math.ceil(1 / fpr) if fpr > 0 else None
     if needed and len(scores) < needed:
-        warnings.warn(f"calibrate: {len(scores)} held-out images cannot support fpr={fpr} (about {needed} are "
-                      f"needed): tau is the largest of their scores ({above} above it); give more held-out "
-                      f"normal images, or a larger --fpr", stacklevel=3)
+        out.append(f"{len(scores)} held-out images cannot support fpr={fpr} (about {needed} are needed): tau is the "
+                   f"largest of their scores ({above} above it); give more held-out normal images, or a larger --fpr")
     median = float(np.median(scores))
     if median > 0 and tau > OUTLIER_RATIO * median:
-        warnings.warn(f"calibrate: tau={tau:.4g} is {tau / median:.0f}x the median held-out score ({median:.4g}): "
-                      f"some held-out images are far from the corpus; are they all normal?", stacklevel=3)
+        out.append(f"tau={tau:.4g} is {tau / median:.0f}x the median held-out score ({median:.4g}): some held-out "
+                   f"images are far from the corpus; are they all normal?")
+    q25, q75 = np.quantile(scores, [0.25, 0.75])
+    fence = q75 + 3 * (q75 - q25)
+    far = int(np.sum(scores > fence))
+    if len(scores) >= 4 and far and tau > fence:
+        out.append(f"tau={tau:.4g} rests on {far} far-out held-out score(s) (above {fence:.4g} = q75 + 3 IQR; the "
+                   f"median is {median:.4g}): look at those images: one unusual normal image sets the threshold "
+                   f"for every test image")
+    if corpus is not None and not corpus["min"] <= median <= corpus["max"]:
+        side = "above" if median > corpus["max"] else "below"
+        out.append(f"the held-out images look unlike the corpus: their median score {median:.4g} is {side} every "
+                   f"score of the corpus's own images against the rest ({corpus['min']:.4g}..{corpus['max']:.4g}); "
+                   f"hold out a random sample of the normals (`spade-faiss index --hold-out 0.1`), not one "
+                   f"session or the last files by name")
+    return out
 
 
 def leave_one_out_theta(corpus: AttachedCorpus, config, options, device: str, n_images: int, fpr: float) -> float:

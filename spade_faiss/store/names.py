@@ -40,6 +40,7 @@ THRESHOLDS_FILE = "thresholds.json"
 WRITER_LOCK = ".writer.lock"
 SEGMENT = re.compile(r"^seg-(\d{6})\.h5$")
 SIDECAR_SUFFIX = ".faiss"
+HELD_OUT_SUFFIX = ".held_out.txt"
 
 
 def level(name: str) -> str:
@@ -61,6 +62,12 @@ def sidecar(corpus_path) -> str:
     """The path of the image index's sidecar file of corpus ``corpus_path`` (beside it)."""
     stem = os.path.splitext(os.path.basename(str(corpus_path)))[0]
     return os.path.join(os.path.dirname(os.path.abspath(str(corpus_path))), stem + SIDECAR_SUFFIX)
+
+
+def held_out_list(corpus_path) -> str:
+    """The list of normal images `index --hold-out` set aside for calibration (beside the corpus)."""
+    stem, _ = os.path.splitext(str(corpus_path))
+    return stem + HELD_OUT_SUFFIX
 
 
 def appends_dir(corpus_path) -> Path:
