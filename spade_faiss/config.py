@@ -170,6 +170,10 @@ class Param:
         self.check(self.name, value)
 
 
+def _float_or_none(value: str):
+    return None if value.lower() == "none" else float(value)
+
+
 def _weights_arg(value: str):
     return None if value.lower() in ("none", "random") else value
 
@@ -224,6 +228,10 @@ PARAMETERS: tuple[Param, ...] = (
           cli_type=int),
     Param("cache_bytes", 1 << 30, "option", check_int,
           "bound of the gallery cache (features of retrieved images, reused across queries)"),
+    Param("memory_gb", 2.0, "option", _optional(lambda n, v: check_number(n, v, 0.0, low_open=True)),
+          "resident memory budget in GiB: the gallery cache gets what the process leaves of it and shrinks "
+          "when the process is over it after a batch (Linux; none: the cache keeps cache_bytes). A larger budget "
+          "keeps more galleries in memory (fewer reads on large corpora)", "run", cli_type=_float_or_none),
     Param("chunk_bytes", 64 << 20, "option", check_int, "gallery bytes searched at once by the faiss engine"),
     Param("stage2", "auto", "option", _choice(STAGE2_ENGINES),
           "exact stage-2 engine: pruned (bounds, CPU), dense (every pair, CPU), faiss (brute force, CPU/GPU); "
@@ -381,6 +389,7 @@ class RunOptions:
     batch_size: int = DEFAULTS["batch_size"]
     workers: int = DEFAULTS["workers"]
     cache_bytes: int = DEFAULTS["cache_bytes"]
+    memory_gb: float | None = DEFAULTS["memory_gb"]
     chunk_bytes: int = DEFAULTS["chunk_bytes"]
     stage2: str = DEFAULTS["stage2"]
     gpu_float16: bool = DEFAULTS["gpu_float16"]

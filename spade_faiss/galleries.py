@@ -54,7 +54,15 @@ class GalleryCache:
             return
         self._items[i] = value
         self.nbytes += size
-        while self.nbytes > self.max_bytes:
+        self._evict()
+
+    def resize(self, max_bytes: int) -> None:
+        """A new bound (the memory budget's, ``memory.py``): least recently used values go first."""
+        self.max_bytes = int(max_bytes)
+        self._evict()
+
+    def _evict(self) -> None:
+        while self.nbytes > self.max_bytes and self._items:
             _, old = self._items.popitem(last=False)
             self.nbytes -= _size(old)
 

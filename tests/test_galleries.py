@@ -46,3 +46,33 @@ def test_load_entries_per_level_and_concatenated():
     assert got[1]["concat"].shape == (4, 4, 5) and got[1]["concat"].dtype == np.float32
     np.testing.assert_array_equal(got[1]["concat"][..., :2], rows["layer1"][0])
     assert np.all(got[1]["concat"][..., 2:] == 1)
+
+
+def test_resize_evicts_least_recently_used_first():
+    cache = GalleryCache(lambda keys: [entry(100) for _ in keys], max_bytes=1000)
+    cache.get([1, 2, 3, 4])
+    cache.get([1])
+    cache.resize(250)
+    assert list(cache._items) == [4, 1] and cache.nbytes == 200
+
+
+def test_the_memory_budget_gives_the_cache_what_the_process_leaves_and_takes_it_back():
+    """Real resident-set readings: a budget just above this process's resident set leaves the
+    cache its headroom; a budget below it leaves the floor; no budget leaves cache_bytes."""
+    from spade_faiss import memory
+
+    rss = memory.resident_bytes()
+    assert rss and rss > 10 << 20
+    cache = GalleryCache(lambda keys: [entry(1 << 20) for _ in keys], max_bytes=1 << 40)
+    room = 256 << 20
+    budget = memory.MemoryBudget((rss + memory.RESERVE_BYTES + room) / memory.GIB, cache_bytes=1 << 40)
+    budget.start(cache)
+    assert abs(cache.max_bytes - room) < 64 << 20  # what the process leaves (its RSS moves a little)
+    cache.get(list(range(400)))  # 400 MiB asked: the bound holds
+    assert cache.nbytes <= cache.max_bytes
+    tight = memory.MemoryBudget(rss / memory.GIB / 2, cache_bytes=1 << 40)
+    tight.settle(cache)
+    assert cache.max_bytes == memory.FLOOR_BYTES and cache.nbytes <= memory.FLOOR_BYTES
+    free = memory.MemoryBudget(None, cache_bytes=123 << 20)
+    free.start(cache)
+    assert cache.max_bytes == memory.FLOOR_BYTES  # no budget: nothing is read or changed

@@ -9,9 +9,9 @@ the two thresholds keeps those blocks in the heap; peak RSS measured the same.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import sys
+
+from .. import memory
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 MMAP_THRESHOLD = 64 << 20  # blocks below this come from the heap (and are reused)
@@ -19,28 +19,13 @@ TRIM_THRESHOLD = 64 << 20  # free memory kept at the top of the heap
 USER_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
-def _libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
 def keep_freed_memory() -> bool:
     """Set glibc's mmap and trim thresholds (unless the user set either through glibc's own
     environment variables). True when applied; False off glibc (nothing to do there)."""
-    libc = _libc()
+    libc = memory.glibc()
     if libc is None or any(v in os.environ for v in USER_VARIABLES):
         return False
     return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
-def release_freed_memory() -> None:
-    """Hand the heap's free memory back to the OS now (after a phase whose buffers will not be
-    needed again, before one that allocates differently: the peak stays that of the larger)."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
+release_freed_memory = memory.release_freed_memory  # after a phase whose buffers will not be needed again

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from ..config import Maps
 from ..image_index import ImageIndex
+from ..memory import MemoryBudget
 from ..store import CorpusView
 from .pipeline import QueryPipeline
 
@@ -89,7 +90,7 @@ class AttachedCorpus:
         self.store.close()
 
 
-def attach(store: CorpusView, extractor: Callable, cache_bytes: int, seed: int) -> AttachedCorpus:
+def attach(store: CorpusView, extractor: Callable, budget: MemoryBudget, seed: int) -> AttachedCorpus:
     """The attached state of ``store``: its image index loaded (and brought up to the committed
     rows and the segments' when behind), the query pipeline, the paths and the thresholds."""
     index = ImageIndex.load(store)
@@ -109,6 +110,6 @@ def attach(store: CorpusView, extractor: Callable, cache_bytes: int, seed: int) 
         index.add(store.pool(index.ntotal))  # and the segments' (store/appends.py)
         if store.writable:
             index.save(store)
-    pipeline = QueryPipeline(store, index, extractor, cache_bytes, seed)
+    pipeline = QueryPipeline(store, index, extractor, budget, seed)
     state = AttachedCorpus(store, index, pipeline, store.paths(), None, None, None, problem, ahead)
     return state.with_thresholds(store.thresholds())

@@ -15,6 +15,7 @@ from .. import metrics, patch_search, scoring
 from ..galleries import GalleryCache, load_entries
 from ..image_index import ImageIndex
 from ..images import Prepared
+from ..memory import MemoryBudget
 from ..resample import concat_levels
 from ..results import Retrieved
 from ..store import FeatureStore
@@ -43,16 +44,17 @@ class QueryPipeline:
     index : ImageIndex
     extractor : callable
         Returns the (lazily built) FeatureExtractor.
-    cache_bytes : int
-        Bound of the gallery cache.
+    budget : MemoryBudget
+        Bounds the gallery cache (``cache_bytes``, and the process's memory budget).
     seed : int
         Seed of the sample the pruned engine's projections are fitted on (any sample is exact).
     """
 
-    def __init__(self, store: FeatureStore, index: ImageIndex | None, extractor: Callable, cache_bytes: int,
+    def __init__(self, store: FeatureStore, index: ImageIndex | None, extractor: Callable, budget: MemoryBudget,
                  seed: int):
         self.store, self.index, self.extractor, self.seed = store, index, extractor, seed
-        self.cache = GalleryCache(self._load, cache_bytes)
+        self.budget = budget
+        self.cache = GalleryCache(self._load, budget.cache_bytes)
         self.timings = Counter()
         self.stats: dict[str, patch_search.SearchStats] = {}
         self.projections: dict[str, patch_search.Projection] = {}
@@ -100,6 +102,13 @@ class QueryPipeline:
         """Stage 2: set ``map`` of each query (and its ``correspondences``: per level, int32
         (h, w, 3) = nearest image id, row, col); queries that retrieved the same images share one
         search over that gallery."""
+        if not retrieved:
+            return
+        self.budget.start(self.cache)
+        self._segment(retrieved, config, options, device, correspondences)
+        self.budget.settle(self.cache)
+
+    def _segment(self, retrieved: list[Retrieved], config, options, device: str, correspondences: bool):
         groups: dict[tuple, list[Retrieved]] = {}
         for r in retrieved:
             groups.setdefault(tuple(sorted(r.neighbour_ids.tolist())), []).append(r)

@@ -19,6 +19,7 @@ import numpy as np
 from .. import images, patch_search
 from ..backbone import FeatureExtractor, check_weights, load_extractor
 from ..config import DEFAULTS, PARAM, Maps, Parameters, make_configs, parameters_doc
+from ..memory import MemoryBudget
 from ..representations import FIT_IMAGES
 from ..results import IndexReport, Retrieved, ScoredImage, SpadeResult
 from ..store import CorpusView, FeatureStore, join_shards, open_corpus
@@ -67,7 +68,8 @@ class Spade(Parameters):
                  weights=DEFAULTS["weights"], seed=DEFAULTS["seed"], resize=DEFAULTS["resize"],
                  crop=DEFAULTS["crop"], levels=DEFAULTS["levels"], storage=DEFAULTS["storage"],
                  device=DEFAULTS["device"], batch_size=DEFAULTS["batch_size"], workers=DEFAULTS["workers"],
-                 cache_bytes=DEFAULTS["cache_bytes"], chunk_bytes=DEFAULTS["chunk_bytes"], stage2=DEFAULTS["stage2"],
+                 cache_bytes=DEFAULTS["cache_bytes"], memory_gb=DEFAULTS["memory_gb"],
+                 chunk_bytes=DEFAULTS["chunk_bytes"], stage2=DEFAULTS["stage2"],
                  gpu_float16=DEFAULTS["gpu_float16"], index=DEFAULTS["index"], nlist=DEFAULTS["nlist"],
                  encoding=DEFAULTS["encoding"], target_recall=DEFAULTS["target_recall"]):
         self.k_image = k_image
@@ -89,6 +91,7 @@ class Spade(Parameters):
         self.batch_size = batch_size
         self.workers = workers
         self.cache_bytes = cache_bytes
+        self.memory_gb = memory_gb
         self.chunk_bytes = chunk_bytes
         self.stage2 = stage2
         self.gpu_float16 = gpu_float16
@@ -222,7 +225,8 @@ class Spade(Parameters):
         return CorpusView(store)
 
     def _attach(self, store: CorpusView) -> Spade:
-        self.corpus_ = attach(store, self._extractor, self.options_.cache_bytes, self.options_.seed)
+        o = self.options_
+        self.corpus_ = attach(store, self._extractor, MemoryBudget(o.memory_gb, o.cache_bytes), o.seed)
         return self
 
     def close(self):
