@@ -228,7 +228,7 @@ PARAMETERS: tuple[Param, ...] = (
           cli_type=int),
     Param("cache_bytes", 1 << 30, "option", check_int,
           "bound of the gallery cache (features of retrieved images, reused across queries)"),
-    Param("memory_gb", 2.0, "option", _optional(lambda n, v: check_number(n, v, 0.0, low_open=True)),
+    Param("memory_gb", 4.0, "option", _optional(lambda n, v: check_number(n, v, 0.0, low_open=True)),
           "resident memory budget in GiB: the gallery cache gets what the process leaves of it and shrinks "
           "when the process is over it after a batch (Linux; none: the cache keeps cache_bytes). A larger budget "
           "keeps more galleries in memory (fewer reads on large corpora)", "run", cli_type=_float_or_none),

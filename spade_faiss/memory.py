@@ -19,8 +19,9 @@ import sys
 
 GIB = 2**30
 # One batch's temporaries above the settled resident set (stage 2 over 50 galleries, decoding
-# ahead): measured up to 0.25 GB at 685 normals, 224 px, Wide-ResNet50-2 (benchmarks/README.md).
-RESERVE_BYTES = 384 << 20
+# ahead, what the allocator keeps): the peak of a 48-image run at 685 normals, 224 px, Wide-ResNet50-2
+# was 0.3-0.5 GB above its settled resident set (benchmarks/README.md, "The user's run").
+RESERVE_BYTES = 512 << 20
 FLOOR_BYTES = 64 << 20  # the cache never gets less (one query's galleries at small crops)
 
 
