@@ -36,12 +36,13 @@ def error(code: int, message: str, headers=None) -> JSONResponse:
 
 
 def header_seconds(value: str | None) -> float | None:
+    """A number of seconds given in a header; ``ValueError`` naming the text when it is not one."""
     if value is None:
         return None
     try:
         return float(value)
     except ValueError:
-        return float("nan")  # refused with a 400 naming the value
+        raise ValueError(f"{value!r}: expected a positive number of seconds") from None
 
 
 def _authorized(header: bytes, token: str) -> bool:

@@ -131,7 +131,10 @@ async def _score(c: ServedCorpus, request: Request, map: str, raw: bool, timeout
                  max_upload_bytes: int, max_pixels: int):
     spade, scheduler, metrics = c.spade, c.scheduler, c.metrics
     arrived = time.monotonic()
-    client = timeout if timeout is not None else header_seconds(request.headers.get(DEADLINE_HEADER))
+    try:
+        client = timeout if timeout is not None else header_seconds(request.headers.get(DEADLINE_HEADER))
+    except ValueError as e:
+        return error(400, f"{DEADLINE_HEADER}: {e}")
     if client is not None and not (client > 0 and math.isfinite(client)):
         return error(400, f"timeout={client!r}: expected a positive number of seconds")
     deadline = arrived + (timeout_s if client is None else min(timeout_s, client))
