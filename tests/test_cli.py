@@ -303,3 +303,14 @@ def test_index_hold_out_sets_aside_a_seeded_sample_disjoint_from_the_corpus_and_
         chosen[name] = held
     assert chosen["a"] == chosen["b"] != chosen["c"]  # seeded
     assert cli.main(["index", str(root), "--out", str(tmp_path / "d.h5"), *FEAT, "--hold-out", "1.5"]) == 1
+
+
+def test_serve_refuses_a_busy_port_before_any_model_loads(tmp_path, capsys):
+    import socket
+
+    pytest.importorskip("fastapi")
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        assert cli.main(["serve", str(tmp_path / "no-such-corpus.h5"), "--port", str(port)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot listen on 127.0.0.1:{port}" in err[0], err

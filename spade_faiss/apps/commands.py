@@ -245,6 +245,19 @@ def cmd_verify(args) -> int:
     return EXIT_ERROR if problems else 0
 
 
+def _check_address(host: str, port: int) -> None:
+    """Refuse an address this process cannot listen on (in use, not this machine's) before the
+    models load, in one line."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port or "
+                         f"--host") from None
+
+
 def cmd_serve(args) -> int:
     import contextlib
 
@@ -256,6 +269,7 @@ def cmd_serve(args) -> int:
                           f"({e.name} is missing)") from None
     limits = {name: getattr(args, name) for name in SERVICE_DEFAULTS}
     check_values(limits)  # before any model loads
+    _check_address(limits["host"], limits["port"])
     token = None
     if args.token_file:
         if os.stat(args.token_file).st_mode & 0o077:
