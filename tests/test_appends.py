@@ -108,27 +108,33 @@ def test_one_writer_beside_a_corpus_and_a_killed_one_leaves_nothing_seen(tmp_pat
 
 
 def test_a_writer_killed_mid_append_beside_a_reader_loses_only_its_uncommitted_batch(tmp_path, data):
+    """The kill lands at observed progress (two segments committed) with 28 more batches still
+    to do, so the writer cannot have finished: no race on its speed."""
     train, test = data
+    more = [s.path for s in discover(make_dataset(tmp_path / "more", n_train=60, n_good=1, n_defect=1,
+                                                  size=(80, 80), seed=8), "train")]
     path = tmp_path / "c.h5"
     with Spade.create(path, **SMALL, k_gallery=3) as first:
         first.add(train[:6])
     listing = tmp_path / "new.txt"
-    listing.write_text("\n".join(train[6:20]) + "\n")
+    listing.write_text("\n".join(more) + "\n")
+    total = 6 + len(more)
     with Spade.open(path, k_gallery=3) as reader:
         before = scores(reader, test)
         cmd = [sys.executable, "-m", "spade_faiss", "index", str(listing), "--out", str(path), "--batch-size", "2"]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        while len(appends.segment_paths(path)) < 2 and proc.poll() is None:
-            time.sleep(0.02)
+        while len(appends.segment_paths(path)) < 2:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.005)
         proc.kill()
         proc.wait()
         reader.refresh()
         n = len(reader.store_)
-        assert 6 < n < 20 and n % 2 == 0  # whole batches only
+        assert 6 < n < total and n % 2 == 0  # whole batches only
         assert len(scores(reader, test)[0]) == len(before[0])  # serves the committed corpus meanwhile
         assert subprocess.run(cmd, capture_output=True).returncode == 0  # resumes: the rest only
-        assert reader.refresh()["added"] == 20 - n and len(reader.store_) == 20
-        assert len(set(reader.store_.sha256s())) == 20
+        assert reader.refresh()["added"] == total - n and len(reader.store_) == total
+        assert len(set(reader.store_.sha256s())) == total
 
 
 def test_an_empty_corpus_read_elsewhere_is_refused_before_anything_is_written(tmp_path):

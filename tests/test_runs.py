@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from spade_faiss.apps import run_writer, runs
+from spade_faiss.apps import pictures, run_writer, runs
 from spade_faiss.apps.runs import RunDir
 from spade_faiss.images import LoadedImage
 from spade_faiss.results import ScoredImage
@@ -132,5 +132,5 @@ def test_the_colour_scale_of_a_calibrated_corpus_estimates_nothing():
         def leave_one_out_theta(self):
             return 1.5
 
-    assert runs.colour_scale(Calibrated()) == 0.8
-    assert runs.colour_scale(Uncalibrated()) == 3.0
+    assert pictures.colour_scale(Calibrated()) == 0.8
+    assert pictures.colour_scale(Uncalibrated()) == 3.0

@@ -154,7 +154,8 @@ def _calibrate(store, samples, fpr: float, params: dict) -> int:
 def cmd_score(args) -> int:
     from .allocator import release_freed_memory
     from .explain import TopExplained
-    from .runs import RunDir, colour_scale, run_manifest, score_into_run
+    from .pictures import colour_scale
+    from .runs import RunDir, run_manifest, score_into_run
     from .stopping import stop_on_interrupt
 
     if not 0 <= args.shard_index < args.num_shards:

@@ -21,8 +21,9 @@ from .. import __version__, datasets, images, metrics
 from ..config import DEFAULTS
 from ..detector import Spade
 from . import pictures
+from .pictures import colour_scale
 from .progress import Progress
-from .runs import RunDir, colour_scale, run_manifest, score_into_run
+from .runs import RunDir, run_manifest, score_into_run
 
 log = logging.getLogger(__name__)
 

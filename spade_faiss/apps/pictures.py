@@ -26,6 +26,12 @@ BAR_WIDTH = 56
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 
 
+def colour_scale(spade) -> float:
+    """The top of the colour scale every picture of ``spade``'s maps shares: twice the pixel
+    threshold, or twice the leave-one-out one when it is not calibrated (estimated only then)."""
+    return colour_scale_max(spade.theta_, lambda: 2 * spade.leave_one_out_theta())
+
+
 def colour_scale_max(theta: float | None, fallback: float | Callable[[], float] | None = None) -> float:
     """The top of the colour scale: ``2 * theta`` when calibrated, else ``fallback`` (a value,
     or a function computing it, called only then)."""

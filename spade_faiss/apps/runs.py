@@ -19,7 +19,6 @@ from pathlib import Path
 from ..clock import utc_now
 from ..results import ScoredImage
 from ..version import __version__
-from . import pictures
 from .run_writer import RunWriter, read_rows, shard_suffix
 
 # What must be equal for two invocations to write into one run directory.
@@ -144,12 +143,6 @@ def run_manifest(spade, corpus, source, maps: str) -> dict:
             "command": " ".join(["spade-faiss"] + sys.argv[1:])}
 
 
-def colour_scale(spade) -> float:
-    """The top of the colour scale every picture of ``spade``'s maps shares: twice the pixel
-    threshold, or twice the leave-one-out one when it is not calibrated (estimated only then)."""
-    return pictures.colour_scale_max(spade.theta_, lambda: 2 * spade.leave_one_out_theta())
-
-
 def score_into_run(results: Iterable[ScoredImage], writer: RunWriter, *observers: Callable[[ScoredImage], None],
                    on_progress: Callable[[int], None] | None = None,
                    check_stop: Callable[[], None] | None = None) -> list[tuple[str, str]]:
@@ -170,5 +163,5 @@ def score_into_run(results: Iterable[ScoredImage], writer: RunWriter, *observers
     return errors
 
 
-__all__ = ["MANIFEST_KEYS", "RunDir", "RunWriter", "colour_scale", "read_rows", "run_manifest", "score_into_run",
+__all__ = ["MANIFEST_KEYS", "RunDir", "RunWriter", "read_rows", "run_manifest", "score_into_run",
            "shard_suffix"]

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..clock import utc_now
 from ..detector import Spade
-from .runs import colour_scale
+from .pictures import colour_scale
 from .scheduler import Scheduler
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)

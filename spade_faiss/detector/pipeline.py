@@ -171,7 +171,7 @@ class QueryPipeline:
         engines = dict(engines)
         raw = load_entries(self.store.level, [(m, i) for m, _, i in keys], self.store.config.levels)
         for name, engine in engines.items():
-            if engine == "pruned":
+            if patch_search.needs_projection(engine):
                 self._projection(name, mode)
         return [{name: patch_search.prepare(engines[name], f, self.projections.get(name), keep16)
                  for name, f in r.items()} for r in raw]

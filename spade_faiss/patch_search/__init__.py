@@ -65,6 +65,7 @@ class Engine:
 
     prepare: Callable[[np.ndarray, Projection | None, bool], object]  # (feats, projection, keep_float16)
     search: Callable[[LevelSearch, SearchSettings], tuple]
+    projected: bool = False  # prepares and searches with the level's principal directions
 
 
 def _faiss_search(req: LevelSearch, s: SearchSettings):
@@ -76,7 +77,7 @@ def _faiss_search(req: LevelSearch, s: SearchSettings):
 
 ENGINE_TABLE = {
     "pruned": Engine(lambda f, proj, keep16: pruned.prepare_image(proj, f, pruned.operand_dtype()),
-                     lambda r, s: pruned.search(r.query, r.gallery, r.kappa, r.projection, r.stats)),
+                     lambda r, s: pruned.search(r.query, r.gallery, r.kappa, r.projection, r.stats), projected=True),
     "dense": Engine(lambda f, proj, keep16: dense.prepare_image(f),
                     lambda r, s: dense.search(r.query, r.gallery, r.kappa)),
     "faiss": Engine(lambda f, proj, keep16: f if keep16 else np.asarray(f, dtype=np.float32), _faiss_search),
@@ -84,6 +85,11 @@ ENGINE_TABLE = {
     "window": Engine(lambda f, proj, keep16: f, lambda r, s: window.search(r.query, r.gallery, r.kappa, s.radius)),
 }
 ENGINES = tuple(ENGINE_TABLE)
+
+
+def needs_projection(engine: str) -> bool:
+    """Whether ``engine`` needs the level's principal directions (``Projection``) to prepare and search."""
+    return ENGINE_TABLE[engine].projected
 # Below this much brute-force work per query image (GFLOP), the pruned engine's fixed costs
 # (projections, screening, re-checks) exceed what it saves: ``auto`` uses dense there. Measured
 # on Wide-ResNet50-2 (benchmarks/README.md): layer3 at K=5 (0.4 GFLOP) dense 4.5 ms vs pruned
