@@ -59,6 +59,9 @@ def crop_box(image_size: tuple[int, int], resize: int, crop: int) -> tuple[float
     return lo * h / resize, (lo + crop) * h / resize, lo * w / resize, (lo + crop) * w / resize
 
 
+REMAP_TILE = 16384  # output pixels per side of one cv2.remap call (it refuses 32767 and more)
+
+
 def map_to_original(amap: np.ndarray, image_size: tuple[int, int], resize: int = DEFAULTS["resize"]) -> np.ndarray:
     """A (crop, crop) map in the original image's (H, W) pixels, float32.
 
@@ -72,8 +75,15 @@ def map_to_original(amap: np.ndarray, image_size: tuple[int, int], resize: int =
     # Pixel centres of the original in the crop's pixel coordinates (cv2.remap, bilinear).
     ys = (np.arange(h, dtype=np.float32) + 0.5 - top) * crop / (bottom - top) - 0.5
     xs = (np.arange(w, dtype=np.float32) + 0.5 - left) * crop / (right - left) - 0.5
-    out = cv2.remap(amap.astype(np.float32), *np.meshgrid(xs, ys), interpolation=cv2.INTER_LINEAR,
-                    borderMode=cv2.BORDER_REPLICATE)
+    src = amap.astype(np.float32)
+    out = np.empty((h, w), np.float32)
+    # cv2.remap takes at most REMAP_SIDE - 1 pixels per side; each output pixel depends on its own
+    # coordinates only, so tiles give the same values as one call (2 x 60000 images too).
+    for r0 in range(0, h, REMAP_TILE):
+        for c0 in range(0, w, REMAP_TILE):
+            gx, gy = np.meshgrid(xs[c0:c0 + REMAP_TILE], ys[r0:r0 + REMAP_TILE])
+            out[r0:r0 + REMAP_TILE, c0:c0 + REMAP_TILE] = cv2.remap(src, gx, gy, interpolation=cv2.INTER_LINEAR,
+                                                                    borderMode=cv2.BORDER_REPLICATE)
     inside = ((ys >= -0.5) & (ys <= crop - 0.5))[:, None] & ((xs >= -0.5) & (xs <= crop - 0.5))[None, :]
     out[~inside] = np.nan
     return out

@@ -66,3 +66,18 @@ def test_map_to_original_places_the_crop_in_the_centre_and_nothing_outside():
     assert out[6, 12] == pytest.approx(want)
     const = scoring.map_to_original(np.full((4, 4), 3.0, np.float32), (10, 7), resize=6)
     np.testing.assert_allclose(const[np.isfinite(const)], 3.0)
+
+
+def test_map_to_original_in_tiles_equals_one_remap_and_takes_extreme_aspect_ratios(monkeypatch):
+    """cv2.remap refuses 32767 pixels per side: tiles give the same values as one call, and a
+    2 x 60000 image gets its map."""
+    rng = np.random.default_rng(1)
+    amap = rng.random((8, 8)).astype(np.float32)
+    whole = scoring.map_to_original(amap, (37, 53), resize=10)
+    monkeypatch.setattr(scoring, "REMAP_TILE", 7)  # many tiles, partial ones at both edges
+    tiled = scoring.map_to_original(amap, (37, 53), resize=10)
+    assert np.array_equal(np.isnan(whole), np.isnan(tiled)) and np.array_equal(whole[~np.isnan(whole)],
+                                                                               tiled[~np.isnan(tiled)])
+    monkeypatch.undo()
+    thin = scoring.map_to_original(amap, (2, 60000), resize=10)
+    assert thin.shape == (2, 60000) and np.isfinite(thin).any()
