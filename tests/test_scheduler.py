@@ -71,3 +71,27 @@ def test_a_full_queue_and_a_stopping_service_refuse_with_a_retry_hint():
     s.stopping = True
     with pytest.raises(Busy, match="shutting down"):
         s.admit(False, clock.now + 60)
+
+
+def test_the_worker_outlives_a_failing_refresh_and_a_failing_report():
+    """A refresh that raises (here: no Spade at all) and a report of it that raises too: the worker
+    goes on refreshing, observed by its calls, and is alive until stopped."""
+    import threading
+
+    calls = []
+    done = threading.Event()
+
+    def report(changes):
+        calls.append(changes)
+        if len(calls) >= 3:
+            done.set()
+        raise RuntimeError("the report failed")
+
+    s = Scheduler(None, max_batch=1, window_s=0.0, queue_size=1, refresh_s=0.001, on_refresh=report)
+    s.thread.start()  # the worker alone (start() warms a model first)
+    try:
+        assert done.wait(30), calls
+        assert s.alive and all("error" in c for c in calls)
+    finally:
+        s.stop()
+    assert not s.alive

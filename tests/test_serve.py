@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -491,3 +492,35 @@ def test_two_corpora_in_one_service_answer_as_each_alone_with_one_model(store, d
         assert metric(text, "spade_requests_total", path="/v1/corpora/{name}/score", code="200") == 2.0
     finally:
         server.stop()
+
+
+def test_a_mistyped_thresholds_file_keeps_the_last_good_state_and_health_names_it(tmp_path, dataset):
+    """A hand-edited thresholds.json beside a served corpus: the refresh fails and is counted,
+    the corpus answers from its last good state, /v1/health says degraded naming the corpus and
+    the reason; once the file is right again, health is ok and the new thresholds are served."""
+    store = tmp_path / "c.h5"
+    assert cli.main(["index", str(dataset), "--out", str(store), *FEAT]) == 0
+    image = open(discover(dataset, "test")[0].path, "rb").read()
+    server = Server(store, tmp_path, "--refresh-s", "0.05")
+
+    def health():
+        code, raw, _ = request(server.url + "/v1/health", token=None)
+        return code, json.loads(raw)
+
+    try:
+        folder = Path(f"{store}.appends")
+        folder.mkdir()
+        (folder / "thresholds.json").write_text('{"tau": "abc", "theta": 1.0}')
+        wait_for(lambda: health()[1]["status"] == "degraded")
+        code, body = health()
+        assert code == 200 and "tau='abc'" in body["problems"]["c"], body
+        assert request(server.url + "/v1/score?map=true", image)[0] == 200  # still answering
+        assert metric(server.metrics(), "spade_corpus_refreshes_total", result="failed") >= 1
+        info = json.loads(request(server.url + "/v1/info")[1])
+        assert info["corpus_state"]["thresholds"]["tau"] is None  # the last good state
+        (folder / "thresholds.json").write_text('{"tau": 5.0, "theta": 1.0}')
+        wait_for(lambda: health()[1]["status"] == "ok")
+        info = json.loads(request(server.url + "/v1/info")[1])
+        assert info["corpus_state"]["thresholds"]["tau"] == 5.0 and info["corpus_state"]["problem"] is None
+    finally:
+        assert server.stop() == 0

@@ -152,21 +152,32 @@ class Scheduler:
     # --- the worker ----------------------------------------------------------------------
 
     def _run(self) -> None:
+        """The worker: nothing that goes wrong in one job or refresh ends it (the jobs in hand are
+        answered with the error, a failed refresh keeps the last good state)."""
         while True:
-            with self.cond:
-                while not (self.lanes["score"] or self.lanes["map"] or self.stopping or self._refresh_due()):
-                    self.cond.wait(None if not self.refresh_s else max(0.0, self.next_refresh - self.clock()))
-                if self.stopping and not (self.lanes["score"] or self.lanes["map"]):
-                    return
-                lane = "refresh" if self._refresh_due() else "score" if self.lanes["score"] else "map"
-            if lane == "refresh":  # between jobs (ids are stable: a queued map needs no redo)
-                self._refresh()
-                continue
             try:
-                self._serve_scores() if lane == "score" else self._serve_map()
-            except Exception as e:  # answer the jobs in hand, keep serving
-                log.exception("scoring failed")
-                self._fail(e)
+                if self._step():
+                    return
+            except Exception:  # the worker must outlive any one failure
+                log.exception("the scheduler's worker hit an error; it goes on")
+
+    def _step(self) -> bool:
+        """One turn of the worker; True when it should end."""
+        with self.cond:
+            while not (self.lanes["score"] or self.lanes["map"] or self.stopping or self._refresh_due()):
+                self.cond.wait(None if not self.refresh_s else max(0.0, self.next_refresh - self.clock()))
+            if self.stopping and not (self.lanes["score"] or self.lanes["map"]):
+                return True
+            lane = "refresh" if self._refresh_due() else "score" if self.lanes["score"] else "map"
+        if lane == "refresh":  # between jobs (ids are stable: a queued map needs no redo)
+            self._refresh()
+            return False
+        try:
+            self._serve_scores() if lane == "score" else self._serve_map()
+        except Exception as e:  # answer the jobs in hand, keep serving
+            log.exception("scoring failed")
+            self._fail(e)
+        return False
 
     def _refresh_due(self) -> bool:
         return bool(self.refresh_s) and self.clock() >= self.next_refresh
@@ -175,11 +186,17 @@ class Scheduler:
         self.next_refresh = self.clock() + self.refresh_s
         try:
             changes = self.spade.refresh()
-        except Exception:  # a damaged segment: keep serving what is taken in, say so
-            log.exception("taking in the corpus's new state failed")
-            changes = {"error": True}
+        except Exception as e:  # a damaged segment or thresholds record: keep the last good state, say so
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            log.warning("taking in the corpus's new state failed (the last good state is served): %s", reason)
+            changes = {"error": reason}
         if self.on_refresh is not None:
             self.on_refresh(changes)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (started and not ended)."""
+        return self.thread.is_alive()
 
     def _take(self, lane: str, n: int) -> list[Job]:
         """Up to ``n`` live jobs of a lane; expired or abandoned ones are dropped, counted."""

@@ -21,7 +21,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -78,8 +78,16 @@ def create_app(spades: Spade | dict[str, Spade], token: str | None = None,
 
     @app.get("/v1/health")
     async def health():
+        """``ok``, ``degraded`` (a corpus answers from its last good state: the reason is named) or
+        ``down`` (a corpus's worker stopped: 503, so that a load balancer stops sending)."""
         depth = {n: {lane: c.scheduler.depth(lane) for lane in c.scheduler.lanes} for n, c in corpora.items()}
-        return {"status": "ok", "queue_depth": depth[only.name] if only else depth}
+        states = {n: c.health() for n, c in corpora.items()}
+        worst = max((s for s, _ in states.values()), key=("ok", "degraded", "down").index)
+        body = {"status": worst, "queue_depth": depth[only.name] if only else depth}
+        problems = {n: reason for n, (_, reason) in states.items() if reason}
+        if problems:
+            body["problems"] = problems
+        return JSONResponse(body, status_code=503 if worst == "down" else 200)
 
     @app.get("/v1/corpora")
     async def list_corpora():

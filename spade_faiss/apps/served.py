@@ -80,13 +80,16 @@ class CorpusState:
         self.spade, self.metrics = spade, metrics
         self.info, self.scale = spade.info(), colour_scale(spade)
         self.refreshed_at, self.thresholds_changed_at, self.failures = utc_now(), None, 0
+        self.problem: str | None = None  # why the last refresh failed (the last good state is served)
         self._publish()
 
     def update(self, changes: dict) -> None:
         if changes.get("error"):
             self.failures += 1
+            self.problem = f"taking in the corpus's new state failed: {changes['error']}"
             self.metrics.refreshes.labels("failed").inc()
             return
+        self.problem = None
         self.metrics.refreshes.labels("ok").inc()
         if changes["thresholds_changed"]:
             self.scale, self.thresholds_changed_at = colour_scale(self.spade), utc_now()
@@ -104,7 +107,8 @@ class CorpusState:
 
     def summary(self, refresh_s: float) -> dict:
         return {**self.served, "thresholds_changed_at": self.thresholds_changed_at,
-                "refreshed_at": self.refreshed_at, "refresh_s": refresh_s, "refresh_failures": self.failures}
+                "refreshed_at": self.refreshed_at, "refresh_s": refresh_s, "refresh_failures": self.failures,
+                "problem": self.problem}
 
 
 class ServedCorpus:
@@ -118,6 +122,15 @@ class ServedCorpus:
         self.state = CorpusState(spade, self.metrics)
         self.scheduler = Scheduler(spade, max_batch, window_s, queue_size, self.metrics, refresh_s=refresh_s,
                                    on_refresh=self.state.update)
+
+    def health(self) -> tuple[str, str | None]:
+        """``ok``; ``degraded`` (answering from the last good state, with the reason); or ``down``
+        (its worker has stopped: nothing would be answered)."""
+        if not self.scheduler.alive and not self.scheduler.stopping:
+            return "down", "its scoring worker has stopped"
+        if self.state.problem:
+            return "degraded", self.state.problem
+        return "ok", None
 
     def info(self) -> dict:
         return {**self.state.info, "name": self.name, "corpus_state": self.state.summary(self.refresh_s),

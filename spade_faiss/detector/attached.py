@@ -76,14 +76,21 @@ class AttachedCorpus:
     def refreshed(self, until: int | None = None) -> tuple[AttachedCorpus, dict]:
         """Take in what was committed beside the corpus (segments, thresholds) since this state:
         the new state and ``{"added", "thresholds_changed", "generation"}``."""
+        changed = self.store.thresholds_changed()
+        calibration = self.calibration
+        if changed:  # read first: a record that cannot be read changes nothing (and is read again next time)
+            try:
+                calibration = self.store.thresholds()
+            except ValueError:
+                self.store.thresholds_unread()
+                raise
         new = self.store.refresh(until)
         state = self
         if len(new):
             self.index.add(new)
             state = dataclasses.replace(state, paths=self.store.paths(), memo={})
-        changed = self.store.thresholds_changed()
         if changed:
-            state = state.with_thresholds(self.store.thresholds())
+            state = state.with_thresholds(calibration)
         return state, {"added": len(new), "thresholds_changed": changed, "generation": state.generation}
 
     def close(self) -> None:

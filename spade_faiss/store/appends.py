@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 from pathlib import Path
 
@@ -85,9 +86,27 @@ def write_thresholds(path, thresholds: dict) -> None:
 def read_thresholds(path) -> dict | None:
     file = appends_dir(path) / THRESHOLDS
     try:
-        return json.loads(file.read_text())
+        text = file.read_text()
     except FileNotFoundError:
         return None
+    try:
+        record = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{file}: not a thresholds record ({e})") from None
+    return check_thresholds(record, str(file))
+
+
+def check_thresholds(record, where: str) -> dict:
+    """A thresholds record as ``calibrate`` writes it (finite numbers ``tau`` and ``theta``), or
+    ``ValueError`` naming ``where`` and what is wrong: a hand-edited or damaged record is refused
+    where it is read, never used."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a thresholds record must be a JSON object, not {type(record).__name__}")
+    for key in ("tau", "theta"):
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{where}: {key}={value!r}: expected a finite number")
+    return record
 
 
 def clear(path) -> None:

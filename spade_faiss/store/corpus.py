@@ -29,6 +29,7 @@ from ..config import SpadeConfig, feature_mismatch, upgrade_feature_dict
 from ..representations import Representation
 from ..version import __version__
 from . import names
+from .appends import check_thresholds
 from .layout import SHA_DTYPE, level_specs, write_layout, write_representations
 from .repair import rebuild
 
@@ -438,7 +439,14 @@ class FeatureStore:
         self.h5.flush()
 
     def thresholds(self) -> dict | None:
-        return json.loads(self.h5.attrs[names.THRESHOLDS]) if names.THRESHOLDS in self.h5.attrs else None
+        if names.THRESHOLDS not in self.h5.attrs:
+            return None
+        where = f"{self.path}: the {names.THRESHOLDS} attribute"
+        try:
+            record = json.loads(self.h5.attrs[names.THRESHOLDS])
+        except ValueError as e:
+            raise StoreError(f"{where} is not a thresholds record ({e})") from None
+        return check_thresholds(record, where)
 
     def write_leave_one_out_theta(self, record: dict) -> None:
         """Store the leave-one-out pixel threshold (``detector/thresholds.py``) with what it was

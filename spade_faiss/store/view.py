@@ -133,6 +133,10 @@ class CorpusView:
                 seg.close()
                 raise StoreError(f"{seg.path}: its {lv} representation is fitted differently from {self.base.path}'s")
 
+    def thresholds_unread(self) -> None:
+        """The thresholds file changed but could not be read: ask again at the next call."""
+        self._thresholds_mtime = None
+
     def thresholds_changed(self) -> bool:
         """Whether the thresholds file beside the corpus changed since the last call."""
         try:
