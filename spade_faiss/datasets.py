@@ -59,13 +59,19 @@ def list_folder(root: str | os.PathLike) -> list[str]:
 
 
 def list_file(path: str | os.PathLike) -> list[str]:
-    """Paths listed one per line in a text file (blank lines and ``#`` comments skipped);
-    relative paths are relative to the list's folder."""
+    """Paths listed one per line in a text file (a UTF-8 byte-order mark, blank lines and ``#``
+    comments skipped; an entry listed again is taken once, with a warning); relative paths are
+    relative to the list's folder."""
     base = Path(path).parent
+    data = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")  # editors on Windows write one
     # Paths are bytes on POSIX: decode like os.listdir does, so any file name round-trips.
-    lines = [os.fsdecode(ln) for ln in Path(path).read_bytes().splitlines()]
-    return [str(p if os.path.isabs(p) else base / p)
-            for p in (ln.strip() for ln in lines) if p and not p.startswith("#")]
+    lines = [os.fsdecode(ln) for ln in data.splitlines()]
+    paths = [str(p if os.path.isabs(p) else base / p) for p in (ln.strip() for ln in lines)
+             if p and not p.startswith("#")]
+    unique = list(dict.fromkeys(paths))
+    if len(unique) < len(paths):
+        log.warning("%s: %d entries listed more than once: each is taken once", path, len(paths) - len(unique))
+    return unique
 
 
 def is_mvtec_category(root: str | os.PathLike) -> bool:

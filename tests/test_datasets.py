@@ -80,3 +80,11 @@ def test_one_image_file_is_one_sample_not_a_list_file(tmp_path, dataset):
     upper = tmp_path / "PART.PNG"
     upper.write_bytes(open(image, "rb").read())
     assert [s.path for s in datasets.discover(upper)] == [str(upper)]
+
+
+def test_a_list_file_s_byte_order_mark_and_repeated_entries(tmp_path):
+    from spade_faiss.datasets import list_file
+
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"\xef\xbb\xbfa.png\nb.png\na.png\n")
+    assert list_file(listing) == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]

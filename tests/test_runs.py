@@ -63,7 +63,23 @@ def test_writer_rows_maps_overlays_and_errors(tmp_path):
     again.write([result("/x/good/a.png", 0.6)])
     name = runs.read_rows(tmp_path / "scores.csv")[-1]["overlay"]
     assert name.startswith("overlays/good/a-") and name.endswith(".png") and (tmp_path / name).is_file()
-    assert again.is_done("/d/crack/a.png") and again.is_done("/d/bad.png") and not again.is_done("/new.png")
+    assert again.is_done("/d/crack/a.png") and not again.is_done("/new.png")
+    assert not again.is_done("/d/bad.png")  # failed before: tried again (a repaired file gets scored)
+    again.write([ScoredImage("/d/bad.png", None, error="/d/bad.png: empty file")])  # still broken: listed once
+    assert [e["image_path"] for e in runs.read_rows(tmp_path / "errors.csv")] == ["/d/bad.png"]
+    again.write([result("/d/bad.png", 0.9)])  # repaired: scored, and no longer reported as skipped
+    assert RunDir(tmp_path).error_rows() == []
+
+
+def test_a_resumed_writer_cuts_map_rows_a_crash_left_past_the_csv(tmp_path):
+    writer = RunDir(tmp_path).writer(8, 10)
+    writer.write([result("/d/good/a.png", 0.5), result("/d/good/b.png", 0.6)])
+    with h5py.File(tmp_path / "maps.h5", "a") as h:  # a crash between the maps and the CSV rows
+        for name in ("maps", "path"):
+            h[name].resize(3, axis=0)
+    RunDir(tmp_path).writer(8, 10)
+    with h5py.File(tmp_path / "maps.h5") as h:
+        assert h["maps"].shape[0] == h["path"].shape[0] == len(runs.read_rows(tmp_path / "scores.csv")) == 2
 
 
 def test_shards_are_read_as_one_run(tmp_path):

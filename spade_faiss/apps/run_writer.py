@@ -61,10 +61,24 @@ class RunWriter:
         self.failed = {r["image_path"] for r in read_rows(self.errors_path)}
         self.overlay_dir = self.run.overlays if colour_max is not None else None
         self.overlays_taken = {r["overlay"]: r["image_path"] for r in done if r.get("overlay")}
-        self.n_maps = len(read_rows(self.scores_path))  # map rows past the CSV: leftovers of a crash
+        self.n_maps = len(read_rows(self.scores_path))
+        self._drop_leftover_maps()
+
+    def _drop_leftover_maps(self) -> None:
+        """Map rows past the CSV are a crash's leftovers: cut them now, so that the run's files
+        agree row for row from the moment it resumes (the next rows would overwrite them anyway)."""
+        if not self.maps_path.is_file():
+            return
+        with h5py.File(self.maps_path, "a") as h:
+            for ds in [h[n] for n in ("maps", "path") if n in h] + \
+                    [d for g in ("correspondences", "level_scores") if g in h for d in h[g].values()]:
+                if ds.shape[0] > self.n_maps:
+                    ds.resize(self.n_maps, axis=0)
 
     def is_done(self, path: str) -> bool:
-        return path in self.done or printable(path) in self.failed
+        """Scored already (a row in scores.csv). Inputs that failed before are tried again: a
+        repaired file is scored, one still broken is reported once."""
+        return path in self.done
 
     def write(self, results: list[ScoredImage]) -> None:
         """Append results: errors to ``errors.csv``; the others' maps (zeros where there is no

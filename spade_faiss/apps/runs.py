@@ -69,8 +69,9 @@ class RunDir:
         return sorted(rows, key=lambda r: r["image_path"])
 
     def error_rows(self) -> list[dict]:
-        """Every skipped input, all shards."""
-        return [r for p in sorted(self.path.glob("errors*.csv")) for r in read_rows(p)]
+        """Every skipped input, all shards (inputs scored since, after a repair, left out)."""
+        scored = {r["image_path"] for r in self.score_rows()}
+        return [r for p in sorted(self.path.glob("errors*.csv")) for r in read_rows(p) if r["image_path"] not in scored]
 
     def manifest(self) -> dict | None:
         return json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else None
