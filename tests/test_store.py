@@ -1,6 +1,7 @@
 """The HDF5 file matches SPEC 2 exactly; appends commit last; configs are checked."""
 
 import json
+import os
 
 import h5py
 import numpy as np
@@ -129,3 +130,20 @@ def test_a_corpus_whose_writer_died_is_rewritten_from_its_committed_rows(tmp_pat
     assert "did not close it" in caplog.text
     with FeatureStore.open(path) as s:
         assert s.attrs["writer"] == 0 and len(s) == 3
+
+
+def test_a_killed_writer_s_temporary_is_removed_by_the_next_one_and_a_live_one_s_is_kept(tmp_path):
+    import subprocess
+
+    from spade_faiss.store import names
+
+    dst = tmp_path / "c.h5"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = tmp_path / f"c.h5.tmp-{dead.pid}"  # a writer that is gone
+    left.write_bytes(b"\x89HDF half")
+    live = tmp_path / f"c.h5.tmp-{os.getppid()}"  # a writer still running (our parent)
+    live.write_bytes(b"\x89HDF busy")
+    assert names.abandoned_temporaries(dst) == [str(left)]
+    FeatureStore.create(dst, SpadeConfig(levels=("layer1",), storage="float16"), {"layer1": (2, 2, 4)}, 8).close()
+    assert not left.exists() and live.exists()

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..representations import FIT_IMAGES
+from . import names
 from .corpus import FeatureStore, StoreError
 from .layout import write_representations
 
@@ -28,7 +29,9 @@ def convert(src: str, dst: str, storage: str, seed: int, on_progress: Callable[[
     calibrated thresholds: they are left out (calibrate the new corpus)."""
     if os.path.exists(dst):
         raise FileExistsError(f"{dst}: already exists (choose a new name)")
-    tmp = f"{dst}.tmp-{os.getpid()}"
+    for left in names.abandoned_temporaries(dst):  # a convert killed before
+        os.remove(left)
+    tmp = names.temporary(dst)
     with FeatureStore.open(src) as source:
         config = source.config.replace(storage=storage)
         lossy_from = [lv for lv, r in source.representations.items()

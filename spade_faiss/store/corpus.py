@@ -123,6 +123,8 @@ class FeatureStore:
             raise FileExistsError(f"{path}: already exists (open it to append, or choose a new name)")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         # Written whole under a temporary name, then renamed: a crash leaves no half-made corpus.
+        for left in names.abandoned_temporaries(path):  # a creation killed before
+            os.remove(left)
         tmp = names.temporary(path)
         with h5py.File(tmp, "w") as h5:
             write_layout(h5, attrs, specs, pool_dim)

@@ -83,4 +83,29 @@ def segment_name(number: int) -> str:
 
 def temporary(path) -> str:
     """The name a file is written under before it is renamed into ``path`` (this process's)."""
-    return f"{path}.tmp-{os.getpid()}"
+    return f"{path}{TEMPORARY}{os.getpid()}"
+
+
+TEMPORARY = ".tmp-"
+
+
+def abandoned_temporaries(path) -> list[str]:
+    """Temporaries of ``path`` whose writer is gone (its process no longer exists): what a killed
+    ``index``, ``convert`` or append left; nobody reads them."""
+    folder, base = os.path.split(os.path.abspath(str(path)))
+    found = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        pid = name[len(base) + len(TEMPORARY):] if name.startswith(base + TEMPORARY) else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            found.append(os.path.join(folder, name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
