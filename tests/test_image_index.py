@@ -134,3 +134,17 @@ def test_an_ivf_grown_by_half_is_tuned_again_to_its_target(rng):
     rows = np.sort(np.random.default_rng(1).choice(6000, 200, replace=False))
     assert leave_one_out_recall(ivf, xb, rows, 20, ivf.tuning["nprobe"]) >= 0.95
     assert not ImageIndex.build(xb, "flat").retune_due
+
+
+def test_the_exact_re_ranking_in_chunks_gives_the_same_bits(monkeypatch):
+    """Bounded memory (calibration asks 256 queries at once): chunked re-ranking equals one pass."""
+    from spade_faiss import image_index
+
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((300, 64)).astype(np.float32)
+    queries = rng.standard_normal((40, 64)).astype(np.float32)
+    index = image_index.ImageIndex.build(vectors, "flat")
+    whole = index.search(queries, 10)
+    monkeypatch.setattr(image_index, "RERANK_BYTES", 64 * 18 * 8 * 3)  # 3 queries per chunk
+    chunked = index.search(queries, 10)
+    assert all(np.array_equal(a, b) for a, b in zip(whole, chunked))
