@@ -518,9 +518,14 @@ def test_a_mistyped_thresholds_file_keeps_the_last_good_state_and_health_names_i
         assert metric(server.metrics(), "spade_corpus_refreshes_total", result="failed") >= 1
         info = json.loads(request(server.url + "/v1/info")[1])
         assert info["corpus_state"]["thresholds"]["tau"] is None  # the last good state
-        (folder / "thresholds.json").write_text('{"tau": 5.0, "theta": 1.0}')
-        wait_for(lambda: health()[1]["status"] == "ok")
-        info = json.loads(request(server.url + "/v1/info")[1])
-        assert info["corpus_state"]["thresholds"]["tau"] == 5.0 and info["corpus_state"]["problem"] is None
+        good = folder / "thresholds.json.new"
+        good.write_text('{"tau": 5.0, "theta": 1.0}')
+        os.replace(good, folder / "thresholds.json")  # whole, as calibrate writes it
+
+        def state():
+            return json.loads(request(server.url + "/v1/info")[1])["corpus_state"]
+
+        wait_for(lambda: state()["thresholds"]["tau"] == 5.0)
+        assert state()["problem"] is None and health()[1]["status"] == "ok"
     finally:
         assert server.stop() == 0

@@ -88,7 +88,7 @@ ENGINES = tuple(ENGINE_TABLE)
 
 
 def needs_projection(engine: str) -> bool:
-    """Whether ``engine`` needs the level's principal directions (``Projection``) to prepare and search."""
+    """Whether ``engine`` needs the level's principal directions (a fitted projection) to prepare and search."""
     return ENGINE_TABLE[engine].projected
 # Below this much brute-force work per query image (GFLOP), the pruned engine's fixed costs
 # (projections, screening, re-checks) exceed what it saves: ``auto`` uses dense there. Measured
