@@ -24,7 +24,7 @@ PROJECTION_IMAGES = 16
 PROJECTION_VECTORS = 16384
 
 
-def _spread_rows(n: int, count: int) -> np.ndarray:
+def spread_rows(n: int, count: int) -> np.ndarray:
     """Up to ``count`` store rows of ``n``, evenly spaced from the first to the last (int64)."""
     return np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(np.int64))
 
@@ -86,7 +86,7 @@ class QueryPipeline:
         n = len(self.store)
         if n < 2:
             raise ValueError("leave-one-out needs a corpus of at least 2 images")
-        rows = _spread_rows(n, n_images)
+        rows = spread_rows(n, n_images)
         k_gallery = min(config.k_gallery, n - 1)
         dist, ids = self.index.search(self.store.pool()[rows], k_gallery + 1, config.nprobe)
         feats = {lv: self.store.level(lv, rows).astype(np.float32) for lv in config.levels}
@@ -196,7 +196,7 @@ class QueryPipeline:
             self.projections[name] = patch_search.Projection(*stored).leading(used)
             return
         n = len(self.store)
-        rows = _spread_rows(n, PROJECTION_IMAGES)
+        rows = spread_rows(n, PROJECTION_IMAGES)
         feats = load_entries(self.store.level, [(mode, int(i)) for i in rows], self.store.config.levels)
         sample = np.concatenate([f[name].reshape(-1, f[name].shape[-1]) for f in feats]).astype(np.float32)
         if len(sample) > PROJECTION_VECTORS:

@@ -15,6 +15,7 @@ from .. import scoring as scoring_lib
 from ..config import K_IMAGE_DEFAULT
 from ..results import ScoredImage
 from .attached import AttachedCorpus
+from .pipeline import spread_rows
 
 # A threshold this many times the median held-out score says the held-out set holds outliers.
 OUTLIER_RATIO = 10.0
@@ -65,7 +66,7 @@ def corpus_scores(corpus: AttachedCorpus, scoring: dict, sample: int = CORPUS_SA
     """Stage-1 image scores of up to ``sample`` corpus images (evenly spaced rows) against the rest
     of the corpus, each one's own row left out: what a normal image like the corpus's scores."""
     n = len(corpus.store)
-    rows = np.unique(np.linspace(0, n - 1, min(sample, n)).round().astype(np.int64))
+    rows = spread_rows(n, sample)
     k_gallery = min(scoring["k_gallery"], n - 1)
     k_image = min(scoring["k_image"] or K_IMAGE_DEFAULT, k_gallery)
     dist, ids = corpus.index.search(corpus.store.pool()[rows], k_gallery + 1, scoring["nprobe"])
