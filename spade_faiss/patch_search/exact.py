@@ -49,13 +49,24 @@ def squared_distances(queries: torch.Tensor, gallery: torch.Tensor, overwrite: b
 def pair_distances(queries: torch.Tensor, gallery_rows, q_idx: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
     """Distances of the pairs ``(queries[q_idx[i]], gallery_rows(g_idx[i]))``, in steps of
     about ``STEP_BYTES`` of temporaries. ``gallery_rows(idx)`` returns those gallery vectors as
-    a float32 tensor (N, C)."""
+    a float32 tensor (N, C); a :class:`GalleryRows` given columns in ascending order (as the
+    engines ask for them) is read one image at a time, each step from one image's rows (the
+    bits do not depend on the steps: each pair's distance is computed alone)."""
     out = torch.empty(len(q_idx), dtype=torch.float32)
     step = max(256, STEP_BYTES // (4 * queries.shape[1]))
+    if isinstance(gallery_rows, GalleryRows) and gallery_rows.ascending(g_idx):
+        for image, lo, hi in gallery_rows.runs(g_idx):
+            feats, first = gallery_rows.feats[image], int(gallery_rows.offsets[image])
+            for start in range(lo, hi, step):
+                stop = min(hi, start + step)
+                rows = feats.index_select(0, g_idx[start:stop] - first)
+                out[start:stop] = squared_distances(queries.index_select(0, q_idx[start:stop]), rows.float(),
+                                                    overwrite=True)  # the gather is a fresh copy
+        return out
     for start in range(0, len(q_idx), step):
         stop = start + step
-        out[start:stop] = squared_distances(queries[q_idx[start:stop]], gallery_rows(g_idx[start:stop]),
-                                            overwrite=True)  # the gather is a fresh copy
+        out[start:stop] = squared_distances(queries.index_select(0, q_idx[start:stop]),
+                                            gallery_rows(g_idx[start:stop]), overwrite=True)
     return out
 
 
@@ -74,29 +85,45 @@ def locate(columns: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.nda
     return image, columns - offsets[image]
 
 
-def row_reader(feats: list[torch.Tensor], offsets: np.ndarray):
-    """``rows_of(columns)``: the exact float32 gallery vectors of gallery columns, from per-image
-    (n_i, C) tensors (any float dtype) whose first columns are ``offsets[:-1]``. Columns in
-    ascending order (as the engines ask for them) are read without a sort."""
-    bounds = torch.from_numpy(offsets)
+class GalleryRows:
+    """The exact float32 gallery vectors of gallery columns, from per-image (n_i, C) tensors
+    (any float dtype) whose first columns are ``offsets[:-1]``: ``rows(columns)`` reads them
+    (columns in ascending order, as the engines ask for them, without a sort)."""
 
-    def rows_of(idx: torch.Tensor) -> torch.Tensor:
-        if len(idx) < 2 or bool((idx[1:] >= idx[:-1]).all()):
+    def __init__(self, feats: list[torch.Tensor], offsets: np.ndarray):
+        self.feats, self.offsets = feats, offsets
+        self._bounds = torch.from_numpy(offsets)
+
+    @staticmethod
+    def ascending(idx: torch.Tensor) -> bool:
+        return len(idx) < 2 or bool((idx[1:] >= idx[:-1]).all())
+
+    def runs(self, sorted_idx: torch.Tensor):
+        """``(image, lo, hi)`` for each image present in ascending columns: ``sorted_idx[lo:hi]``
+        are its columns."""
+        cuts = torch.searchsorted(sorted_idx, self._bounds).numpy()
+        for j in np.flatnonzero(cuts[1:] > cuts[:-1]).tolist():
+            yield j, int(cuts[j]), int(cuts[j + 1])
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.ascending(idx):
             order, sorted_idx = None, idx
         else:
             order = torch.argsort(idx)
             sorted_idx = idx[order]
-        cuts = torch.searchsorted(sorted_idx, bounds).numpy()
-        out = torch.empty(len(idx), feats[0].shape[1], dtype=torch.float32)
-        for j in np.flatnonzero(cuts[1:] > cuts[:-1]).tolist():  # the images present only
-            lo, hi = int(cuts[j]), int(cuts[j + 1])
-            part = feats[j].index_select(0, sorted_idx[lo:hi] - int(offsets[j]))
+        out = torch.empty(len(idx), self.feats[0].shape[1], dtype=torch.float32)
+        for j, lo, hi in self.runs(sorted_idx):
+            part = self.feats[j].index_select(0, sorted_idx[lo:hi] - int(self.offsets[j]))
             if order is None:
                 out[lo:hi] = part  # converted to float32 in the copy
             else:
                 out[order[lo:hi]] = part.float()
         return out
-    return rows_of
+
+
+def row_reader(feats: list[torch.Tensor], offsets: np.ndarray) -> GalleryRows:
+    """``rows_of(columns)``: see :class:`GalleryRows`."""
+    return GalleryRows(feats, offsets)
 
 
 def kappa_smallest(q_local: np.ndarray, cols: np.ndarray, d: np.ndarray, n_rows: int, kappa: int):
