@@ -76,6 +76,7 @@ class Retrieved:
     correspondences: dict | None = None
     level_scores: dict | None = None
     encoded: bool = False  # features already in the stored representations' search space (stored rows)
+    error: str | None = None  # why stage 2 could not run (its gallery cannot be read: a damaged corpus)
 
 
 @dataclasses.dataclass

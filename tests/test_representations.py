@@ -2,6 +2,7 @@
 and stage 2 over it equals brute force over its *decoded* features: bit for bit in its search
 space (exact.py's distance), and to float rounding in feature space (the isometry it claims)."""
 
+import os
 import h5py
 import numpy as np
 import pytest
@@ -299,7 +300,77 @@ def test_verify_finds_an_index_that_disagrees_with_the_pooled_vectors(dataset, t
     path = tmp_path / "c.h5"
     with Spade.create(path, **SMALL) as spade:
         spade.add(train)
-    with h5py.File(path, "r+") as h:
+    from spade_faiss.store.digests import row_digests
+
+    with h5py.File(path, "r+") as h:  # another pooled vector with its own digest: the index disagrees
         h["images/pool"][3] = h["images/pool"][3] + 1.0
+        h["digests/pool"][3] = row_digests(h["images/pool"][3:4])[0]
     problems = verify(path, deep=True)
     assert any("rows [3]" in p for p in problems), problems
+
+
+def _fletcher_blind_damage(path, dataset_name: str, row: int) -> None:
+    """Turn 16-bit words 0x0000 of a row's stored chunk into 0xFFFF: fletcher32 sums words
+    modulo 65535, where the two are equal, so the chunk's checksum still passes."""
+    with h5py.File(path) as h:
+        info = h[dataset_name].id.get_chunk_info_by_coord((row,) + (0,) * (h[dataset_name].ndim - 1))
+    with open(path, "r+b") as f:
+        f.seek(info.byte_offset)
+        chunk = bytearray(f.read(info.size - 4))  # the checksum's 4 bytes end the chunk
+        zeros = [i for i in range(0, len(chunk) - 1, 2) if chunk[i:i + 2] == b"\0\0"][:64]
+        assert zeros, "no zero word to damage"
+        for i in zeros:
+            chunk[i:i + 2] = b"\xff\xff"
+        f.seek(info.byte_offset)
+        f.write(chunk)
+
+
+@pytest.mark.parametrize("storage", ["float16", "compact"])
+def test_damage_fletcher32_cannot_see_is_refused_by_the_digest(dataset, tmp_path, storage):
+    """Issue 36, class 4: words 0x0000 -> 0xFFFF pass fletcher32; every reader (verify --deep,
+    a gallery read for stage 2, a copy) refuses the row by its sha256 digest, naming the image,
+    instead of scoring NaN or other numbers."""
+    from spade_faiss.apps.verify import verify
+    from spade_faiss.detector import convert
+
+    train = sorted(s.path for s in datasets.discover(dataset))
+    path = tmp_path / "c.h5"
+    with Spade.create(path, storage=storage, **SMALL) as spade:
+        spade.add(train)
+    with h5py.File(path) as h:
+        assert h["levels/layer1"].fletcher32 and h["digests/layer1"].shape == (len(train), 32)
+        h["levels/layer1"][3]  # reads before the damage
+    _fletcher_blind_damage(path, "levels/layer1", 3)
+    with h5py.File(path) as h:
+        h["levels/layer1"][3]  # fletcher32 passes: the damage is invisible to HDF5
+    problems = verify(path, deep=True)
+    assert len(problems) == 1 and "layer1 of image 3" in problems[0] and train[3] in problems[0], problems
+    with Spade.open(path, k_gallery=3) as spade:  # queries whose gallery holds image 3 fail, naming it
+        results = list(spade.iter_score(train[:8]))
+        failed = [r for r in results if r.error]
+        assert failed and all(r.map is None and "layer1 of image 3" in r.error and
+                              os.path.basename(train[3]) in r.error and "damaged" in r.error for r in failed)
+        assert 0 < len(failed) < len(results)
+        assert all(r.map is not None and np.isfinite(r.map).all() for r in results if r.error is None)
+        assert all(3 not in spade.retrieve([r.path])[0].neighbour_ids for r in results if r.error is None)
+    with pytest.raises(ValueError, match="does not match its digest"):
+        convert(path, tmp_path / "copy.h5", storage)
+
+
+def test_rows_written_without_digests_are_read_unchecked(dataset, tmp_path):
+    """A corpus from a version without digests (no digests group) and rows past a digests
+    dataset (appended by such a version) read as before."""
+    train = sorted(s.path for s in datasets.discover(dataset))
+    path = tmp_path / "c.h5"
+    with Spade.create(path, **{**SMALL, "k_gallery": 4}) as spade:
+        spade.add(train[:4])
+        want = spade.score(train[4:6]).maps
+    with h5py.File(path, "r+") as h:
+        for name in list(h["digests"]):
+            h["digests"][name].resize(2, axis=0)  # rows 2.. have no digest
+    with Spade.open(path) as spade:
+        np.testing.assert_array_equal(spade.score(train[4:6]).maps, want)
+    with h5py.File(path, "r+") as h:
+        del h["digests"]
+    with Spade.open(path) as spade:
+        np.testing.assert_array_equal(spade.score(train[4:6]).maps, want)

@@ -1,5 +1,6 @@
 """The HDF5 file matches SPEC 2 exactly; appends commit last; configs are checked."""
 
+import hashlib
 import json
 import os
 
@@ -40,6 +41,9 @@ def test_layout_matches_spec(tmp_path, rng):
         assert h["images/sha256"].shape == (3,)
         assert h["images/pool"].dtype == np.float32 and h["images/pool"].shape == (3, 16)
         assert h["images/pool"].fletcher32 and h["images/sha256"].fletcher32
+        for part in ("pool", *SHAPES):  # the sha256 of each image's stored bytes, per part
+            assert h[f"digests/{part}"].shape == (3, 32) and h[f"digests/{part}"].dtype == np.uint8
+        assert bytes(h["digests/layer1"][1]) == hashlib.sha256(h["levels/layer1"][1].tobytes()).digest()
         for lv, s in SHAPES.items():
             d = h["levels"][lv]
             assert d.shape == (3, *s) and d.dtype == np.float16 and d.chunks == (1, *s)

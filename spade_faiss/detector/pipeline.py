@@ -18,7 +18,7 @@ from ..images import Prepared
 from ..memory import MemoryBudget
 from ..resample import concat_levels
 from ..results import Retrieved
-from ..store import FeatureStore
+from ..store import FeatureStore, StoreError
 
 PROJECTION_IMAGES = 16
 PROJECTION_VECTORS = 16384
@@ -96,6 +96,9 @@ class QueryPipeline:
             retrieved.append(Retrieved(Prepared(None, ""), {lv: f[j] for lv, f in feats.items()}, 0.0,
                                        ids[j][keep][:k_gallery], dist[j][keep][:k_gallery], encoded=True))
         self.segment(retrieved, config, options, device)
+        damaged = next((r.error for r in retrieved if r.error), None)
+        if damaged:
+            raise StoreError(damaged)
         return metrics.threshold_at_fpr(np.stack([r.map for r in retrieved]), fpr)
 
     def segment(self, retrieved: list[Retrieved], config, options, device: str, correspondences: bool = False):
@@ -118,7 +121,12 @@ class QueryPipeline:
             engines = self._engines(mode, len(key), options.stage2, device, config, correspondences)
             variant = (tuple(sorted(engines.items())), settings.keep_float16)  # what a prepared image depends on
             with self.timed("gallery_io"):
-                galleries = self.cache.get([(mode, variant, i) for i in key])
+                try:
+                    galleries = self.cache.get([(mode, variant, i) for i in key])
+                except StoreError as e:  # a damaged gallery image: these queries fail, the others go on
+                    for m in members:
+                        m.error = str(e)
+                    continue
             encoded = [self._search_space(m, mode, levels) for m in members]
             query = {name: np.stack([e[name] for e in encoded]) for name in encoded[0]}
             per_level, nearest = [], {}

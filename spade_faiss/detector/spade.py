@@ -371,6 +371,8 @@ class Spade(Parameters):
 
     def result(self, r: Retrieved) -> ScoredImage:
         """The :class:`ScoredImage` of a retrieved (and possibly segmented) query."""
+        if r.error is not None:
+            return ScoredImage(r.prepared.path, r.prepared.sample, error=r.error)
         return ScoredImage(r.prepared.path, r.prepared.sample, r.score,
                            None if self.tau_ is None else bool(r.score > self.tau_), r.map, r.neighbour_ids,
                            r.neighbour_distances, [self.paths_[int(i)] for i in r.neighbour_ids[:self._ks()[0]]],

@@ -28,7 +28,7 @@ from ..clock import utc_now
 from ..config import SpadeConfig, feature_mismatch, upgrade_feature_dict
 from ..representations import Representation
 from ..version import __version__
-from . import names
+from . import digests, names
 from .appends import check_thresholds
 from .layout import SHA_DTYPE, level_specs, write_layout, write_representations
 from .repair import rebuild
@@ -259,7 +259,9 @@ class FeatureStore:
     def pool(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Pooled vectors of rows ``start:stop`` (default all committed), float32 (n, D)."""
         stop = len(self) if stop is None else min(stop, len(self))
-        return self._read(names.POOL, np.s_[start:stop])
+        rows = self._read(names.POOL, np.s_[start:stop])
+        self._check_digests(names.POOL_PART, np.arange(start, max(start, stop)), rows)
+        return rows
 
     def level(self, name: str, ids) -> np.ndarray:
         """Feature maps of image ``ids`` at ``name``, stored dtype, (len(ids), h, w, C).
@@ -278,6 +280,7 @@ class FeatureStore:
             except OSError as e:
                 raise self._damaged(names.level(name), f"row {int(ids[k])}", e) from None
         self.bytes_read += self._stored_bytes(ds, ids)
+        self._check_digests(name, ids, out)
         return self.representations[name].decode(out)
 
     def stored_dataset(self, name: str) -> h5py.Dataset:
@@ -287,7 +290,11 @@ class FeatureStore:
     def stored_level(self, name: str, ids) -> np.ndarray:
         """The stored rows of :meth:`level` before decoding (codes for pca), for copies."""
         ds = self.h5[names.LEVELS][name]
-        return np.stack([ds[int(i)] for i in ids]) if len(ids) else np.empty((0, *ds.shape[1:]), ds.dtype)
+        if not len(ids):
+            return np.empty((0, *ds.shape[1:]), ds.dtype)
+        rows = np.stack([ds[int(i)] for i in ids])
+        self._check_digests(name, np.asarray(ids, dtype=np.int64), rows)
+        return rows
 
     @staticmethod
     def _stored_bytes(ds: h5py.Dataset, ids: np.ndarray) -> int:
@@ -351,17 +358,52 @@ class FeatureStore:
                 ds.resize(n + b, axis=0)
         self.h5[names.PATHS][n:n + b] = list(paths)
         self.h5[names.SHA256][n:n + b] = np.array([s.encode("ascii") for s in sha256s], dtype=SHA_DTYPE)
-        self.h5[names.POOL][n:n + b] = feats["pool"]
+        self._write_rows(names.POOL, names.POOL_PART, n, feats["pool"])
         for lv, rep in self.representations.items():
             if rep.needs_fit:
                 raise StoreError(f"{self.path}: {lv} is stored as {rep.name}, which is not fitted yet "
                                  f"(fit_representations first)")
             stored = lv in encoded if isinstance(encoded, (set, frozenset)) else encoded
-            self.h5[names.LEVELS][lv][n:n + b] = feats[lv] if stored else rep.encode(feats[lv])
+            self._write_rows(names.level(lv), lv, n, feats[lv] if stored else rep.encode(feats[lv]))
         self.h5.flush()
         self.h5.attrs[names.N_COMMITTED] = n + b
         self.h5.flush()
         return np.arange(n, n + b, dtype=np.int64)
+
+    def _write_rows(self, name: str, part: str, start: int, rows: np.ndarray) -> None:
+        """Rows ``start:`` of dataset ``name``, as its dtype stores them, and their digests."""
+        ds = self.h5[name]
+        rows = np.ascontiguousarray(rows, dtype=ds.dtype)
+        ds[start:start + len(rows)] = rows
+        if self.has_digests:
+            d = self.h5[names.digest(part)]
+            if d.shape[0] < start + len(rows):
+                d.resize(start + len(rows), axis=0)
+            d[start:start + len(rows)] = digests.row_digests(rows)
+
+    @property
+    def has_digests(self) -> bool:
+        """Whether the file keeps per-image digests (``store/digests.py``; since 0.3.1)."""
+        return names.DIGESTS in self.h5
+
+    def _check_digests(self, part: str, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Refuse stored ``rows`` (of images ``ids``) whose bytes differ from their digests."""
+        if not self.has_digests or not len(ids):
+            return
+        ds = self.h5[names.digest(part)]
+        unique, back = np.unique(ids, return_inverse=True)
+        known = unique[unique < ds.shape[0]]  # rows past it were written without digests
+        recorded = np.zeros((len(unique), ds.shape[1]), np.uint8)
+        if len(known):
+            recorded[:len(known)] = self._read(names.digest(part), list(known.tolist()))
+        recorded = recorded[back.reshape(-1)]
+        bad = digests.mismatched(rows, recorded)
+        if bad:
+            i = int(ids[bad[0]])
+            where = self.paths()[i] if i < len(self) else "?"
+            raise StoreError(f"{self.path}: {part} of image {i} ({where}) does not match its digest "
+                             f"({len(bad)} of {len(ids)} rows read): the file is damaged; "
+                             f"`spade-faiss verify --deep {self.path}` lists what")
 
     def _check_room(self, b: int) -> None:
         """Refuse a batch the disk or the process's file-size limit cannot hold, before a byte is

@@ -14,12 +14,17 @@ POOL_CHUNK_ROWS = 256
 STRING_CHUNK_ROWS = 1024
 
 
-def write_layout(h5: h5py.File, attrs: dict, levels: dict, pool_dim: int, n: int = 0, checksums: bool = True) -> None:
+DIGEST_BYTES = 32
+
+
+def write_layout(h5: h5py.File, attrs: dict, levels: dict, pool_dim: int, n: int = 0, checksums: bool = True,
+                 digests: bool = True) -> None:
     """The attributes and the (empty, resizable) datasets of a corpus, ``n`` rows long.
 
     ``levels``: per level, ``(stored shape (h, w, c), stored dtype, h5py filter keywords)`` or an
     ``h5py.VirtualLayout`` (a joined corpus: rows live in shard files). ``checksums``: fletcher32
-    on the numeric image datasets (format v2)."""
+    on the numeric image datasets (format v2). ``digests``: the per-image sha256 of each part's
+    stored bytes (``digests/pool``, ``digests/<level>``; ``store/digests.py``)."""
     h5.attrs.update(attrs)
     h5.attrs[names.N_COMMITTED] = n
     check = {"fletcher32": True} if checksums else {}
@@ -39,6 +44,10 @@ def write_layout(h5: h5py.File, attrs: dict, levels: dict, pool_dim: int, n: int
             group.create_dataset(name, (n, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(1, *shape),
                                  **filters)
     h5.create_group(names.INDEX)
+    if digests:
+        for part in (names.POOL_PART, *levels):
+            h5.create_dataset(names.digest(part), (n, DIGEST_BYTES), maxshape=(None, DIGEST_BYTES), dtype=np.uint8,
+                              chunks=(STRING_CHUNK_ROWS, DIGEST_BYTES), **check)
 
 
 def level_specs(representations: dict[str, Representation], feature_shapes: dict) -> dict:

@@ -21,6 +21,8 @@ REPRESENTATIONS = "representations"
 INDEX = "index"
 INDEX_BLOB = "index/faiss"
 PROJECTIONS = "projections"
+DIGESTS = "digests"
+POOL_PART = "pool"  # the pooled vectors' digests are digests/pool, a level's digests/<level>
 
 # --- inside the file: attributes of the root --------------------------------------------------
 FORMAT_VERSION = "format_version"
@@ -46,6 +48,11 @@ HELD_OUT_SUFFIX = ".held_out.txt"
 def level(name: str) -> str:
     """The dataset of level ``name``'s stored rows."""
     return f"{LEVELS}/{name}"
+
+
+def digest(part: str) -> str:
+    """The dataset of the per-image sha256 digests of a part's stored bytes (``POOL_PART`` or a level)."""
+    return f"{DIGESTS}/{part}"
 
 
 def representation(level_name: str, key: str | None = None) -> str:

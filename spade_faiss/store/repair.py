@@ -37,12 +37,15 @@ def rebuild(path: str) -> int:
         specs = {lv: (src[names.level(lv)].shape[1:], src[names.level(lv)].dtype,
                       Representation(storage[lv], 1).filters() if v2 else {}) for lv in levels}
         with h5py.File(tmp, "w") as dst:
-            write_layout(dst, attrs, specs, src[names.POOL].shape[1], n, checksums=v2)
+            digests = names.DIGESTS in src
+            write_layout(dst, attrs, specs, src[names.POOL].shape[1], n, checksums=v2, digests=digests)
             if names.REPRESENTATIONS in src:
                 src.copy(names.REPRESENTATIONS, dst)
-            for name in [names.PATHS, names.SHA256, names.POOL] + [names.level(lv) for lv in levels]:
-                for start in range(0, n, COPY_ROWS):
-                    stop = min(n, start + COPY_ROWS)
+            copied = [names.PATHS, names.SHA256, names.POOL] + [names.level(lv) for lv in levels]
+            copied += [names.digest(p) for p in (names.POOL_PART, *levels)] if digests else []
+            for name in copied:
+                for start in range(0, min(n, src[name].shape[0]), COPY_ROWS):
+                    stop = min(n, start + COPY_ROWS, src[name].shape[0])
                     dst[name][start:stop] = src[name][start:stop]
             index = src[names.INDEX]
             if int(index.attrs.get("ntotal", n + 1)) <= n:  # saved after its rows: still valid
