@@ -147,3 +147,87 @@ def test_an_empty_corpus_read_elsewhere_is_refused_before_anything_is_written(tm
         with pytest.raises(StoreError, match="empty corpus cannot grow"):
             Spade.open(path, "a")
     assert appends.segment_paths(path) == []
+
+
+def _grown_beside(path, train_base, train_more):
+    """A corpus of ``train_base`` and one segment of ``train_more`` appended beside a reader."""
+    with Spade.create(path, **SMALL, k_gallery=4) as first:
+        first.add(train_base)
+    reader = Spade.open(path, k_gallery=4)
+    with Spade.open(path, "a", k_gallery=4) as writer:
+        assert writer.store_.beside
+        writer.add(train_more)
+    reader.close()
+    return appends.segment_paths(path)
+
+
+def test_a_segment_of_another_corpus_is_refused_by_name_never_merged(tmp_path, data):
+    """Issue 36, class 3: a foreign corpus file of the same configuration dropped into
+    ``.appends/`` (its images would become normals for good), a segment of another corpus, one
+    out of sequence and one written for a newer copy of the corpus file are each refused by
+    readers, the merge and verify, naming the file; moving it away restores the corpus."""
+    from spade_faiss.apps.verify import verify
+
+    train, _ = data
+    path = tmp_path / "c.h5"
+    (seg,) = _grown_beside(path, train[:6], train[6:8])
+    other = tmp_path / "other.h5"
+    (foreign_seg,) = _grown_beside(other, train[:6], train[8:12])
+    folder = appends.appends_dir(path)
+    def corpus_of_its_own():
+        with Spade.create(folder / "seg-000002.h5", **SMALL) as own:
+            own.add(train[12:16])
+    cases = {"a corpus file of its own": corpus_of_its_own,
+             "it extends corpus": lambda: os.replace(foreign_seg, folder / "seg-000002.h5"),
+             "out of sequence": lambda: os.link(seg, folder / "seg-000002.h5")}
+    for why, plant in cases.items():
+        plant()
+        planted = str(folder / "seg-000002.h5")
+        with pytest.raises(ValueError, match=f"{planted}: .*{why}.*move it out"):
+            Spade.open(path)
+        with pytest.raises(ValueError, match=why):
+            Spade.open(path, "a")  # the merge refuses it too: nothing merged
+        with FeatureStore.open(path) as base:
+            assert len(base) == 6
+        problems = verify(str(path))
+        assert len(problems) == 1 and planted in problems[0] and why in problems[0], problems
+        os.remove(planted)
+        with Spade.open(path, k_gallery=4) as fine:
+            assert len(fine.store_) == 8
+
+
+def test_a_new_corpus_never_adopts_the_segments_of_a_deleted_one(tmp_path, data):
+    """Issue 36, class 3: a corpus deleted without its ``.appends/``, then created again under
+    the same name: the old segments are set aside (kept, renamed), the new corpus holds its own
+    images only and works."""
+    train, test = data
+    path = tmp_path / "c.h5"
+    _grown_beside(path, train[:6], train[6:10])
+    os.remove(path)
+    with Spade.create(path, **SMALL, k_gallery=4) as again:
+        again.add(train[10:16])
+    set_aside = [p for p in tmp_path.iterdir() if p.name.startswith("c.h5.appends.orphaned-")]
+    assert len(set_aside) == 1 and any(p.name.startswith("seg-") for p in set_aside[0].iterdir())
+    with Spade.open(path, k_gallery=4) as fresh:
+        assert fresh.paths_ == [os.path.abspath(p) for p in train[10:16]]
+        assert np.isfinite(fresh.score(test).maps).all()
+
+
+def test_a_segment_written_for_a_newer_copy_of_the_corpus_is_refused(tmp_path, data):
+    """Issue 36, class 3: the corpus file restored from an older copy (fewer committed images)
+    under its segments: they were written after rows it no longer has, and are refused."""
+    train, _ = data
+    path = tmp_path / "c.h5"
+    with Spade.create(path, **SMALL, k_gallery=4) as first:
+        first.add(train[:4])
+    older = tmp_path / "older.h5"
+    older.write_bytes(path.read_bytes())
+    with Spade.open(path, "a", k_gallery=4) as more:
+        more.add(train[4:8])
+    reader = Spade.open(path, k_gallery=4)
+    with Spade.open(path, "a", k_gallery=4) as writer:
+        writer.add(train[8:10])
+    reader.close()
+    os.replace(older, path)
+    with pytest.raises(ValueError, match="written beside 8 committed images, .* has 4: .*older copy"):
+        Spade.open(path)

@@ -13,6 +13,8 @@ from ..config import FEATURE_KEYS, SpadeConfig
 from ..image_index import ImageIndex
 from ..images import read_bytes, sha256_bytes
 from ..store import FeatureStore
+from ..store.appends import segment_paths
+from ..store.view import segment_problem
 
 BLOCK_ROWS = 4096
 # libhdf5 can loop forever on some damaged object headers (format v1-v2 corpora carry no
@@ -58,6 +60,7 @@ def verify(path, rehash: bool = False, deep: bool = False) -> list[str]:
         problems += _guarded(_check_index, store, n, deep)
         problems += _guarded(_check_pool, store, n)
         problems += _guarded(_check_names, store)
+        problems += _check_segments(store)
         rows = range(n) if deep else (sorted({0, n - 1}) if n else [])
         for lv in store.config.levels:
             for i in rows:
@@ -80,6 +83,21 @@ def _guarded(check, store, *args) -> list[str]:
         return check(store, *args)
     except (ValueError, OSError) as e:
         return [str(e)]
+
+
+def _check_segments(store) -> list[str]:
+    """Each segment beside the corpus that readers would refuse (foreign, out of sequence,
+    stale, unreadable), by name."""
+    problems = []
+    for path in segment_paths(store.path):
+        try:
+            with FeatureStore.open(path) as seg:
+                problem = segment_problem(store, seg)
+        except (ValueError, OSError) as e:
+            problem = f"{path}: unreadable segment ({e})"
+        if problem:
+            problems.append(problem)
+    return problems
 
 
 def _check_names(store) -> list[str]:

@@ -109,6 +109,17 @@ def check_thresholds(record, where: str) -> dict:
     return record
 
 
+def set_aside_orphans(path, stamp: str) -> Path | None:
+    """A segments folder beside a corpus being created belongs to a deleted corpus of that name:
+    rename it out of the way (kept, never adopted); returns its new name, or None."""
+    folder = appends_dir(path)
+    if not folder.is_dir():
+        return None
+    target = names.orphaned(folder, stamp)
+    os.rename(folder, target)
+    return target
+
+
 def clear(path) -> None:
     """Remove the segments and thresholds once merged into the corpus file, then the folder."""
     folder = appends_dir(path)

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import resource
+import uuid
 from pathlib import Path
 
 import h5py
@@ -28,7 +29,7 @@ from ..clock import utc_now
 from ..config import SpadeConfig, feature_mismatch, upgrade_feature_dict
 from ..representations import Representation
 from ..version import __version__
-from . import digests, names
+from . import appends, digests, names
 from .appends import check_thresholds
 from .layout import SHA_DTYPE, level_specs, write_layout, write_representations
 from .repair import rebuild
@@ -110,6 +111,7 @@ class FeatureStore:
         path = str(path)
         shapes = {lv: tuple(int(x) for x in level_shapes[lv]) for lv in config.levels}
         attrs = dict(format_version=FORMAT_VERSION, library_version=__version__, created=utc_now(),
+                     corpus_id=uuid.uuid4().hex,
                      config=json.dumps(config.feature_dict(), sort_keys=True),
                      weights_source=json.dumps(weights_source or {}, sort_keys=True),
                      feature_shapes=json.dumps(shapes, sort_keys=True))
@@ -125,6 +127,10 @@ class FeatureStore:
         # Written whole under a temporary name, then renamed: a crash leaves no half-made corpus.
         for left in names.abandoned_temporaries(path):  # a creation killed before
             os.remove(left)
+        orphans = appends.set_aside_orphans(path, attrs["created"].replace(":", ""))
+        if orphans is not None:
+            log.warning("%s: a segments folder of a deleted corpus of that name was beside it; set aside as %s "
+                        "(never adopted)", path, orphans)
         tmp = names.temporary(path)
         with h5py.File(tmp, "w") as h5:
             write_layout(h5, attrs, specs, pool_dim)
@@ -167,6 +173,25 @@ class FeatureStore:
         if mode == "a":
             store._mark_writer()
         return store
+
+    @property
+    def corpus_id(self) -> str | None:
+        """The id written at creation (None: a corpus made before 0.3.1)."""
+        value = self.h5.attrs.get(names.CORPUS_ID)
+        return None if value is None else str(value)
+
+    def segment_identity(self) -> dict:
+        """What a segment records of the corpus it extends (empty for a corpus file)."""
+        a = self.h5.attrs
+        return {k: (str(a[k]) if k == names.SEGMENT_OF else int(a[k]))
+                for k in (names.SEGMENT_OF, names.SEGMENT_NUMBER, names.BASE_ROWS) if k in a}
+
+    def mark_segment(self, of: str | None, number: int, base_rows: int) -> None:
+        """Record that this file is segment ``number`` of corpus ``of`` (written when it had ``base_rows``)."""
+        if of is not None:
+            self.h5.attrs[names.SEGMENT_OF] = of
+        self.h5.attrs[names.SEGMENT_NUMBER] = number
+        self.h5.attrs[names.BASE_ROWS] = base_rows
 
     @property
     def last_writer_died(self) -> bool:

@@ -35,6 +35,10 @@ N_COMMITTED = "n_committed"
 WRITER = "writer"
 THRESHOLDS = "thresholds"
 LEAVE_ONE_OUT_THETA = "leave_one_out_theta"
+CORPUS_ID = "corpus_id"  # a random id written at creation (a segment has its own too)
+SEGMENT_OF = "segment_of"  # a segment's: the corpus_id of the corpus it extends
+SEGMENT_NUMBER = "segment_number"  # a segment's: its number in that corpus's sequence
+BASE_ROWS = "base_rows"  # a segment's: the corpus file's committed rows when it was written
 
 # --- beside the file --------------------------------------------------------------------------
 APPENDS_SUFFIX = ".appends"
@@ -43,6 +47,7 @@ WRITER_LOCK = ".writer.lock"
 SEGMENT = re.compile(r"^seg-(\d{6})\.h5$")
 SIDECAR_SUFFIX = ".faiss"
 HELD_OUT_SUFFIX = ".held_out.txt"
+ORPHANED = ".orphaned-"  # a segments folder found beside a new corpus (its own was deleted) is renamed so
 
 
 def level(name: str) -> str:
@@ -86,6 +91,17 @@ def appends_dir(corpus_path) -> Path:
 
 def segment_name(number: int) -> str:
     return f"seg-{number:06d}.h5"
+
+
+def segment_number(path) -> int | None:
+    """The number in a segment's file name (None: not a segment's name)."""
+    m = SEGMENT.match(os.path.basename(str(path)))
+    return int(m.group(1)) if m else None
+
+
+def orphaned(folder: Path, stamp: str) -> Path:
+    """Where a segments folder that belongs to no corpus is set aside."""
+    return folder.with_name(folder.name + ORPHANED + stamp)
 
 
 def temporary(path) -> str:

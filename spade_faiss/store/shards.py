@@ -4,6 +4,7 @@ levels are HDF5 virtual datasets pointing into the shards."""
 from __future__ import annotations
 
 import os
+import uuid
 
 import h5py
 import numpy as np
@@ -32,6 +33,7 @@ def join_shards(shards: list[str], out: str) -> int:
         base = os.path.dirname(os.path.abspath(out))
         attrs = {k: v for k, v in first.h5.attrs.items() if k not in (names.N_COMMITTED, names.THRESHOLDS)}
         attrs["shards"] = [os.path.relpath(p, base) for p in shards]
+        attrs[names.CORPUS_ID] = uuid.uuid4().hex  # a corpus of its own, not its first shard
         layouts = {lv: _virtual_layout(stores, keep, lv, base) for lv in first.config.levels}
         with h5py.File(out, "w") as h:
             write_layout(h, attrs, layouts, first.pool_dim, n)

@@ -124,14 +124,10 @@ class CorpusView:
         return np.concatenate(new) if new else np.empty((0, self.base.pool_dim), np.float32)
 
     def _check_segment(self, seg: FeatureStore) -> None:
-        if seg.config.feature_dict() != self.base.config.feature_dict():
+        problem = segment_problem(self.base, seg)
+        if problem:
             seg.close()
-            raise StoreError(f"{seg.path}: built with another configuration than {self.base.path}")
-        for lv, rep in self.base.representations.items():
-            theirs = seg.representations[lv].state or {}
-            if any(not np.array_equal(v, theirs.get(k)) for k, v in (rep.state or {}).items()):
-                seg.close()
-                raise StoreError(f"{seg.path}: its {lv} representation is fitted differently from {self.base.path}'s")
+            raise StoreError(problem)
 
     def thresholds_unread(self) -> None:
         """The thresholds file changed but could not be read: ask again at the next call."""
@@ -223,6 +219,7 @@ class CorpusView:
         seg = FeatureStore.create(tmp, self.base.config, self.base.feature_shapes, self.base.pool_dim,
                                   weights_source=self.base.weights_source())
         try:
+            seg.mark_segment(self.base.corpus_id, names.segment_number(final), len(self.base))
             seg.adopt_representations(self.base)
             seg.append(paths, sha256s, feats, encoded)
         finally:
@@ -245,6 +242,35 @@ class CorpusView:
             self.lock.release()
 
 
+def segment_problem(base: FeatureStore, seg: FeatureStore) -> str | None:
+    """Why ``seg`` cannot be read as a segment of corpus ``base`` (None: it can): it extends
+    another corpus (or is a corpus file of its own), its recorded number is not its name's,
+    it was written for more rows than the corpus file has (the file was replaced by an older
+    copy), or its configuration or fitted representations differ. Corpora made before 0.3.1
+    have no id: their segments are checked for the configuration only."""
+    away = f"; move it out of {os.path.dirname(seg.path)} to use the corpus without it"
+    ident = seg.segment_identity()
+    if base.corpus_id is not None:
+        of = ident.get(names.SEGMENT_OF)
+        if of != base.corpus_id:
+            what = f"it extends corpus {of}" if of else "it is a corpus file of its own"
+            return f"{seg.path}: not a segment of {base.path} ({what}; this corpus is {base.corpus_id}){away}"
+        number = names.segment_number(seg.path)
+        if ident.get(names.SEGMENT_NUMBER) != number:
+            return (f"{seg.path}: out of sequence (it was written as segment {ident.get(names.SEGMENT_NUMBER)}, "
+                    f"it is named {number}){away}")
+        if ident.get(names.BASE_ROWS, 0) > len(base):
+            return (f"{seg.path}: written beside {ident[names.BASE_ROWS]} committed images, {base.path} has "
+                    f"{len(base)}: the corpus file was replaced by an older copy{away}")
+    if seg.config.feature_dict() != base.config.feature_dict():
+        return f"{seg.path}: built with another configuration than {base.path}{away}"
+    for lv, rep in base.representations.items():
+        theirs = seg.representations[lv].state or {}
+        if any(not np.array_equal(v, theirs.get(k)) for k, v in (rep.state or {}).items()):
+            return f"{seg.path}: its {lv} representation is fitted differently from {base.path}'s{away}"
+    return None
+
+
 def merge_segments(base: FeatureStore) -> int:
     """Move the segments beside ``base`` (opened for appending, so nobody reads it) into it:
     new rows copied as stored, in segment order; returns how many images were added."""
@@ -252,6 +278,11 @@ def merge_segments(base: FeatureStore) -> int:
     beside = appends.read_thresholds(base.path)
     if not seg_paths and beside is None:
         return 0
+    for path in seg_paths:  # every segment checked before any is merged: a refused one stops the whole merge
+        with FeatureStore.open(path) as seg:
+            problem = segment_problem(base, seg)
+        if problem:
+            raise StoreError(problem)
     known, added = set(base.sha256s()), 0
     for path in seg_paths:
         with FeatureStore.open(path) as seg:
