@@ -3,6 +3,7 @@ and stage 2 over it equals brute force over its *decoded* features: bit for bit 
 space (exact.py's distance), and to float rounding in feature space (the isometry it claims)."""
 
 import os
+
 import h5py
 import numpy as np
 import pytest
