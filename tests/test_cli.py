@@ -314,3 +314,39 @@ def test_serve_refuses_a_busy_port_before_any_model_loads(tmp_path, capsys):
         assert cli.main(["serve", str(tmp_path / "no-such-corpus.h5"), "--port", str(port)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"cannot listen on 127.0.0.1:{port}" in err[0], err
+
+
+def test_score_lists_defect_regions_of_the_maps_at_theta(tmp_path, dataset, corpus, capsys):
+    """Issue 38: with a pixel threshold, each image's regions (connected components of its map at
+    the image's resolution above theta) are rows of regions.csv, counted in scores.csv and boxed
+    on the overlays; they equal find_regions on the stored map; a resumed run lists them once."""
+    from spade_faiss.images import load_image
+    from spade_faiss.regions import find_regions
+    from spade_faiss.scoring import map_to_original
+
+    out = tmp_path / "run"
+    code, _, _ = run(capsys, "score", corpus, dataset, "--out", out, *RUN, "--k-gallery", "5")
+    with h5py.File(out / "maps.h5") as h:
+        maps = h["maps"][:]
+    theta = float(np.quantile(maps, 0.97))
+    out = tmp_path / "regions"
+    code, _, _ = run(capsys, "score", corpus, dataset, "--out", out, *RUN, "--k-gallery", "5", "--theta", theta)
+    assert code == 0
+    rows, regions = read_rows(out / "scores.csv"), read_rows(out / "regions.csv")
+    resize = 72  # FEAT
+    with h5py.File(out / "maps.h5") as h:
+        for i, row in enumerate(rows):
+            size = load_image(row["image_path"]).size
+            want = find_regions(map_to_original(h["maps"][i], size, resize), theta)
+            got = [r for r in regions if r["image_path"] == row["image_path"]]
+            assert [int(r["region"]) for r in got] == list(range(len(want)))
+            assert [(int(r["x0"]), int(r["y0"]), int(r["x1"]), int(r["y1"]), int(r["area"])) for r in got] == \
+                [(g.x0, g.y0, g.x1, g.y1, g.area) for g in want]
+            assert int(row["regions"]) == len(want) and int(row["largest_region"]) == max((g.area for g in want),
+                                                                                          default=0)
+    assert sum(int(r["regions"]) for r in rows) == len(regions) > 0
+    # A crash after the regions of the last image, before its score row: resumed, listed once.
+    lines = (out / "scores.csv").read_text().splitlines(keepends=True)
+    (out / "scores.csv").write_text("".join(lines[:-1]))
+    code, _, _ = run(capsys, "score", corpus, dataset, "--out", out, *RUN, "--k-gallery", "5", "--theta", theta)
+    assert code == 0 and read_rows(out / "regions.csv") == regions and read_rows(out / "scores.csv") == rows

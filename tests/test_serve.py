@@ -452,6 +452,17 @@ def test_a_served_corpus_grows_while_it_answers_and_every_answer_is_its_state_s(
             info["corpus_state"]["thresholds"]["tau"]
         assert "is_anomalous" in json.loads(request(server.url + "/v1/score", body)[1])
         assert metric(server.metrics(), "spade_corpus_images") == 26.0
+        # Calibrated: a map answer lists its defect regions at theta, in the image's pixels (issue 38).
+        from spade_faiss.images import load_image
+        from spade_faiss.regions import find_regions
+        from spade_faiss.scoring import map_to_original
+
+        out = json.loads(request(server.url + "/v1/score?map=true&raw=true", body)[1])
+        with Spade.open(store) as local:
+            resize = local.resize
+        want = find_regions(map_to_original(decoded_map(out), load_image(probe).size, resize),
+                            info["thresholds"]["theta"])
+        assert out["regions"] == [g.as_dict() for g in want]
     finally:
         server.stop()
     states = sorted({a["corpus"]["generation"] for a in answers})

@@ -24,6 +24,7 @@ MIN_SIDE = 320
 MAX_SIDE = 2048
 BAR_WIDTH = 56
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+BOX = (0, 255, 0)  # defect regions' boxes (RGB green)
 
 
 def colour_scale(spade) -> float:
@@ -62,9 +63,10 @@ def map_png(amap: np.ndarray, hi: float) -> bytes:
 
 
 def overlay(rgb: np.ndarray, amap: np.ndarray, hi: float, theta: float | None = None,
-            caption: list[str] | None = None, alpha: float = 0.5) -> np.ndarray:
+            caption: list[str] | None = None, alpha: float = 0.5, boxes: list | None = None) -> np.ndarray:
     """The image with its map as a colour layer, the contour of ``map > theta``, a colour bar
-    (0 to ``hi``, theta marked) and a caption band.
+    (0 to ``hi``, theta marked) and a caption band; ``boxes``: defect regions' boxes
+    ``(x0, y0, x1, y1)`` in the image's pixels (x1, y1 exclusive), drawn as rectangles.
 
     ``amap`` has the image's size; NaN marks pixels the model never saw (outside the centre
     crop): they keep their original colours. Small images are enlarged (whole factors, at least
@@ -86,6 +88,11 @@ def overlay(rgb: np.ndarray, amap: np.ndarray, hi: float, theta: float | None = 
         above = (amap > theta).view(np.uint8)  # False where NaN
         contours, _ = cv2.findContours(above, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(out, contours, -1, WHITE, max(1, min(out.shape[:2]) // 200))
+    for x0, y0, x1, y1 in boxes or ():
+        scale_x, scale_y = out.shape[1] / w, out.shape[0] / h
+        cv2.rectangle(out, (int(x0 * scale_x), int(y0 * scale_y)),
+                      (max(0, math.ceil(x1 * scale_x) - 1), max(0, math.ceil(y1 * scale_y) - 1)), BOX,
+                      max(1, min(out.shape[:2]) // 150))
     out = np.concatenate([out, colour_bar(out.shape[0], hi, theta)], axis=1)
     return np.concatenate([caption_band(caption or [], out.shape[1]), out], axis=0)
 

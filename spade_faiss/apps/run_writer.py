@@ -16,11 +16,14 @@ import h5py
 import numpy as np
 
 from ..images import printable
+from ..regions import FIELDS, find_regions
 from ..results import ScoredImage
 from ..scoring import map_to_original
 from . import pictures
 
-SCORE_FIELDS = ["image_path", "score", "is_anomalous", "map_max", "folder", "overlay", "neighbour_paths"]
+SCORE_FIELDS = ["image_path", "score", "is_anomalous", "map_max", "regions", "largest_region", "folder", "overlay",
+                "neighbour_paths"]
+REGION_FIELDS = ["image_path", "region", *FIELDS]
 ERROR_FIELDS = ["image_path", "reason"]
 
 
@@ -53,6 +56,7 @@ class RunWriter:
         sfx = self.suffix = shard_suffix(shard_index, num_shards)
         self.scores_path, self.errors_path, self.maps_path = (self.run.scores_csv(sfx), self.run.errors_csv(sfx),
                                                               self.run.maps_h5(sfx))
+        self.regions_path = self.run.regions_csv(sfx)
         self.crop, self.resize = crop, resize
         self.colour_max, self.theta = colour_max, theta
         # Resume knows everything done in this run directory, by any shard.
@@ -63,6 +67,7 @@ class RunWriter:
         self.overlays_taken = {r["overlay"]: r["image_path"] for r in done if r.get("overlay")}
         self.n_maps = len(read_rows(self.scores_path))
         self._drop_leftover_maps()
+        self._drop_leftover_regions()
 
     def _drop_leftover_maps(self) -> None:
         """Map rows past the CSV are a crash's leftovers: cut them now, so that the run's files
@@ -74,6 +79,17 @@ class RunWriter:
                     [d for g in ("correspondences", "level_scores") if g in h for d in h[g].values()]:
                 if ds.shape[0] > self.n_maps:
                     ds.resize(self.n_maps, axis=0)
+
+    def _drop_leftover_regions(self) -> None:
+        """Region rows of images without a score row are a crash's leftovers (written before
+        it): cut them, so that a resumed image's regions are listed once."""
+        rows = read_rows(self.regions_path)
+        kept = [r for r in rows if r["image_path"] in self.done]
+        if len(kept) != len(rows):
+            tmp = self.regions_path.with_suffix(".tmp")
+            tmp.unlink(missing_ok=True)
+            _append_csv(tmp, REGION_FIELDS, kept) if kept else tmp.write_text(",".join(REGION_FIELDS) + "\n")
+            os.replace(tmp, self.regions_path)
 
     def is_done(self, path: str) -> bool:
         """Scored already (a row in scores.csv). Inputs that failed before are tried again: a
@@ -87,7 +103,12 @@ class RunWriter:
         ok = [r for r in results if r.error is None]
         if not ok:
             return
-        rows = [score_row(r, self._overlay_name(r)) for r in ok]
+        originals = {id(r): map_to_original(r.map, r.image.size, self.resize) for r in ok
+                     if r.map is not None and r.image is not None and (self.theta is not None or
+                                                                      self.overlay_dir is not None)}
+        found = {id(r): find_regions(originals[id(r)], self.theta) for r in ok
+                 if self.theta is not None and id(r) in originals}
+        rows = [score_row(r, self._overlay_name(r), found.get(id(r))) for r in ok]
         maps = np.stack([r.map if r.map is not None else np.zeros((self.crop, self.crop), np.float32) for r in ok])
         with h5py.File(self.maps_path, "a") as h:
             if "maps" not in h:
@@ -102,7 +123,10 @@ class RunWriter:
         self.n_maps += len(ok)
         for r, row in zip(ok, rows):
             if row["overlay"]:
-                self._write_overlay(r, self.dir / row["overlay"])
+                self._write_overlay(r, originals[id(r)], found.get(id(r), []), self.dir / row["overlay"])
+        _append_csv(self.regions_path, REGION_FIELDS,
+                    [{"image_path": r.path, "region": k, **g.as_dict()} for r in ok for k, g in
+                     enumerate(found.get(id(r), []))])
         _append_csv(self.scores_path, SCORE_FIELDS, rows)
         self.done.update(r.path for r in ok)
 
@@ -117,13 +141,14 @@ class RunWriter:
         self.overlays_taken[name + ".png"] = r.path
         return name + ".png"
 
-    def _write_overlay(self, r: ScoredImage, path: Path) -> None:
+    def _write_overlay(self, r: ScoredImage, amap: np.ndarray, regions: list, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         verdict = {None: "not calibrated", True: "ANOMALOUS", False: "normal"}[r.is_anomalous]
         caption = [f"{folder_of(r.path)}/{Path(r.path).name}",
-                   f"score {r.score:.4g}  {verdict}  map max {r.map_max:.4g}"]
-        amap = map_to_original(r.map, r.image.size, self.resize)
-        pictures.save_png(path, pictures.overlay(r.image.rgb, amap, self.colour_max, self.theta, caption))
+                   f"score {r.score:.4g}  {verdict}  map max {r.map_max:.4g}" +
+                   (f"  regions {len(regions)}" if self.theta is not None else "")]
+        boxes = [(g.x0, g.y0, g.x1, g.y1) for g in regions]
+        pictures.save_png(path, pictures.overlay(r.image.rgb, amap, self.colour_max, self.theta, caption, boxes=boxes))
 
     def _write_errors(self, errors: list[tuple[str, str]]) -> None:
         fresh = []
@@ -162,11 +187,14 @@ def folder_of(path: str) -> str:
     return Path(path).parent.name
 
 
-def score_row(r: ScoredImage, overlay: str = "") -> dict:
+def score_row(r: ScoredImage, overlay: str = "", regions: list | None = None) -> dict:
+    """``regions``: the image's defect regions (None: none found, no map or no threshold)."""
     return {"image_path": r.path, "score": f"{r.score:.6g}",
             "is_anomalous": "" if r.is_anomalous is None else int(r.is_anomalous),
-            "map_max": "" if r.map is None else f"{r.map_max:.6g}", "folder": folder_of(r.path), "overlay": overlay,
-            "neighbour_paths": ";".join(r.neighbour_paths)}
+            "map_max": "" if r.map is None else f"{r.map_max:.6g}",
+            "regions": "" if regions is None else len(regions),
+            "largest_region": "" if regions is None else max((g.area for g in regions), default=0),
+            "folder": folder_of(r.path), "overlay": overlay, "neighbour_paths": ";".join(r.neighbour_paths)}
 
 
 def _append_csv(path, fields, rows) -> None:
@@ -174,8 +202,11 @@ def _append_csv(path, fields, rows) -> None:
     if not rows:
         return
     new = not os.path.isfile(path) or os.path.getsize(path) == 0
+    if not new:  # a run resumed from an older version keeps its columns (new ones left out)
+        with open(path, newline="", encoding="utf-8") as f:
+            fields = next(csv.reader(f), None) or fields
     with open(path, "a", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             w.writeheader()
         w.writerows(rows)

@@ -52,6 +52,9 @@ class RunDir:
     def maps_h5(self, suffix: str = "") -> Path:
         return self.path / f"maps{suffix}.h5"
 
+    def regions_csv(self, suffix: str = "") -> Path:
+        return self.path / f"regions{suffix}.csv"
+
     def plot(self, name: str) -> Path:
         return self.path / f"{name}.png"
 
@@ -67,6 +70,11 @@ class RunDir:
         """Every score row, all shards, sorted by path."""
         rows = [r for p in sorted(self.path.glob("scores*.csv")) for r in read_rows(p)]
         return sorted(rows, key=lambda r: r["image_path"])
+
+    def region_rows(self) -> list[dict]:
+        """Every defect region, all shards, by image path then region number."""
+        rows = [r for p in sorted(self.path.glob("regions*.csv")) for r in read_rows(p)]
+        return sorted(rows, key=lambda r: (r["image_path"], int(r["region"])))
 
     def error_rows(self) -> list[dict]:
         """Every skipped input, all shards (inputs scored since, after a repair, left out)."""
@@ -108,7 +116,7 @@ class RunDir:
 
     def clear(self) -> None:
         """Delete every result of the run (the directory and any foreign file stay)."""
-        for pattern in ("scores*.csv", "errors*.csv", "maps*.h5"):
+        for pattern in ("scores*.csv", "errors*.csv", "regions*.csv", "maps*.h5"):
             for p in self.path.glob(pattern):
                 p.unlink()
         for p in [self.manifest_path, self.report, self.metrics, self.table] + [self.plot(n) for n in self.PLOTS]:

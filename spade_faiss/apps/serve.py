@@ -28,6 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import images as imglib
 from ..config import SERVICE_DEFAULTS, Maps, check_values
 from ..detector import Spade
+from ..regions import find_regions
+from ..scoring import map_to_original
 from . import pictures
 from .http import DEADLINE_HEADER, Guard, error, header_seconds, read_image, wait_for
 from .scheduler import Busy, Job
@@ -181,12 +183,17 @@ async def _score(c: ServedCorpus, request: Request, map: str, raw: bool, timeout
         result, map_status = job.future.result()
     except Exception as e:
         return error(500, f"scoring failed: {type(e).__name__}")
+    if result.error is not None:  # its gallery cannot be read: the corpus is damaged (named)
+        return error(500, result.error)
     out = {"score": result.score, "neighbours": result.neighbour_paths, "map": map_status, "corpus": job.corpus}
     if result.is_anomalous is not None:
         out["is_anomalous"] = result.is_anomalous
     if result.map is not None:
         out["map_max"] = result.map_max
         out["map_png"] = base64.b64encode(pictures.map_png(result.map, c.state.scale)).decode()
+        if spade.theta_ is not None and result.image is not None:  # defect regions, in the image's pixels
+            found = find_regions(map_to_original(result.map, result.image.size, spade.resize), spade.theta_)
+            out["regions"] = [g.as_dict() for g in found]
         if raw:  # the map itself: float32, little-endian, crop x crop, row-major
             out["map_shape"] = list(result.map.shape)
             out["map_f32"] = base64.b64encode(result.map.astype("<f4").tobytes()).decode()
