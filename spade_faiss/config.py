@@ -146,9 +146,10 @@ class Param:
     recorded in the corpus), ``scoring`` (how a query is answered) or ``option`` (how the work is
     done): these four are ``Spade``'s parameters. ``calibration`` (the thresholds' false-positive
     rate) and ``service`` (the HTTP service's address and limits) are arguments of commands and
-    functions, not of ``Spade``. ``cli``: the option group on the command line, or None for Python
-    only. ``choices`` also go to the command line; ``cli_type`` converts its text; ``option``: the
-    command line's spelling when it is not ``--name`` with dashes.
+    functions, not of ``Spade``; so is ``input`` (which frames of a video are items). ``cli``: the
+    option group on the command line, or None for Python only. ``choices`` also go to the command
+    line; ``cli_type`` converts its text; ``option``: the command line's spelling when it is not
+    ``--name`` with dashes.
     """
 
     name: str
@@ -251,6 +252,13 @@ PARAMETERS: tuple[Param, ...] = (
     Param("fpr", 0.01, "calibration", lambda n, v: check_number(n, v, 0.0, 1.0, low_open=True),
           "false-positive rate of the calibrated thresholds on held-out normal images and their pixels",
           "calibration", cli_type=float),
+    # --- inputs: which frames of a video are items (index, calibrate, score; datasets.discover) ---
+    Param("frame_stride", 1, "input", lambda n, v: check_int(n, v, 1),
+          "of a video, every N-th frame is an item (the paper's STC protocol: 5)", "input", cli_type=int),
+    Param("start_s", 0.0, "input", lambda n, v: check_number(n, v, 0.0, 1e7),
+          "of a video, frames from this time (seconds)", "input", cli_type=float),
+    Param("end_s", None, "input", _optional(lambda n, v: check_number(n, v, 0.0, 1e7, low_open=True)),
+          "of a video, frames before this time (seconds; default: to the end)", "input", cli_type=_float_or_none),
     # --- the service (`serve` options and `create_app` arguments) ---
     Param("host", "127.0.0.1", "service", lambda n, v: _check_text(n, v),
           "interface to bind (loopback only by default)", "service"),

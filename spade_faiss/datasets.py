@@ -9,6 +9,8 @@ import logging
 import os
 from pathlib import Path
 
+from .video import VIDEO_SUFFIXES, Sampling, VideoError, is_video_name, list_frames
+
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MASK_FOLDER = "ground_truth"
@@ -34,8 +36,9 @@ def is_mask_name(name: str) -> bool:
     return is_image_name(name) and Path(name).stem.lower().endswith(MASK_SUFFIX)
 
 
-def list_folder(root: str | os.PathLike) -> list[str]:
-    """Images under ``root``, recursive, case-insensitive suffixes, hidden entries skipped, sorted."""
+def list_folder(root: str | os.PathLike, videos: bool = False) -> list[str]:
+    """Images (and, with ``videos``, video files) under ``root``, recursive, case-insensitive
+    suffixes, hidden entries skipped, sorted."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such folder")
@@ -52,7 +55,8 @@ def list_folder(root: str | os.PathLike) -> list[str]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in sorted(filenames):
             path = os.path.join(dirpath, f)
-            if is_image_name(f) and os.path.realpath(path) not in seen_files:
+            wanted = is_image_name(f) or (videos and is_video_name(f))
+            if wanted and os.path.realpath(path) not in seen_files:
                 seen_files.add(os.path.realpath(path))  # each file once, whatever links lead to it
                 found.append(path)
     return sorted(found)
@@ -87,11 +91,11 @@ def mvtec_categories(root: str | os.PathLike) -> dict[str, Path]:
 
 
 def source_kind(src: str | os.PathLike) -> str:
-    """``image`` (one image file), ``list``, ``category`` (MVTec), ``dataset`` (a root of MVTec
-    categories) or ``folder``."""
+    """``image`` (one image file), ``video`` (one video file), ``list``, ``category`` (MVTec),
+    ``dataset`` (a root of MVTec categories) or ``folder``."""
     src = Path(src)
     if src.is_file():
-        return "image" if src.suffix.lower() in IMAGE_SUFFIXES else "list"
+        return "image" if src.suffix.lower() in IMAGE_SUFFIXES else "video" if is_video_name(src.name) else "list"
     if is_mvtec_category(src):
         return "category"
     if mvtec_categories(src):
@@ -99,9 +103,11 @@ def source_kind(src: str | os.PathLike) -> str:
     return "folder"
 
 
-def discover(src: str | os.PathLike, split: str = "train") -> list[Sample]:
-    """Samples of ``src``: one image file, a list file, an MVTec category (``split`` ``train``: ``train/good``;
-    ``test``: ``test/*`` with masks), or a folder of images.
+def discover(src: str | os.PathLike, split: str = "train", sampling: Sampling | None = None) -> list[Sample]:
+    """Samples of ``src``: one image file, one video file, a list file (of images and videos),
+    an MVTec category (``split`` ``train``: ``train/good``; ``test``: ``test/*`` with masks), or a
+    folder of images and videos. A video contributes its frames sampled by ``sampling`` (every
+    frame by default), each a sample whose path is a frame reference (``video.py``).
 
     A dataset root holding several MVTec categories is refused (one corpus per category), and
     so is a folder tree that holds ground-truth masks (``ground_truth/`` or ``*_mask.*``): masks
@@ -119,19 +125,34 @@ def discover(src: str | os.PathLike, split: str = "train") -> list[Sample]:
         names = list(mvtec_categories(src))
         raise ValueError(f"{src} is an MVTec dataset root with categories {names}: give one category "
                          f"(e.g. {src / names[0]}), or run `spade-faiss evaluate {src}` for all of them")
+    sampling = sampling or Sampling()
     if kind == "image":
         samples = [Sample(str(src))]
+    elif kind == "video":
+        samples = [Sample(f.path) for f in list_frames(str(src), sampling)]
     elif kind == "list":
-        samples = [Sample(p) for p in list_file(src)]
+        samples = [s for p in list_file(src) for s in _expand(p, sampling)]
     elif kind == "category":
         samples = mvtec_split(src, split)
     else:
-        paths = list_folder(src)
-        _refuse_masks(src, paths)
-        samples = [Sample(p) for p in paths]
+        paths = list_folder(src, videos=True)
+        _refuse_masks(src, [p for p in paths if not is_video_name(p)])
+        samples = [s for p in paths for s in _expand(p, sampling)]
     if not samples:
-        raise ValueError(f"{src}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise ValueError(f"{src}: no images found (looked for {', '.join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)})")
     return samples
+
+
+def _expand(path: str, sampling: Sampling) -> list[Sample]:
+    """One listed path as samples: an image, or a video's sampled frames (a video that cannot be
+    read is one sample, refused by name when it is decoded, like a broken image)."""
+    if not is_video_name(path):
+        return [Sample(path)]
+    try:
+        return [Sample(f.path) for f in list_frames(path, sampling)]
+    except (VideoError, FileNotFoundError) as e:
+        log.warning("%s", e)
+        return [Sample(path)]
 
 
 def hold_out(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:

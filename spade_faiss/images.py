@@ -14,6 +14,7 @@ import stat
 import cv2
 import numpy as np
 
+from . import video
 from .config import DEFAULTS
 
 MAX_FILE_BYTES = 1 << 30  # an image file larger than this is refused before it is read
@@ -174,9 +175,24 @@ def printable(path: str) -> str:
 
 
 def load_image(path: str | os.PathLike) -> LoadedImage:
-    """Read, hash and decode one file (the bytes are read once for both)."""
-    data = read_bytes(path)
-    return LoadedImage(str(path), sha256_bytes(data), decode(data, str(path)))
+    """Read, hash and decode one file (the bytes are read once for both), or one frame of a
+    video (a frame reference, ``video.py``: hashed over its decoded pixels)."""
+    ref = video.parse_ref(str(path))
+    if ref is None:
+        data = read_bytes(path)
+        return LoadedImage(str(path), sha256_bytes(data), decode(data, str(path)))
+    try:
+        rgb = video.read_frame(ref)
+    except video.VideoError as e:
+        raise ImageError(str(e)) from None
+    if rgb.shape[0] * rgb.shape[1] > MAX_PIXELS:
+        raise ImageError(f"{path}: {rgb.shape[1]}x{rgb.shape[0]} exceeds {MAX_PIXELS} pixels")
+    return LoadedImage(str(path), sha256_bytes(rgb.tobytes()), rgb)
+
+
+def content_sha256(path: str) -> str:
+    """The content hash :func:`load_image` gives ``path`` (a file's bytes, a frame's pixels)."""
+    return load_image(path).sha256 if video.parse_ref(path) else sha256_bytes(read_bytes(path))
 
 
 def resize_crop(img: np.ndarray, resize: int, crop: int, interpolation: int) -> np.ndarray:

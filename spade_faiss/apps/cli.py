@@ -63,6 +63,10 @@ def add_params(group, names, defaults: bool = True, note: str = ""):
         group.add_argument(p.flag, **kw)
 
 
+def _input_args(p):
+    add_params(p.add_argument_group("video inputs (which frames are items)"), ("frame_stride", "start_s", "end_s"))
+
+
 def _feature_args(p):
     # No parser defaults: a new corpus gets the library's, an existing one keeps its own.
     g = p.add_argument_group("features (fixed for a corpus; an existing corpus keeps its own)")
@@ -139,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("index", "index normal images into a corpus file (appends only images not yet in it)",
-                _feature_args, _index_args, _run_args, _backend_args)
-    p.add_argument("src", help="a folder, a text file of paths, or an MVTec category (indexes train/good)")
+                _feature_args, _index_args, _run_args, _backend_args, _input_args)
+    p.add_argument("src", help="a folder (images and videos), a text file of paths, a video file, or an MVTec "
+                               "category (indexes train/good)")
     p.add_argument("--out", required=True, help="corpus file, e.g. indexes/NAME.h5 (created or appended to)")
     p.add_argument("--hold-out", type=float, default=0.0, metavar="FRACTION",
                    help="set aside about this fraction of the normals (a seeded choice per image, stable as the "
@@ -153,16 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_params(p.add_argument_group("seed"), ("seed",))
 
     p = command("calibrate", "set image/pixel thresholds from held-out normal images (not in the corpus)",
-                _model_args, _scoring_args, _run_args)
+                _model_args, _scoring_args, _run_args, _input_args)
     p.add_argument("store", help="corpus file")
-    p.add_argument("src", help="held-out normal images: a folder, a list file, or an MVTec category "
+    p.add_argument("src", help="held-out normal images: a folder, a list file, a video, or an MVTec category "
                                "(train/good; its images must not be indexed)")
     add_params(p, ("fpr",))
 
     p = command("score", "score images against a corpus into a run directory (resumable)",
-                _model_args, _scoring_args, _run_args, _backend_args)
+                _model_args, _scoring_args, _run_args, _backend_args, _input_args)
     p.add_argument("store", help="corpus file")
-    p.add_argument("src", help="a folder, a text file of paths, or an MVTec category (scores test/)")
+    p.add_argument("src", help="a folder (images and videos), a text file of paths, a video file, or an MVTec "
+                               "category (scores test/)")
     p.add_argument("--out", required=True, help="run directory: run.json, scores.csv, maps.h5, overlays/, "
                                                 "report.html")
     p.add_argument("--maps", default="all", choices=["all", "none", "auto"],

@@ -15,6 +15,7 @@ from ..clock import utc_now
 from ..config import PARAMS, SERVICE_DEFAULTS, Maps, check_values
 from ..detector import Spade, describe, held_out_list
 from ..metrics import check_fpr
+from ..video import Sampling
 from .progress import Progress
 
 EXIT_ERROR = 1
@@ -45,11 +46,16 @@ def describe_source(src, split: str, samples) -> None:
               file=sys.stderr)
 
 
+def sampling(args) -> Sampling:
+    """Which frames of a video source are items (the ``input`` options)."""
+    return Sampling(args.frame_stride, args.start_s, args.end_s)
+
+
 def cmd_index(args) -> int:
     if not 0.0 <= args.hold_out < 1.0:
         raise ValueError(f"--hold-out {args.hold_out}: expected a fraction in [0, 1)")
     check_fpr(args.fpr)
-    samples = datasets.discover(args.src, split="train")
+    samples = datasets.discover(args.src, split="train", sampling=sampling(args))
     describe_source(args.src, "train", samples)
     held = []
     if args.hold_out:
@@ -133,7 +139,7 @@ def cmd_info(args) -> int:
 
 def cmd_calibrate(args) -> int:
     check_fpr(args.fpr)  # before the model loads
-    samples = datasets.discover(args.src, split="train")
+    samples = datasets.discover(args.src, split="train", sampling=sampling(args))
     describe_source(args.src, "train", samples)
     return _calibrate(args.store, samples, args.fpr, spade_params(args))
 
@@ -160,7 +166,7 @@ def cmd_score(args) -> int:
 
     if not 0 <= args.shard_index < args.num_shards:
         raise ValueError(f"--shard-index {args.shard_index}: expected 0 <= i < --num-shards {args.num_shards}")
-    samples = datasets.discover(args.src, split="test")
+    samples = datasets.discover(args.src, split="test", sampling=sampling(args))
     describe_source(args.src, "test", samples)
     samples = samples[args.shard_index::args.num_shards]
     run = RunDir(args.out)

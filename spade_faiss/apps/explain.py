@@ -14,6 +14,7 @@ import numpy as np
 from ..images import ImageError, crop_view, load_image
 from ..results import ScoredImage
 from . import pictures
+from .run_writer import folder_of, picture_stem
 
 PATCH_PX = 96
 TEXT_PX = 360  # room right of the patches, so that the caption lines fit
@@ -113,7 +114,7 @@ class TopExplained:
     def write(self, folder: Path, paths: list[str], resize: int, crop: int) -> list[Path]:
         written = []
         for _, _, result in sorted(self.heap, key=lambda t: -t[0]):
-            out = folder / Path(result.path).parent.name / (Path(result.path).stem + ".png")
+            out = folder / folder_of(result.path) / (picture_stem(result.path) + ".png")
             out.parent.mkdir(parents=True, exist_ok=True)
             pictures.save_png(out, sheet(result, paths, resize, crop))
             written.append(out)

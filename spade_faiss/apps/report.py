@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import metrics
 from ..clock import utc_now
-from ..images import ImageError, decode, read_bytes
+from ..images import ImageError, load_image
 from . import pictures
 from .runs import RunDir
 
@@ -36,7 +36,7 @@ def _file_uri(path: Path) -> str:
 
 def _thumb(path) -> str:
     try:
-        return _data_uri(decode(read_bytes(path), str(path)))
+        return _data_uri(load_image(path).rgb)  # a file, or a video's frame
     except (ImageError, OSError):
         return ""
 

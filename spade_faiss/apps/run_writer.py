@@ -19,6 +19,7 @@ from ..images import printable
 from ..regions import FIELDS, find_regions
 from ..results import ScoredImage
 from ..scoring import map_to_original
+from ..video import parse_ref
 from . import pictures
 
 SCORE_FIELDS = ["image_path", "score", "is_anomalous", "map_max", "regions", "largest_region", "folder", "overlay",
@@ -135,7 +136,7 @@ class RunWriter:
         MVTec test set); a second image with the same name gets a hash of its path appended."""
         if self.overlay_dir is None or r.map is None:
             return ""
-        name = f"{self.run.OVERLAYS}/{folder_of(r.path) or '_'}/{Path(r.path).stem}"
+        name = f"{self.run.OVERLAYS}/{folder_of(r.path) or '_'}/{picture_stem(r.path)}"
         if self.overlays_taken.get(name + ".png", r.path) != r.path:
             name += "-" + hashlib.sha1(r.path.encode()).hexdigest()[:8]
         self.overlays_taken[name + ".png"] = r.path
@@ -183,8 +184,15 @@ def _write_correspondences(h: h5py.File, start: int, results: list[ScoredImage])
 
 
 def folder_of(path: str) -> str:
-    """The input's parent folder name: the class of an MVTec test image."""
-    return Path(path).parent.name
+    """The input's parent folder name: the class of an MVTec test image (a video's, for a frame)."""
+    ref = parse_ref(path)
+    return Path(ref.video if ref else path).parent.name
+
+
+def picture_stem(path: str) -> str:
+    """The file-name stem of an input's pictures (``<video stem>_f<index>`` for a frame)."""
+    ref = parse_ref(path)
+    return ref.stem if ref else Path(path).stem
 
 
 def score_row(r: ScoredImage, overlay: str = "", regions: list | None = None) -> dict:

@@ -11,10 +11,11 @@ import numpy as np
 
 from ..config import FEATURE_KEYS, SpadeConfig
 from ..image_index import ImageIndex
-from ..images import read_bytes, sha256_bytes
+from ..images import content_sha256
 from ..store import FeatureStore
 from ..store.appends import segment_paths
 from ..store.view import segment_problem
+from ..video import parse_ref
 
 BLOCK_ROWS = 4096
 # libhdf5 can loop forever on some damaged object headers (format v1-v2 corpora carry no
@@ -161,11 +162,12 @@ def _check_pool(store, n) -> list[str]:
 def _check_sources(paths, shas) -> list[str]:
     problems = []
     for p, s in zip(paths, shas):
-        if not os.path.isfile(p):
+        ref = parse_ref(p)
+        if not os.path.isfile(ref.video if ref else p):
             problems.append(f"{p}: source image missing")
             continue
         try:
-            if sha256_bytes(read_bytes(p)) != s:
+            if content_sha256(p) != s:
                 problems.append(f"{p}: content changed since indexing (sha256 differs)")
         except (OSError, ValueError) as e:
             problems.append(f"{p}: unreadable ({e})")

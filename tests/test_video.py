@@ -1,0 +1,151 @@
+"""Videos as sources (issue 37): real video files written with OpenCV (FFmpeg backend), every
+sampled frame an item addressed by its frame reference; frames equal a sequential decode."""
+
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from spade_faiss import datasets, images, video
+from spade_faiss.apps import cli
+from spade_faiss.apps.runs import read_rows
+from spade_faiss.synthetic import paste_defect, texture
+from spade_faiss.video import Sampling
+
+from .conftest import FEAT, RUN
+
+FPS = 10.0
+
+
+def write_video(path, frames, fps=FPS, fourcc="MJPG"):
+    h, w = frames[0].shape[:2]
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (w, h))
+    assert out.isOpened()
+    for f in frames:
+        out.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    out.release()
+    return str(path)
+
+
+def scene(seed, n, size=(96, 96), defect_from=None):
+    """A texture drifting across the frames (a camera over a moving part); from frame
+    ``defect_from`` on, a pasted defect."""
+    rng = np.random.default_rng(seed)
+    big = texture(rng, (size[0] + n, size[1] + n))
+    frames = [np.ascontiguousarray(big[i:i + size[0], i:i + size[1]]) for i in range(n)]
+    if defect_from is not None:
+        for i in range(defect_from, n):
+            frames[i] = paste_defect(np.random.default_rng(seed + 1), frames[i])[0]
+    return frames
+
+
+def sequential(path):
+    """The oracle: every frame of a video by plain sequential reading, RGB."""
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    frames = []
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            return frames
+        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return write_video(tmp_path_factory.mktemp("v") / "line.avi", scene(0, 30))
+
+
+def test_frames_are_items_with_index_and_time_and_equal_a_sequential_decode(clip):
+    refs = datasets.discover(clip, sampling=Sampling(stride=5))
+    assert [s.path for s in refs] == [f"{clip}#frame={i}&t={i / FPS:.3f}" for i in range(0, 30, 5)]
+    want = sequential(clip)
+    assert len(want) == 30
+    for s in refs[::-1] + refs:  # backwards (reopens) and forwards (reads on)
+        ref = video.parse_ref(s.path)
+        img = images.load_image(s.path)
+        np.testing.assert_array_equal(img.rgb, want[ref.frame])
+        assert img.sha256 == images.sha256_bytes(want[ref.frame].tobytes()) == images.content_sha256(s.path)
+    timed = datasets.discover(clip, sampling=Sampling(stride=2, start_s=1.05, end_s=2.0))
+    assert [video.parse_ref(s.path).frame for s in timed] == [11, 13, 15, 17, 19]
+    for bad in (dict(stride=0), dict(start_s=-1.0), dict(start_s=2.0, end_s=1.0), dict(end_s=float("nan"))):
+        with pytest.raises(ValueError):
+            Sampling(**bad)
+    with pytest.raises(ValueError, match="no frame in the time range"):
+        datasets.discover(clip, sampling=Sampling(start_s=100.0))
+
+
+def test_a_folder_of_videos_and_a_list_file_mix_images_and_frames(tmp_path, clip):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    write_video(folder / "a.avi", scene(1, 6))
+    cv2.imwrite(str(folder / "still.png"), scene(2, 1)[0])
+    paths = [s.path for s in datasets.discover(folder, sampling=Sampling(stride=3))]
+    assert paths == [f"{folder / 'a.avi'}#frame={i}&t={i / FPS:.3f}" for i in (0, 3)] + [str(folder / "still.png")]
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{clip}\n{folder / 'still.png'}\n")
+    assert len(datasets.discover(listed, sampling=Sampling(stride=10))) == 3 + 1
+
+
+def test_a_truncated_video_keeps_the_frames_read_and_reports_the_rest(tmp_path, clip):
+    data = open(clip, "rb").read()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: len(data) // 2])
+    refs = datasets.discover(cut)  # the container still declares 30 frames (or fewer)
+    loaded, failed = [], []
+    for s in refs:
+        try:
+            loaded.append(images.load_image(s.path))
+        except images.ImageError as e:
+            failed.append(str(e))
+    assert 5 <= len(loaded) < 30 and len(loaded) + len(failed) == len(refs)
+    want = sequential(cut)
+    for img in loaded:
+        np.testing.assert_array_equal(img.rgb, want[video.parse_ref(img.path).frame])
+    assert all("not readable (the video ends, or is damaged, at frame" in e for e in failed)
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video at all" * 10)
+    with pytest.raises(ValueError, match="not a readable video"):
+        datasets.discover(junk)
+
+
+def test_index_and_score_videos_end_to_end_resumable_per_frame(tmp_path, capsys):
+    """Normal videos indexed (every 2nd frame), a test video scored (every 3rd): rows are frame
+    references in order, overlays are named by video and frame, the defect frames score
+    higher, and a run cut after its 3rd frame resumes from the next one with the same bits."""
+    normals = tmp_path / "normals"
+    normals.mkdir()
+    for k in range(3):
+        write_video(normals / f"n{k}.avi", scene(10 + k, 12))
+    test = write_video(tmp_path / "test.avi", scene(20, 18, defect_from=9))
+
+    def run(*argv):
+        code = cli.main([str(a) for a in argv])
+        return code, capsys.readouterr().out
+
+    code, out = run("index", normals, "--out", tmp_path / "c.h5", *FEAT, "--frame-stride", 2)
+    assert code == 0 and json.loads(out)["added"] == 18
+    code, out = run("score", tmp_path / "c.h5", test, "--out", tmp_path / "run", *RUN, "--frame-stride", 3,
+                    "--k-gallery", 4)
+    assert code == 0
+    rows = read_rows(tmp_path / "run" / "scores.csv")
+    frames = [video.parse_ref(r["image_path"]).frame for r in rows]
+    assert sorted(frames) == list(range(0, 18, 3))
+    by_frame = {video.parse_ref(r["image_path"]).frame: float(r["score"]) for r in rows}
+    assert min(by_frame[f] for f in (9, 12, 15)) > max(by_frame[f] for f in (0, 3, 6))
+    assert sorted(os.listdir(tmp_path / "run" / "overlays" / tmp_path.name)) == \
+        [f"test_f{f:06d}.png" for f in range(0, 18, 3)]
+    import h5py
+    with h5py.File(tmp_path / "run" / "maps.h5") as h:
+        first = dict(zip([p.decode() for p in h["path"][:]], h["maps"][:]))
+    lines = (tmp_path / "run" / "scores.csv").read_text().splitlines(keepends=True)
+    (tmp_path / "run" / "scores.csv").write_text("".join(lines[:4]))  # 3 frames committed
+    code, out = run("score", tmp_path / "c.h5", test, "--out", tmp_path / "run", *RUN, "--frame-stride", 3,
+                    "--k-gallery", 4)
+    assert code == 0 and json.loads(out)["skipped_done"] == 3 and json.loads(out)["scored"] == 3
+    with h5py.File(tmp_path / "run" / "maps.h5") as h:
+        for p, m in zip([p.decode() for p in h["path"][:]], h["maps"][:]):
+            np.testing.assert_array_equal(m, first[p])
+    code, _ = run("score", tmp_path / "c.h5", test, "--out", tmp_path / "bad", *RUN, "--frame-stride", 0)
+    assert code == cli.EXIT_ERROR
