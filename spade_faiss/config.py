@@ -33,6 +33,7 @@ BACKBONES = ("wide_resnet50_2", "wide_resnet101_2", "resnet18", "resnet50")
 LEVELS = ("layer1", "layer2", "layer3")
 PIXEL_MODES = ("per_level", "concat")
 SEARCHES = ("exact", "window")
+IMAGE_SCORES = ("knn", "map_top1", "map_max")
 STAGE2_ENGINES = ("auto", "pruned", "dense", "faiss")
 INDEX_KINDS = ("auto", "flat", "ivf")
 DEVICE_HELP = "expected 'auto', 'cpu' or 'cuda[:N]'"
@@ -201,6 +202,11 @@ PARAMETERS: tuple[Param, ...] = (
           "of its position (faster, an approximation; see benchmarks/README.md)", "scoring", SEARCHES),
     Param("radius", 1, "scoring", lambda n, v: check_int(n, v, minimum=0),
           "window half-size in cells of each level's grid (search=window only)", "scoring", cli_type=int),
+    Param("image_score", "knn", "scoring", _choice(IMAGE_SCORES),
+          "the image score compared with tau: knn (the paper's: mean squared distance of the pooled vector to "
+          "its k_image nearest normal images), map_top1 (mean of the top 1% of the map's pixels) or map_max "
+          "(the map's maximum); map-based scores need maps (not --maps none/auto); both the knn and the map "
+          "score are reported", "scoring", IMAGE_SCORES),
     # --- features (fixed for a corpus) ---
     Param("backbone", "wide_resnet50_2", "feature", _choice(BACKBONES),
           "the feature extractor: " + " | ".join(BACKBONES), "features"),
@@ -332,6 +338,7 @@ class SpadeConfig:
     nprobe: int | None = DEFAULTS["nprobe"]
     search: str = DEFAULTS["search"]
     radius: int = DEFAULTS["radius"]
+    image_score: str = DEFAULTS["image_score"]
 
     def __post_init__(self):
         object.__setattr__(self, "levels", tuple(self.levels))

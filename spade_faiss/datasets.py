@@ -1,5 +1,6 @@
 """Discovery of image sets: folders, list files, and the MVTec AD layout (category and dataset
-roots). Only paths here: nothing is decoded."""
+roots), and the frames of videos. Only paths here: nothing is decoded (a video is opened for its
+frame count and rate only)."""
 
 from __future__ import annotations
 

@@ -21,7 +21,11 @@ class ScoredImage:
     sample : object
         The input as given (a dataset ``Sample`` keeps its label, mask and defect class).
     score : float or None
-        Image score (mean of the ``k_image`` smallest squared distances); None on error.
+        Image score compared with ``tau_``: the ``image_score`` parameter's (by default the
+        paper's: the mean of the ``k_image`` smallest squared distances); None on error.
+    knn_score, map_score : float or None
+        The paper's score, and the map's (mean of its top 1% pixels, or its maximum with
+        ``image_score="map_max"``; None without a map): both reported whichever is ``score``.
     is_anomalous : bool or None
         ``score > tau_`` when the detector is calibrated, else None.
     map : float32 (crop, crop) or None
@@ -57,6 +61,8 @@ class ScoredImage:
     error: str | None = None
     correspondences: dict | None = None
     level_scores: dict | None = None
+    knn_score: float | None = None
+    map_score: float | None = None
 
     @property
     def map_max(self) -> float | None:
@@ -76,6 +82,8 @@ class Retrieved:
     correspondences: dict | None = None
     level_scores: dict | None = None
     encoded: bool = False  # features already in the stored representations' search space (stored rows)
+    knn_score: float | None = None  # the paper's image score (``score`` unless image_score is map-based)
+    map_score: float | None = None  # the map's score (scoring.map_score), once it has a map
     error: str | None = None  # why stage 2 could not run (its gallery cannot be read: a damaged corpus)
 
 

@@ -30,6 +30,21 @@ def image_scores(distances: np.ndarray, k_image: int) -> np.ndarray:
     return distances[:, :k_image].mean(axis=1, dtype=np.float64).astype(np.float32)
 
 
+TOP_FRACTION = 0.01  # map_top1: the mean of this fraction of a map's pixels, the highest
+
+
+def map_score(amap: np.ndarray, how: str) -> float:
+    """An image score from its (crop, crop) map: ``map_top1``, the mean (float64) of its
+    ``ceil(1%)`` highest pixels, or ``map_max``, its maximum."""
+    flat = np.asarray(amap, dtype=np.float32).ravel()
+    if how == "map_max":
+        return float(flat.max())
+    if how != "map_top1":
+        raise ValueError(f"map score {how!r}: expected 'map_top1' or 'map_max'")
+    n = max(1, int(np.ceil(TOP_FRACTION * flat.size)))
+    return float(np.partition(flat, flat.size - n)[flat.size - n:].mean(dtype=np.float64))
+
+
 def assemble_maps(level_maps: Sequence[np.ndarray], crop: int) -> np.ndarray:
     """Upsample each level's (B, h, w) map to (crop, crop) bilinearly and average the levels
     with equal weights, (B, crop, crop) float32."""

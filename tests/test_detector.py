@@ -1,6 +1,8 @@
 """Spade equals a brute-force SPADE written from SPEC 1.1 (torch cdist over the full retrieved
 galleries, float64), and finds seeded synthetic defects."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from scipy.ndimage import gaussian_filter
 from spade_faiss import datasets, images
 from spade_faiss.backbone import WeightsError
 from spade_faiss.detector import Spade
+from spade_faiss.metrics import threshold_at_fpr
 
 from .conftest import SMALL
 
@@ -363,3 +366,28 @@ def test_calibrate_warns_when_tau_rests_on_one_outlier_and_records_the_spreads(d
         th = spade.calibrate(train[8:12] + [outlier], fpr=0.01)
     assert th["held_out_scores"]["max"] == pytest.approx(th["tau"])
     assert th["corpus_scores"]["min"] <= th["corpus_scores"]["median"] <= th["corpus_scores"]["max"]
+
+
+@pytest.mark.parametrize("how", ["map_top1", "map_max"])
+def test_a_map_based_image_score_is_the_oracle_s_and_decides_with_tau(fitted, dataset, how):
+    """Issue 38: image_score=map_top1 (mean of the top 1% of the map's pixels, an independent
+    sort) or map_max is the score compared with tau and calibrated on; the paper's knn score is
+    reported beside it and equals the default's; maps none/auto are refused (no map, no score)."""
+    test = [s.path for s in datasets.discover(dataset, "test")]
+    default = list(fitted.iter_score(test))
+    spade = fitted.with_params(image_score=how)
+    results = list(spade.iter_score(test))
+    for d, r in zip(default, results):
+        np.testing.assert_array_equal(r.map, d.map)
+        flat = np.sort(d.map.ravel().astype(np.float64))[::-1]
+        want = flat[0] if how == "map_max" else flat[:int(np.ceil(0.01 * flat.size))].mean()
+        assert r.score == pytest.approx(want, rel=1e-12) and r.map_score == r.score
+        assert r.knn_score == d.score == d.knn_score and d.map_score == pytest.approx(
+            flat[:int(np.ceil(0.01 * flat.size))].mean(), rel=1e-12)
+    with warnings.catch_warnings():  # test images as held-out stand-ins: only the rule matters here
+        warnings.simplefilter("ignore")
+        record = spade.with_params().calibrate(test[:3], fpr=0.34)
+    assert record["tau"] == threshold_at_fpr([r.score for r in results[:3]], 0.34)
+    assert record["tau"] != threshold_at_fpr([r.knn_score for r in results[:3]], 0.34)
+    with pytest.raises(ValueError, match="computed from the map"):
+        spade.score(test, maps=False)

@@ -22,8 +22,8 @@ from ..scoring import map_to_original
 from ..video import parse_ref
 from . import pictures
 
-SCORE_FIELDS = ["image_path", "score", "is_anomalous", "map_max", "regions", "largest_region", "folder", "overlay",
-                "neighbour_paths"]
+SCORE_FIELDS = ["image_path", "score", "is_anomalous", "map_max", "knn_score", "map_score", "regions",
+                "largest_region", "folder", "overlay", "neighbour_paths"]
 REGION_FIELDS = ["image_path", "region", *FIELDS]
 ERROR_FIELDS = ["image_path", "reason"]
 
@@ -200,6 +200,8 @@ def score_row(r: ScoredImage, overlay: str = "", regions: list | None = None) ->
     return {"image_path": r.path, "score": f"{r.score:.6g}",
             "is_anomalous": "" if r.is_anomalous is None else int(r.is_anomalous),
             "map_max": "" if r.map is None else f"{r.map_max:.6g}",
+            "knn_score": "" if r.knn_score is None else f"{r.knn_score:.6g}",
+            "map_score": "" if r.map_score is None else f"{r.map_score:.6g}",
             "regions": "" if regions is None else len(regions),
             "largest_region": "" if regions is None else max((g.area for g in regions), default=0),
             "folder": folder_of(r.path), "overlay": overlay, "neighbour_paths": ";".join(r.neighbour_paths)}

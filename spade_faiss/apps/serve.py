@@ -160,6 +160,8 @@ async def _score(c: ServedCorpus, request: Request, map: str, raw: bool, timeout
     pixels = await run_in_threadpool(imglib.header_pixels, data)
     if pixels is not None and pixels > max_pixels:
         return error(413, f"image has {pixels} pixels, more than {max_pixels}")
+    if spade.config_.image_score != "knn" and want is not Maps.ALL:
+        return error(400, f"image_score={spade.config_.image_score!r} is computed from the map: ask map=true")
     try:
         scheduler.admit(want is not Maps.NONE, deadline)  # before paying for decoding
         image = await run_in_threadpool(imglib.load_bytes, data, name)
@@ -185,11 +187,13 @@ async def _score(c: ServedCorpus, request: Request, map: str, raw: bool, timeout
         return error(500, f"scoring failed: {type(e).__name__}")
     if result.error is not None:  # its gallery cannot be read: the corpus is damaged (named)
         return error(500, result.error)
-    out = {"score": result.score, "neighbours": result.neighbour_paths, "map": map_status, "corpus": job.corpus}
+    out = {"score": result.score, "knn_score": result.knn_score, "neighbours": result.neighbour_paths,
+           "map": map_status, "corpus": job.corpus}
     if result.is_anomalous is not None:
         out["is_anomalous"] = result.is_anomalous
     if result.map is not None:
         out["map_max"] = result.map_max
+        out["map_score"] = result.map_score
         out["map_png"] = base64.b64encode(pictures.map_png(result.map, c.state.scale)).decode()
         if spade.theta_ is not None and result.image is not None:  # defect regions, in the image's pixels
             found = find_regions(map_to_original(result.map, result.image.size, spade.resize), spade.theta_)

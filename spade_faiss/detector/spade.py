@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .. import images, patch_search
+from .. import images, patch_search, scoring
 from ..backbone import FeatureExtractor, check_weights, load_extractor
 from ..config import DEFAULTS, PARAM, Maps, Parameters, make_configs, parameters_doc
 from ..memory import MemoryBudget
@@ -64,7 +64,8 @@ class Spade(Parameters):
 
     def __init__(self, *, k_image=DEFAULTS["k_image"], k_gallery=DEFAULTS["k_gallery"], kappa=DEFAULTS["kappa"],
                  pixel_mode=DEFAULTS["pixel_mode"], sigma=DEFAULTS["sigma"], nprobe=DEFAULTS["nprobe"],
-                 search=DEFAULTS["search"], radius=DEFAULTS["radius"], backbone=DEFAULTS["backbone"],
+                 search=DEFAULTS["search"], radius=DEFAULTS["radius"], image_score=DEFAULTS["image_score"],
+                 backbone=DEFAULTS["backbone"],
                  weights=DEFAULTS["weights"], seed=DEFAULTS["seed"], resize=DEFAULTS["resize"],
                  crop=DEFAULTS["crop"], levels=DEFAULTS["levels"], storage=DEFAULTS["storage"],
                  device=DEFAULTS["device"], batch_size=DEFAULTS["batch_size"], workers=DEFAULTS["workers"],
@@ -80,6 +81,7 @@ class Spade(Parameters):
         self.nprobe = nprobe
         self.search = search
         self.radius = radius
+        self.image_score = image_score
         self.backbone = backbone
         self.weights = weights
         self.seed = seed
@@ -343,6 +345,9 @@ class Spade(Parameters):
         if getattr(self, "corpus_", None) is None:
             raise ValueError("this Spade is not fitted: call fit(images) or Spade.open(path)")
         self.corpus_.check_ready(maps)
+        if self.config_.image_score != "knn" and maps is not Maps.ALL:
+            raise ValueError(f"image_score={self.config_.image_score!r} is computed from the map: every image needs "
+                             f"one (maps=True, --maps all), or use image_score='knn'")
 
     def _ks(self) -> tuple[int, int]:
         n = len(self.store_)
@@ -368,6 +373,13 @@ class Spade(Parameters):
         """Stage 2: set ``map`` (and ``correspondences`` when asked) of each retrieved query
         (queries that retrieved the same images share one search over that gallery)."""
         self.pipeline_.segment(retrieved, self.config_, self.options_, self.search_device_, correspondences)
+        how = self.config_.image_score
+        for r in retrieved:
+            if r.map is not None and r.map_score is None:
+                r.knn_score = r.score
+                r.map_score = scoring.map_score(r.map, "map_top1" if how == "knn" else how)
+                if how != "knn":
+                    r.score = r.map_score
 
     def result(self, r: Retrieved) -> ScoredImage:
         """The :class:`ScoredImage` of a retrieved (and possibly segmented) query."""
@@ -376,7 +388,8 @@ class Spade(Parameters):
         return ScoredImage(r.prepared.path, r.prepared.sample, r.score,
                            None if self.tau_ is None else bool(r.score > self.tau_), r.map, r.neighbour_ids,
                            r.neighbour_distances, [self.paths_[int(i)] for i in r.neighbour_ids[:self._ks()[0]]],
-                           r.prepared.image, correspondences=r.correspondences, level_scores=r.level_scores)
+                           r.prepared.image, correspondences=r.correspondences, level_scores=r.level_scores,
+                           knn_score=r.score if r.knn_score is None else r.knn_score, map_score=r.map_score)
 
     def warm_up(self, rounds: int = 2) -> dict[str, float]:
         """Run a generated image through both stages ``rounds`` times (the model, the caches and

@@ -31,7 +31,7 @@ def calibrate(corpus: AttachedCorpus, results: Iterable[ScoredImage], fpr: float
     give thresholds that flag every new normal image."""
     metrics.check_fpr(fpr)
     indexed = set(corpus.store.sha256s())
-    scores, maps, errors = [], [], []
+    scores, stage1, maps, errors = [], [], [], []
     for r in results:
         if r.error:
             errors.append(r.error)
@@ -40,6 +40,7 @@ def calibrate(corpus: AttachedCorpus, results: Iterable[ScoredImage], fpr: float
             raise ValueError(f"{r.path} is in the corpus: calibrate on held-out normal images that "
                              f"were not indexed (e.g. hold out every 10th image before `index`)")
         scores.append(r.score)
+        stage1.append(r.score if r.knn_score is None else r.knn_score)  # what the corpus's own scores compare with
         maps.append(r.map)
     if not scores:
         raise ValueError("calibrate: none of the normal images could be scored")
@@ -50,7 +51,7 @@ def calibrate(corpus: AttachedCorpus, results: Iterable[ScoredImage], fpr: float
     record = {"tau": tau, "theta": metrics.threshold_at_fpr(np.stack(maps), fpr), "fpr": fpr,
               "n_images": len(scores), "images_above_tau": above, "held_out_scores": spread,
               "corpus_scores": corpus_spread, "skipped": errors, "scoring": scoring}
-    for message in diagnose(scores, tau, above, fpr, corpus_spread):
+    for message in diagnose(scores, tau, above, fpr, corpus_spread, stage1):
         warnings.warn(f"calibrate: {message}", stacklevel=3)
     corpus.store.write_thresholds(record)
     return record
@@ -74,11 +75,13 @@ def corpus_scores(corpus: AttachedCorpus, scoring: dict, sample: int = CORPUS_SA
     return scoring_lib.image_scores(kept, k_image)
 
 
-def diagnose(scores, tau: float, above: int, fpr: float, corpus: dict | None) -> list[str]:
+def diagnose(scores, tau: float, above: int, fpr: float, corpus: dict | None, stage1=None) -> list[str]:
     """Why thresholds calibrated on these held-out scores may mislead (empty: no reason seen):
     too few images for ``fpr``; tau far above the median; tau resting on far-out scores (Tukey's
-    outer fence, q75 + 3 IQR); held-out images unlike the corpus's own images (their median
-    outside the corpus's leave-one-out scores' range)."""
+    outer fence, q75 + 3 IQR); held-out images unlike the corpus's own images (the median of
+    their stage-1 scores ``stage1``, the knn scores, default ``scores``, outside the corpus's
+    leave-one-out scores' range)."""
+    stage1_median = float(np.median(np.asarray(scores if stage1 is None else stage1, np.float64)))
     scores = np.sort(np.asarray(scores, np.float64))
     out = []
     needed = math.ceil(1 / fpr) if fpr > 0 else None
@@ -96,9 +99,10 @@ def diagnose(scores, tau: float, above: int, fpr: float, corpus: dict | None) ->
         out.append(f"tau={tau:.4g} rests on {far} far-out held-out score(s) (above {fence:.4g} = q75 + 3 IQR; the "
                    f"median is {median:.4g}): look at those images: one unusual normal image sets the threshold "
                    f"for every test image")
-    if corpus is not None and not corpus["min"] <= median <= corpus["max"]:
-        side = "above" if median > corpus["max"] else "below"
-        out.append(f"the held-out images look unlike the corpus: their median score {median:.4g} is {side} every "
+    if corpus is not None and not corpus["min"] <= stage1_median <= corpus["max"]:
+        side = "above" if stage1_median > corpus["max"] else "below"
+        out.append(f"the held-out images look unlike the corpus: their median stage-1 score {stage1_median:.4g} is "
+                   f"{side} every "
                    f"score of the corpus's own images against the rest ({corpus['min']:.4g}..{corpus['max']:.4g}); "
                    f"hold out a random sample of the normals (`spade-faiss index --hold-out 0.1`), not one "
                    f"session or the last files by name")
