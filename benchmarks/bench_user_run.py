@@ -122,8 +122,11 @@ def score_details(run: Path) -> dict:
     return {k: last[k] for k in ("stage_seconds", "bytes_read", "pruning") if k in last}
 
 
+STEPS = ("index", "calibrate", "score", "score_subset_default", "score_subset_faiss")
+
+
 def workload(name: str, root: Path, out: Path, n_index: int | None, n_held: int | None, n_test: int | None,
-             extra: list[str]) -> dict:
+             extra: list[str], only: tuple = STEPS, keep: bool = False) -> dict:
     from spade_faiss.datasets import discover
 
     work = out / name
@@ -134,7 +137,7 @@ def workload(name: str, root: Path, out: Path, n_index: int | None, n_held: int 
     lists = {k: write_list(work / f"{k}.txt", v) for k, v in
              (("indexed", indexed), ("held_out", held), ("test", test), ("subset", test[:SUBSET]))}
     store = work / "corpus.h5"
-    for f in (store, Path(f"{store}.appends")):
+    for f in (store, Path(f"{store}.appends")) if "index" in only else ():
         if f.is_file():
             f.unlink()
     common = ["--weights", "none", *extra]
@@ -147,6 +150,8 @@ def workload(name: str, root: Path, out: Path, n_index: int | None, n_held: int 
                                           "--stage2", "faiss", *common), min(SUBSET, len(test)))]
     seconds = {}
     for step, cmd, n in steps:
+        if step not in only:
+            continue
         rec = process(cmd, work / f"{step}.log")
         seconds[step] = rec["seconds"]
         details = {}
@@ -157,11 +162,12 @@ def workload(name: str, root: Path, out: Path, n_index: int | None, n_held: int 
                 details["stage_s_per_image"] = {k: round(v / n, 4) for k, v in details.pop("stage_seconds").items()}
         emit(out, bench="user_run", workload=name, step=step, images=n, **rec,
              s_per_image=round(rec["seconds"] / n, 3), images_per_s=round(n / rec["seconds"], 3), **details)
-    ratio = seconds["score_subset_faiss"] / seconds["score_subset_default"]
-    emit(out, bench="user_run", workload=name, step="ratio", faiss_over_default_subset=round(ratio, 2),
-         corpus_bytes=store.stat().st_size, corpus_images=len(indexed))
-    for f in (store,):
-        f.unlink()
+    if {"score_subset_faiss", "score_subset_default"} <= set(seconds):
+        ratio = seconds["score_subset_faiss"] / seconds["score_subset_default"]
+        emit(out, bench="user_run", workload=name, step="ratio", faiss_over_default_subset=round(ratio, 2),
+             corpus_bytes=store.stat().st_size, corpus_images=len(indexed))
+    if not keep:
+        store.unlink()
     return seconds
 
 
@@ -192,6 +198,9 @@ def main() -> None:
     ap.add_argument("--data", default=str(DATA), help="the magnetic_tile category (MVTec layout)")
     ap.add_argument("--workloads", nargs="*", default=["magnetic_tile", "large"], help="magnetic_tile and/or large")
     ap.add_argument("--quick", action="store_true", help="60 normals, 12 held out, 24 test images per workload")
+    ap.add_argument("--steps", nargs="*", default=list(STEPS), choices=STEPS,
+                    help="only these steps (the later ones reuse the corpus a run with --keep left in --out)")
+    ap.add_argument("--keep", action="store_true", help="keep each workload's corpus (for a later --steps run)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="options passed to every command")
     args = ap.parse_args()
     out = Path(args.out)
@@ -205,10 +214,12 @@ def main() -> None:
     emit(out, bench="user_run", step="machine", **machine(), kernels_gflops=kernel_rates())
     q = args.quick
     if "magnetic_tile" in args.workloads:
-        workload("magnetic_tile", data, out, 60 if q else None, 12 if q else None, 24 if q else None, args.extra)
+        workload("magnetic_tile", data, out, 60 if q else None, 12 if q else None, 24 if q else None, args.extra,
+                 tuple(args.steps), args.keep)
     if "large" in args.workloads:
         root = make_large(data, out / "data", 900, 230, 60)
-        workload("large_900", root, out, 60 if q else None, 12 if q else 20, 24 if q else 60, args.extra)
+        workload("large_900", root, out, 60 if q else None, 12 if q else 20, 24 if q else 60, args.extra,
+                 tuple(args.steps), args.keep)
     plot(out)
 
 

@@ -1,6 +1,7 @@
 """A corpus grows while it is read: appends beside it (segments), readers that catch up, the
 merge, thresholds calibrated meanwhile; scores bitwise those of a corpus built at once."""
 
+import json
 import os
 import subprocess
 import sys
@@ -231,3 +232,39 @@ def test_a_segment_written_for_a_newer_copy_of_the_corpus_is_refused(tmp_path, d
     os.replace(older, path)
     with pytest.raises(ValueError, match="written beside 8 committed images, .* has 4: .*older copy"):
         Spade.open(path)
+
+
+def test_removing_normals_equals_a_corpus_built_without_them(tmp_path, data, capsys):
+    """Issue 36, class 7: `remove` by path and by sha256 rewrites the corpus without those
+    images; its scores and maps are bitwise those of a corpus built from the rest at once; the
+    digests and the image index follow; unknown names, a corpus being read and removing every
+    image are refused, leaving the file as it was."""
+    from spade_faiss.apps import cli
+    from spade_faiss.apps.verify import verify
+
+    train, test = data
+    path = tmp_path / "c.h5"
+    with Spade.create(path, **SMALL, k_gallery=4) as spade:
+        spade.add(train[:10])
+        sha_of_3 = spade.store_.sha256s()[3]
+    before = path.read_bytes()
+    assert cli.main(["remove", str(path), str(tmp_path / "nope.png")]) == cli.EXIT_ERROR
+    reader = Spade.open(path, k_gallery=4)
+    assert cli.main(["remove", str(path), train[1]]) == cli.EXIT_ERROR  # read elsewhere
+    reader.close()
+    assert path.read_bytes() == before
+    capsys.readouterr()
+    assert cli.main(["remove", str(path), train[1], sha_of_3]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["removed"] == [os.path.abspath(train[1]), os.path.abspath(train[3])] and out["images"] == 8
+    rest = [p for i, p in enumerate(train[:10]) if i not in (1, 3)]
+    with Spade.open(path, k_gallery=4) as after, Spade.create(tmp_path / "rest.h5", **SMALL, k_gallery=4) as want:
+        want.add(rest)
+        assert after.paths_ == want.paths_ and after.index_.ntotal == 8
+        got, expected = after.score(test), want.score(test)
+        np.testing.assert_array_equal(got.image_scores, expected.image_scores)
+        np.testing.assert_array_equal(got.maps, expected.maps)
+    assert verify(str(path), deep=True) == []
+    with pytest.raises(ValueError, match="empty corpus"):
+        with Spade.open(path, "a", k_gallery=4) as spade:
+            spade.remove(rest)

@@ -153,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "on them: one command instead of index + calibrate (0: index every image)")
     add_params(p, ("fpr",), note=" (with --hold-out)")
 
+    p = command("remove", "remove normal images from a corpus (by path as indexed, or sha256); the corpus is "
+                          "rewritten whole and its image index rebuilt; nobody may be reading it")
+    p.add_argument("store", help="corpus file")
+    p.add_argument("images", nargs="*", help="paths as indexed (absolute, or relative to here) or sha256 values")
+    p.add_argument("--list", help="a text file of more paths or sha256 values, one per line")
+
     p = command("reindex", "rebuild and retrain the image index of a corpus", _index_args)
     p.add_argument("store", help="corpus file")
     add_params(p.add_argument_group("seed"), ("seed",))

@@ -121,6 +121,19 @@ def cmd_reindex(args) -> int:
     return 0
 
 
+def cmd_remove(args) -> int:
+    targets = list(args.images)
+    if args.list:
+        targets += datasets.list_file(args.list)
+    with Spade.open(args.store, mode="a", device="cpu") as spade:
+        info = spade.remove(targets)
+    if info["thresholds_stale"]:
+        print(f"spade-faiss: warning: {args.store}: its thresholds were calibrated with the removed images in the "
+              f"corpus: recalibrate (`spade-faiss calibrate`)", file=sys.stderr)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
 def cmd_convert(args) -> int:
     from ..detector import convert
 
@@ -342,6 +355,7 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"index": cmd_index, "reindex": cmd_reindex, "convert": cmd_convert, "info": cmd_info, "score": cmd_score,
+COMMANDS = {"index": cmd_index, "remove": cmd_remove,
+            "reindex": cmd_reindex, "convert": cmd_convert, "info": cmd_info, "score": cmd_score,
             "calibrate": cmd_calibrate, "evaluate": cmd_evaluate, "explain": cmd_explain, "report": cmd_report,
             "bench": cmd_bench, "verify": cmd_verify, "serve": cmd_serve}

@@ -22,7 +22,7 @@ from ..config import DEFAULTS, PARAM, Maps, Parameters, make_configs, parameters
 from ..memory import MemoryBudget
 from ..representations import FIT_IMAGES
 from ..results import IndexReport, Retrieved, ScoredImage, SpadeResult
-from ..store import CorpusView, FeatureStore, join_shards, open_corpus
+from ..store import CorpusView, FeatureStore, join_shards, open_corpus, remove_rows, resolve
 from ..store import convert as convert_store
 from . import thresholds
 from .attached import attach
@@ -254,6 +254,34 @@ class Spade(Parameters):
         self.corpus_, report = add_images(self.corpus_, self._batches(samples), self._extractor, self.options_,
                                           self.config_, on_progress)
         return report
+
+    def remove(self, targets: Iterable[str]) -> dict:
+        """Remove normal images from the corpus, named by path (as indexed) or sha256: the corpus
+        is rewritten without them (whole or not at all) and its image index rebuilt; this Spade
+        must have opened it for appending with no other process reading it (``mode="a"``, not
+        beside it). Returns what was removed; thresholds calibrated before are kept and flagged
+        as possibly stale (recalibrate)."""
+        store = self.store_
+        if not store.writable:
+            raise ValueError(f"{store.path}: is read by another process (a service, a score run): images cannot be "
+                             f"removed while it is read; stop the readers and retry")
+        paths = store.paths()
+        rows, unknown = resolve(list(targets), paths, store.sha256s())
+        if unknown:
+            raise ValueError(f"{store.path}: not in the corpus (by path or sha256): {unknown[:5]}"
+                             + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+        if not rows:
+            raise ValueError("remove: name at least one image (a path as indexed, or a sha256)")
+        if len(rows) == len(paths):
+            raise ValueError(f"{store.path}: removing all {len(paths)} images would leave an empty corpus; "
+                             f"delete the file instead")
+        path, calibrated = store.path, self.tau_ is not None
+        self.close()
+        left = remove_rows(path, rows)
+        self.reopen("a")
+        self.reindex()
+        return {"store": path, "removed": [paths[i] for i in rows], "images": left,
+                "thresholds_stale": calibrated}
 
     def reindex(self) -> dict:
         """Rebuild (and retrain) the image index over all committed rows with the ``index``,

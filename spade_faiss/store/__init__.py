@@ -13,9 +13,11 @@
 from .convert import convert
 from .corpus import CorpusLocked, FeatureStore, StoreError
 from .layout import SHA_DTYPE
+from .removal import remove_rows, resolve
 from .shards import join_shards
 from .view import CorpusView, merge_segments, open_corpus
 from .writer import AppendWriter
 
-__all__ = ["AppendWriter", "CorpusLocked", "CorpusView", "FeatureStore", "SHA_DTYPE", "StoreError", "convert",
+__all__ = ["remove_rows", "resolve",
+           "AppendWriter", "CorpusLocked", "CorpusView", "FeatureStore", "SHA_DTYPE", "StoreError", "convert",
            "join_shards", "merge_segments", "open_corpus"]

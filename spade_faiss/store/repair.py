@@ -14,6 +14,7 @@ import logging
 import os
 
 import h5py
+import numpy as np
 
 from ..config import upgrade_feature_dict
 from ..representations import Representation, per_level
@@ -27,32 +28,47 @@ COPY_ROWS = 64
 
 def rebuild(path: str) -> int:
     """Rewrite the corpus at ``path`` from its committed rows; returns their number."""
-    tmp = f"{path}.rebuild-{os.getpid()}"
+    n = rewrite(path)
+    log.warning("%s: its last writer did not close it (a crash?): rewrote it from its %d committed images",
+                path, n)
+    return n
+
+
+def rewrite(path: str, drop=()) -> int:
+    """Rewrite the corpus at ``path`` from its committed rows except the rows ``drop`` (written
+    under a temporary name, then renamed: a kill leaves the old file or the new one, never half);
+    returns the rows kept. With rows dropped, the ids after them shift down: the image index
+    and the leave-one-out colour scale are left out (rebuild the index: ``reindex``)."""
+    tmp = names.temporary(path)
     with h5py.File(path, "r") as src:
         n = int(src.attrs[names.N_COMMITTED])
+        keep = np.setdiff1d(np.arange(n), np.fromiter(drop, np.int64)) if len(drop) else np.arange(n)
         config = upgrade_feature_dict(json.loads(src.attrs[names.CONFIG]))
         levels, v2 = config["levels"], int(src.attrs[names.FORMAT_VERSION]) >= 2
         storage = per_level(config["storage"], levels)
-        attrs = {k: v for k, v in src.attrs.items() if k not in (names.N_COMMITTED, names.WRITER)}
+        left_out = {names.N_COMMITTED, names.WRITER} | ({names.LEAVE_ONE_OUT_THETA} if len(drop) else set())
+        attrs = {k: v for k, v in src.attrs.items() if k not in left_out}
         specs = {lv: (src[names.level(lv)].shape[1:], src[names.level(lv)].dtype,
                       Representation(storage[lv], 1).filters() if v2 else {}) for lv in levels}
         with h5py.File(tmp, "w") as dst:
             digests = names.DIGESTS in src
-            write_layout(dst, attrs, specs, src[names.POOL].shape[1], n, checksums=v2, digests=digests)
+            write_layout(dst, attrs, specs, src[names.POOL].shape[1], len(keep), checksums=v2, digests=digests)
             if names.REPRESENTATIONS in src:
                 src.copy(names.REPRESENTATIONS, dst)
+            if names.PROJECTIONS in src:
+                src.copy(names.PROJECTIONS, dst)
             copied = [names.PATHS, names.SHA256, names.POOL] + [names.level(lv) for lv in levels]
             copied += [names.digest(p) for p in (names.POOL_PART, *levels)] if digests else []
             for name in copied:
-                for start in range(0, min(n, src[name].shape[0]), COPY_ROWS):
-                    stop = min(n, start + COPY_ROWS, src[name].shape[0])
-                    dst[name][start:stop] = src[name][start:stop]
+                have = keep[keep < src[name].shape[0]]  # digests may be shorter (rows written without)
+                for start in range(0, len(have), COPY_ROWS):
+                    rows = have[start:start + COPY_ROWS]
+                    dst[name][start:start + len(rows)] = src[name][rows] if len(drop) else \
+                        src[name][int(rows[0]):int(rows[-1]) + 1]
             index = src[names.INDEX]
-            if int(index.attrs.get("ntotal", n + 1)) <= n:  # saved after its rows: still valid
+            if not len(drop) and int(index.attrs.get("ntotal", n + 1)) <= n:  # saved after its rows: still valid
                 if "faiss" in index:
                     dst[names.INDEX].create_dataset("faiss", data=index["faiss"][()])
                 dst[names.INDEX].attrs.update(dict(index.attrs))
     os.replace(tmp, path)
-    log.warning("%s: its last writer did not close it (a crash?): rewrote it from its %d committed images",
-                path, n)
-    return n
+    return len(keep)
