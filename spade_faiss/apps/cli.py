@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import sys
 import warnings
 
 from .. import __version__
-from ..config import PARAM, PARAMETERS
+from ..config import PARAM, PARAMETERS, check_int, check_number
 from . import commands
 from .allocator import keep_freed_memory
 from .distributed import RAY_WORKERS
@@ -37,6 +38,37 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         if action.default in (None, argparse.SUPPRESS) or isinstance(action.default, bool):
             return action.help
         return super()._get_help_string(action)
+
+
+def _finite(name, value) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+        raise ValueError(f"{name}={value!r}: expected a finite number")
+
+
+# The constraints of the command line's own options (those that are no parameter of the table,
+# config.PARAMETERS, whose constraints are checked the same way): all checked in one place, before
+# any command runs (``check_options``); tests/test_options.py tries each.
+OPTION_CHECKS = {
+    "threads": lambda n, v: v is None or check_int(n, v, 1, 4096),
+    "ray_workers": lambda n, v: check_int(n, v, 1, 100_000),
+    "gpus_per_worker": lambda n, v: check_number(n, v, 0.0, 1024.0),
+    "shard_index": lambda n, v: check_int(n, v, 0),
+    "num_shards": lambda n, v: check_int(n, v, 1),
+    "hold_out": lambda n, v: check_number(n, v, 0.0, 0.99),
+    "tau": _finite,
+    "theta": _finite,
+}
+
+
+def check_options(args) -> None:
+    """Every option given to a command, against its declared constraint (the table's for the
+    parameters, ``OPTION_CHECKS`` for the command line's own): a ``ValueError`` naming the first
+    value out of range, before any work."""
+    for name, value in vars(args).items():
+        if name in PARAM and not (value is None and PARAM[name].default is None):
+            PARAM[name].check_value(value)
+        elif name in OPTION_CHECKS:
+            OPTION_CHECKS[name](name, value)
 
 
 def _common(parser):
@@ -249,6 +281,11 @@ def main(argv=None) -> int:
     undone) and torch's thread count for ``--threads`` (restored when the command returns, so a
     caller in the same process keeps its own)."""
     args = build_parser().parse_args(argv)
+    try:
+        check_options(args)
+    except ValueError as e:
+        print(f"spade-faiss: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
     if argv is None:
         keep_freed_memory()
         _environment()
