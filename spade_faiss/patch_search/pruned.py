@@ -74,6 +74,10 @@ GROUP = 8  # queries of one block per batched product when bounds are recomputed
 # should stay in the last-level cache (4 MiB: 1280 float32 or 2624 bfloat16 gallery columns at
 # 784 query rows; 27% faster than 16 MiB on a 32 MiB-L3 EPYC, the same on a Xeon, benchmarks/README.md).
 CHUNK_BYTES = 4 * 2**20
+# Candidate (query, block) pairs whose bounds are recomputed at once: at most 64 MiB of bounds
+# (and a few times that in indices), whatever the image; a test image far from its gallery can
+# pass millions of blocks (the user's run: about 1.2 M re-checked pairs per image on average).
+CANDIDATE_BLOCKS = 1 << 20
 ROWS = 1024  # most query rows per pass (bounds the block-minimum array: N/16 x ROWS values)
 PAD_NORM = 2.0**100  # squared norm of padding columns: they never pass a threshold
 TINY = 2.0**-100  # absolute slack for flushed subnormals
@@ -314,8 +318,15 @@ def _candidates(a, cols, block_min, t, total: int):
     sb, qq = _nonzero(grouped.amin(dim=1) <= thr)
     p, j = _nonzero(grouped[sb, :, qq] <= thr[qq][:, None])
     blocks, qq = sb[p] * SUPER + j, qq[p]
-    y = _bounds(a, cols, qq, blocks)  # (P, BLOCK)
-    p, j = _nonzero(y <= t[qq][:, None])
-    col = blocks[p] * BLOCK + j
-    keep = col < total
-    return qq[p][keep], col[keep]
+    found_q, found_col = [], []
+    for s in range(0, len(qq), CANDIDATE_BLOCKS):  # bounded temporaries, however many blocks pass
+        q_part, b_part = qq[s:s + CANDIDATE_BLOCKS], blocks[s:s + CANDIDATE_BLOCKS]
+        y = _bounds(a, cols, q_part, b_part)  # (P, BLOCK)
+        p, j = _nonzero(y <= t[q_part][:, None])
+        col = b_part[p] * BLOCK + j
+        keep = col < total
+        found_q.append(q_part[p][keep])
+        found_col.append(col[keep])
+    if not found_q:
+        return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
+    return torch.cat(found_q), torch.cat(found_col)
