@@ -265,6 +265,10 @@ PARAMETERS: tuple[Param, ...] = (
           "of a video, frames from this time (seconds)", "input", cli_type=float),
     Param("end_s", None, "input", _optional(lambda n, v: check_number(n, v, 0.0, 1e7, low_open=True)),
           "of a video, frames before this time (seconds; default: to the end)", "input", cli_type=_float_or_none),
+    Param("temporal_sigma", 0.0, "input", lambda n, v: check_number(n, v, 0.0, 10_000.0),
+          "of videos: Gaussian smoothing of each video's frame scores along its sampled frames (sigma in frames; "
+          "0: none): frames.csv holds raw and smoothed scores, the decision uses the smoothed one", "input",
+          cli_type=float),
     # --- the service (`serve` options and `create_app` arguments) ---
     Param("host", "127.0.0.1", "service", lambda n, v: _check_text(n, v),
           "interface to bind (loopback only by default)", "service"),

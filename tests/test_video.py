@@ -149,3 +149,39 @@ def test_index_and_score_videos_end_to_end_resumable_per_frame(tmp_path, capsys)
             np.testing.assert_array_equal(m, first[p])
     code, _ = run("score", tmp_path / "c.h5", test, "--out", tmp_path / "bad", *RUN, "--frame-stride", 0)
     assert code == cli.EXIT_ERROR
+
+
+def test_frame_scores_smoothed_along_each_video_equal_an_explicit_gaussian(tmp_path, capsys):
+    """frames.csv: each video's frames in order, the raw score, the score smoothed by a Gaussian
+    of sigma frames (an explicit kernel here, ends repeated), the decision on the smoothed one;
+    two videos never mix."""
+    normals = tmp_path / "normals"
+    normals.mkdir()
+    write_video(normals / "n.avi", scene(30, 10))
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    write_video(tests / "a.avi", scene(31, 12, defect_from=6))
+    write_video(tests / "b.avi", scene(32, 9))
+    assert cli.main(["index", str(normals), "--out", str(tmp_path / "c.h5"), *FEAT]) == 0
+    capsys.readouterr()
+    sigma, tau = 1.5, 30.0
+    assert cli.main(["score", str(tmp_path / "c.h5"), str(tests), "--out", str(tmp_path / "run"), *RUN,
+                     "--k-gallery", "3", "--temporal-sigma", str(sigma), "--tau", str(tau), "--no-report"]) == 0
+    scores = {r["image_path"]: float(r["score"]) for r in read_rows(tmp_path / "run" / "scores.csv")}
+    frames = read_rows(tmp_path / "run" / "frames.csv")
+    assert [(os.path.basename(r["video"]), int(r["frame"])) for r in frames] == \
+        [("a.avi", i) for i in range(12)] + [("b.avi", i) for i in range(9)]
+    radius = int(4 * sigma + 0.5)
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    kernel /= kernel.sum()
+    for name in ("a.avi", "b.avi"):
+        rows = [r for r in frames if r["video"].endswith(name)]
+        raw = np.array([scores[r["image_path"]] for r in rows])
+        padded = np.concatenate([np.full(radius, raw[0]), raw, np.full(radius, raw[-1])])
+        want = np.convolve(padded, kernel, mode="valid")
+        np.testing.assert_allclose([float(r["smoothed_score"]) for r in rows], want, rtol=1e-5)
+        assert [float(r["score"]) for r in rows] == pytest.approx(list(raw), rel=1e-6)
+        assert [int(r["is_anomalous"]) for r in rows] == [int(float(r["smoothed_score"]) > tau) for r in rows]
+        assert all(float(r["time_s"]) == pytest.approx(int(r["frame"]) / FPS) for r in rows)
+    runs = json.loads((tmp_path / "run" / "run.json").read_text())["runs"]
+    assert runs[-1]["temporal_sigma"] == sigma and runs[-1]["frames"] == 21

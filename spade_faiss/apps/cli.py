@@ -99,6 +99,10 @@ def _input_args(p):
     add_params(p.add_argument_group("video inputs (which frames are items)"), ("frame_stride", "start_s", "end_s"))
 
 
+def _temporal_args(p):
+    add_params(p.add_argument_group("video inputs (scores over time)"), ("temporal_sigma",))
+
+
 def _feature_args(p):
     # No parser defaults: a new corpus gets the library's, an existing one keeps its own.
     g = p.add_argument_group("features (fixed for a corpus; an existing corpus keeps its own)")
@@ -203,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_params(p, ("fpr",))
 
     p = command("score", "score images against a corpus into a run directory (resumable)",
-                _model_args, _scoring_args, _run_args, _backend_args, _input_args)
+                _model_args, _scoring_args, _run_args, _backend_args, _input_args, _temporal_args)
     p.add_argument("store", help="corpus file")
     p.add_argument("src", help="a folder (images and videos), a text file of paths, a video file, or an MVTec "
                                "category (scores test/)")

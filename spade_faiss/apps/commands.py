@@ -191,6 +191,7 @@ def cmd_score(args) -> int:
             raise ValueError("--maps auto needs an image threshold: run `spade-faiss calibrate` or pass --tau")
         spade.load_backbone()
         run.open(run_manifest(spade, args.store, args.src, args.maps), args.restart)
+        tau = spade.tau_
         scale = None if args.no_overlays or maps is Maps.NONE else colour_scale(spade)
         writer = run.writer(spade.crop, spade.resize, args.shard_index, args.num_shards, colour_max=scale,
                             theta=spade.theta_)
@@ -212,7 +213,9 @@ def cmd_score(args) -> int:
     release_freed_memory()
     summary = {"run": args.out, "scored": len(todo) - len(errors), "skipped_done": len(samples) - len(todo),
                "errors": len(errors)}
-    run.record_invocation({**summary, **work, "seconds": round(time.perf_counter() - start, 2), "finished": utc_now()})
+    frames = run.write_frames(args.temporal_sigma, tau)  # video frames: scores along each video, smoothed
+    run.record_invocation({**summary, **work, "seconds": round(time.perf_counter() - start, 2), "finished": utc_now(),
+                           **({"frames": frames, "temporal_sigma": args.temporal_sigma} if frames else {})})
     if not args.no_report:
         from .report import write_report
         write_report(args.out)

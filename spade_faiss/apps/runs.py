@@ -9,6 +9,7 @@ another corpus or other parameters is refused (``restart`` clears it instead).
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -18,10 +19,13 @@ from pathlib import Path
 
 from ..clock import utc_now
 from ..results import ScoredImage
+from ..temporal import smooth_frames
 from ..version import __version__
+from ..video import parse_ref
 from .run_writer import RunWriter, read_rows, shard_suffix
 
 # What must be equal for two invocations to write into one run directory.
+FRAME_FIELDS = ["video", "frame", "time_s", "image_path", "score", "smoothed_score", "is_anomalous"]
 MANIFEST_KEYS = ("corpus", "corpus_created", "corpus_images", "weights_sha256", "scoring", "maps", "tau", "theta")
 
 
@@ -51,6 +55,8 @@ class RunDir:
 
     def maps_h5(self, suffix: str = "") -> Path:
         return self.path / f"maps{suffix}.h5"
+
+    frames_csv = property(lambda self: self.path / "frames.csv")
 
     def regions_csv(self, suffix: str = "") -> Path:
         return self.path / f"regions{suffix}.csv"
@@ -116,13 +122,39 @@ class RunDir:
 
     def clear(self) -> None:
         """Delete every result of the run (the directory and any foreign file stay)."""
-        for pattern in ("scores*.csv", "errors*.csv", "regions*.csv", "maps*.h5"):
+        for pattern in ("scores*.csv", "errors*.csv", "regions*.csv", "frames.csv", "maps*.h5"):
             for p in self.path.glob(pattern):
                 p.unlink()
         for p in [self.manifest_path, self.report, self.metrics, self.table] + [self.plot(n) for n in self.PLOTS]:
             p.unlink(missing_ok=True)
         for folder in (self.overlays, self.explain):
             shutil.rmtree(folder, ignore_errors=True)
+
+    def write_frames(self, sigma: float, tau: float | None) -> int:
+        """``frames.csv``: every scored video frame of the run (all shards), by video and frame
+        order, with its score, its score smoothed along the video (``temporal.py``) and the
+        decision on the smoothed one (``smoothed > tau``, when there is a tau); written whole
+        and renamed. Returns the number of frames (0: no video frame, no file)."""
+        rows = self.score_rows()
+        smoothed = smooth_frames([r["image_path"] for r in rows], [float(r["score"]) for r in rows], sigma)
+        if not smoothed:
+            return 0
+        out = []
+        for r in rows:
+            ref = parse_ref(r["image_path"])
+            if ref is not None:
+                s = smoothed[r["image_path"]]
+                out.append({"video": ref.video, "frame": ref.frame, "time_s": "" if ref.time_s is None else ref.time_s,
+                            "image_path": r["image_path"], "score": r["score"], "smoothed_score": f"{s:.6g}",
+                            "is_anomalous": "" if tau is None else int(s > tau)})
+        out.sort(key=lambda r: (r["video"], r["frame"]))
+        tmp = self.frames_csv.with_suffix(".tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=FRAME_FIELDS)
+            w.writeheader()
+            w.writerows(out)
+        os.replace(tmp, self.frames_csv)
+        return len(out)
 
     def record_invocation(self, entry: dict) -> None:
         """Append ``entry`` (what one invocation did) to the manifest's ``runs`` list."""
