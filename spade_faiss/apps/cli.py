@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "rewritten whole and its image index rebuilt; nobody may be reading it")
     p.add_argument("store", help="corpus file")
     p.add_argument("images", nargs="*", help="paths as indexed (absolute, or relative to here) or sha256 values")
-    p.add_argument("--list", help="a text file of more paths or sha256 values, one per line")
+    p.add_argument("--list", help="a text file of more paths or sha256 values, one per line (default: none)")
 
     p = command("reindex", "rebuild and retrain the image index of a corpus", _index_args)
     p.add_argument("store", help="corpus file")
