@@ -350,3 +350,40 @@ def test_score_lists_defect_regions_of_the_maps_at_theta(tmp_path, dataset, corp
     (out / "scores.csv").write_text("".join(lines[:-1]))
     code, _, _ = run(capsys, "score", corpus, dataset, "--out", out, *RUN, "--k-gallery", "5", "--theta", theta)
     assert code == 0 and read_rows(out / "regions.csv") == regions and read_rows(out / "scores.csv") == rows
+
+
+def test_a_resumed_run_scores_again_an_input_whose_content_changed(tmp_path, dataset, corpus, capsys):
+    """Issue 36, class 6: resume is by content: an input replaced since it was scored is scored
+    again (its new row and map count, its old ones are superseded), the others are not; a run
+    with nothing changed scores nothing."""
+    from spade_faiss.detector import Spade
+    from spade_faiss.images import sha256_bytes
+
+    src = tmp_path / "src"
+    src.mkdir()
+    goods = sorted((dataset / "test" / "good").glob("*.png"))
+    defect = sorted((dataset / "test" / "defect").glob("*.png"))[0]
+    for p in goods:
+        shutil.copy(p, src / p.name)
+    out = tmp_path / "run"
+    args = ["score", corpus, src, "--out", out, *RUN, "--k-gallery", "5", "--no-report"]
+    code, stdout, _ = run(capsys, *args)
+    assert code == 0 and json.loads(stdout)["scored"] == 3
+    before = {r["image_path"]: r for r in RunDir(out).score_rows()}
+    changed = src / goods[1].name
+    shutil.copy(defect, changed)  # the same name, other content
+    code, stdout, _ = run(capsys, *args)
+    assert json.loads(stdout) == {"run": str(out), "scored": 1, "skipped_done": 2, "errors": 0}
+    rows = {r["image_path"]: r for r in RunDir(out).score_rows()}
+    assert len(rows) == 3 and rows[str(changed)]["sha256"] == sha256_bytes(changed.read_bytes())
+    assert all(rows[p] == before[p] for p in rows if p != str(changed))
+    with Spade.open(corpus, k_gallery=5) as spade:
+        want = spade.score([str(changed)])
+    assert float(rows[str(changed)]["score"]) == pytest.approx(float(want.image_scores[0]), rel=1e-5)
+    assert float(rows[str(changed)]["score"]) != pytest.approx(float(before[str(changed)]["score"]), rel=1e-3)
+    with h5py.File(out / "maps.h5") as h:
+        paths = [p.decode() for p in h["path"][:]]
+        last = len(paths) - 1 - paths[::-1].index(str(changed))
+        np.testing.assert_array_equal(h["maps"][last], want.maps[0])
+    code, stdout, _ = run(capsys, *args)
+    assert json.loads(stdout)["scored"] == 0 and json.loads(stdout)["skipped_done"] == 3

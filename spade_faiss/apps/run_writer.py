@@ -15,7 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..images import printable
+from ..images import content_sha256, printable
 from ..regions import FIELDS, find_regions
 from ..results import ScoredImage
 from ..scoring import map_to_original
@@ -23,7 +23,7 @@ from ..video import parse_ref
 from . import pictures
 
 SCORE_FIELDS = ["image_path", "score", "is_anomalous", "map_max", "knn_score", "map_score", "regions",
-                "largest_region", "folder", "overlay", "neighbour_paths"]
+                "largest_region", "folder", "overlay", "neighbour_paths", "sha256"]
 REGION_FIELDS = ["image_path", "region", *FIELDS]
 ERROR_FIELDS = ["image_path", "reason"]
 
@@ -62,7 +62,8 @@ class RunWriter:
         self.colour_max, self.theta = colour_max, theta
         # Resume knows everything done in this run directory, by any shard.
         done = self.run.score_rows()
-        self.done = {r["image_path"] for r in done}
+        self.done = {r["image_path"]: r.get("sha256") or "" for r in done}  # path -> content hash scored
+        self.changed: set[str] = set()  # done inputs whose content changed since: scored again
         self.failed = {r["image_path"] for r in read_rows(self.errors_path)}
         self.overlay_dir = self.run.overlays if colour_max is not None else None
         self.overlays_taken = {r["overlay"]: r["image_path"] for r in done if r.get("overlay")}
@@ -84,8 +85,12 @@ class RunWriter:
     def _drop_leftover_regions(self) -> None:
         """Region rows of images without a score row are a crash's leftovers (written before
         it): cut them, so that a resumed image's regions are listed once."""
+        self._rewrite_regions(lambda row: row["image_path"] in self.done)
+
+    def _rewrite_regions(self, keep) -> None:
+        """Rewrite regions.csv with the rows ``keep(row)`` accepts (whole, then renamed)."""
         rows = read_rows(self.regions_path)
-        kept = [r for r in rows if r["image_path"] in self.done]
+        kept = [r for r in rows if keep(r)]
         if len(kept) != len(rows):
             tmp = self.regions_path.with_suffix(".tmp")
             tmp.unlink(missing_ok=True)
@@ -93,9 +98,22 @@ class RunWriter:
             os.replace(tmp, self.regions_path)
 
     def is_done(self, path: str) -> bool:
-        """Scored already (a row in scores.csv). Inputs that failed before are tried again: a
-        repaired file is scored, one still broken is reported once."""
-        return path in self.done
+        """Scored already: a row in scores.csv whose content hash is the input's now (a file
+        changed since is scored again, and its new row is the one that counts; rows written by
+        a version that recorded no hash are taken by path). Inputs that failed before are tried
+        again: a repaired file is scored, one still broken is reported once."""
+        recorded = self.done.get(path)
+        if recorded is None:
+            return False
+        if not recorded:
+            return True
+        try:
+            same = content_sha256(path) == recorded
+        except (ValueError, OSError):  # unreadable now: scoring it again reports why
+            same = False
+        if not same:
+            self.changed.add(path)
+        return same
 
     def write(self, results: list[ScoredImage]) -> None:
         """Append results: errors to ``errors.csv``; the others' maps (zeros where there is no
@@ -125,11 +143,15 @@ class RunWriter:
         for r, row in zip(ok, rows):
             if row["overlay"]:
                 self._write_overlay(r, originals[id(r)], found.get(id(r), []), self.dir / row["overlay"])
+        rescored = self.changed & {r.path for r in ok}
+        if rescored:  # the regions of a changed input's earlier content go
+            self._rewrite_regions(lambda row: row["image_path"] not in rescored)
+            self.changed -= rescored
         _append_csv(self.regions_path, REGION_FIELDS,
                     [{"image_path": r.path, "region": k, **g.as_dict()} for r in ok for k, g in
                      enumerate(found.get(id(r), []))])
         _append_csv(self.scores_path, SCORE_FIELDS, rows)
-        self.done.update(r.path for r in ok)
+        self.done.update((r.path, r.image.sha256 if r.image is not None else "") for r in ok)
 
     def _overlay_name(self, r: ScoredImage) -> str:
         """``overlays/<folder>/<stem>.png`` relative to the run (the folder is the class in an
@@ -204,7 +226,8 @@ def score_row(r: ScoredImage, overlay: str = "", regions: list | None = None) ->
             "map_score": "" if r.map_score is None else f"{r.map_score:.6g}",
             "regions": "" if regions is None else len(regions),
             "largest_region": "" if regions is None else max((g.area for g in regions), default=0),
-            "folder": folder_of(r.path), "overlay": overlay, "neighbour_paths": ";".join(r.neighbour_paths)}
+            "folder": folder_of(r.path), "overlay": overlay, "neighbour_paths": ";".join(r.neighbour_paths),
+            "sha256": r.image.sha256 if r.image is not None else ""}
 
 
 def _append_csv(path, fields, rows) -> None:

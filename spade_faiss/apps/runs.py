@@ -73,9 +73,10 @@ class RunDir:
 
     # Reading.
     def score_rows(self) -> list[dict]:
-        """Every score row, all shards, sorted by path."""
-        rows = [r for p in sorted(self.path.glob("scores*.csv")) for r in read_rows(p)]
-        return sorted(rows, key=lambda r: r["image_path"])
+        """Every scored input's row, all shards, sorted by path; an input scored again after its
+        content changed counts by its last row."""
+        last = {r["image_path"]: r for p in sorted(self.path.glob("scores*.csv")) for r in read_rows(p)}
+        return sorted(last.values(), key=lambda r: r["image_path"])
 
     def region_rows(self) -> list[dict]:
         """Every defect region, all shards, by image path then region number."""
