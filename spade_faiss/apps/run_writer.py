@@ -99,8 +99,8 @@ class RunWriter:
 
     def is_done(self, path: str) -> bool:
         """Scored already: a row in scores.csv whose content hash is the input's now (a file
-        changed since is scored again, and its new row is the one that counts; rows written by
-        a version that recorded no hash are taken by path). Inputs that failed before are tried
+        changed since is scored again, and its new row is the one that counts; one that cannot be
+        read now keeps its row; rows written by a version that recorded no hash are taken by path). Inputs that failed before are tried
         again: a repaired file is scored, one still broken is reported once."""
         recorded = self.done.get(path)
         if recorded is None:
@@ -109,8 +109,8 @@ class RunWriter:
             return True
         try:
             same = content_sha256(path) == recorded
-        except (ValueError, OSError):  # unreadable now: scoring it again reports why
-            same = False
+        except (ValueError, OSError):  # gone or unreadable now: its row stands (nothing else to score)
+            same = True
         if not same:
             self.changed.add(path)
         return same
