@@ -100,8 +100,9 @@ class RunWriter:
     def is_done(self, path: str) -> bool:
         """Scored already: a row in scores.csv whose content hash is the input's now (a file
         changed since is scored again, and its new row is the one that counts; one that cannot be
-        read now keeps its row; rows written by a version that recorded no hash are taken by path). Inputs that failed before are tried
-        again: a repaired file is scored, one still broken is reported once."""
+        read now keeps its row; rows written by a version that recorded no hash are taken by
+        path). Inputs that failed before are tried again: a repaired file is scored, one still
+        broken is reported once."""
         recorded = self.done.get(path)
         if recorded is None:
             return False
