@@ -164,3 +164,45 @@ def read_frame(ref: FrameRef) -> np.ndarray:
     if bgr.ndim == 2:
         return cv2.cvtColor(bgr, cv2.COLOR_GRAY2RGB)
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def is_video_bytes(data: bytes) -> bool:
+    """Whether uploaded bytes start like a video container (MP4/MOV, AVI, Matroska/WebM, MPEG)."""
+    return (data[4:8] == b"ftyp" or (data[:4] == b"RIFF" and data[8:12] == b"AVI ")
+            or data[:4] == b"\x1a\x45\xdf\xa3" or data[:4] == b"\x00\x00\x01\xba"
+            or (len(data) > 376 and data[0] == 0x47 and data[188] == 0x47 and data[376] == 0x47))
+
+
+def clip_frames(data: bytes, name: str, max_pixels: int, max_frames: int) -> list[tuple[FrameRef, np.ndarray]]:
+    """Every frame of an uploaded clip, in order, as (reference ``name#frame=N&t=S``, RGB);
+    ``VideoError`` for a clip that cannot be read, with more than ``max_frames`` frames, or with
+    frames over ``max_pixels``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="spade-clip-") as folder:
+        path = os.path.join(folder, "clip")
+        with open(path, "wb") as f:
+            f.write(data)
+        cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
+        try:
+            if not cap.isOpened():
+                raise VideoError(f"{name}: not a readable video clip")
+            fps = cap.get(cv2.CAP_PROP_FPS)
+            fps = fps if math.isfinite(fps) and fps > 0 else None
+            out = []
+            while True:
+                ok, bgr = cap.read()
+                if not ok or bgr is None:
+                    break
+                if len(out) == max_frames:
+                    raise VideoError(f"{name}: a clip of more than {max_frames} frames (send a shorter one)")
+                if bgr.shape[0] * bgr.shape[1] > max_pixels:
+                    raise VideoError(f"{name}: frames of {bgr.shape[1]}x{bgr.shape[0]}, more than {max_pixels} pixels")
+                i = len(out)
+                rgb = cv2.cvtColor(bgr, cv2.COLOR_GRAY2RGB if bgr.ndim == 2 else cv2.COLOR_BGR2RGB)
+                out.append((FrameRef(name, i, None if fps is None else round(i / fps, 3)), rgb))
+        finally:
+            cap.release()
+    if not out:
+        raise VideoError(f"{name}: a video clip without a readable frame")
+    return out

@@ -540,3 +540,44 @@ def test_a_mistyped_thresholds_file_keeps_the_last_good_state_and_health_names_i
         assert state()["problem"] is None and health()[1]["status"] == "ok"
     finally:
         assert server.stop() == 0
+
+
+def test_a_short_clip_is_answered_per_frame_as_the_library_scores_its_frames(server, store, dataset, tmp_path):
+    """Issue 37: a video clip uploaded to /v1/score (a real MJPG AVI) is answered per frame, in
+    frame order, each answer equal to the library's score and map of that decoded frame; a
+    clip over the frame limit is refused (413), and so is one that is not a readable video."""
+    import cv2
+
+    from spade_faiss.apps.serve import MAX_CLIP_FRAMES
+
+    paths = [s.path for s in discover(dataset, "test")][:4]
+    clip = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (96, 96))
+    for p in paths:
+        writer.write(cv2.imread(p))
+    writer.release()
+    cap, frames = cv2.VideoCapture(str(clip)), []
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    with Spade.open(store, k_gallery=5) as spade:
+        want = spade.score(frames)
+    code, raw, _ = request(server.url + "/v1/score?map=true&raw=true", clip.read_bytes())
+    assert code == 200, raw
+    out = json.loads(raw)
+    assert [f["frame"] for f in out["frames"]] == list(range(len(frames))) == list(range(4))
+    assert [f["time_s"] for f in out["frames"]] == [0.0, 0.2, 0.4, 0.6]
+    for f, score, amap in zip(out["frames"], want.image_scores, want.maps):
+        assert f["score"] == float(score)
+        np.testing.assert_array_equal(decoded_map(f), amap)
+    long = tmp_path / "long.avi"
+    writer = cv2.VideoWriter(str(long), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (32, 32))
+    for _ in range(MAX_CLIP_FRAMES + 1):
+        writer.write(np.zeros((32, 32, 3), np.uint8))
+    writer.release()
+    code, raw, _ = request(server.url + "/v1/score", long.read_bytes())
+    assert code == 413 and b"more than" in raw
+    code, raw, _ = request(server.url + "/v1/score", b"RIFF\x00\x00\x00\x00AVI " + b"\x00" * 64)
+    assert code == 400 and b"video" in raw

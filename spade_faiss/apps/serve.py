@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import images as imglib
+from .. import video
 from ..config import SERVICE_DEFAULTS, Maps, check_values
 from ..detector import Spade
 from ..regions import find_regions
@@ -34,6 +35,8 @@ from . import pictures
 from .http import DEADLINE_HEADER, Guard, error, header_seconds, read_image, wait_for
 from .scheduler import Busy, Job
 from .served import Metrics, ServedCorpus
+
+MAX_CLIP_FRAMES = 64  # frames of one uploaded clip (each also within the pixel limit)
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +160,13 @@ async def _score(c: ServedCorpus, request: Request, map: str, raw: bool, timeout
     data, name, problem = await read_image(request, max_upload_bytes)
     if problem:
         return error(*problem)
+    if spade.config_.image_score != "knn" and want is not Maps.ALL:
+        return error(400, f"image_score={spade.config_.image_score!r} is computed from the map: ask map=true")
+    if video.is_video_bytes(data):
+        return await _score_clip(c, request, data, name, want, raw, deadline, max_pixels, arrived)
     pixels = await run_in_threadpool(imglib.header_pixels, data)
     if pixels is not None and pixels > max_pixels:
         return error(413, f"image has {pixels} pixels, more than {max_pixels}")
-    if spade.config_.image_score != "knn" and want is not Maps.ALL:
-        return error(400, f"image_score={spade.config_.image_score!r} is computed from the map: ask map=true")
     try:
         scheduler.admit(want is not Maps.NONE, deadline)  # before paying for decoding
         image = await run_in_threadpool(imglib.load_bytes, data, name)
@@ -181,6 +186,12 @@ async def _score(c: ServedCorpus, request: Request, map: str, raw: bool, timeout
     if outcome == "late":
         metrics.rejected.labels("deadline passed").inc()
         return error(503, "not served within the deadline", headers={"Retry-After": "1"})
+    return _answer(c, job, raw)
+
+
+def _answer(c: ServedCorpus, job: Job, raw: bool):
+    """The JSON answer of one finished job (an image, or one frame of a clip), or an error."""
+    spade = c.spade
     try:
         result, map_status = job.future.result()
     except Exception as e:
@@ -202,6 +213,46 @@ async def _score(c: ServedCorpus, request: Request, map: str, raw: bool, timeout
             out["map_shape"] = list(result.map.shape)
             out["map_f32"] = base64.b64encode(result.map.astype("<f4").tobytes()).decode()
     return out
+
+
+async def _score_clip(c: ServedCorpus, request: Request, data: bytes, name: str, want: Maps, raw: bool,
+                      deadline: float, max_pixels: int, arrived: float):
+    """A short video clip: each frame scored as an image (in frame order), answered per frame."""
+    scheduler, metrics = c.scheduler, c.metrics
+    try:
+        frames = await run_in_threadpool(video.clip_frames, data, name, max_pixels, MAX_CLIP_FRAMES)
+    except video.VideoError as e:
+        return error(413 if "more than" in str(e) else 400, str(e))
+    jobs = []
+    try:
+        for ref, rgb in frames:
+            scheduler.admit(want is not Maps.NONE, deadline)
+            job = Job(imglib.LoadedImage(ref.path, imglib.sha256_bytes(rgb.tobytes()), rgb), want, deadline)
+            scheduler.submit(job)
+            jobs.append((ref, job))
+    except Busy as busy:
+        for _, job in jobs:
+            job.abandoned = True
+        metrics.rejected.labels(busy.reason).inc()
+        return error(503, f"server busy: {busy.reason} (a clip of {len(frames)} frames)",
+                     headers={"Retry-After": str(math.ceil(busy.retry_after))})
+    answers = []
+    for ref, job in jobs:
+        outcome = await wait_for(request, job, scheduler)
+        if outcome != "done":
+            for _, rest in jobs:
+                rest.abandoned = True
+            if outcome == "disconnected":
+                metrics.disconnected.inc()
+                return Response(status_code=499)
+            metrics.rejected.labels("deadline passed").inc()
+            return error(503, "not served within the deadline", headers={"Retry-After": "1"})
+        one = _answer(c, job, raw)
+        if not isinstance(one, dict):
+            return one
+        answers.append({"frame": ref.frame, "time_s": ref.time_s, **one})
+    metrics.latency.labels("map" if want is not Maps.NONE else "score").observe(time.monotonic() - arrived)
+    return {"frames": answers, "corpus": answers[-1]["corpus"] if answers else None}
 
 
 def run(spades: Spade | dict[str, Spade], host: str = SERVICE_DEFAULTS["host"], port: int = SERVICE_DEFAULTS["port"],
