@@ -175,6 +175,12 @@ def test_a_segment_of_another_corpus_is_refused_by_name_never_merged(tmp_path, d
     other = tmp_path / "other.h5"
     (foreign_seg,) = _grown_beside(other, train[:6], train[8:12])
     folder = appends.appends_dir(path)
+    truncated = folder / "seg-000002.h5"  # a segment cut short (a copy that stopped): refused, quarantined
+    truncated.write_bytes(open(seg, "rb").read()[:4096])
+    assert "unreadable segment" in verify(str(path))[0]
+    assert "quarantined" in verify(str(path), repair=True)[0] and verify(str(path)) == []
+    os.remove(str(truncated) + ".quarantined")
+
     def corpus_of_its_own():
         with Spade.create(folder / "seg-000002.h5", **SMALL) as own:
             own.add(train[12:16])
@@ -192,9 +198,12 @@ def test_a_segment_of_another_corpus_is_refused_by_name_never_merged(tmp_path, d
             assert len(base) == 6
         problems = verify(str(path))
         assert len(problems) == 1 and planted in problems[0] and why in problems[0], problems
-        os.remove(planted)
+        problems = verify(str(path), repair=True)  # quarantined: kept beside, never read
+        assert len(problems) == 1 and "quarantined as seg-000002.h5.quarantined" in problems[0]
+        assert verify(str(path)) == []
         with Spade.open(path, k_gallery=4) as fine:
             assert len(fine.store_) == 8
+        os.remove(planted + ".quarantined")
 
 
 def test_a_new_corpus_never_adopts_the_segments_of_a_deleted_one(tmp_path, data):

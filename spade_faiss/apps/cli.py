@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="corpus file")
     p.add_argument("--rehash", action="store_true", help="re-hash the source images and compare")
     p.add_argument("--deep", action="store_true", help="read every level row")
+    p.add_argument("--repair", action="store_true",
+                   help="quarantine each segment readers refuse (renamed *.quarantined, kept) so the corpus opens "
+                        "without it")
 
     p = command("serve", "online scoring over HTTP (needs the 'serve' extra)", _model_args, _scoring_args, _run_args)
     p.add_argument("store", nargs="+", help="corpus file(s), each PATH or NAME=PATH (default name: the file's "

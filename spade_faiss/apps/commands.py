@@ -261,7 +261,7 @@ def cmd_report(args) -> int:
 def cmd_verify(args) -> int:
     from .verify import verify
 
-    problems = verify(args.store, rehash=args.rehash, deep=args.deep)
+    problems = verify(args.store, rehash=args.rehash, deep=args.deep, repair=args.repair)
     for p in problems:
         print(f"spade-faiss: problem: {p}", file=sys.stderr)
     print(json.dumps({"store": args.store, "ok": not problems, "problems": len(problems)}))

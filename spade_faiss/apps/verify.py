@@ -14,6 +14,7 @@ from ..image_index import ImageIndex
 from ..images import content_sha256
 from ..store import FeatureStore
 from ..store.appends import segment_paths
+from ..store.names import quarantined
 from ..store.view import segment_problem
 from ..video import parse_ref
 
@@ -37,11 +38,13 @@ def _metadata_problem(path) -> str | None:
     return None  # an error there is found again, and named, by the checks below
 
 
-def verify(path, rehash: bool = False, deep: bool = False) -> list[str]:
+def verify(path, rehash: bool = False, deep: bool = False, repair: bool = False) -> list[str]:
     """Problems found in the corpus at ``path`` (an empty list means it is sound).
 
     ``deep`` reads every committed level row (finds unreadable chunks and non-finite values);
-    ``rehash`` re-reads each source image and compares its sha256 with the stored one.
+    ``rehash`` re-reads each source image and compares its sha256 with the stored one;
+    ``repair`` quarantines each segment readers would refuse (renamed ``*.quarantined`` beside
+    the others: kept, never read), so that the corpus opens without it (each still reported).
     """
     if os.path.isfile(path):
         hang = _metadata_problem(path)
@@ -61,7 +64,7 @@ def verify(path, rehash: bool = False, deep: bool = False) -> list[str]:
         problems += _guarded(_check_index, store, n, deep)
         problems += _guarded(_check_pool, store, n)
         problems += _guarded(_check_names, store)
-        problems += _check_segments(store)
+        problems += _check_segments(store, repair)
         rows = range(n) if deep else (sorted({0, n - 1}) if n else [])
         for lv in store.config.levels:
             for i in rows:
@@ -86,9 +89,9 @@ def _guarded(check, store, *args) -> list[str]:
         return [str(e)]
 
 
-def _check_segments(store) -> list[str]:
+def _check_segments(store, repair: bool = False) -> list[str]:
     """Each segment beside the corpus that readers would refuse (foreign, out of sequence,
-    stale, unreadable), by name."""
+    stale, unreadable), by name; with ``repair``, each is quarantined (renamed, kept)."""
     problems = []
     for path in segment_paths(store.path):
         try:
@@ -96,6 +99,9 @@ def _check_segments(store) -> list[str]:
                 problem = segment_problem(store, seg)
         except (ValueError, OSError) as e:
             problem = f"{path}: unreadable segment ({e})"
+        if problem and repair:
+            os.replace(path, quarantined(path))
+            problem += f" [quarantined as {os.path.basename(quarantined(path))}]"
         if problem:
             problems.append(problem)
     return problems

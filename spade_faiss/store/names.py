@@ -47,6 +47,7 @@ WRITER_LOCK = ".writer.lock"
 SEGMENT = re.compile(r"^seg-(\d{6})\.h5$")
 SIDECAR_SUFFIX = ".faiss"
 HELD_OUT_SUFFIX = ".held_out.txt"
+QUARANTINED = ".quarantined"  # a refused segment renamed by `verify --repair` (no longer a segment's name)
 ORPHANED = ".orphaned-"  # a segments folder found beside a new corpus (its own was deleted) is renamed so
 
 
@@ -97,6 +98,11 @@ def segment_number(path) -> int | None:
     """The number in a segment's file name (None: not a segment's name)."""
     m = SEGMENT.match(os.path.basename(str(path)))
     return int(m.group(1)) if m else None
+
+
+def quarantined(segment_path) -> str:
+    """Where `verify --repair` puts a segment readers refuse (kept, never read)."""
+    return f"{segment_path}{QUARANTINED}"
 
 
 def orphaned(folder: Path, stamp: str) -> Path:
