@@ -1,4 +1,4 @@
-"""Defect regions: where a map says the defect is, as data (docs/design.md, "Regions").
+"""Defect regions: where a map says the defect is, as data (docs/design.md, "Defect regions").
 
 A region is a connected component (8-connectivity) of the pixels whose map value exceeds a
 threshold (the calibrated pixel threshold ``theta`` unless one is given), on the map at the
