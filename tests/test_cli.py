@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -345,6 +346,9 @@ def test_score_lists_defect_regions_of_the_maps_at_theta(tmp_path, dataset, corp
             assert int(row["regions"]) == len(want) and int(row["largest_region"]) == max((g.area for g in want),
                                                                                           default=0)
     assert sum(int(r["regions"]) for r in rows) == len(regions) > 0
+    report = (out / "report.html").read_text()  # the report's table says them too
+    assert sorted(int(n) for n in re.findall(r"data-regions='(\d+)'", report)) == \
+        sorted(int(r["regions"]) for r in rows)
     # A crash after the regions of the last image, before its score row: resumed, listed once.
     lines = (out / "scores.csv").read_text().splitlines(keepends=True)
     (out / "scores.csv").write_text("".join(lines[:-1]))

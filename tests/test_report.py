@@ -39,6 +39,7 @@ def test_the_report_is_self_contained_with_a_row_per_image(run_dir, capsys):
     assert all(base64.b64decode(i)[:4] in (b"\xff\xd8\xff\xe0", b"\xff\xd8\xff\xdb", b"\x89PNG") for i in images)
     assert "image_AUROC (folders as labels)" in html  # test/good and test/defect: labels are known
     assert html.count("<td class='not-calibrated'>not calibrated</td>") == 7  # no thresholds: said, not blank
+    assert html.count("data-regions='0'") == 7 and "defect regions</th>" in html  # no theta: no regions
     # `spade-faiss report` rewrites it from the run files alone.
     (run_dir / "report.html").unlink()
     assert cli.main(["report", str(run_dir)]) == 0

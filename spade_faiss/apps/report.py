@@ -120,10 +120,13 @@ def write_report(run_dir) -> Path:
         overlay = run_dir / r["overlay"] if r.get("overlay") else None
         nearest = (r["neighbour_paths"].split(";") or [""])[0]
         verdict = {"1": "anomalous", "0": "normal"}.get(r["is_anomalous"], "not calibrated")
-        table.append(f"<tr data-score='{float(r['score']):.6g}' data-map='{r['map_max'] or 0}'>"
+        regions = r.get("regions") or ""  # with a pixel threshold: how many, and the largest's area
+        largest = f" (largest {r['largest_region']} px)" if regions not in ("", "0") else ""
+        table.append(f"<tr data-score='{float(r['score']):.6g}' data-map='{r['map_max'] or 0}' "
+                     f"data-regions='{regions or 0}'>"
                      f"<td class='name'>{html.escape(r['image_path'])}</td><td>{html.escape(r['folder'])}</td>"
                      f"<td>{float(r['score']):.4g}</td><td class='{verdict.replace(' ', '-')}'>{verdict}</td>"
-                     f"<td>{r['map_max'] or ''}</td>"
+                     f"<td>{r['map_max'] or ''}</td><td>{html.escape(str(regions) + largest)}</td>"
                      f"<td><img alt='overlay' src='{thumb(overlay) if overlay else ''}'></td>"
                      f"<td><img alt='nearest normal' src='{thumb(nearest) if nearest else ''}'>"
                      f"<div class='small'>{html.escape(Path(nearest).name)}</div></td></tr>")
@@ -168,6 +171,7 @@ threshold); white contours mark pixels above the threshold. Written {written}.</
 <span id="count"></span></div>
 <table id="images"><thead><tr><th data-key="name">image</th><th data-key="folder">folder</th>
 <th data-key="score">score</th><th data-key="verdict">verdict</th><th data-key="map">map max</th>
+<th data-key="regions">defect regions</th>
 <th>overlay</th><th>nearest normal image</th></tr></thead><tbody>{rows}</tbody></table>
 {errors}
 <script>
@@ -177,6 +181,7 @@ let sortKey = 'score', ascending = false;
 function cell(r, key) {{
   if (key === 'score') return parseFloat(r.dataset.score);
   if (key === 'map') return parseFloat(r.dataset.map);
+  if (key === 'regions') return parseFloat(r.dataset.regions);
   const i = {{name: 0, folder: 1, verdict: 3}}[key];
   return r.cells[i].textContent;
 }}
