@@ -95,3 +95,26 @@ def test_the_worker_outlives_a_failing_refresh_and_a_failing_report():
     finally:
         s.stop()
     assert not s.alive
+
+
+def test_a_scored_job_whose_deadline_passes_in_the_map_lane_is_answered_not_dropped():
+    """The race CI met: a job scored (so started), queued for its map, whose deadline passes
+    before the worker takes it: the worker drops the map but answers the image decision; a
+    client waiting on it never hangs (its own "late" path is only for jobs never started)."""
+    class Fake:
+        tau_ = None
+
+        def result(self, retrieved):
+            return ("result of", retrieved)
+
+    clock = Clock()
+    s = Scheduler(Fake(), max_batch=8, window_s=0.0, queue_size=4, clock=clock)
+    j = job("true", deadline=clock.now + 1.0)
+    j.started, j.retrieved = True, "retrieved"
+    s.lanes["map"].append(j)
+    never = job("true", deadline=clock.now + 1.0)  # expired before it was scored: the client answers itself
+    s.lanes["map"].append(never)
+    clock.now += 2.0
+    assert s._take("map", 1) == []
+    assert j.future.done() and j.future.result() == (("result of", "retrieved"), "skipped: the deadline passed")
+    assert not never.future.done()

@@ -264,6 +264,10 @@ class Scheduler:
 
     def _dropped(self, job: Job, now: float) -> None:
         reason = "abandoned" if job.abandoned or job.future.done() else "expired"
+        if reason == "expired" and job.retrieved is not None:
+            # Scored, then past its deadline while waiting for its map: its client waits for an
+            # answer (it was started, so it does not answer itself "late"): the image decision.
+            self._answer(job, "skipped: the deadline passed")
         if self.metrics is not None:
             self.metrics.dropped.labels(reason).inc()
 
