@@ -46,9 +46,11 @@ def join_shards(shards: list[str], out: str) -> int:
                     h[names.SHA256][row:row + len(k)] = np.array(s.sha256s(), dtype=SHA_DTYPE)[k]
                     h[names.POOL][row:row + len(k)] = s.pool()[k]
                     for part in (names.POOL_PART, *first.config.levels) if s.has_digests else ():
-                        d = s.h5[names.digest(part)]
-                        h[names.digest(part)][row:row + len(k)] = d[:][k[k < d.shape[0]]] if (k < d.shape[0]).all() \
-                            else np.stack([d[i] if i < d.shape[0] else np.zeros(d.shape[1], np.uint8) for i in k])
+                        recorded = s.h5[names.digest(part)][:]
+                        digests = np.zeros((len(k), recorded.shape[1]), np.uint8)  # zeros: none recorded
+                        known = k < len(recorded)
+                        digests[known] = recorded[k[known]]
+                        h[names.digest(part)][row:row + len(k)] = digests
                     row += len(k)
     finally:
         for s in stores:
