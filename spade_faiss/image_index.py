@@ -261,20 +261,20 @@ class ImageIndex:
         blob = faiss.serialize_index(self.index)
         attrs = self.attrs()
         if blob.nbytes < SIDECAR_MIN_BYTES:
-            store.write_index(blob, attrs)
+            store.records.write_index(blob, attrs)
             return
-        path = store.sidecar_path()
+        path = store.records.sidecar_path()
         name = os.path.basename(path)
         tmp = path + ".tmp"
         blob.tofile(tmp)
         os.replace(tmp, path)  # atomic: a crash leaves the old sidecar or the new one
         attrs.update(sidecar=name, sidecar_sha256=hashlib.sha256(blob).hexdigest(), sidecar_bytes=int(blob.nbytes))
-        store.write_index(None, attrs)
+        store.records.write_index(None, attrs)
 
     @staticmethod
     def sidecar_problems(store) -> list[str]:
         """Whether a sidecar ``.faiss`` file still has the sha256 the corpus recorded (read whole)."""
-        _, attrs = store.read_index()
+        _, attrs = store.records.read_index()
         if "sidecar" not in attrs:
             return []
         side = _sidecar(store, attrs)
@@ -289,7 +289,7 @@ class ImageIndex:
     @classmethod
     def load(cls, store) -> ImageIndex | None:
         """The index stored in ``store``, or None when none was written yet."""
-        blob, attrs = store.read_index()
+        blob, attrs = store.records.read_index()
         if blob is None and "sidecar" not in attrs:
             return None
         try:
@@ -311,7 +311,7 @@ def _drop_self(ids: np.ndarray, rows: np.ndarray, k: int) -> list[np.ndarray]:
 
 def _sidecar(store, attrs: dict) -> str:
     """The sidecar file the corpus recorded (by its name, in the corpus's folder)."""
-    return os.path.join(os.path.dirname(store.sidecar_path()), attrs["sidecar"])
+    return os.path.join(os.path.dirname(store.records.sidecar_path()), attrs["sidecar"])
 
 
 def _read_sidecar(path: str, attrs: dict) -> faiss.Index:

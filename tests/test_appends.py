@@ -86,7 +86,7 @@ def test_thresholds_calibrated_while_served_reach_the_reader(tmp_path, data):
     with Spade.open(path, "a", k_gallery=3):
         pass  # merged into the corpus file
     with Spade.open(path, k_gallery=3) as fresh:
-        assert fresh.tau_ == th["tau"] and fresh.store_.base.thresholds()["tau"] == th["tau"]
+        assert fresh.tau_ == th["tau"] and fresh.store_.base.records.thresholds()["tau"] == th["tau"]
 
 
 def test_one_writer_beside_a_corpus_and_a_killed_one_leaves_nothing_seen(tmp_path, data):

@@ -199,7 +199,7 @@ class QueryPipeline:
         # concat features (1792 channels, costlier re-checks) keep the full width: not measured narrower
         operand = None if name == "concat" else patch_search.pruned.operand_dtype()
         used = patch_search.projection_dims(h * w, operand)
-        stored = self.store.projection(name)
+        stored = self.store.records.projection(name)
         if stored is not None and stored[1].shape == (channels, dims):
             self.projections[name] = patch_search.Projection(*stored).leading(used)
             return
@@ -212,4 +212,4 @@ class QueryPipeline:
         projection = patch_search.Projection.fit(sample, dims)
         self.projections[name] = projection.leading(used)
         if self.store.writable:
-            self.store.write_projection(name, projection.mean, projection.basis)
+            self.store.records.write_projection(name, projection.mean, projection.basis)

@@ -120,12 +120,12 @@ def leave_one_out_theta(corpus: AttachedCorpus, config, options, device: str, n_
     memo = corpus.memo.get("colour_scale")
     if memo is not None and memo[0] == key:
         return memo[1]
-    stored = corpus.store.leave_one_out_theta()
+    stored = corpus.store.records.leave_one_out_theta()
     if stored is not None and {k: v for k, v in stored.items() if k != "theta"} == key:
         theta = stored["theta"]
     else:
         theta = corpus.pipeline.leave_one_out_theta(n_images, fpr, config, options, device)
         if corpus.store.writable:
-            corpus.store.write_leave_one_out_theta({**key, "theta": theta})
+            corpus.store.records.write_leave_one_out_theta({**key, "theta": theta})
     corpus.memo["colour_scale"] = (key, theta)
     return theta

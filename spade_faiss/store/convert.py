@@ -73,17 +73,17 @@ def _write(source: FeatureStore, tmp: str, config, seed: int, on_progress) -> No
             out.append([paths[i] for i in rows], [shas[i] for i in rows], feats, encoded=kept)
             if on_progress:
                 on_progress(len(rows))
-        blob, attrs = source.read_index()
+        blob, attrs = source.records.read_index()
         if blob is not None:
-            out.write_index(blob, attrs)
+            out.records.write_index(blob, attrs)
         elif attrs:
             log.warning("%s: its image index lives in a sidecar file: run `spade-faiss reindex` on the new corpus",
                         source.path)
-        thresholds = source.thresholds()
+        thresholds = source.records.thresholds()
         lossless = all(not r.is_pca for r in out.representations.values()) and \
             all(r.stored_dtype == source.representations[lv].stored_dtype for lv, r in out.representations.items())
         if thresholds and lossless:
-            out.write_thresholds(thresholds)
+            out.records.write_thresholds(thresholds)
         elif thresholds:
             log.warning("%s: the thresholds of %s are left out: the new representation changes the scores "
                         "(calibrate the new corpus)", tmp, source.path)

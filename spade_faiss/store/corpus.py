@@ -29,9 +29,10 @@ from ..clock import utc_now
 from ..config import SpadeConfig, feature_mismatch, upgrade_feature_dict
 from ..representations import Representation
 from ..version import __version__
-from . import appends, digests, names
-from .appends import check_thresholds
+from . import appends, digests, errors, names
+from .errors import CorpusLocked, StoreError
 from .layout import SHA_DTYPE, level_specs, write_layout, write_representations
+from .records import Records
 from .repair import rebuild
 
 log = logging.getLogger(__name__)
@@ -41,15 +42,6 @@ READABLE_VERSIONS = (1, 2)
 # Room an append asks for besides twice its raw rows: B-tree nodes, heaps, the commit flush.
 ROW_OVERHEAD_BYTES = 4096
 METADATA_MARGIN_BYTES = 8 << 20
-
-
-class StoreError(ValueError):
-    """A corpus file that is missing parts, corrupt, or built with another configuration."""
-
-
-class CorpusLocked(StoreError):
-    """The corpus file is open in another process in a way that excludes this open (HDF5's
-    file lock: one writer excludes everyone, readers share)."""
 
 
 def _plain(attrs: dict) -> dict:
@@ -84,6 +76,7 @@ class FeatureStore:
         self.level_shapes = {lv: (*self.feature_shapes[lv][:2], r.search_channels)
                              for lv, r in self.representations.items()}
         self.pool_dim = int(self.h5[names.POOL].shape[1])
+        self.records = Records(h5, path)
         self.bytes_read = 0  # stored bytes of the level rows read so far (compressed size when compressed)
 
     def _feature_shapes(self) -> dict:
@@ -249,17 +242,7 @@ class FeatureStore:
     # --- reading -------------------------------------------------------------------------
 
     def _read(self, name: str, selection):
-        """``self.h5[name][selection]``; a failed read (a checksum, a damaged chunk) names the
-        dataset and the file."""
-        try:
-            return self.h5[name][selection]
-        except (OSError, KeyError) as e:
-            raise self._damaged(name, "", e) from None
-
-    def _damaged(self, name: str, where: str, error: Exception) -> StoreError:
-        text = str(error).splitlines()[0] if str(error) else type(error).__name__
-        return StoreError(f"{self.path}: {name}{' ' + where if where else ''} cannot be read ({text}): the file is "
-                          f"damaged; `spade-faiss verify --deep {self.path}` lists what")
+        return errors.read(self.h5, self.path, name, selection)
 
     @property
     def attrs(self) -> dict:
@@ -303,7 +286,7 @@ class FeatureStore:
             try:
                 ds.read_direct(out, np.s_[int(ids[k])], np.s_[int(k)])
             except OSError as e:
-                raise self._damaged(names.level(name), f"row {int(ids[k])}", e) from None
+                raise errors.damaged(self.path, names.level(name), f"row {int(ids[k])}", e) from None
         self.bytes_read += self._stored_bytes(ds, ids)
         self._check_digests(name, ids, out)
         return self.representations[name].decode(out)
@@ -347,7 +330,7 @@ class FeatureStore:
                 "config": self.config.feature_dict(),
                 "weights_source": self.weights_source(), "levels": {k: list(v) for k, v in self.level_shapes.items()},
                 "pool_dim": self.pool_dim, "index": _plain(dict(self.h5[names.INDEX].attrs)) or None,
-                "thresholds": self.thresholds()}
+                "thresholds": self.records.thresholds()}
 
     def bytes_per_image(self) -> dict:
         """Stored bytes of one image: per level, the pooled vector, and their total."""
@@ -400,11 +383,7 @@ class FeatureStore:
         ds = self.h5[name]
         rows = np.ascontiguousarray(rows, dtype=ds.dtype)
         ds[start:start + len(rows)] = rows
-        if self.has_digests:
-            d = self.h5[names.digest(part)]
-            if d.shape[0] < start + len(rows):
-                d.resize(start + len(rows), axis=0)
-            d[start:start + len(rows)] = digests.row_digests(rows)
+        digests.write(self.h5, part, start, rows)
 
     @property
     def has_digests(self) -> bool:
@@ -413,16 +392,7 @@ class FeatureStore:
 
     def _check_digests(self, part: str, ids: np.ndarray, rows: np.ndarray) -> None:
         """Refuse stored ``rows`` (of images ``ids``) whose bytes differ from their digests."""
-        if not self.has_digests or not len(ids):
-            return
-        ds = self.h5[names.digest(part)]
-        unique, back = np.unique(ids, return_inverse=True)
-        known = unique[unique < ds.shape[0]]  # rows past it were written without digests
-        recorded = np.zeros((len(unique), ds.shape[1]), np.uint8)
-        if len(known):
-            recorded[:len(known)] = self._read(names.digest(part), list(known.tolist()))
-        recorded = recorded[back.reshape(-1)]
-        bad = digests.mismatched(rows, recorded)
+        bad = digests.check(self.h5, part, ids, rows, read=self._read)
         if bad:
             i = int(ids[bad[0]])
             where = self.paths()[i] if i < len(self) else "?"
@@ -481,72 +451,6 @@ class FeatureStore:
             rep.state = other.representations[lv].state
         write_representations(self.h5, self.representations)
         self.h5.flush()
-
-    # --- the image index blob (image_index.py owns its meaning) --------------------------
-
-    def write_index(self, blob: np.ndarray | None, attrs: dict) -> None:
-        """Replace the stored index: ``blob`` (uint8 bytes) or None when it lives in a sidecar."""
-        grp = self.h5[names.INDEX]
-        if "faiss" in grp:
-            del grp["faiss"]
-        if blob is not None:  # checksummed (format v2), so damage is an error on load, not other scores
-            checks = {"chunks": True, "fletcher32": True} if int(self.h5.attrs[names.FORMAT_VERSION]) >= 2 else {}
-            grp.create_dataset("faiss", data=blob, **checks)
-        for k in list(grp.attrs):
-            del grp.attrs[k]
-        grp.attrs.update(attrs)
-        self.h5.flush()
-
-    def read_index(self) -> tuple[np.ndarray | None, dict]:
-        grp = self.h5[names.INDEX]
-        blob = self._read(names.INDEX_BLOB, ()) if "faiss" in grp else None
-        return blob, dict(grp.attrs)
-
-    def write_thresholds(self, thresholds: dict) -> None:
-        """Store calibrated thresholds (JSON in the ``thresholds`` attribute)."""
-        self.h5.attrs[names.THRESHOLDS] = json.dumps(thresholds, sort_keys=True)
-        self.h5.flush()
-
-    def thresholds(self) -> dict | None:
-        if names.THRESHOLDS not in self.h5.attrs:
-            return None
-        where = f"{self.path}: the {names.THRESHOLDS} attribute"
-        try:
-            record = json.loads(self.h5.attrs[names.THRESHOLDS])
-        except ValueError as e:
-            raise StoreError(f"{where} is not a thresholds record ({e})") from None
-        return check_thresholds(record, where)
-
-    def write_leave_one_out_theta(self, record: dict) -> None:
-        """Store the leave-one-out pixel threshold (``detector/thresholds.py``) with what it was
-        computed for (JSON attribute)."""
-        self.h5.attrs[names.LEAVE_ONE_OUT_THETA] = json.dumps(record, sort_keys=True)
-        self.h5.flush()
-
-    def leave_one_out_theta(self) -> dict | None:
-        attrs = self.h5.attrs
-        return json.loads(attrs[names.LEAVE_ONE_OUT_THETA]) if names.LEAVE_ONE_OUT_THETA in attrs else None
-
-    def write_projection(self, name: str, mean: np.ndarray, basis: np.ndarray) -> None:
-        """Store the pruned engine's basis of level (or ``concat``) ``name`` (replaced, checksummed)."""
-        group = names.projection(name)
-        if group in self.h5:
-            del self.h5[group]
-        g = self.h5.create_group(group)
-        for key, value in (("mean", mean), ("basis", basis)):
-            g.create_dataset(key, data=value, chunks=True, fletcher32=True)
-        self.h5.flush()
-
-    def projection(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """The stored ``(mean, basis)`` of level (or ``concat``) ``name``, or None."""
-        group = names.projection(name)
-        if group not in self.h5:
-            return None
-        return self._read(f"{group}/mean", ()), self._read(f"{group}/basis", ())
-
-    def sidecar_path(self) -> str:
-        """Where the image index's sidecar file of this corpus lives."""
-        return names.sidecar(self.path)
 
     def nbytes_on_disk(self) -> int:
         try:

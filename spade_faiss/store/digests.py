@@ -16,6 +16,7 @@ import hashlib
 
 import numpy as np
 
+from . import names
 from .layout import DIGEST_BYTES
 
 UNSET = bytes(DIGEST_BYTES)
@@ -36,3 +37,29 @@ def mismatched(rows: np.ndarray, recorded: np.ndarray) -> list[int]:
     actual = row_digests(rows)
     return [i for i in range(len(rows)) if recorded[i].tobytes() != UNSET and
             not np.array_equal(actual[i], recorded[i])]
+
+
+def write(h5, part: str, start: int, rows: np.ndarray) -> None:
+    """Record the digests of ``rows`` (as stored), written at rows ``start:`` of ``part``, in
+    an open corpus file that keeps digests (others are left as they are)."""
+    if names.DIGESTS not in h5:
+        return
+    d = h5[names.digest(part)]
+    if d.shape[0] < start + len(rows):
+        d.resize(start + len(rows), axis=0)
+    d[start:start + len(rows)] = row_digests(rows)
+
+
+def check(h5, part: str, ids: np.ndarray, rows: np.ndarray, read) -> list[int]:
+    """Positions of stored ``rows`` (of images ``ids``, any order, repeats allowed) whose bytes
+    differ from their recorded digests; ``read(name, selection)`` reads the file."""
+    if names.DIGESTS not in h5 or not len(ids):
+        return []
+    name = names.digest(part)
+    width = h5[name].shape[1]
+    unique, back = np.unique(ids, return_inverse=True)
+    known = unique[unique < h5[name].shape[0]]  # rows past it were written without digests
+    recorded = np.zeros((len(unique), width), np.uint8)
+    if len(known):
+        recorded[:len(known)] = read(name, list(known.tolist()))
+    return mismatched(rows, recorded[back.reshape(-1)])

@@ -24,7 +24,7 @@ class CorpusView:
     """Read access to a corpus and its segments, and appends: into the corpus file when this
     process has it to itself, else (``beside``) as new segments. Its interface is what the
     layers above use of a corpus, each method written out (the configuration, the fitted
-    representations, the image index and the estimates are the corpus file's own)."""
+    representations, the records are the corpus file's own)."""
 
     def __init__(self, base: FeatureStore, beside: bool = False, lock: appends.WriterLock | None = None,
                  generation: int | None = None):
@@ -36,7 +36,11 @@ class CorpusView:
         self._known = set(self._shas)
         self._thresholds_mtime = None
         self.segments = 0
-        self.refresh(generation)
+        try:
+            self.refresh(generation)
+        except BaseException:  # a refused segment: nothing this view opened stays open (or locked)
+            self.close()
+            raise
         self.thresholds_changed()
 
     # --- the corpus file's own answers (configuration, representations, image index, estimates) ---
@@ -62,26 +66,11 @@ class CorpusView:
     def adopt_representations(self, other: FeatureStore) -> None:
         self.base.adopt_representations(other)
 
-    def read_index(self) -> tuple:
-        return self.base.read_index()
-
-    def write_index(self, blob, attrs: dict) -> None:
-        self.base.write_index(blob, attrs)
-
-    def sidecar_path(self) -> str:
-        return self.base.sidecar_path()
-
-    def projection(self, name: str):
-        return self.base.projection(name)
-
-    def write_projection(self, name: str, mean: np.ndarray, basis: np.ndarray) -> None:
-        self.base.write_projection(name, mean, basis)
-
-    def leave_one_out_theta(self) -> dict | None:
-        return self.base.leave_one_out_theta()
-
-    def write_leave_one_out_theta(self, record: dict) -> None:
-        self.base.write_leave_one_out_theta(record)
+    @property
+    def records(self):
+        """The corpus file's records (image index, thresholds, projections: ``records.py``);
+        :meth:`thresholds` is the view's answer, a thresholds file beside the corpus first."""
+        return self.base.records
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -108,7 +97,11 @@ class CorpusView:
                 seg = FeatureStore.open(path)
             except FileNotFoundError:
                 break  # merged meanwhile by a writer that had the corpus file to itself
-            self._check_segment(seg)
+            try:
+                self._check_segment(seg)
+            except BaseException:
+                seg.close()
+                raise
             shas = seg.sha256s()
             keep = np.array([i for i, s in enumerate(shas) if s not in self._known], dtype=np.int64)
             self._known.update(shas)
@@ -197,7 +190,7 @@ class CorpusView:
 
     def thresholds(self) -> dict | None:
         beside = appends.read_thresholds(self.base.path)
-        return beside if beside is not None else self.base.thresholds()
+        return beside if beside is not None else self.base.records.thresholds()
 
     def describe(self) -> dict:
         return {**self.base.describe(), "images": len(self), "segments": self.segments,
@@ -233,7 +226,7 @@ class CorpusView:
         if self.beside:
             appends.write_thresholds(self.base.path, thresholds)
         else:
-            self.base.write_thresholds(thresholds)
+            self.base.records.write_thresholds(thresholds)
 
     def close(self) -> None:
         for p in self.parts:
@@ -295,7 +288,7 @@ def merge_segments(base: FeatureStore) -> int:
                 base.append([paths[i] for i in keep], [shas[i] for i in keep], feats, encoded=True)
                 added += len(keep)
     if beside is not None:
-        base.write_thresholds(beside)
+        base.records.write_thresholds(beside)
     appends.remove_temporaries(base.path)
     appends.clear(base.path)
     log.info("%s: merged %d segment(s), %d image(s)", base.path, len(seg_paths), added)
