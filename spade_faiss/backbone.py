@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import BACKBONES, DEFAULTS, LEVELS
+from .config import BACKBONES, DEFAULTS, VIT_BACKBONES
 from .resnets import ResNet
 
 log = logging.getLogger(__name__)
@@ -48,22 +48,34 @@ def imagenet_cache_path(backbone: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
-def check_weights(weights) -> None:
+PUBLISHED = ("imagenet", "pretrained")  # the published weights: ImageNet for the CNNs, the hub's for ViTs
+
+
+def check_weights(weights, backbone: str = DEFAULTS["backbone"]) -> None:
     """Refuse a ``weights`` value that can never load, before any model is built."""
-    if weights is None or weights == "imagenet":
+    if weights == "imagenet" and backbone in VIT_BACKBONES:
+        raise ValueError(f"weights='imagenet': {backbone} has no ImageNet weights; pass weights='pretrained' "
+                         f"(CLI: --weights pretrained: its published weights from the Hugging Face hub through "
+                         f"timm), a local state_dict file, or None (seeded random init)")
+    if weights is None or weights in PUBLISHED:
         return
     if not isinstance(weights, (str, os.PathLike)):
-        raise ValueError(f"weights={weights!r}: expected 'imagenet', a state_dict file, or None")
+        raise ValueError(f"weights={weights!r}: expected 'imagenet', 'pretrained', a state_dict file, or None")
     if not Path(weights).is_file():
         raise FileNotFoundError(f"weights={str(weights)!r}: no such file "
-                                f"(expected 'imagenet', a state_dict file, or None)")
+                                f"(expected 'imagenet', 'pretrained', a state_dict file, or None)")
 
 
 def load_state_dict(backbone: str, weights) -> dict | None:
-    """``"imagenet"`` (torch hub cache, downloading when missing), a path, or None (random)."""
+    """``"imagenet"``/``"pretrained"`` (the published weights, downloaded when missing: the torch
+    hub cache for CNNs, the Hugging Face hub cache through timm for ViTs), a path (a torch
+    state_dict or a ``.safetensors`` file), or None (random)."""
     if weights is None:
         return None
-    if weights == "imagenet":
+    check_weights(weights, backbone)
+    if weights in PUBLISHED and backbone in VIT_BACKBONES:
+        return _hub_state_dict(backbone)
+    if weights in PUBLISHED:
         w = imagenet_weights(backbone)
         try:
             return w.get_state_dict(progress=True, check_hash=True)
@@ -72,10 +84,14 @@ def load_state_dict(backbone: str, weights) -> dict | None:
                 f"could not obtain ImageNet weights for {backbone} from {w.url} ({e}). "
                 f"Without network, copy that file to {imagenet_cache_path(backbone)} or pass "
                 f"a local state_dict with weights=PATH (CLI: --weights PATH)") from None
-    check_weights(weights)
     path = Path(weights)
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise WeightsError(f"{path}: not a loadable torch state_dict ({e})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
@@ -98,8 +114,36 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def build_model(backbone: str, weights, seed: int = DEFAULTS["seed"]) -> ResNet:
-    """The backbone (``resnets.ResNet``) with the requested weights, in eval mode, float32."""
+def _hub_state_dict(backbone: str) -> dict:
+    """A ViT's published weights (timm's pretrained configuration: the Hugging Face hub cache,
+    downloaded when missing)."""
+    from .vits import ViT, timm_name
+
+    try:
+        return ViT(backbone, pretrained=True).state_dict()
+    except Exception as e:  # no network, no hub access, a damaged cache file
+        raise WeightsError(f"could not obtain the published weights of {backbone} (timm: {timm_name(backbone)}) "
+                           f"from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+                           f"Without network, save them where there is (torch.save(model.state_dict(), PATH)) "
+                           f"and pass weights=PATH (CLI: --weights PATH)") from None
+
+
+def _architecture(backbone: str) -> torch.nn.Module:
+    """The module, its tensors unset (meta device) where every tensor comes from a state_dict;
+    a ViT is built whole (timm computes buffers that no state_dict holds, e.g. DINOv3's rotary
+    periods), drawing its throwaway init from a forked random state."""
+    if backbone in VIT_BACKBONES:
+        from .vits import ViT
+
+        with torch.random.fork_rng(devices=[]):
+            return ViT(backbone)
+    with torch.device("meta"):
+        return ResNet(backbone)
+
+
+def build_model(backbone: str, weights, seed: int = DEFAULTS["seed"]) -> torch.nn.Module:
+    """The backbone (``resnets.ResNet`` or ``vits.ViT``) with the requested weights, in eval
+    mode, float32."""
     if backbone not in BACKBONES:
         raise ValueError(f"backbone={backbone!r}: expected one of {list(BACKBONES)}")
     state = load_state_dict(backbone, weights)
@@ -108,8 +152,7 @@ def build_model(backbone: str, weights, seed: int = DEFAULTS["seed"]) -> ResNet:
     # The weights replace every tensor: build the module without memory or random init (meta
     # device) and take the given tensors as they are (assign), instead of initialising 69M
     # parameters only to overwrite them.
-    with torch.device("meta"):
-        model = ResNet(backbone)
+    model = _architecture(backbone)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
@@ -126,22 +169,30 @@ def _random_init(backbone: str, seed: int) -> dict:
     """torchvision's seeded random init of ``backbone`` as a state_dict (the identity random-init
     corpora were built with). It draws from torch's global RNG: forked, so that building a
     model leaves the caller's random state untouched, and seeded for determinism."""
-    import torchvision
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if backbone in VIT_BACKBONES:  # timm's own init of the architecture
+            from .vits import ViT
+
+            return ViT(backbone).state_dict()
+        import torchvision
+
         return torchvision.models.get_model(backbone, weights=None).state_dict()
 
 
 class FeatureExtractor:
-    """A backbone cut at ``layer1..3`` and ``avgpool`` (``resnets.ResNet``).
+    """A backbone cut at its levels and its pooled vector: a CNN at ``layer1..3`` and
+    ``avgpool`` (``resnets.ResNet``), a ViT at every block's patch tokens and its image
+    embedding (``vits.ViT``).
 
     Parameters
     ----------
     backbone : str
-        ``wide_resnet50_2`` (default), ``wide_resnet101_2``, ``resnet18`` or ``resnet50``.
-    weights : {"imagenet"} or path or None
-        ImageNet weights via the torch hub cache, a local state_dict, or seeded random init.
+        ``wide_resnet50_2`` (default), ``wide_resnet101_2``, ``resnet18``, ``resnet50``, or a
+        DINOv2/DINOv3 ViT (``config.VIT_BACKBONES``).
+    weights : {"imagenet", "pretrained"} or path or None
+        The published weights (ImageNet via the torch hub cache for CNNs; ``pretrained`` also
+        for ViTs, from the Hugging Face hub), a local state_dict, or seeded random init.
     device : str
         ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``.
     seed : int
@@ -179,7 +230,8 @@ class FeatureExtractor:
         Returns
         -------
         dict
-            ``layer1..3``: (B, h, w, C) channels-last in ``level_dtype``; ``pool``: float32 (B, D).
+            every level (``layer1..3``, or a ViT's ``block00..``): (B, h, w, C) channels-last in
+            ``level_dtype``; ``pool``: float32 (B, D).
         """
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
         dtype = getattr(torch, level_dtype)
@@ -188,9 +240,9 @@ class FeatureExtractor:
         with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
             for i in range(x.shape[0]):
                 out = self.model(x[i:i + 1])
-                feats = {lv: out[lv].permute(0, 2, 3, 1).to(dtype=dtype, memory_format=torch.contiguous_format)
-                         for lv in LEVELS}
-                feats["pool"] = out["pool"].flatten(1)
+                feats = {lv: t.permute(0, 2, 3, 1).to(dtype=dtype, memory_format=torch.contiguous_format)
+                         for lv, t in out.items() if lv != "pool"}
+                feats["pool"] = out["pool"].flatten(1).float()
                 parts.append({k: v.cpu().numpy() for k, v in feats.items()})
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
 

@@ -29,8 +29,17 @@ from typing import Any
 
 from .representations import canonical, check_storage, is_fitted, per_level
 
-BACKBONES = ("wide_resnet50_2", "wide_resnet101_2", "resnet18", "resnet50")
-LEVELS = ("layer1", "layer2", "layer3")
+CNN_BACKBONES = ("wide_resnet50_2", "wide_resnet101_2", "resnet18", "resnet50")
+LEVELS = ("layer1", "layer2", "layer3")  # a CNN's pyramid (torchvision's stage names)
+# Vision transformers through timm (vits.py): name -> (timm architecture, blocks, patch size).
+# Their levels are the patch tokens after block i (0-based, timm's index), named block00..; the
+# default four follow the 2026 training-free retrieval method (blocks 3/6/9/11 of 12).
+VIT_BACKBONES = {"vit_small_patch14_dinov2": ("vit_small_patch14_dinov2.lvd142m", 12, 14),
+                 "vit_base_patch14_dinov2": ("vit_base_patch14_dinov2.lvd142m", 12, 14),
+                 "vit_small_patch16_dinov3": ("vit_small_patch16_dinov3.lvd1689m", 12, 16),
+                 "vit_base_patch16_dinov3": ("vit_base_patch16_dinov3.lvd1689m", 12, 16)}
+VIT_LEVELS = ("block03", "block06", "block09", "block11")
+BACKBONES = CNN_BACKBONES + tuple(VIT_BACKBONES)
 PIXEL_MODES = ("per_level", "concat")
 SEARCHES = ("exact", "window")
 IMAGE_SCORES = ("knn", "map_top1", "map_max")
@@ -120,10 +129,27 @@ def check_device(name, device) -> None:
         raise ValueError(f"{name}={device!r}: {DEVICE_HELP}")
 
 
+def backbone_levels(backbone: str) -> tuple[str, ...]:
+    """Every level ``backbone`` gives, finest (or earliest) first."""
+    if backbone in VIT_BACKBONES:
+        return tuple(f"block{i:02d}" for i in range(VIT_BACKBONES[backbone][1]))
+    return LEVELS
+
+
+def default_levels(backbone: str) -> tuple[str, ...]:
+    """The levels kept when none are named: a CNN's three, a ViT's four (``VIT_LEVELS``)."""
+    return VIT_LEVELS if backbone in VIT_BACKBONES else LEVELS
+
+
 def check_levels(name, levels) -> None:
-    bad = [lv for lv in levels if lv not in LEVELS]
-    if not levels or bad or list(levels) != sorted(levels):
-        raise ValueError(f"{name}={list(levels)}: expected a sorted non-empty subset of {list(LEVELS)}")
+    """None (the backbone's default levels) or a non-empty sorted list of level names; which
+    names a backbone has is checked with the backbone (:class:`SpadeConfig`)."""
+    if levels is None:
+        return
+    ok = isinstance(levels, (list, tuple)) and levels and all(isinstance(lv, str) for lv in levels)
+    if not ok or list(levels) != sorted(set(levels)):
+        raise ValueError(f"{name}={levels!r}: expected None (the backbone's) or a sorted non-empty list of level "
+                         f"names, e.g. {list(LEVELS)} or {list(VIT_LEVELS)}")
 
 
 def check_bool(name, value) -> None:
@@ -211,8 +237,10 @@ PARAMETERS: tuple[Param, ...] = (
     Param("backbone", "wide_resnet50_2", "feature", _choice(BACKBONES),
           "the feature extractor: " + " | ".join(BACKBONES), "features"),
     Param("weights", "imagenet", "source", lambda n, v: None,
-          "'imagenet' (torch hub cache, downloaded when missing), a local state_dict file, or None/'none' for "
-          "seeded random init, for tests", "features", cli_type=_weights_arg),
+          "'imagenet' (a CNN's ImageNet weights, torch hub cache, downloaded when missing), 'pretrained' (the "
+          "backbone's published weights: ImageNet for a CNN, DINOv2/DINOv3's from the Hugging Face hub for a ViT), "
+          "a local state_dict file (.pth or .safetensors), or None/'none' for seeded random init, for tests",
+          "features", cli_type=_weights_arg),
     Param("seed", 0, "source", lambda n, v: check_int(n, v, minimum=0),
           "seed of the random init (weights none), of IVF training samples and of the storage's fit sample",
           "features", cli_type=int),
@@ -220,7 +248,9 @@ PARAMETERS: tuple[Param, ...] = (
           cli_type=int),
     Param("crop", 224, "feature", check_int, "centre crop the model sees (at most resize, at least 32)",
           "features", cli_type=int),
-    Param("levels", LEVELS, "feature", check_levels, "feature pyramid levels kept for stage 2 (a sorted subset)"),
+    Param("levels", None, "feature", check_levels,
+          "feature levels kept for stage 2, a sorted subset of the backbone's (None: layer1-3 of a CNN, blocks "
+          "3/6/9/11 of a ViT)"),
     Param("storage", "float16+zstd", "feature", check_storage,
           "how each level is stored: float16+zstd (float16 values, lossless Blosc2 zstd: 1.7x smaller), float16, "
           "float32, float32+zstd, pca<d> (the corpus's "
@@ -345,18 +375,28 @@ class SpadeConfig:
     image_score: str = DEFAULTS["image_score"]
 
     def __post_init__(self):
-        object.__setattr__(self, "levels", tuple(self.levels))
         _validate(self, [k for k in FEATURE_KEYS + SCORING_KEYS if k != "weights_sha256"])
+        levels = default_levels(self.backbone) if self.levels is None else tuple(self.levels)
+        object.__setattr__(self, "levels", levels)
+        unknown = [lv for lv in levels if lv not in backbone_levels(self.backbone)]
+        if unknown:
+            raise ValueError(f"levels={list(levels)}: {unknown} are not levels of {self.backbone} "
+                             f"(it has {list(backbone_levels(self.backbone))})")
         object.__setattr__(self, "storage", canonical(self.storage, self.levels))
         if self.k_image is None:
             object.__setattr__(self, "k_image", min(K_IMAGE_DEFAULT, self.k_gallery))
         if self.crop > self.resize:
             raise ValueError(f"crop={self.crop} must be <= resize={self.resize}")
-        if self.crop < 32:
+        if self.backbone in VIT_BACKBONES:
+            patch = VIT_BACKBONES[self.backbone][2]
+            if self.crop % patch or self.crop < 2 * patch:
+                raise ValueError(f"crop={self.crop}: {self.backbone} needs a multiple of its patch size {patch} "
+                                 f"(at least {2 * patch}), e.g. {224 // patch * patch} or {448 // patch * patch}")
+        elif self.crop < 32:
             raise ValueError(f"crop={self.crop} is too small: layer3 needs crop >= 32")
         if self.k_image > self.k_gallery:
             raise ValueError(f"k_image={self.k_image} must be <= k_gallery={self.k_gallery}")
-        if self.pixel_mode == "concat" and self.levels[0] != "layer1":
+        if self.pixel_mode == "concat" and self.levels[0] in ("layer2", "layer3"):
             raise ValueError("pixel_mode='concat' upsamples to the layer1 grid: levels must include 'layer1'")
 
     def replace(self, **changes) -> SpadeConfig:

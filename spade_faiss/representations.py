@@ -53,6 +53,10 @@ def per_level(storage: str, levels) -> dict[str, str]:
     if not isinstance(storage, str) or not storage:
         raise ValueError(f"storage={storage!r}: expected one of {NAMES_HELP}")
     if storage in PRESETS:
+        other = [lv for lv in levels if lv not in PRESETS[storage]]
+        if other:
+            raise ValueError(f"storage={storage!r} names a representation for {list(PRESETS[storage])} only, not "
+                             f"{other}: name one per level instead (e.g. pca128, or LEVEL=NAME,...)")
         return {lv: PRESETS[storage][lv] for lv in levels}
     if "=" not in storage:
         _check_name(storage)

@@ -38,7 +38,7 @@ def oracle(spade, query_paths, k_image, k_gallery, kappa, mode, sigma):
             def up(t, size):
                 return F.interpolate(t.permute(0, 3, 1, 2), size=size, mode="bilinear",
                                      align_corners=False).permute(0, 2, 3, 1)
-            s = feats["layer1"].shape[:2]
+            s = feats[levels[0]].shape[:2]
             feats = {"c": torch.cat([up(feats[lv][None], s)[0] for lv in levels], -1)}
             gal = {"c": torch.cat([up(gal[lv], s) for lv in levels], -1)}
         level_maps = []

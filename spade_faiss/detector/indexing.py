@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from ..backbone import FeatureExtractor
+from ..backbone import PUBLISHED, FeatureExtractor
 from ..config import SpadeConfig
 from ..image_index import ImageIndex
 from ..representations import FIT_IMAGES
@@ -29,7 +29,7 @@ def new_store(path, extractor: FeatureExtractor, config: SpadeConfig, weights, s
     config = config.replace(weights_sha256=extractor.weights_sha256)
     probe = extractor(np.zeros((1, 3, config.crop, config.crop), np.float32))
     shapes = {lv: probe[lv].shape[1:] for lv in config.levels}
-    source = {"weights": weights if weights in (None, "imagenet") else os.path.abspath(weights), "seed": seed}
+    source = {"weights": weights if weights is None or weights in PUBLISHED else os.path.abspath(weights), "seed": seed}
     return FeatureStore.create(path, config, shapes, probe["pool"].shape[1], in_memory, source)
 
 

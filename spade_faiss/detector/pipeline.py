@@ -166,7 +166,7 @@ class QueryPipeline:
         """The engine of each searched level (or ``concat``) for this configuration."""
         shapes = self.store.level_shapes
         if mode == "concat":
-            h, w, _ = shapes["layer1"]
+            h, w, _ = shapes[config.levels[0]]
             named = {"concat": (h, w, sum(s[2] for s in shapes.values()))}
         else:
             named = shapes
@@ -193,7 +193,7 @@ class QueryPipeline:
         if name in self.projections:
             return
         shapes = self.store.level_shapes
-        h, w, _ = shapes["layer1"] if name == "concat" else shapes[name]
+        h, w, _ = shapes[self.store.config.levels[0]] if name == "concat" else shapes[name]
         channels = sum(s[2] for s in shapes.values()) if name == "concat" else shapes[name][2]
         dims = min(patch_search.projection_dims(h * w), channels)
         # concat features (1792 channels, costlier re-checks) keep the full width: not measured narrower

@@ -110,7 +110,7 @@ class Spade(Parameters):
     def _configure(self, weights_sha256=None) -> None:
         """Validate every parameter (before any model is built) into ``config_``/``options_``."""
         self.config_, self.options_ = make_configs(self.get_params(), weights_sha256)
-        check_weights(self.weights)
+        check_weights(self.weights, self.config_.backbone)
         self.search_device_ = patch_search.resolve_search_device(self.options_.device)
         patch_search.resolve_engine(self.options_.stage2, self.search_device_)
 

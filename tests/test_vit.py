@@ -1,0 +1,102 @@
+"""Vision transformers as extractors (issue 38): a DINOv3/DINOv2 ViT through timm, its blocks'
+patch tokens as levels, equal to the brute-force oracle like the CNNs; levels, grid and weights
+recorded and checked; a local weights file identified by the sha256 of its tensors."""
+
+import numpy as np
+import pytest
+import torch
+
+from spade_faiss import FeatureStore, datasets
+from spade_faiss.backbone import FeatureExtractor, WeightsError, build_model
+from spade_faiss.config import SpadeConfig
+from spade_faiss.detector import Spade
+
+from .test_detector import oracle
+
+VIT = dict(backbone="vit_small_patch16_dinov3", weights=None, resize=72, crop=64, device="cpu", seed=0)
+
+
+@pytest.fixture(scope="module")
+def vit_fitted(dataset):
+    train = [s.path for s in datasets.discover(dataset)]
+    return Spade(storage="float32", k_gallery=6, k_image=3, **VIT).fit(train)
+
+
+@pytest.mark.parametrize("stage2", ["pruned", "dense", "faiss"])
+@pytest.mark.parametrize("mode, kappa", [("per_level", 1), ("per_level", 3), ("concat", 1)])
+def test_a_vit_corpus_equals_the_brute_force_oracle(vit_fitted, dataset, mode, kappa, stage2):
+    spade = vit_fitted.with_params(pixel_mode=mode, kappa=kappa, stage2=stage2)
+    queries = [s.path for s in datasets.discover(dataset, "test")]
+    r = spade.score(queries)
+    s, m, ids, d = oracle(spade, queries, 3, 6, kappa, mode, 4.0)
+    np.testing.assert_array_equal(r.neighbour_ids, ids)
+    np.testing.assert_allclose(r.image_scores, s, rtol=1e-4)
+    assert r.maps.shape == (len(queries), 64, 64)
+    assert np.abs(m).max() > 0 and np.ptp(r.image_scores) > 0  # the features tell images apart
+    np.testing.assert_allclose(r.maps, m, rtol=1e-4, atol=1e-4 * np.abs(m).max())
+
+
+def test_the_levels_grid_and_blocks_are_the_vit_s_and_recorded(vit_fitted, tmp_path, dataset):
+    assert vit_fitted.config_.levels == ("block03", "block06", "block09", "block11")
+    assert vit_fitted.store_.feature_shapes == {lv: (4, 4, 384) for lv in vit_fitted.config_.levels}
+    feats = vit_fitted.load_backbone().extractor_(np.zeros((2, 3, 64, 64), np.float32))
+    assert sorted(k for k in feats if k != "pool") == [f"block{i:02d}" for i in range(12)]
+    assert feats["pool"].shape == (2, 384) and feats["pool"].dtype == np.float32
+    # the tokens after block 3 are what timm's own forward gives there (0-based, final norm applied)
+    x = torch.zeros(1, 3, 64, 64)
+    net = vit_fitted.extractor_.model.net
+    with torch.inference_mode():
+        want = net.forward_intermediates(x, indices=[3], norm=True, intermediates_only=True)[0]
+    np.testing.assert_array_equal(feats["block03"][0], want[0].permute(1, 2, 0).numpy())
+    path = tmp_path / "vit.h5"
+    train = [s.path for s in datasets.discover(dataset)]
+    with Spade.create(path, levels=["block05", "block11"], **VIT) as s:
+        s.add(train[:3])
+    with FeatureStore.open(path) as store:
+        assert store.config.levels == ("block05", "block11") and store.config.backbone == VIT["backbone"]
+    with Spade.open(path, k_gallery=2) as again:  # the corpus's own backbone, levels and crop
+        assert again.config_.levels == ("block05", "block11") and again.score(train[3:4]).maps.shape == (1, 64, 64)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(levels=["layer1"]), "not levels of vit_small_patch16_dinov3"),
+    (dict(levels=["block11", "block03"]), "sorted"),
+    (dict(crop=60), "multiple of its patch size 16"),
+    (dict(storage="compact"), "name one per level"),
+    (dict(backbone="resnet18", levels=["block03"]), "not levels of resnet18"),
+])
+def test_a_configuration_the_backbone_cannot_give_is_refused_in_one_line(change, message):
+    with pytest.raises(ValueError, match=message):
+        SpadeConfig(**{**{k: v for k, v in VIT.items() if k in ("backbone", "resize", "crop")}, **change})
+
+
+def test_imagenet_weights_for_a_vit_are_refused_naming_pretrained():
+    with pytest.raises(ValueError, match="has no ImageNet weights.*pretrained"):
+        Spade(**{**VIT, "weights": "imagenet"}).validate_params()
+
+
+def test_published_vit_weights_without_network_say_how_to_get_them(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without network: no hub access
+    with pytest.raises(WeightsError, match="Hugging Face hub.*--weights PATH"):
+        build_model("vit_small_patch16_dinov3", "pretrained")
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_vit_weights_from_a_local_file_are_identified_by_their_tensors(tmp_path, dataset, suffix):
+    other = build_model("vit_small_patch16_dinov3", None, seed=1)
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".pth":
+        torch.save(other.net.state_dict(), path)  # timm's own names, as a hub file has them
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in other.net.state_dict().items()}, str(path))
+    from_file = FeatureExtractor("vit_small_patch16_dinov3", str(path), "cpu")
+    assert from_file.weights_sha256 == FeatureExtractor("vit_small_patch16_dinov3", None, "cpu", seed=1).weights_sha256
+    assert from_file.weights_sha256 != FeatureExtractor("vit_small_patch16_dinov3", None, "cpu", seed=0).weights_sha256
+    corpus = tmp_path / "c.h5"
+    train = [s.path for s in datasets.discover(dataset)]
+    with Spade.create(corpus, **{**VIT, "weights": str(path)}) as s:
+        s.add(train[:3])
+    with pytest.raises(WeightsError, match="differ from those the corpus was built with"):
+        Spade.open(corpus, weights=None, k_gallery=2).score(train[3:4])
