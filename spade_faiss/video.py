@@ -56,14 +56,24 @@ class FrameRef:
 
     @property
     def stem(self) -> str:
-        """A file-name stem for pictures of this frame: ``<video stem>_f<index>``."""
-        return f"{os.path.splitext(os.path.basename(self.video))[0]}_f{self.frame:06d}"
+        """A file-name stem for pictures of this frame: ``<video stem>_f<index>`` (a camera's
+        ``camera<index>_f<index>``)."""
+        name = f"camera{self.video}" if self.video.isdigit() else \
+            os.path.splitext(os.path.basename(self.video.rstrip("/")))[0]
+        return f"{re.sub(r'[^A-Za-z0-9._-]', '_', name) or 'stream'}_f{self.frame:06d}"
+
+
+def is_live_source(source: str) -> bool:
+    """A camera's index (``0``) or a stream's URL (``rtsp://...``, ``http://...``): what
+    ``watch`` reads (``live.py``) besides video files and folders."""
+    return source.isdigit() or bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", source))
 
 
 def parse_ref(path: str) -> FrameRef | None:
-    """The frame a path refers to, or None for a plain file path."""
+    """The frame a path refers to (of a video file, a camera or a stream), or None for a plain
+    file path."""
     m = _REF.match(str(path))
-    if m is None or not is_video_name(m.group("video")):
+    if m is None or not (is_video_name(m.group("video")) or is_live_source(m.group("video"))):
         return None
     t = m.group("t")
     return FrameRef(m.group("video"), int(m.group("frame")), None if t is None else float(t))

@@ -57,6 +57,11 @@ OPTION_CHECKS = {
     "hold_out": lambda n, v: check_number(n, v, 0.0, 0.99),
     "tau": _finite,
     "theta": _finite,
+    "buffer": lambda n, v: check_int(n, v, 1, 10_000),
+    "max_frames": lambda n, v: v is None or check_int(n, v, 1),
+    "seconds": lambda n, v: v is None or check_number(n, v, 0.0, low_open=True),
+    "metrics_port": lambda n, v: v is None or check_int(n, v, 1, 65535),
+    "metrics_host": lambda n, v: PARAM["host"].check_value(v),
 }
 
 
@@ -226,6 +231,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="delete the results already in --out first")
     p.add_argument("--shard-index", type=int, default=0, help="score every --num-shards-th image from this one")
     p.add_argument("--num-shards", type=int, default=1, help="shards run by any scheduler into one run directory")
+
+    p = command("watch", "score a live source as it comes: a camera (its index), a stream URL (rtsp://, http://), "
+                         "a video file played at its frame rate, or a growing folder; stage 2 only for frames above "
+                         "tau by default; SIGINT/SIGTERM stop it cleanly", _model_args, _scoring_args, _run_args)
+    p.add_argument("source", help="camera index (0), stream URL, video file, or a folder new images arrive in")
+    p.add_argument("store", help="corpus file (calibrated, for the default --maps auto)")
+    p.add_argument("--out", required=True, help="run directory: run.json, scores.csv, maps.h5 (frames with a map), "
+                                                "overlays/ of flagged frames")
+    p.add_argument("--maps", default="auto", choices=["all", "none", "auto"],
+                   help="pixel maps only for frames above tau (auto, the paper's gating), for every frame, or none")
+    p.add_argument("--tau", type=float, help="image threshold (default: the corpus's calibrated one)")
+    p.add_argument("--theta", type=float, help="pixel threshold (default: the corpus's calibrated one)")
+    p.add_argument("--no-overlays", action="store_true", help="do not write overlays/*.png")
+    p.add_argument("--restart", action="store_true", help="delete the results already in --out first")
+    add_params(p.add_argument_group("which frames"), ("frame_stride",))
+    p.add_argument("--buffer", type=int, default=1,
+                   help="frames kept waiting for the scorer; a newer one pushes out the oldest, counted as dropped")
+    p.add_argument("--loop", action="store_true", help="play a video file again from the start at its end")
+    p.add_argument("--max-frames", type=int, help="stop after scoring this many frames (default: no limit)")
+    p.add_argument("--seconds", type=float, help="stop after this many seconds (default: no limit)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics (rate, lag, drops, counts) on this "
+                                                    "port (needs the 'serve' extra; default: none)")
+    p.add_argument("--metrics-host", default=PARAM["host"].default, help="address of the metrics endpoint")
 
     p = command("evaluate", "paper-style evaluation of MVTec-layout categories (index, calibrate, score)",
                 _feature_args, _scoring_args, _run_args)

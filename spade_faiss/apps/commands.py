@@ -251,6 +251,17 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_watch(args) -> int:
+    from .watch import watch
+
+    summary = watch(args, spade_params(args))
+    print(json.dumps(summary))
+    if summary.get("source_error"):
+        print(f"spade-faiss: error: {args.source}: {summary['source_error']}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import write_report
 
@@ -361,4 +372,5 @@ def cmd_bench(args) -> int:
 COMMANDS = {"index": cmd_index, "remove": cmd_remove,
             "reindex": cmd_reindex, "convert": cmd_convert, "info": cmd_info, "score": cmd_score,
             "calibrate": cmd_calibrate, "evaluate": cmd_evaluate, "explain": cmd_explain, "report": cmd_report,
-            "bench": cmd_bench, "verify": cmd_verify, "serve": cmd_serve}
+            "bench": cmd_bench, "verify": cmd_verify, "serve": cmd_serve,
+            "watch": cmd_watch}

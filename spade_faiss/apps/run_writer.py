@@ -46,11 +46,13 @@ class RunWriter:
 
     No file stays open between writes, so any writer can be killed without leaving a handle
     behind. Overlays are written when ``colour_max`` (the top of their colour scale) is given;
-    ``theta`` is the pixel threshold drawn as a contour (None: no contour).
+    ``theta`` is the pixel threshold drawn as a contour (None: no contour). ``all_maps``:
+    ``maps.h5`` has a row per scored image (zeros where there is no map); False (a live stream,
+    ``watch``): rows only for images with a map, found by their ``path``.
     """
 
     def __init__(self, run, crop: int, resize: int, shard_index: int = 0, num_shards: int = 1,
-                 colour_max: float | None = None, theta: float | None = None):
+                 colour_max: float | None = None, theta: float | None = None, all_maps: bool = True):
         self.run = run  # a runs.RunDir: the paths are its
         self.dir = self.run.path
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -67,9 +69,19 @@ class RunWriter:
         self.failed = {r["image_path"] for r in read_rows(self.errors_path)}
         self.overlay_dir = self.run.overlays if colour_max is not None else None
         self.overlays_taken = {r["overlay"]: r["image_path"] for r in done if r.get("overlay")}
-        self.n_maps = len(read_rows(self.scores_path))
+        self.all_maps = all_maps
+        self.n_maps = len(read_rows(self.scores_path)) if all_maps else self._committed_map_rows()
         self._drop_leftover_maps()
         self._drop_leftover_regions()
+
+    def _committed_map_rows(self) -> int:
+        """Map rows of images with a score row (``all_maps`` False): those before the first
+        row a crash left."""
+        if not self.maps_path.is_file():
+            return 0
+        with h5py.File(self.maps_path, "r") as h:
+            paths = [p.decode() if isinstance(p, bytes) else p for p in h["path"][()]] if "path" in h else []
+        return next((i for i, p in enumerate(paths) if p not in self.done), len(paths))
 
     def _drop_leftover_maps(self) -> None:
         """Map rows past the CSV are a crash's leftovers: cut them now, so that the run's files
@@ -129,18 +141,7 @@ class RunWriter:
         found = {id(r): find_regions(originals[id(r)], self.theta) for r in ok
                  if self.theta is not None and id(r) in originals}
         rows = [score_row(r, self._overlay_name(r), found.get(id(r))) for r in ok]
-        maps = np.stack([r.map if r.map is not None else np.zeros((self.crop, self.crop), np.float32) for r in ok])
-        with h5py.File(self.maps_path, "a") as h:
-            if "maps" not in h:
-                c = self.crop
-                h.create_dataset("maps", (0, c, c), maxshape=(None, c, c), dtype=np.float32, chunks=(1, c, c))
-                h.create_dataset("path", (0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"))
-            for name in ("maps", "path"):
-                h[name].resize(self.n_maps + len(ok), axis=0)
-            h["maps"][self.n_maps:] = maps
-            h["path"][self.n_maps:] = [r.path for r in ok]
-            _write_correspondences(h, self.n_maps, ok)
-        self.n_maps += len(ok)
+        self._write_maps(ok if self.all_maps else [r for r in ok if r.map is not None])
         for r, row in zip(ok, rows):
             if row["overlay"]:
                 self._write_overlay(r, originals[id(r)], found.get(id(r), []), self.dir / row["overlay"])
@@ -153,6 +154,24 @@ class RunWriter:
                      enumerate(found.get(id(r), []))])
         _append_csv(self.scores_path, SCORE_FIELDS, rows)
         self.done.update((r.path, r.image.sha256 if r.image is not None else "") for r in ok)
+
+    def _write_maps(self, results: list[ScoredImage]) -> None:
+        """Rows of ``maps.h5`` for ``results`` (zeros where one has no map)."""
+        if not results:
+            return
+        maps = np.stack([r.map if r.map is not None else np.zeros((self.crop, self.crop), np.float32)
+                         for r in results])
+        with h5py.File(self.maps_path, "a") as h:
+            if "maps" not in h:
+                c = self.crop
+                h.create_dataset("maps", (0, c, c), maxshape=(None, c, c), dtype=np.float32, chunks=(1, c, c))
+                h.create_dataset("path", (0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"))
+            for name in ("maps", "path"):
+                h[name].resize(self.n_maps + len(results), axis=0)
+            h["maps"][self.n_maps:] = maps
+            h["path"][self.n_maps:] = [r.path for r in results]
+            _write_correspondences(h, self.n_maps, results)
+        self.n_maps += len(results)
 
     def _overlay_name(self, r: ScoredImage) -> str:
         """``overlays/<folder>/<stem>.png`` relative to the run (the folder is the class in an

@@ -165,8 +165,8 @@ class RunDir:
             self._write_manifest(manifest)
 
     def writer(self, crop: int, resize: int, shard_index: int = 0, num_shards: int = 1,
-               colour_max: float | None = None, theta: float | None = None) -> RunWriter:
-        return RunWriter(self, crop, resize, shard_index, num_shards, colour_max, theta)
+               colour_max: float | None = None, theta: float | None = None, all_maps: bool = True) -> RunWriter:
+        return RunWriter(self, crop, resize, shard_index, num_shards, colour_max, theta, all_maps)
 
     def _write_manifest(self, manifest: dict) -> None:
         tmp = self.path / (self.MANIFEST + ".tmp")
