@@ -299,6 +299,14 @@ PARAMETERS: tuple[Param, ...] = (
           "of videos: Gaussian smoothing of each video's frame scores along its sampled frames (sigma in frames; "
           "0: none): frames.csv holds raw and smoothed scores, the decision uses the smoothed one", "input",
           cli_type=float),
+    # --- inputs: which tiles of an image are items (index, calibrate, score; tiles.py) ---
+    Param("tile", None, "input", _optional(lambda n, v: check_int(n, v, 16, 100_000)),
+          "cut every image into TILE x TILE tiles, each an item (high-resolution parts: index the normals' "
+          "tiles, score the test images' tiles; tiled.csv gives each image its largest tile score and a "
+          "stitched map; default: whole images)", "tiles", cli_type=int),
+    Param("tile_overlap", 0, "input", lambda n, v: check_int(n, v, 0, 100_000),
+          "pixels neighbouring tiles share (less than --tile; cover the centre crop's margins with at least "
+          "(1 - crop/resize)/2 of the tile)", "tiles", cli_type=int),
     # --- the service (`serve` options and `create_app` arguments) ---
     Param("host", "127.0.0.1", "service", lambda n, v: _check_text(n, v),
           "interface to bind (loopback only by default)", "service"),

@@ -10,7 +10,8 @@ import logging
 import os
 from pathlib import Path
 
-from .video import VIDEO_SUFFIXES, Sampling, VideoError, is_video_name, list_frames
+from .tiles import Tiling, list_tiles
+from .video import VIDEO_SUFFIXES, Sampling, VideoError, is_video_name, list_frames, parse_ref
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -104,11 +105,13 @@ def source_kind(src: str | os.PathLike) -> str:
     return "folder"
 
 
-def discover(src: str | os.PathLike, split: str = "train", sampling: Sampling | None = None) -> list[Sample]:
+def discover(src: str | os.PathLike, split: str = "train", sampling: Sampling | None = None,
+             tiling: Tiling | None = None) -> list[Sample]:
     """Samples of ``src``: one image file, one video file, a list file (of images and videos),
     an MVTec category (``split`` ``train``: ``train/good``; ``test``: ``test/*`` with masks), or a
     folder of images and videos. A video contributes its frames sampled by ``sampling`` (every
-    frame by default), each a sample whose path is a frame reference (``video.py``).
+    frame by default), each a sample whose path is a frame reference (``video.py``); with
+    ``tiling``, an image contributes its tiles (``tiles.py``: tile references; a tile has no mask).
 
     A dataset root holding several MVTec categories is refused (one corpus per category), and
     so is a folder tree that holds ground-truth masks (``ground_truth/`` or ``*_mask.*``): masks
@@ -141,7 +144,22 @@ def discover(src: str | os.PathLike, split: str = "train", sampling: Sampling | 
         samples = [s for p in paths for s in _expand(p, sampling)]
     if not samples:
         raise ValueError(f"{src}: no images found (looked for {', '.join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)})")
+    if tiling is not None and tiling.size is not None:
+        samples = [t for s in samples for t in _tiled(s, tiling)]
     return samples
+
+
+def _tiled(sample: Sample, tiling: Tiling) -> list[Sample]:
+    """An image sample as its tiles (a frame, or a file whose size cannot be read, stays whole:
+    it is refused by name when decoded, like any broken image)."""
+    if parse_ref(sample.path) is not None:
+        return [sample]
+    try:
+        refs = list_tiles(sample.path, tiling)
+    except (ValueError, OSError) as e:
+        log.warning("%s", e)
+        return [sample]
+    return [dataclasses.replace(sample, path=t.path, mask=None) for t in refs]
 
 
 def _expand(path: str, sampling: Sampling) -> list[Sample]:

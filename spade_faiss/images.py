@@ -10,11 +10,12 @@ import hashlib
 import os
 import re
 import stat
+import threading
 
 import cv2
 import numpy as np
 
-from . import video
+from . import tiles, video
 from .config import DEFAULTS
 
 MAX_FILE_BYTES = 1 << 30  # an image file larger than this is refused before it is read
@@ -174,9 +175,42 @@ def printable(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+class _LastDecoded:
+    """The last image decoded for its tiles: tiles of one image arrive together, so each image
+    is read and decoded once (one image held at a time; a changed file is read again)."""
+
+    def __init__(self):
+        self.lock, self.key, self.rgb = threading.Lock(), None, None
+
+    def get(self, path: str) -> np.ndarray:
+        st = os.stat(path)
+        key = (path, st.st_mtime_ns, st.st_size)
+        with self.lock:  # decoding threads asking for tiles of one image wait for one decode
+            if key != self.key:
+                self.key, self.rgb = None, None
+                self.rgb, self.key = decode(read_bytes(path), path), key
+            return self.rgb
+
+
+_last_decoded = _LastDecoded()
+
+
+def _load_tile(ref: tiles.TileRef) -> LoadedImage:
+    rgb = _last_decoded.get(ref.image)
+    h, w = rgb.shape[:2]
+    if ref.x + ref.w > w or ref.y + ref.h > h:
+        raise ImageError(f"{ref.path}: the tile lies outside the image ({w}x{h}; has the file changed?)")
+    piece = np.ascontiguousarray(rgb[ref.y:ref.y + ref.h, ref.x:ref.x + ref.w])
+    return LoadedImage(ref.path, sha256_bytes(piece.tobytes()), piece)
+
+
 def load_image(path: str | os.PathLike) -> LoadedImage:
-    """Read, hash and decode one file (the bytes are read once for both), or one frame of a
-    video (a frame reference, ``video.py``: hashed over its decoded pixels)."""
+    """Read, hash and decode one file (the bytes are read once for both), one frame of a video
+    (a frame reference, ``video.py``) or one tile of an image (a tile reference, ``tiles.py``);
+    frames and tiles are hashed over their decoded pixels."""
+    tile = tiles.parse_ref(str(path))
+    if tile is not None:
+        return _load_tile(tile)
     ref = video.parse_ref(str(path))
     if ref is None:
         data = read_bytes(path)
@@ -192,7 +226,8 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
 
 def content_sha256(path: str) -> str:
     """The content hash :func:`load_image` gives ``path`` (a file's bytes, a frame's pixels)."""
-    return load_image(path).sha256 if video.parse_ref(path) else sha256_bytes(read_bytes(path))
+    return load_image(path).sha256 if video.parse_ref(path) or tiles.parse_ref(path) else \
+        sha256_bytes(read_bytes(path))
 
 
 def resize_crop(img: np.ndarray, resize: int, crop: int, interpolation: int) -> np.ndarray:

@@ -102,6 +102,8 @@ def add_params(group, names, defaults: bool = True, note: str = ""):
 
 def _input_args(p):
     add_params(p.add_argument_group("video inputs (which frames are items)"), ("frame_stride", "start_s", "end_s"))
+    add_params(p.add_argument_group("tiles (high-resolution images: which tiles are items)"),
+               ("tile", "tile_overlap"))
 
 
 def _temporal_args(p):

@@ -15,6 +15,7 @@ from ..clock import utc_now
 from ..config import PARAMS, SERVICE_DEFAULTS, Maps, check_values
 from ..detector import Spade, describe, held_out_list
 from ..metrics import check_fpr
+from ..tiles import Tiling
 from ..video import Sampling
 from .progress import Progress
 
@@ -51,11 +52,16 @@ def sampling(args) -> Sampling:
     return Sampling(args.frame_stride, args.start_s, args.end_s)
 
 
+def tiling(args) -> Tiling:
+    """Which tiles of an image are items (the ``input`` options)."""
+    return Tiling(args.tile, args.tile_overlap)
+
+
 def cmd_index(args) -> int:
     if not 0.0 <= args.hold_out < 1.0:
         raise ValueError(f"--hold-out {args.hold_out}: expected a fraction in [0, 1)")
     check_fpr(args.fpr)
-    samples = datasets.discover(args.src, split="train", sampling=sampling(args))
+    samples = datasets.discover(args.src, split="train", sampling=sampling(args), tiling=tiling(args))
     describe_source(args.src, "train", samples)
     held = []
     if args.hold_out:
@@ -152,7 +158,7 @@ def cmd_info(args) -> int:
 
 def cmd_calibrate(args) -> int:
     check_fpr(args.fpr)  # before the model loads
-    samples = datasets.discover(args.src, split="train", sampling=sampling(args))
+    samples = datasets.discover(args.src, split="train", sampling=sampling(args), tiling=tiling(args))
     describe_source(args.src, "train", samples)
     return _calibrate(args.store, samples, args.fpr, spade_params(args))
 
@@ -175,11 +181,12 @@ def cmd_score(args) -> int:
     from .explain import TopExplained
     from .pictures import colour_scale
     from .runs import RunDir, run_manifest, score_into_run
+    from .stitching import write_tiled
     from .stopping import stop_on_interrupt
 
     if not 0 <= args.shard_index < args.num_shards:
         raise ValueError(f"--shard-index {args.shard_index}: expected 0 <= i < --num-shards {args.num_shards}")
-    samples = datasets.discover(args.src, split="test", sampling=sampling(args))
+    samples = datasets.discover(args.src, split="test", sampling=sampling(args), tiling=tiling(args))
     describe_source(args.src, "test", samples)
     samples = samples[args.shard_index::args.num_shards]
     run = RunDir(args.out)
@@ -191,7 +198,7 @@ def cmd_score(args) -> int:
             raise ValueError("--maps auto needs an image threshold: run `spade-faiss calibrate` or pass --tau")
         spade.load_backbone()
         run.open(run_manifest(spade, args.store, args.src, args.maps), args.restart)
-        tau = spade.tau_
+        tau, theta, resize = spade.tau_, spade.theta_, spade.resize
         scale = None if args.no_overlays or maps is Maps.NONE else colour_scale(spade)
         writer = run.writer(spade.crop, spade.resize, args.shard_index, args.num_shards, colour_max=scale,
                             theta=spade.theta_)
@@ -214,8 +221,11 @@ def cmd_score(args) -> int:
     summary = {"run": args.out, "scored": len(todo) - len(errors), "skipped_done": len(samples) - len(todo),
                "errors": len(errors)}
     frames = run.write_frames(args.temporal_sigma, tau)  # video frames: scores along each video, smoothed
+    tiled = write_tiled(run, resize, tau, scale, theta)  # tiles: each image's largest tile score, stitched map
     run.record_invocation({**summary, **work, "seconds": round(time.perf_counter() - start, 2), "finished": utc_now(),
-                           **({"frames": frames, "temporal_sigma": args.temporal_sigma} if frames else {})})
+                           **({"frames": frames, "temporal_sigma": args.temporal_sigma} if frames else {}),
+                           **({"tiled_images": tiled, "tile": args.tile, "tile_overlap": args.tile_overlap}
+                              if tiled else {})})
     if not args.no_report:
         from .report import write_report
         write_report(args.out)

@@ -15,6 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .. import tiles
 from ..images import content_sha256, printable
 from ..regions import FIELDS, find_regions
 from ..results import ScoredImage
@@ -226,14 +227,19 @@ def _write_correspondences(h: h5py.File, start: int, results: list[ScoredImage])
 
 
 def folder_of(path: str) -> str:
-    """The input's parent folder name: the class of an MVTec test image (a video's, for a frame)."""
+    """The input's parent folder name: the class of an MVTec test image (a video's, for a frame;
+    the image's, for a tile)."""
+    tile = tiles.parse_ref(path)
+    if tile is not None:
+        return Path(tile.image).parent.name
     ref = parse_ref(path)
     return Path(ref.video if ref else path).parent.name
 
 
 def picture_stem(path: str) -> str:
-    """The file-name stem of an input's pictures (``<video stem>_f<index>`` for a frame)."""
-    ref = parse_ref(path)
+    """The file-name stem of an input's pictures (``<video stem>_f<index>`` for a frame,
+    ``<image stem>_x<X>_y<Y>`` for a tile)."""
+    ref = tiles.parse_ref(path) or parse_ref(path)
     return ref.stem if ref else Path(path).stem
 
 

@@ -57,6 +57,8 @@ class RunDir:
         return self.path / f"maps{suffix}.h5"
 
     frames_csv = property(lambda self: self.path / "frames.csv")
+    tiled_csv = property(lambda self: self.path / "tiled.csv")
+    stitched = property(lambda self: self.path / "stitched")
 
     def regions_csv(self, suffix: str = "") -> Path:
         return self.path / f"regions{suffix}.csv"
@@ -123,12 +125,12 @@ class RunDir:
 
     def clear(self) -> None:
         """Delete every result of the run (the directory and any foreign file stay)."""
-        for pattern in ("scores*.csv", "errors*.csv", "regions*.csv", "frames.csv", "maps*.h5"):
+        for pattern in ("scores*.csv", "errors*.csv", "regions*.csv", "frames.csv", "tiled.csv", "maps*.h5"):
             for p in self.path.glob(pattern):
                 p.unlink()
         for p in [self.manifest_path, self.report, self.metrics, self.table] + [self.plot(n) for n in self.PLOTS]:
             p.unlink(missing_ok=True)
-        for folder in (self.overlays, self.explain):
+        for folder in (self.overlays, self.explain, self.stitched):
             shutil.rmtree(folder, ignore_errors=True)
 
     def write_frames(self, sigma: float, tau: float | None) -> int:
