@@ -70,6 +70,8 @@ class ImageIndex:
         self.nprobe = nprobe
         self.encoding = encoding
         self.tuning = tuning or {}
+        self.excluded = np.empty(0, np.int64)
+        self._selector = None
 
     # --- building ------------------------------------------------------------------------
 
@@ -190,6 +192,25 @@ class ImageIndex:
         return int(self.index.ntotal)
 
     @property
+    def searchable(self) -> int:
+        """Images a search can return: all but the excluded ones."""
+        return self.ntotal - len(self.excluded)
+
+    def exclude(self, ids: np.ndarray) -> None:
+        """Never return the images ``ids`` (removed while the corpus is read, ``store/appends.py``):
+        faiss skips them during the search itself, so a query still gets its ``k`` nearest among
+        the others, exactly. Replaces the previous exclusions."""
+        self.excluded = np.unique(np.asarray(ids, dtype=np.int64))
+        batch = faiss.IDSelectorBatch(self.excluded) if len(self.excluded) else None
+        self._selector = (faiss.IDSelectorNot(batch), batch) if batch is not None else None  # batch kept alive
+
+    def _params(self, probes: int | None = None):
+        sel = {"sel": self._selector[0]} if self._selector else {}
+        if self.ivf is None:
+            return faiss.SearchParameters(**sel) if sel else None
+        return faiss.SearchParametersIVF(nprobe=probes, **sel)
+
+    @property
     def factory(self) -> str:
         """The faiss factory string, e.g. ``Flat``, ``IVF1024,Flat`` or ``IVF1024,SQ8``."""
         if self.ivf is None:
@@ -207,19 +228,20 @@ class ImageIndex:
         ids : int64 (Q, k), ties ordered by lower id
         """
         queries = _as_f32(queries)
-        if not 1 <= k <= self.ntotal:
-            raise ValueError(f"k={k}: expected 1 <= k <= {self.ntotal} (images in the index)")
-        wide = min(self.ntotal, k + RERANK_MARGIN)
+        if not 1 <= k <= self.searchable:
+            raise ValueError(f"k={k}: expected 1 <= k <= {self.searchable} (images in the index"
+                             f"{f', {len(self.excluded)} removed' if len(self.excluded) else ''})")
+        wide = min(self.searchable, k + RERANK_MARGIN)
         if self.ivf is None:
-            _, ids = self.index.search(queries, wide)
+            _, ids = self.index.search(queries, wide, params=self._params())
         else:
             probes = int(nprobe or self.nprobe or 1)
-            _, ids = self.index.search(queries, wide, params=faiss.SearchParametersIVF(nprobe=probes))
+            _, ids = self.index.search(queries, wide, params=self._params(probes))
             while (ids < 0).any() and probes < self.ivf.nlist:
                 # Too few vectors in the probed lists: probe more for those rows.
                 short = np.flatnonzero((ids < 0).any(axis=1))
                 probes = min(self.ivf.nlist, 2 * probes)
-                ids[short] = self.index.search(queries[short], wide, params=faiss.SearchParametersIVF(nprobe=probes))[1]
+                ids[short] = self.index.search(queries[short], wide, params=self._params(probes))[1]
         return self._rerank(queries, ids, k)
 
     def _rerank(self, queries: np.ndarray, ids: np.ndarray, k: int):

@@ -258,9 +258,6 @@ def test_removing_normals_equals_a_corpus_built_without_them(tmp_path, data, cap
         sha_of_3 = spade.store_.sha256s()[3]
     before = path.read_bytes()
     assert cli.main(["remove", str(path), str(tmp_path / "nope.png")]) == cli.EXIT_ERROR
-    reader = Spade.open(path, k_gallery=4)
-    assert cli.main(["remove", str(path), train[1]]) == cli.EXIT_ERROR  # read elsewhere
-    reader.close()
     assert path.read_bytes() == before
     capsys.readouterr()
     assert cli.main(["remove", str(path), train[1], sha_of_3]) == 0
@@ -277,3 +274,54 @@ def test_removing_normals_equals_a_corpus_built_without_them(tmp_path, data, cap
     with pytest.raises(ValueError, match="empty corpus"):
         with Spade.open(path, "a", k_gallery=4) as spade:
             spade.remove(rest)
+
+
+def test_removing_from_a_served_corpus_excludes_at_refresh_and_the_next_lone_writer_compacts(tmp_path, data, capsys):
+    """Issue 36, class 7: `remove` while a service reads the corpus records the removal beside
+    it (the file untouched); the reader stops retrieving those images when it refreshes, a new
+    reader at once, and both answer as a corpus built without them (scores and maps bitwise);
+    the next writer with the file to itself rewrites it without them and clears the record."""
+    from spade_faiss.apps import cli
+
+    train, test = data
+    path = tmp_path / "c.h5"
+    with Spade.create(path, **SMALL, k_gallery=4) as spade:
+        spade.add(train[:10])
+        sha_of_3 = spade.store_.sha256s()[3]
+    rest = [p for i, p in enumerate(train[:10]) if i not in (1, 3)]
+    with Spade.create(tmp_path / "rest.h5", **SMALL, k_gallery=4) as want:
+        want.add(rest)
+        expected = want.score(test)
+    before = path.read_bytes()
+    reader = Spade.open(path, k_gallery=4)  # a service
+    first = reader.score(test)
+    assert {1, 3} & set(first.neighbour_ids.ravel().tolist())  # they were retrieved before
+    capsys.readouterr()
+    assert cli.main(["remove", str(path), train[1], sha_of_3]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["pending"] and out["images"] == 8 and path.read_bytes() == before
+    assert appends.read_removed(path) == {reader.store_.sha256s()[1]: os.path.abspath(train[1]),
+                                          sha_of_3: os.path.abspath(train[3])}
+
+    def same_as_rest(spade):
+        got = spade.score(test)
+        assert not {1, 3} & set(got.neighbour_ids.ravel().tolist())
+        assert [[spade.paths_[i] for i in row] for row in got.neighbour_ids] == \
+            [[want.paths_[i] for i in row] for row in expected.neighbour_ids]
+        np.testing.assert_array_equal(got.image_scores, expected.image_scores)
+        np.testing.assert_array_equal(got.maps, expected.maps)
+
+    reader.refresh()
+    same_as_rest(reader)
+    with Spade.open(path, k_gallery=4) as fresh:  # a reader opened after the removal
+        same_as_rest(fresh)
+        with pytest.raises(ValueError, match="not in the corpus"):  # not removed twice
+            fresh.remove([str(tmp_path / "nope.png")])
+    reader.close()
+    with Spade.open(path, "a", k_gallery=4) as writer:  # the next lone writer compacts
+        assert writer.paths_ == want.paths_ and writer.index_.ntotal == 8 and len(writer.index_.excluded) == 0
+    assert appends.read_removed(path) == {} and not appends.appends_dir(path).exists()
+    with Spade.open(path, k_gallery=4) as after:
+        got = after.score(test)
+        np.testing.assert_array_equal(got.neighbour_ids, expected.neighbour_ids)
+        np.testing.assert_array_equal(got.maps, expected.maps)

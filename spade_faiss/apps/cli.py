@@ -62,6 +62,8 @@ OPTION_CHECKS = {
     "seconds": lambda n, v: v is None or check_number(n, v, 0.0, low_open=True),
     "metrics_port": lambda n, v: v is None or check_int(n, v, 1, 65535),
     "metrics_host": lambda n, v: PARAM["host"].check_value(v),
+    "train_frames": lambda n, v: check_int(n, v, 1),
+    "test_stride": lambda n, v: check_int(n, v, 1),
 }
 
 
@@ -196,8 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "on them: one command instead of index + calibrate (0: index every image)")
     add_params(p, ("fpr",), note=" (with --hold-out)")
 
-    p = command("remove", "remove normal images from a corpus (by path as indexed, or sha256); the corpus is "
-                          "rewritten whole and its image index rebuilt; nobody may be reading it")
+    p = command("remove", "remove normal images from a corpus (by path as indexed, or sha256): the corpus is "
+                          "rewritten whole and its image index rebuilt; while it is read (a service), the removal is "
+                          "recorded beside it, readers stop retrieving them at their next refresh, and the next "
+                          "command with the corpus to itself rewrites it")
     p.add_argument("store", help="corpus file")
     p.add_argument("images", nargs="*", help="paths as indexed (absolute, or relative to here) or sha256 values")
     p.add_argument("--list", help="a text file of more paths or sha256 values, one per line (default: none)")
@@ -259,7 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("evaluate", "paper-style evaluation of MVTec-layout categories (index, calibrate, score)",
                 _feature_args, _scoring_args, _run_args)
-    p.add_argument("dataset", help="a dataset root with categories, or one category")
+    p.add_argument("dataset", help="a dataset root with categories, or one category (--protocol stc: a ShanghaiTech "
+                                   "Campus root)")
+    p.add_argument("--protocol", choices=["mvtec", "stc"], default="mvtec",
+                   help="mvtec (categories: index, calibrate, score, image/pixel metrics) or stc (ShanghaiTech "
+                        "Campus, the paper's video setting: 256x256 frames, K=1, ~5000 training frames, every 5th "
+                        "test frame, pooled frame- and pixel-level ROCAUC)")
+    p.add_argument("--train-frames", type=int, default=5000, help="--protocol stc: training frames indexed")
+    p.add_argument("--test-stride", type=int, default=5, help="--protocol stc: every N-th test frame is scored")
     p.add_argument("--categories", nargs="*", help="only these categories (default: all found)")
     p.add_argument("--out", required=True, help="output directory (corpora are built or reused there)")
     add_params(p, ("fpr",))

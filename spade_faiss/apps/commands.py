@@ -133,6 +133,10 @@ def cmd_remove(args) -> int:
         targets += datasets.list_file(args.list)
     with Spade.open(args.store, mode="a", device="cpu") as spade:
         info = spade.remove(targets)
+    if info["pending"]:
+        print(f"spade-faiss: {args.store} is being read: the removal is recorded beside it; readers stop retrieving "
+              f"those images at their next refresh, and the next command with the corpus to itself rewrites it",
+              file=sys.stderr)
     if info["thresholds_stale"]:
         print(f"spade-faiss: warning: {args.store}: its thresholds were calibrated with the removed images in the "
               f"corpus: recalibrate (`spade-faiss calibrate`)", file=sys.stderr)
@@ -238,6 +242,13 @@ def cmd_evaluate(args) -> int:
     from .runs import RunDir
 
     params = spade_params(args)
+    if args.protocol == "stc":
+        from .stc import evaluate_stc, table
+
+        report = evaluate_stc(args.dataset, args.out, params, args.train_frames, args.test_stride)
+        print(table(report))
+        print(json.dumps({"run": args.out, **{k: report[k] for k in ("frame_AUROC", "pixel_AUROC")}}))
+        return 0
     report = evaluate(args.dataset, args.out, args.categories, params, args.fpr, overlays=not args.no_overlays)
     print(RunDir(args.out).table.read_text())
     print(json.dumps({"run": args.out, "mean": report["mean"]}))

@@ -89,6 +89,9 @@ class AttachedCorpus:
         if len(new):
             self.index.add(new)
             state = dataclasses.replace(state, paths=self.store.paths(), memo={})
+        if (self.store.removed_changed() or len(new)) and self.index is not None:
+            self.index.exclude(self.store.removed_ids())  # removed while served: never retrieved again
+            state = dataclasses.replace(state, memo={})
         if changed:
             state = state.with_thresholds(calibration)
         return state, {"added": len(new), "thresholds_changed": changed, "generation": state.generation}
@@ -117,6 +120,9 @@ def attach(store: CorpusView, extractor: Callable, budget: MemoryBudget, seed: i
         index.add(store.pool(index.ntotal))  # and the segments' (store/appends.py)
         if store.writable:
             index.save(store)
+    store.removed_changed()
+    if index is not None:
+        index.exclude(store.removed_ids())  # images removed beside the corpus and not compacted yet
     pipeline = QueryPipeline(store, index, extractor, budget, seed)
     state = AttachedCorpus(store, index, pipeline, store.paths(), None, None, None, problem, ahead)
     return state.with_thresholds(store.thresholds())

@@ -83,10 +83,11 @@ class QueryPipeline:
         """A pixel threshold at ``fpr`` without held-out images: up to ``n_images`` corpus images
         (evenly spaced rows) are segmented from their stored features against the rest of the
         corpus (each one's own row left out of its neighbours)."""
-        n = len(self.store)
+        alive = np.setdiff1d(np.arange(len(self.store)), self.index.excluded)  # removed images left out
+        n = len(alive)
         if n < 2:
             raise ValueError("leave-one-out needs a corpus of at least 2 images")
-        rows = spread_rows(n, n_images)
+        rows = alive[spread_rows(n, n_images)]
         k_gallery = min(config.k_gallery, n - 1)
         dist, ids = self.index.search(self.store.pool()[rows], k_gallery + 1, config.nprobe)
         feats = {lv: self.store.level(lv, rows).astype(np.float32) for lv in config.levels}

@@ -24,6 +24,7 @@ from ..representations import FIT_IMAGES
 from ..results import IndexReport, Retrieved, ScoredImage, SpadeResult
 from ..store import CorpusView, FeatureStore, join_shards, open_corpus, remove_rows, resolve
 from ..store import convert as convert_store
+from ..store.appends import clear_removed, write_removed
 from . import thresholds
 from .attached import attach
 from .indexing import add_images, indexed, new_store
@@ -195,10 +196,13 @@ class Spade(Parameters):
             spade = cls(**params)
             spade._configure(c.weights_sha256)
             store.check_config(spade.config_)
-            return spade._attach(store)
+            spade._attach(store)
         except Exception:
             store.close()
             raise
+        if mode == "a":
+            spade._compact()
+        return spade
 
     def fit(self, images_, y=None) -> Spade:
         """Index ``images_`` (paths, dataset samples or RGB uint8 arrays) in an in-memory corpus
@@ -240,7 +244,10 @@ class Spade(Parameters):
         must not hold the file between batches); returns self."""
         store = open_corpus(self.store_.path, mode)
         store.check_config(self.config_)
-        return self._attach(store)
+        self._attach(store)
+        if mode == "a":
+            self._compact()
+        return self
 
     def __enter__(self):
         return self
@@ -256,32 +263,55 @@ class Spade(Parameters):
         return report
 
     def remove(self, targets: Iterable[str]) -> dict:
-        """Remove normal images from the corpus, named by path (as indexed) or sha256: the corpus
-        is rewritten without them (whole or not at all) and its image index rebuilt; this Spade
-        must have opened it for appending with no other process reading it (``mode="a"``, not
-        beside it). Returns what was removed; thresholds calibrated before are kept and flagged
-        as possibly stale (recalibrate)."""
+        """Remove normal images from the corpus, named by path (as indexed) or sha256. Opened for
+        appending with the file to itself (``mode="a"``), the corpus is rewritten without them
+        (whole or not at all) and its image index rebuilt. While other processes read it (a
+        service), the removal is recorded beside it (``store/appends.py``): this Spade and every
+        reader that refreshes stop retrieving them at once, and the next writer that has the
+        file to itself rewrites it (``pending: True``). Returns what was removed; thresholds
+        calibrated before are kept and flagged as possibly stale (recalibrate)."""
         store = self.store_
-        if not store.writable:
-            raise ValueError(f"{store.path}: is read by another process (a service, a score run): images cannot be "
-                             f"removed while it is read; stop the readers and retry")
-        paths = store.paths()
-        rows, unknown = resolve(list(targets), paths, store.sha256s())
+        paths, shas = store.paths(), store.sha256s()
+        rows, unknown = resolve(list(targets), paths, shas)
         if unknown:
             raise ValueError(f"{store.path}: not in the corpus (by path or sha256): {unknown[:5]}"
                              + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
         if not rows:
             raise ValueError("remove: name at least one image (a path as indexed, or a sha256)")
-        if len(rows) == len(paths):
+        gone = set(self.index_.excluded.tolist()) if self.index_ is not None else set()
+        if len(set(rows) | gone) == len(paths):
             raise ValueError(f"{store.path}: removing all {len(paths)} images would leave an empty corpus; "
                              f"delete the file instead")
         path, calibrated = store.path, self.tau_ is not None
+        info = {"store": path, "removed": [paths[i] for i in rows], "thresholds_stale": calibrated}
+        if store.beside:  # read elsewhere: a record beside it now, the rewrite by the next lone writer
+            write_removed(path, {shas[i]: paths[i] for i in rows})
+            self.refresh()
+            return {**info, "images": self.index_.searchable, "pending": True}
+        if not store.writable:
+            raise ValueError(f"{store.path}: opened for reading: open it with mode='a' to remove images")
         self.close()
         left = remove_rows(path, rows)
         self.reopen("a")
         self.reindex()
-        return {"store": path, "removed": [paths[i] for i in rows], "images": left,
-                "thresholds_stale": calibrated}
+        return {**info, "images": left, "pending": False}
+
+    def _compact(self) -> None:
+        """Rewrite the corpus without the images removed beside it while it was read, when this
+        Spade has the file to itself (opened for appending); then the record goes."""
+        store = self.store_
+        if store.beside or not store.writable:
+            return
+        pending = store.removed()
+        if not pending:
+            return
+        shas = set(store.sha256s())
+        present = [s for s in pending if s in shas]
+        if present:
+            log.info("%s: removing %d image(s) recorded while it was read", store.path, len(present))
+            self.remove(present)
+        clear_removed(store.path)
+        self.refresh()
 
     def reindex(self) -> dict:
         """Rebuild (and retrain) the image index over all committed rows with the ``index``,
@@ -378,7 +408,7 @@ class Spade(Parameters):
                              f"one (maps=True, --maps all), or use image_score='knn'")
 
     def _ks(self) -> tuple[int, int]:
-        n = len(self.store_)
+        n = self.index_.searchable if self.index_ is not None else len(self.store_)
         k_gallery = self.config_.k_gallery
         if k_gallery > n:
             if getattr(self, "_clamp_warned_", None) != n:  # once per corpus size, not per batch

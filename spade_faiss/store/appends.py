@@ -13,6 +13,11 @@ The next writer that has the corpus file to itself merges the segments into it (
 as stored, deduplicated by sha256, so a merge cut short is finished by the next one) and
 removes them: the ids and scores are the same before and after (docs/design.md §2, "Growing
 while served").
+
+Images removed while the corpus is read are recorded the same way, in
+``<corpus>.appends/removed.json`` (sha256 -> the path it was indexed from): readers exclude them
+from retrieval when they refresh, and the next writer that has the corpus file to itself rewrites
+it without them (``Spade.open(mode="a")``), then deletes the record.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from .names import appends_dir
 
 SUFFIX = names.APPENDS_SUFFIX
 THRESHOLDS = names.THRESHOLDS_FILE
+REMOVED = names.REMOVED_FILE
 LOCK = names.WRITER_LOCK
 _SEGMENT = names.SEGMENT
 
@@ -107,6 +113,41 @@ def check_thresholds(record, where: str) -> dict:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{where}: {key}={value!r}: expected a finite number")
     return record
+
+
+def read_removed(path) -> dict[str, str]:
+    """Images removed beside corpus ``path`` and not compacted yet: ``{sha256: path}``."""
+    file = appends_dir(path) / REMOVED
+    try:
+        record = json.loads(file.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as e:
+        raise ValueError(f"{file}: not a removal record ({e})") from None
+    if not isinstance(record, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in record.items()):
+        raise ValueError(f"{file}: not a removal record (expected an object of sha256 -> path)")
+    return record
+
+
+def write_removed(path, removed: dict[str, str]) -> None:
+    """Add ``removed`` (``{sha256: path}``) to the record beside corpus ``path`` (atomic: the
+    old record or the new one); the caller holds the writer lock."""
+    folder = appends_dir(path)
+    folder.mkdir(exist_ok=True)
+    record = {**read_removed(path), **removed}
+    tmp = Path(names.temporary(folder / REMOVED))
+    tmp.write_text(json.dumps(record, sort_keys=True))
+    os.replace(tmp, folder / REMOVED)
+
+
+def clear_removed(path) -> None:
+    """The removal record, once the corpus file has been rewritten without those images (by a
+    writer with the file to itself: no writer beside it holds the lock)."""
+    folder = appends_dir(path)
+    (folder / REMOVED).unlink(missing_ok=True)
+    if folder.is_dir() and set(os.listdir(folder)) <= {LOCK}:
+        (folder / LOCK).unlink(missing_ok=True)
+        folder.rmdir()
 
 
 def set_aside_orphans(path, stamp: str) -> Path | None:

@@ -60,6 +60,8 @@ def check(h5, part: str, ids: np.ndarray, rows: np.ndarray, read) -> list[int]:
     unique, back = np.unique(ids, return_inverse=True)
     known = unique[unique < h5[name].shape[0]]  # rows past it were written without digests
     recorded = np.zeros((len(unique), width), np.uint8)
-    if len(known):
+    if len(known) and known[-1] - known[0] + 1 == len(known):  # a range (a whole pool read): one slice
+        recorded[:len(known)] = read(name, np.s_[int(known[0]):int(known[-1]) + 1])
+    elif len(known):
         recorded[:len(known)] = read(name, list(known.tolist()))
     return mismatched(rows, recorded[back.reshape(-1)])

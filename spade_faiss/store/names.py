@@ -43,6 +43,7 @@ BASE_ROWS = "base_rows"  # a segment's: the corpus file's committed rows when it
 # --- beside the file --------------------------------------------------------------------------
 APPENDS_SUFFIX = ".appends"
 THRESHOLDS_FILE = "thresholds.json"
+REMOVED_FILE = "removed.json"  # images removed while the corpus was read: excluded until compacted
 WRITER_LOCK = ".writer.lock"
 SEGMENT = re.compile(r"^seg-(\d{6})\.h5$")
 SIDECAR_SUFFIX = ".faiss"

@@ -34,7 +34,7 @@ class CorpusView:
         self.starts = [0]
         self._paths, self._shas = base.paths(), base.sha256s()
         self._known = set(self._shas)
-        self._thresholds_mtime = None
+        self._thresholds_mtime = self._removed_mtime = None
         self.segments = 0
         try:
             self.refresh(generation)
@@ -125,6 +125,24 @@ class CorpusView:
     def thresholds_unread(self) -> None:
         """The thresholds file changed but could not be read: ask again at the next call."""
         self._thresholds_mtime = None
+
+    def removed(self) -> dict[str, str]:
+        """Images removed beside the corpus, not compacted yet (``appends.read_removed``)."""
+        return appends.read_removed(self.base.path)
+
+    def removed_ids(self) -> np.ndarray:
+        """The view's ids of the removed images (int64, ascending): retrieval excludes them."""
+        gone = set(self.removed())
+        return np.array([i for i, s in enumerate(self._shas) if s in gone], dtype=np.int64)
+
+    def removed_changed(self) -> bool:
+        """Whether the removal record beside the corpus changed since the last call."""
+        try:
+            mtime = os.stat(appends.appends_dir(self.base.path) / appends.REMOVED).st_mtime_ns
+        except FileNotFoundError:
+            mtime = None
+        changed, self._removed_mtime = mtime != self._removed_mtime, mtime
+        return changed
 
     def thresholds_changed(self) -> bool:
         """Whether the thresholds file beside the corpus changed since the last call."""
