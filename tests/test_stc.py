@@ -11,7 +11,7 @@ import numpy as np
 
 from spade_faiss import metrics
 from spade_faiss.apps import cli
-from spade_faiss.apps.runs import read_rows
+from spade_faiss.apps.runs import RunDir, read_rows
 from spade_faiss.synthetic import paste_defect
 
 from .conftest import RUN
@@ -52,7 +52,7 @@ def test_the_stc_protocol_on_a_generated_scene(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "| SPADE (paper) | 71.9 | 89.9 |" in printed
-    report = json.loads((out / "metrics.json").read_text())
+    report = json.loads(RunDir(out).metrics.read_text())
     assert (report["resize"], report["crop"], report["k_gallery"], report["k_image"]) == (256, 256, 1, 1)
     assert report["train_frames"] == 20 and report["test_frames"] == 12 and report["anomalous_frames"] == 6
     # the corpus: 20 of the 50 training frames, taken evenly (every 2nd) over both videos

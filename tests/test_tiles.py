@@ -36,14 +36,14 @@ def test_tiles_cover_every_pixel_with_full_tiles_flush_with_the_far_edge(length,
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    """Normal parts (160x200, non-square), test parts (two with a pasted defect), the tiled
+    """Normal parts (128x160, non-square), test parts (two with a pasted defect), the tiled
     corpus and run, and the same tiles written as image files with their own corpus and run."""
     root = tmp_path_factory.mktemp("parts")
     rng = np.random.default_rng(5)
-    for split, n in (("normal", 5), ("test", 3)):
+    for split, n in (("normal", 4), ("test", 3)):
         (root / split).mkdir()
         for k in range(n):
-            img = texture(rng, (160, 200))
+            img = texture(rng, (128, 160))
             if split == "test" and k:
                 img = paste_defect(rng, img)[0]
             write_png(root / split / f"{k:03d}.png", img)
@@ -79,7 +79,7 @@ def test_a_tiled_score_equals_its_tiles_scored_as_images_against_a_corpus_of_til
     root, files = parts
     tiled = read_rows(root / "tiled_run" / "scores.csv")
     alone = {r["image_path"]: r for r in read_rows(root / "files_run" / "scores.csv")}
-    assert len(tiled) == 3 * 20  # 160x200 at 64/24: 4 rows x 5 columns of tiles per image
+    assert len(tiled) == 3 * 12  # 128x160 at 64/24: 3 rows x 4 columns of tiles per image
     tiled_maps, alone_maps = _maps(root / "tiled_run"), _maps(root / "files_run")
     for r in tiled:
         twin = alone[files[r["image_path"]]]
@@ -99,10 +99,10 @@ def test_the_stitched_map_is_the_mean_of_the_maps_of_the_tiles_covering_each_pix
         mine = [r for r in rows if tiles.parse_ref(r["image_path"]).image == summary["image_path"]]
         best = max(mine, key=lambda r: float(r["score"]))
         assert summary["score"] == best["score"] and summary["tile"] == best["image_path"]
-        assert int(summary["tiles"]) == 20 and summary["overlay"].startswith("stitched/")
+        assert int(summary["tiles"]) == 12 and summary["overlay"].startswith("stitched/")
         assert (root / "tiled_run" / summary["overlay"]).is_file()
         # the oracle: per pixel, the values of the tiles whose crop saw it, averaged
-        values = [[[] for _ in range(200)] for _ in range(160)]
+        values = [[[] for _ in range(160)] for _ in range(128)]
         for r in mine:
             ref = tiles.parse_ref(r["image_path"])
             m = map_to_original(maps[r["image_path"]], (ref.h, ref.w), 72)

@@ -185,3 +185,64 @@ def test_frame_scores_smoothed_along_each_video_equal_an_explicit_gaussian(tmp_p
         assert all(float(r["time_s"]) == pytest.approx(int(r["frame"]) / FPS) for r in rows)
     runs = json.loads((tmp_path / "run" / "run.json").read_text())["runs"]
     assert runs[-1]["temporal_sigma"] == sigma and runs[-1]["frames"] == 21
+
+
+def test_a_lossless_video_scores_bitwise_as_its_frames_saved_as_image_files(tmp_path, capsys):
+    """FFV1 (lossless): every frame's score and map equal those of the same frame written as a
+    PNG file and scored as an image, bit for bit."""
+    from spade_faiss.synthetic import write_png
+
+    normals = tmp_path / "normals"
+    normals.mkdir()
+    write_video(normals / "n.avi", scene(40, 10))
+    frames = scene(41, 8, defect_from=4)
+    clip = write_video(tmp_path / "line.mkv", frames, fourcc="FFV1")
+    assert [np.array_equal(a, b) for a, b in zip(sequential(clip), frames)] == [True] * 8  # lossless
+    for i, f in enumerate(frames):
+        write_png(tmp_path / "pngs" / f"{i:03d}.png", f)
+    assert cli.main(["index", str(normals), "--out", str(tmp_path / "c.h5"), *FEAT]) == 0
+    for src, run in ((clip, "video_run"), (tmp_path / "pngs", "png_run")):
+        assert cli.main(["score", str(tmp_path / "c.h5"), str(src), "--out", str(tmp_path / run), *RUN,
+                         "--k-gallery", "3", "--no-report"]) == 0
+    video_rows, png_rows = (read_rows(tmp_path / r / "scores.csv") for r in ("video_run", "png_run"))
+    assert [video.parse_ref(r["image_path"]).frame for r in video_rows] == list(range(8))
+    assert [r["score"] for r in video_rows] == [r["score"] for r in png_rows]
+    import h5py
+    with h5py.File(tmp_path / "video_run" / "maps.h5") as a, h5py.File(tmp_path / "png_run" / "maps.h5") as b:
+        np.testing.assert_array_equal(a["maps"][:], b["maps"][:])
+
+
+def test_a_run_killed_mid_video_resumes_from_the_next_frame_with_the_same_bits(tmp_path):
+    """kill -9 while a video is scored (after some frames are committed, observed in scores.csv):
+    the re-run scores only the frames left, and the run equals an uninterrupted one."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import h5py
+
+    normals = tmp_path / "normals"
+    normals.mkdir()
+    write_video(normals / "n.avi", scene(50, 10))
+    test = write_video(tmp_path / "t.avi", scene(51, 40, defect_from=20))
+    assert cli.main(["index", str(normals), "--out", str(tmp_path / "c.h5"), *FEAT]) == 0
+    argv = [sys.executable, "-m", "spade_faiss", "score", str(tmp_path / "c.h5"), test, *RUN, "--k-gallery", "3",
+            "--no-report", "--batch-size", "1"]
+    proc = subprocess.Popen([*argv, "--out", str(tmp_path / "run")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    scores, deadline = tmp_path / "run" / "scores.csv", time.monotonic() + 120
+    while not (scores.is_file() and len(read_rows(scores)) >= 3):  # progress, observed
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(read_rows(scores))
+    assert done < 40
+    assert subprocess.run([*argv, "--out", str(tmp_path / "run")], capture_output=True).returncode == 0
+    assert subprocess.run([*argv, "--out", str(tmp_path / "whole")], capture_output=True).returncode == 0
+    resumed, whole = read_rows(scores), read_rows(tmp_path / "whole" / "scores.csv")
+    assert [r["image_path"] for r in resumed] == [r["image_path"] for r in whole]  # each frame once, in order
+    assert [r["score"] for r in resumed] == [r["score"] for r in whole]
+    with h5py.File(tmp_path / "run" / "maps.h5") as a, h5py.File(tmp_path / "whole" / "maps.h5") as b:
+        np.testing.assert_array_equal(a["maps"][:], b["maps"][:])

@@ -112,7 +112,7 @@ def evaluate_stc(root, out_dir, params: dict, train_frames: int = TRAIN_FRAMES, 
               "test_stride": test_stride, "anomalous_frames": int(np.sum(labels)),
               "frame_AUROC": metrics.auroc(np.array(labels), np.array(scores)),
               "pixel_AUROC": metrics.pixel_auroc(np.stack(masks), np.stack(maps)), "paper": PAPER}
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    RunDir(out).metrics.write_text(json.dumps(report, indent=2))
     return report
 
 
