@@ -86,18 +86,21 @@ def test_3_a_foreign_file_among_the_segments_is_refused_by_name_and_quarantined(
     assert done.returncode == 1 and str(planted) in done.stderr
     done = spade("verify", copy)
     assert done.returncode == 1 and str(planted) in done.stdout + done.stderr
-    assert spade("verify", copy, "--repair").returncode == 0
+    done = spade("verify", copy, "--repair")  # reports the problem (exit 1) and quarantines the file
+    assert done.returncode == 1 and "quarantined" in done.stdout + done.stderr
     assert spade("verify", copy).returncode == 0 and (folder / "seg-000001.h5.quarantined").is_file()
 
 
 def test_4_damage_the_checksums_cannot_see_fails_the_query_naming_the_image(copy, tmp_path, dataset):
     from .test_representations import _fletcher_blind_damage
 
-    _fletcher_blind_damage(copy, "levels/layer1", 2)
-    done = spade("verify", copy, "--deep")
+    plain = tmp_path / "f16.h5"  # float16: fletcher32 cannot see this damage, the digest does
+    assert spade("convert", copy, "--out", plain, "--storage", "float16").returncode == 0
+    _fletcher_blind_damage(plain, "levels/layer1", 2)
+    done = spade("verify", plain, "--deep")
     assert done.returncode == 1 and "layer1 of image 2" in done.stdout + done.stderr
     train = [s.path for s in discover(dataset)]
-    done = spade("score", copy, train[2], "--out", tmp_path / "run", *RUN, "--k-gallery", 3)
+    done = spade("score", plain, train[2], "--out", tmp_path / "run", *RUN, "--k-gallery", 3)
     assert done.returncode == 3 and "layer1 of image 2" in done.stderr  # skipped by name: no NaN, no crash
     assert "does not match its digest" in (tmp_path / "run" / "errors.csv").read_text()
 

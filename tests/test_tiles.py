@@ -114,7 +114,8 @@ def test_the_stitched_map_is_the_mean_of_the_maps_of_the_tiles_covering_each_pix
         got = stitched_map(root / "tiled_run" / "maps.h5", summary["image_path"],
                            [r["image_path"] for r in mine], 72)
         np.testing.assert_allclose(got, want, rtol=1e-6, equal_nan=True)
-        assert np.isnan(got).sum() < 0.1 * got.size  # only the outer margin no crop reaches
+        # NaN only in the image's outer margin, which no tile's centre crop reaches (72 -> 64: 4 px)
+        assert np.isnan(got).any() and not np.isnan(got[4:-4, 4:-4]).any()
         assert float(summary["map_max"]) == pytest.approx(np.nanmax(got), rel=1e-5)
     defect = [float(r["score"]) for r in per_image]
     assert min(defect[1:]) > defect[0]  # the parts with a defect score above the clean one

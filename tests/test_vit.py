@@ -2,6 +2,8 @@
 patch tokens as levels, equal to the brute-force oracle like the CNNs; levels, grid and weights
 recorded and checked; a local weights file identified by the sha256 of its tensors."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -87,10 +89,18 @@ def test_imagenet_weights_for_a_vit_are_refused_naming_pretrained():
         Spade(**{**VIT, "weights": "imagenet"}).validate_params()
 
 
-def test_published_vit_weights_without_network_say_how_to_get_them(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without network: no hub access
-    with pytest.raises(WeightsError, match="Hugging Face hub.*--weights PATH"):
-        build_model("vit_small_patch16_dinov3", "pretrained")
+def test_published_vit_weights_without_network_say_how_to_get_them():
+    """In a process without hub access (``HF_HUB_OFFLINE``, read when huggingface_hub loads):
+    the error says where the weights come from and how to pass a local file."""
+    import subprocess
+    import sys
+
+    code = ("from spade_faiss.backbone import build_model\n"
+            "build_model('vit_small_patch16_dinov3', 'pretrained')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode != 0 and "WeightsError" in done.stderr
+    assert "Hugging Face hub" in done.stderr and "--weights PATH" in done.stderr
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])

@@ -5,6 +5,7 @@ search per level) -> maps (upsampled, averaged, smoothed)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from ..memory import MemoryBudget
 from ..resample import concat_levels
 from ..results import Retrieved
 from ..store import FeatureStore, StoreError
+
+log = logging.getLogger(__name__)
 
 PROJECTION_IMAGES = 16
 PROJECTION_VECTORS = 16384
@@ -90,17 +93,24 @@ class QueryPipeline:
         rows = alive[spread_rows(n, n_images)]
         k_gallery = min(config.k_gallery, n - 1)
         dist, ids = self.index.search(self.store.pool()[rows], k_gallery + 1, config.nprobe)
-        feats = {lv: self.store.level(lv, rows).astype(np.float32) for lv in config.levels}
+        read = dict(zip(*self._sound_entries([("per_level", int(r)) for r in rows])))  # damaged ones left out
         retrieved = []
         for j, row in enumerate(rows):
+            if ("per_level", int(row)) not in read:
+                continue
             keep = ids[j] != row
-            retrieved.append(Retrieved(Prepared(None, ""), {lv: f[j] for lv, f in feats.items()}, 0.0,
+            feats = {lv: f.astype(np.float32) for lv, f in read[("per_level", int(row))].items()}
+            retrieved.append(Retrieved(Prepared(None, ""), feats, 0.0,
                                        ids[j][keep][:k_gallery], dist[j][keep][:k_gallery], encoded=True))
         self.segment(retrieved, config, options, device)
+        sound = [r for r in retrieved if r.error is None]
         damaged = next((r.error for r in retrieved if r.error), None)
-        if damaged:
+        if not sound:
             raise StoreError(damaged)
-        return metrics.threshold_at_fpr(np.stack([r.map for r in retrieved]), fpr)
+        if damaged:  # one damaged normal image must not stop every score run: the estimate goes without it
+            log.warning("the leave-one-out pixel threshold leaves out %d of %d corpus images: %s",
+                        len(retrieved) - len(sound), len(retrieved), damaged)
+        return metrics.threshold_at_fpr(np.stack([r.map for r in sound]), fpr)
 
     def segment(self, retrieved: list[Retrieved], config, options, device: str, correspondences: bool = False):
         """Stage 2: set ``map`` of each query (and its ``correspondences``: per level, int32
@@ -185,6 +195,25 @@ class QueryPipeline:
         return [{name: patch_search.prepare(engines[name], f, self.projections.get(name), keep16)
                  for name, f in r.items()} for r in raw]
 
+    def _sound_entries(self, keys: list) -> list[dict]:
+        """(keys read, ``load_entries`` of them), leaving out (with a warning) images whose stored
+        rows are damaged: a sample of the corpus does without them; only all of them damaged is an
+        error."""
+        levels = self.store.config.levels
+        try:
+            return keys, load_entries(self.store.level, keys, levels)
+        except StoreError:
+            kept, out = [], []
+            for key in keys:
+                try:
+                    out += load_entries(self.store.level, [key], levels)
+                    kept.append(key)
+                except StoreError as e:
+                    log.warning("a corpus sample leaves out image %d: %s", key[1], e)
+            if not out:
+                raise
+            return kept, out
+
     def _projection(self, name: str, mode: str) -> None:
         """The principal directions of a level (or of concat features), fitted once on a
         seeded sample of the corpus: up to 16 images (evenly spaced rows), 16384 vectors.
@@ -206,7 +235,7 @@ class QueryPipeline:
             return
         n = len(self.store)
         rows = spread_rows(n, PROJECTION_IMAGES)
-        feats = load_entries(self.store.level, [(mode, int(i)) for i in rows], self.store.config.levels)
+        _, feats = self._sound_entries([(mode, int(i)) for i in rows])
         sample = np.concatenate([f[name].reshape(-1, f[name].shape[-1]) for f in feats]).astype(np.float32)
         if len(sample) > PROJECTION_VECTORS:
             sample = sample[np.random.default_rng(self.seed).choice(len(sample), PROJECTION_VECTORS, replace=False)]
