@@ -256,6 +256,17 @@ def score_row(r: ScoredImage, overlay: str = "", regions: list | None = None) ->
             "sha256": r.image.sha256 if r.image is not None else ""}
 
 
+def write_csv_whole(path: Path, fields, rows) -> None:
+    """A CSV file written whole under a temporary name, then renamed: readers see the old file
+    or the new one."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
 def _append_csv(path, fields, rows) -> None:
     """Append rows (a header first in a new file) and fsync: a row on disk is a done image."""
     if not rows:

@@ -9,7 +9,6 @@ another corpus or other parameters is refused (``restart`` clears it instead).
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from ..results import ScoredImage
 from ..temporal import smooth_frames
 from ..version import __version__
 from ..video import parse_ref
-from .run_writer import RunWriter, read_rows, shard_suffix
+from .run_writer import RunWriter, read_rows, shard_suffix, write_csv_whole
 
 # What must be equal for two invocations to write into one run directory.
 FRAME_FIELDS = ["video", "frame", "time_s", "image_path", "score", "smoothed_score", "is_anomalous"]
@@ -151,12 +150,7 @@ class RunDir:
                             "image_path": r["image_path"], "score": r["score"], "smoothed_score": f"{s:.6g}",
                             "is_anomalous": "" if tau is None else int(s > tau)})
         out.sort(key=lambda r: (r["video"], r["frame"]))
-        tmp = self.frames_csv.with_suffix(".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=FRAME_FIELDS)
-            w.writeheader()
-            w.writerows(out)
-        os.replace(tmp, self.frames_csv)
+        write_csv_whole(self.frames_csv, FRAME_FIELDS, out)
         return len(out)
 
     def record_invocation(self, entry: dict) -> None:

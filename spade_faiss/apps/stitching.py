@@ -8,7 +8,6 @@ one image and its map, whatever the number of images."""
 from __future__ import annotations
 
 import collections
-import csv
 import os
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from .. import tiles
 from ..images import load_image
 from ..scoring import map_to_original
 from . import pictures
-from .run_writer import picture_stem
+from .run_writer import picture_stem, write_csv_whole
 
 TILED_FIELDS = ["image_path", "tiles", "score", "tile", "map_max", "is_anomalous", "overlay"]
 STITCHED = "stitched"
@@ -74,10 +73,5 @@ def write_tiled(run, resize: int, tau: float | None, colour_max: float | None, t
         out.append({"image_path": image, "tiles": len(rows), "score": f"{score:.6g}", "tile": best["image_path"],
                     "map_max": f"{np.nanmax(amap):.6g}" if mapped else "",
                     "is_anomalous": "" if tau is None else int(score > tau), "overlay": overlay})
-    tmp = run.tiled_csv.with_suffix(".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=TILED_FIELDS)
-        w.writeheader()
-        w.writerows(out)
-    os.replace(tmp, run.tiled_csv)
+    write_csv_whole(run.tiled_csv, TILED_FIELDS, out)
     return len(out)

@@ -34,7 +34,7 @@ class CorpusView:
         self.starts = [0]
         self._paths, self._shas = base.paths(), base.sha256s()
         self._known = set(self._shas)
-        self._thresholds_mtime = self._removed_mtime = None
+        self._mtimes: dict[str, int | None] = {}  # files beside the corpus, as last seen
         self.segments = 0
         try:
             self.refresh(generation)
@@ -124,7 +124,7 @@ class CorpusView:
 
     def thresholds_unread(self) -> None:
         """The thresholds file changed but could not be read: ask again at the next call."""
-        self._thresholds_mtime = None
+        self._mtimes.pop(appends.THRESHOLDS, None)
 
     def removed(self) -> dict[str, str]:
         """Images removed beside the corpus, not compacted yet (``appends.read_removed``)."""
@@ -137,20 +137,19 @@ class CorpusView:
 
     def removed_changed(self) -> bool:
         """Whether the removal record beside the corpus changed since the last call."""
-        try:
-            mtime = os.stat(appends.appends_dir(self.base.path) / appends.REMOVED).st_mtime_ns
-        except FileNotFoundError:
-            mtime = None
-        changed, self._removed_mtime = mtime != self._removed_mtime, mtime
-        return changed
+        return self._changed(appends.REMOVED)
 
     def thresholds_changed(self) -> bool:
         """Whether the thresholds file beside the corpus changed since the last call."""
+        return self._changed(appends.THRESHOLDS)
+
+    def _changed(self, name: str) -> bool:
+        """Whether file ``name`` beside the corpus changed (its mtime) since the last call."""
         try:
-            mtime = os.stat(appends.appends_dir(self.base.path) / appends.THRESHOLDS).st_mtime_ns
+            mtime = os.stat(appends.appends_dir(self.base.path) / name).st_mtime_ns
         except FileNotFoundError:
             mtime = None
-        changed, self._thresholds_mtime = mtime != self._thresholds_mtime, mtime
+        changed, self._mtimes[name] = mtime != self._mtimes.get(name, "unread"), mtime
         return changed
 
     # --- reading -------------------------------------------------------------------------
