@@ -15,35 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, machine, real_images  # noqa: E402
+from common import DATA, emit_to, machine, process, real_images  # noqa: E402
+
+JSONL = "backbones.jsonl"
 
 SPADE = [sys.executable, "-m", "spade_faiss"]
 SIZES = {"wide_resnet50_2": (256, 224), "vit_small_patch14_dinov2": (512, 448),
          "vit_base_patch14_dinov2": (512, 448)}
-
-
-def run(cmd: list, log: Path) -> dict:
-    t = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        sys.exit(f"{' '.join(map(str, cmd))} failed; see {log}")
-    return {"seconds": round(time.perf_counter() - t, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
-
-
-def emit(out: Path, **record) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    with open(out / "backbones.jsonl", "a") as f:
-        f.write(line + "\n")
 
 
 def main() -> None:
@@ -55,7 +37,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    emit(out, bench="backbones", step="machine", **machine())
+    emit_to(out / JSONL, bench="backbones", step="machine", **machine())
     lists = {}
     for name, paths in (("normals", real_images("train", args.normals, DATA)),
                         ("tests", real_images("test", args.tests, DATA))):
@@ -65,15 +47,15 @@ def main() -> None:
         resize, crop = SIZES[backbone]
         corpus = out / f"{backbone}.h5"
         corpus.unlink(missing_ok=True)
-        rec = run([*SPADE, "index", lists["normals"], "--out", corpus, "--backbone", backbone, "--weights", "none",
+        rec = process([*SPADE, "index", lists["normals"], "--out", corpus, "--backbone", backbone, "--weights", "none",
                    "--resize", resize, "--crop", crop], out / f"index_{backbone}.log")
-        emit(out, bench="backbones", backbone=backbone, step="index", crop=crop, images=args.normals, **rec,
+        emit_to(out / JSONL, bench="backbones", backbone=backbone, step="index", crop=crop, images=args.normals, **rec,
              s_per_image=round(rec["seconds"] / args.normals, 3),
              bytes_per_image=round(corpus.stat().st_size / args.normals))
-        rec = run([*SPADE, "score", corpus, lists["tests"], "--out", out / f"run_{backbone}", "--restart"],
+        rec = process([*SPADE, "score", corpus, lists["tests"], "--out", out / f"run_{backbone}", "--restart"],
                   out / f"score_{backbone}.log")
         stages = json.loads((out / f"run_{backbone}" / "run.json").read_text())["runs"][-1]["stage_seconds"]
-        emit(out, bench="backbones", backbone=backbone, step="score", crop=crop, images=args.tests, **rec,
+        emit_to(out / JSONL, bench="backbones", backbone=backbone, step="score", crop=crop, images=args.tests, **rec,
              s_per_image=round(rec["seconds"] / args.tests, 3),
              stage_s_per_image={k: round(v / args.tests, 4) for k, v in stages.items()})
         corpus.unlink()

@@ -27,37 +27,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, machine  # noqa: E402
+from common import DATA, emit_to, machine, process  # noqa: E402
+
+JSONL = "user_run.jsonl"
 
 SUBSET = 24
 HELD_OUT_EVERY = 10
-
-
-def emit(out: Path, **record) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    with open(out / "user_run.jsonl", "a") as f:
-        f.write(line + "\n")
-
-
-def process(cmd: list[str], log: Path, env: dict | None = None) -> dict:
-    """Run one process to its end: wall seconds, exit status and its own peak RSS (MB)."""
-    t = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t
-    if proc.returncode:
-        sys.exit(f"{' '.join(cmd)} exited {proc.returncode}; see {log}:\n{log.read_text()[-3000:]}")
-    return {"seconds": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
 
 
 def spade(*args) -> list[str]:
@@ -160,11 +139,11 @@ def workload(name: str, root: Path, out: Path, n_index: int | None, n_held: int 
             details = score_details(run)
             if "stage_seconds" in details:
                 details["stage_s_per_image"] = {k: round(v / n, 4) for k, v in details.pop("stage_seconds").items()}
-        emit(out, bench="user_run", workload=name, step=step, images=n, **rec,
+        emit_to(out / JSONL, bench="user_run", workload=name, step=step, images=n, **rec,
              s_per_image=round(rec["seconds"] / n, 3), images_per_s=round(n / rec["seconds"], 3), **details)
     if {"score_subset_faiss", "score_subset_default"} <= set(seconds):
         ratio = seconds["score_subset_faiss"] / seconds["score_subset_default"]
-        emit(out, bench="user_run", workload=name, step="ratio", faiss_over_default_subset=round(ratio, 2),
+        emit_to(out / JSONL, bench="user_run", workload=name, step="ratio", faiss_over_default_subset=round(ratio, 2),
              corpus_bytes=store.stat().st_size, corpus_images=len(indexed))
     if not keep:
         store.unlink()
@@ -211,7 +190,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_score import kernel_rates
 
-    emit(out, bench="user_run", step="machine", **machine(), kernels_gflops=kernel_rates())
+    emit_to(out / JSONL, bench="user_run", step="machine", **machine(), kernels_gflops=kernel_rates())
     q = args.quick
     if "magnetic_tile" in args.workloads:
         workload("magnetic_tile", data, out, 60 if q else None, 12 if q else None, 24 if q else None, args.extra,

@@ -18,29 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, machine, real_images  # noqa: E402
+from common import DATA, emit_to, machine, process, real_images  # noqa: E402
+
+JSONL = "watch.jsonl"
 
 SPADE = [sys.executable, "-m", "spade_faiss"]
-
-
-def run(cmd: list, log: Path) -> tuple[dict, str]:
-    """One process to its end: wall seconds, peak RSS (MB) and its stdout's last line."""
-    t = time.perf_counter()
-    with open(log, "w") as err:
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=err, text=True)
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        sys.exit(f"{' '.join(map(str, cmd))} failed; see {log}")
-    return {"seconds": round(time.perf_counter() - t, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024)}, \
-        out.strip().splitlines()[-1]
 
 
 def make_video(paths: list[str], out: Path) -> Path:
@@ -53,13 +39,6 @@ def make_video(paths: list[str], out: Path) -> Path:
     return out
 
 
-def emit(out: Path, **record) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    with open(out / "watch.jsonl", "a") as f:
-        f.write(line + "\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="folder for corpora, runs, logs and watch.jsonl")
@@ -69,7 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    emit(out, bench="watch", step="machine", **machine())
+    emit_to(out / JSONL, bench="watch", step="machine", **machine())
     train = real_images("train", args.normals + args.normals // 9 + 1, DATA)
     held = train[::10]
     normals = [p for p in train if p not in set(held)][:args.normals]
@@ -81,14 +60,15 @@ def main() -> None:
     for backbone in args.backbones:
         corpus = out / f"{backbone}.h5"
         corpus.unlink(missing_ok=True)
-        run([*SPADE, "index", lists["normals"], "--out", corpus, "--backbone", backbone, "--weights", "none"],
+        process([*SPADE, "index", lists["normals"], "--out", corpus, "--backbone", backbone, "--weights", "none"],
             out / f"index_{backbone}.log")
-        run([*SPADE, "calibrate", corpus, lists["held"]], out / f"calibrate_{backbone}.log")
+        process([*SPADE, "calibrate", corpus, lists["held"]], out / f"calibrate_{backbone}.log")
         for maps in ("none", "auto", "all"):
-            rec, last = run([*SPADE, "watch", video, corpus, "--out", out / f"run_{backbone}_{maps}", "--restart",
-                             "--maps", maps, "--buffer", args.frames + 1], out / f"watch_{backbone}_{maps}.log")
-            s = json.loads(last)
-            emit(out, bench="watch", backbone=backbone, maps=maps, normals=len(normals), frames=s["scored"],
+            rec = process([*SPADE, "watch", video, corpus, "--out", out / f"run_{backbone}_{maps}", "--restart",
+                           "--maps", maps, "--buffer", args.frames + 1], out / f"watch_{backbone}_{maps}.log",
+                          stdout=True)
+            s = json.loads(rec.pop("last_line"))
+            emit_to(out / JSONL, bench="watch", backbone=backbone, maps=maps, normals=len(normals), frames=s["scored"],
                  dropped=s["dropped"], flagged=s["flagged"], frames_per_s=s["frames_per_s"],
                  s_per_frame=round(s["seconds"] / max(1, s["scored"]), 3), process_seconds=rec["seconds"],
                  peak_rss_mb=rec["peak_rss_mb"])

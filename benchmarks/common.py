@@ -6,7 +6,9 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -15,6 +17,34 @@ DATA = ROOT.parent / "shared" / "data" / "magnetic_tile"
 
 def emit(**record) -> None:
     print(json.dumps(record), flush=True)
+
+
+def emit_to(path: Path, **record) -> None:
+    """One JSON line on stdout and appended to ``path`` (a benchmark's raw lines)."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
+def process(cmd: list, log: Path, env: dict | None = None, stdout: bool = False) -> dict:
+    """Run one process to its end: its wall seconds and its own peak RSS (MB, ``wait4``); its
+    output goes to ``log`` (with ``stdout``: its stderr only, and its stdout's last line is
+    returned as ``last_line``). A failure ends the benchmark, naming the log."""
+    cmd = [str(c) for c in cmd]
+    t = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if stdout else f, stderr=f if stdout else subprocess.STDOUT,
+                                env=env, text=True)
+        out = proc.stdout.read() if stdout else ""
+        _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        sys.exit(f"{' '.join(cmd)} exited {code}; see {log}:\n{log.read_text()[-3000:]}")
+    rec = {"seconds": round(time.perf_counter() - t, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+    if stdout:
+        rec["last_line"] = out.strip().splitlines()[-1]
+    return rec
 
 
 def peak_rss_mb() -> float:
