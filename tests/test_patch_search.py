@@ -127,7 +127,8 @@ def small_steps(monkeypatch):
     blocks whose recomputed bounds take several products (more queries than a group)."""
     monkeypatch.setattr(pruned, "ROWS", 8)
     monkeypatch.setattr(pruned, "GROUP", 3)
-    monkeypatch.setattr(pruned, "CHUNK_BYTES", 1)  # one super-block (64 columns) per GEMM call
+    monkeypatch.setattr(pruned, "CHUNK_BYTES", 1)  # one probed group per GEMM call:
+    monkeypatch.setattr(pruned, "GROUP_BLOCKS", 4)  # 64 columns
 
 
 @pytest.mark.parametrize("kappa", [1, 3])
@@ -247,6 +248,23 @@ def test_kappa_neighbours_in_different_images_are_found_with_a_tight_upper_bound
     np.testing.assert_array_equal(dist, want)
     np.testing.assert_array_equal(nearest, want_nearest)
     assert stats.pruned > 0.9, stats.pruned
+
+
+def test_gallery_operands_float16_where_exact_enough_else_float32():
+    """With float32 operands a gallery image's a~ is kept in float16 (half the cache) when its
+    values are far inside float16's range, and in float32 otherwise; either way the result is
+    brute force's, bit for bit."""
+    rng = np.random.default_rng(11)
+    for scale, kept in ((1.0, torch.float16), (1e6, torch.float32)):
+        gallery = [(scale * rng.standard_normal((8, 8, 24))).astype(np.float32) for _ in range(3)]
+        query = (gallery[1][None] + 0.1 * scale * rng.standard_normal((1, 8, 8, 24))).astype(np.float32)
+        proj = pruned.Projection.fit(np.concatenate([g.reshape(-1, 24) for g in gallery]), 9)
+        prepared = [pruned.prepare_image(proj, g, torch.float32) for g in gallery]
+        assert all(p.ops.values.dtype == kept and p.ops.operand == torch.float32 for p in prepared)
+        dist, nearest = pruned.search(query, prepared, 2, proj)
+        want, want_nearest, _ = brute_with_exact(query, gallery, 2)
+        np.testing.assert_array_equal(dist, want)
+        np.testing.assert_array_equal(nearest, want_nearest)
 
 
 def run_dense(query, gallery, kappa):

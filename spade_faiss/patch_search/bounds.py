@@ -52,25 +52,77 @@ class Projection:
 
 @dataclasses.dataclass
 class Operands:
-    """GEMM rows of vectors (query or gallery side) and their rounding bounds."""
+    """Query rows of the bound GEMM and their rounding bounds: ``[-2 a~, n1, n2, n3, 1, 1, 1]``."""
 
     rows: torch.Tensor  # (n, m) in the operand dtype
     rho: np.ndarray  # (n,) float64
     norm: np.ndarray  # (n,) float64, ||a~||
 
 
-def make_operands(projection: Projection, x: np.ndarray, dtype: torch.dtype, query: bool) -> Operands:
-    """Query rows ``[-2 a~, n1, n2, n3, 1, 1, 1]`` or gallery rows ``[a~, 1, 1, 1, n1, n2, n3]``
-    (``n1 + n2 + n3 = fl32(||a~||^2)`` exactly), so that a row product is ``||a~(q) - a~(g)||^2``."""
-    aug, centred_norm = projection.augment(x)
+@dataclasses.dataclass
+class GalleryOperands:
+    """A gallery image's side of the bound GEMM, kept compact in the gallery cache: ``a~`` in the
+    storage type (float16 when the operands are float32: every float16 value is a float32 one,
+    so the GEMM's error bound is unchanged and only ``rho`` grows, by about 2^-12 of ``||a||``;
+    the operand type itself otherwise) and ``fl32(||a~||^2)``; :func:`gallery_matrix` makes the
+    GEMM rows ``[a~, 1, 1, 1, n1, n2, n3]`` of the images a search needs."""
+
+    values: torch.Tensor  # (n, d + 1) a~ in the storage type
+    sqnorm: torch.Tensor  # (n,) float32, fl32(||a~||^2)
+    rho: np.ndarray  # (n,) float64
+    norm: np.ndarray  # (n,) float64, ||a~||
+    operand: torch.dtype  # the type of the GEMM rows
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + self.sqnorm.nbytes + self.rho.nbytes + self.norm.nbytes
+
+
+def _rounded(aug: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """``a~`` (``aug`` rounded to ``dtype``), ``fl32(||a~||^2)``, ``||a~||`` and ``rho`` less the
+    projection's own error."""
     rounded = aug.to(dtype)
     back = rounded.double()
-    rho = (back - aug).norm(dim=1) + PROJ_EPS * centred_norm
     norm = back.norm(dim=1)
-    parts = norm_parts((norm * norm).float(), dtype)
-    ones = torch.ones(len(aug), 3, dtype=dtype)
-    rows = torch.cat([-2 * rounded, parts, ones] if query else [rounded, ones, parts], dim=1).contiguous()
-    return Operands(rows, rho.numpy(), norm.numpy())
+    return rounded, (norm * norm).float(), (back - aug).norm(dim=1).numpy(), norm.numpy()
+
+
+# float16 holds a~ exactly enough below this magnitude (its largest finite value is 65504)
+FLOAT16_SAFE = 2.0**15
+
+
+def make_operands(projection: Projection, x: np.ndarray, dtype: torch.dtype) -> Operands:
+    """Query rows ``[-2 a~, n1, n2, n3, 1, 1, 1]`` (``n1 + n2 + n3 = fl32(||a~||^2)`` exactly), so
+    that a row times a gallery row of :func:`gallery_matrix` is ``||a~(q) - a~(g)||^2``."""
+    aug, centred_norm = projection.augment(x)
+    rounded, sq, err, norm = _rounded(aug, dtype)
+    rows = torch.cat([-2 * rounded, norm_parts(sq, dtype), torch.ones(len(aug), 3, dtype=dtype)], dim=1)
+    return Operands(rows.contiguous(), err + PROJ_EPS * centred_norm.numpy(), norm)
+
+
+def make_gallery_operands(projection: Projection, x: np.ndarray, dtype: torch.dtype) -> GalleryOperands:
+    """A gallery image's compact operands for a GEMM in ``dtype`` (see :class:`GalleryOperands`)."""
+    aug, centred_norm = projection.augment(x)
+    small = dtype == torch.float32 and bool(aug.abs().max() < FLOAT16_SAFE) if len(aug) else False
+    rounded, sq, err, norm = _rounded(aug, torch.float16 if small else dtype)
+    return GalleryOperands(rounded.contiguous(), sq, err + PROJ_EPS * centred_norm.numpy(), norm, dtype)
+
+
+def gallery_matrix(ops: list[GalleryOperands], pad: int, pad_norm: float) -> torch.Tensor:
+    """The gallery rows ``[a~, 1, 1, 1, n1, n2, n3]`` of ``ops`` stacked in the operand type, and
+    ``pad`` rows whose squared norm is ``pad_norm`` (they never pass a threshold)."""
+    dtype = ops[0].operand
+    n = sum(len(o.values) for o in ops)
+    width = ops[0].values.shape[1] + 6
+    out = torch.zeros(n + pad, width, dtype=dtype)
+    at = 0
+    for o in ops:
+        out[at:at + len(o.values), :width - 6] = o.values  # float16 -> float32 is exact
+        at += len(o.values)
+    out[:, width - 6:width - 3] = 1
+    out[:n, width - 3:] = norm_parts(torch.cat([o.sqnorm for o in ops]), dtype)
+    out[n:, width - 3] = pad_norm
+    return out
 
 
 def norm_parts(n32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -89,20 +141,20 @@ class PreparedImage:
     """One gallery image at one level, ready for the engine (kept in the gallery cache)."""
 
     feats: torch.Tensor  # (n, C) the exact values, as stored (float16 or float32)
-    ops: Operands
+    ops: GalleryOperands
     shape: tuple  # (h, w)
     fingerprint: int
 
     @property
     def nbytes(self) -> int:
-        return self.feats.nbytes + self.ops.rows.nbytes + self.ops.rho.nbytes + self.ops.norm.nbytes
+        return self.feats.nbytes + self.ops.nbytes
 
 
 def prepare_image(projection: Projection, feats: np.ndarray, dtype: torch.dtype) -> PreparedImage:
     """``feats`` (h, w, C) -> the image's operands, exact rows and fingerprint."""
     h, w, c = feats.shape
     flat = np.ascontiguousarray(feats.reshape(h * w, c))
-    return PreparedImage(torch.from_numpy(flat), make_operands(projection, flat, dtype, query=False), (h, w),
+    return PreparedImage(torch.from_numpy(flat), make_gallery_operands(projection, flat, dtype), (h, w),
                          hash(flat[:: max(1, len(flat) // 64)].tobytes()))
 
 

@@ -48,13 +48,14 @@ are sign and magnitude, so among non-negative values the integer order is the fl
 any negative value is an integer below every non-negative one. The integer minimum of a block is
 therefore its float minimum when the block has no negative value, and a negative value when it
 has one; either way ``minimum <= T(q)`` (``T > 0``) reads the same as for the float minimum.
-Each query's ``U`` is the largest exact distance of the ``kappa`` vectors of smallest bound
-among its ``kappa`` best blocks (any ``kappa`` gallery vectors give a valid ``U``; these give a
-tight one); candidate blocks are those whose minimum passes ``T(q)`` (screened by
-super-blocks of 4 first, as integers: each query's threshold becomes the bit pattern of the
-largest operand value ``<= T(q)``), and within them the vectors whose recomputed bound passes. Identical
-gallery images (byte-equal features) are searched once when ``kappa == 1`` (a duplicate cannot
-change a minimum; the nearest is reported in the first of them).
+Each query's ``U`` is the ``kappa``-th smallest exact distance of the ``kappa`` vectors of
+smallest bound in each of ``PROBE`` (8) blocks: the best block of each of its ``PROBE`` best groups of 16 blocks
+(any ``kappa`` gallery vectors give a valid ``U``; these give a tight one); candidate blocks
+are those whose minimum passes ``T(q)`` (screened by super-blocks of 4 first, as integers: each
+query's threshold becomes the bit pattern of the largest operand value ``<= T(q)``), and within
+them the vectors whose recomputed bound passes. Identical gallery images (byte-equal features)
+are searched once when ``kappa == 1`` (a duplicate cannot change a minimum; the nearest is
+reported in the first of them).
 """
 
 from __future__ import annotations
@@ -64,11 +65,22 @@ import dataclasses
 import numpy as np
 import torch
 
-from .bounds import Operands, PreparedImage, Projection, make_operands, operand_dtype, prepare_image
+from .bounds import (
+    GalleryOperands,
+    Operands,
+    PreparedImage,
+    Projection,
+    gallery_matrix,
+    make_operands,
+    operand_dtype,
+    prepare_image,
+)
 from .exact import STEP_BYTES, SUM_EPS, gallery_offsets, kappa_smallest, locate, pair_distances, row_reader
 
 BLOCK = 16  # gallery columns per block: the GEMM output is kept only as minima over blocks
 SUPER = 4  # blocks per super-block, screened first
+PROBE = 8  # groups whose best block gives each query's first exact distances (its U)
+GROUP_BLOCKS = 16  # blocks per probed group (256 columns: a twelfth of a 56 x 56 image)
 GROUP = 8  # queries of one block per batched product when bounds are recomputed (4-16: the same speed)
 # Output bytes per GEMM call: the product is read back at once for its block minima, so it
 # should stay in the last-level cache (4 MiB: 1280 float32 or 2624 bfloat16 gallery columns at
@@ -81,8 +93,8 @@ CANDIDATE_BLOCKS = 1 << 20
 ROWS = 1024  # most query rows per pass (bounds the block-minimum array: N/16 x ROWS values)
 PAD_NORM = 2.0**100  # squared norm of padding columns: they never pass a threshold
 TINY = 2.0**-100  # absolute slack for flushed subnormals
-__all__ = ["Operands", "PreparedImage", "Projection", "SearchStats", "make_operands", "operand_dtype",
-           "prepare_image", "search"]
+__all__ = ["GalleryOperands", "Operands", "PreparedImage", "Projection", "SearchStats", "make_operands",
+           "operand_dtype", "prepare_image", "search"]
 
 
 @dataclasses.dataclass
@@ -118,9 +130,9 @@ def search(query: np.ndarray, gallery: list[PreparedImage], kappa: int, projecti
     offsets = gallery_offsets([g.feats.shape[0] for g in images], kappa)
     total = int(offsets[-1])
     q = torch.from_numpy(np.ascontiguousarray(query.reshape(b * h * w, c), dtype=np.float32))
-    dtype = images[0].ops.rows.dtype
-    ops = make_operands(projection, q.numpy(), dtype, query=True)
-    cols = _gallery_matrix(images, dtype)
+    dtype = images[0].ops.operand
+    ops = make_operands(projection, q.numpy(), dtype)
+    cols = gallery_matrix([g.ops for g in images], -total % (BLOCK * SUPER), PAD_NORM)
     rows_of = row_reader([g.feats for g in images], offsets)
     m = cols.shape[1]
     gamma = 1.01 * m * 2.0**-24 / (1 - m * 2.0**-24) + 2.0**-24
@@ -133,8 +145,8 @@ def search(query: np.ndarray, gallery: list[PreparedImage], kappa: int, projecti
     for start in range(0, len(q), rows):
         stop = min(len(q), start + rows)
         a = ops.rows[start:stop]
-        block_min, best_block = _block_minima(a, cols)
-        upper = _probe(q, a, cols, block_min, best_block, rows_of, start, total, kappa)
+        block_min, best = _block_minima(a, cols)
+        upper = _probe(q, a, cols, best, rows_of, start, total, kappa)
         t = (1 + out_eps) * ((np.sqrt(upper / (1 - SUM_EPS)) + ops.rho[start:stop] + rho_max) ** 2
                              + gamma * (ops.norm[start:stop] + norm_max) ** 2) + TINY
         t = torch.from_numpy(np.nextafter(t.astype(np.float32), np.float32(np.inf)))
@@ -161,20 +173,6 @@ def _unique(gallery: list[PreparedImage]):
             kept.append(g)
             first_of.append(i)
     return kept, np.array(first_of)
-
-
-def _gallery_matrix(images: list[PreparedImage], dtype) -> torch.Tensor:
-    """The gallery operands stacked and padded to whole super-blocks (padding never passes)."""
-    rows = [g.ops.rows for g in images]
-    total = sum(len(r) for r in rows)
-    pad = -total % (BLOCK * SUPER)
-    if pad:
-        width = rows[0].shape[1]
-        filler = torch.zeros(pad, width, dtype=dtype)
-        filler[:, width - 6:width - 3] = 1
-        filler[:, width - 3] = PAD_NORM
-        rows.append(filler)
-    return torch.cat(rows)
 
 
 def _bits(dtype: torch.dtype) -> torch.dtype:
@@ -210,36 +208,38 @@ def _pass_rows(n: int) -> int:
 
 
 def _chunk_columns(rows: int, dtype: torch.dtype) -> int:
-    """Gallery columns per GEMM call: whole super-blocks, about ``CHUNK_BYTES`` of output."""
-    group = BLOCK * SUPER
+    """Gallery columns per GEMM call: whole probed groups, about ``CHUNK_BYTES`` of output."""
+    group = BLOCK * GROUP_BLOCKS
     return max(group, CHUNK_BYTES // (rows * dtype.itemsize) // group * group)
 
 
 def _block_minima(a: torch.Tensor, cols: torch.Tensor):
     """Minimum of the bound over each block of ``BLOCK`` consecutive gallery columns, per query
     ((N / BLOCK, R), as integer bit patterns: ``.view(a.dtype)`` reads them as values, see the
-    module doc), and each query's block of smallest minimum ((R,) int64). The GEMM is computed
-    transposed (gallery x queries) so that the block minimum is an elementwise one over
-    contiguous rows, as fast as a copy."""
+    module doc), and per query the block of smallest minimum in each of its ``PROBE`` best
+    groups of ``GROUP_BLOCKS`` blocks ((R, t) int64, ``t = min(PROBE, groups)``: distinct blocks,
+    of different parts of the gallery). The GEMM is computed transposed (gallery x queries) so
+    that the block minimum is an elementwise one over contiguous rows, as fast as a copy."""
     n, r = cols.shape[0], a.shape[0]
     bits = _bits(a.dtype)
-    out = torch.empty(n // BLOCK, r, dtype=bits)
+    n_blocks = n // BLOCK
+    out = torch.empty(n_blocks, r, dtype=bits)
+    group_min = torch.empty(-(-n_blocks // GROUP_BLOCKS), r, dtype=bits)
     chunk = _chunk_columns(r, a.dtype)
-    n_chunks = -(-n // chunk)
-    chunk_min = torch.empty(n_chunks, r, dtype=bits)
     at = a.T.contiguous()
-    for k, c0 in enumerate(range(0, n, chunk)):
+    for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
         dest = out[c0 // BLOCK:c1 // BLOCK]
         torch.amin(torch.mm(cols[c0:c1], at).view(bits).view((c1 - c0) // BLOCK, BLOCK, r), dim=1, out=dest)
-        torch.amin(dest, dim=0, out=chunk_min[k])
-    # The best block lies in the best chunk: search only there.
-    best_chunk = torch.min(chunk_min, dim=0).indices
-    per_chunk = chunk // BLOCK
-    window = torch.arange(per_chunk)
-    cand = (best_chunk[:, None] * per_chunk + window).clamp(max=out.shape[0] - 1)  # (R, per_chunk)
-    vals = out[cand, torch.arange(r)[:, None]]
-    return out, torch.gather(cand, 1, torch.min(vals, dim=1).indices[:, None])[:, 0]
+        g0, full = c0 // BLOCK // GROUP_BLOCKS, len(dest) // GROUP_BLOCKS
+        torch.amin(dest[:full * GROUP_BLOCKS].view(full, GROUP_BLOCKS, r), dim=1, out=group_min[g0:g0 + full])
+        if len(dest) > full * GROUP_BLOCKS:  # the last chunk's partial group
+            torch.amin(dest[full * GROUP_BLOCKS:], dim=0, out=group_min[g0 + full])
+    # A group's best block lies in that group: search only there.
+    best_groups = torch.topk(group_min, min(PROBE, len(group_min)), dim=0, largest=False).indices.T  # (R, t)
+    cand = (best_groups[:, :, None] * GROUP_BLOCKS + torch.arange(GROUP_BLOCKS)).clamp(max=n_blocks - 1)
+    vals = out[cand, torch.arange(r)[:, None, None]]  # (R, t, GROUP_BLOCKS)
+    return out, torch.gather(cand, 2, torch.min(vals, dim=2).indices[..., None])[..., 0]
 
 
 def _bounds(a: torch.Tensor, cols: torch.Tensor, q_idx: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -283,30 +283,31 @@ def _segments(q_idx: torch.Tensor, blocks: torch.Tensor):
     return order, seg, slot, seg_block, seg_query
 
 
-def _probe(q, a, cols, block_min, best_block, rows_of, start: int, total: int, kappa: int) -> np.ndarray:
-    """``U`` per query: the exact distances of the ``kappa`` columns of smallest bound in its
-    ``kappa`` best blocks; their largest bounds the kappa-th nearest distance from above
-    (float64). One block per neighbour: the 16 vectors of one block are neighbouring positions
-    of one image, of which only a few are near any query, so the kappa best of a single block
-    would give a loose ``U`` (and a hundred times the re-checks at kappa=3)."""
-    r = a.shape[0]
-    t = min(kappa, block_min.shape[0])
-    if t == 1:
-        best = best_block[:, None]  # (R, 1)
-    else:
-        best = torch.topk(block_min, t, dim=0, largest=False).indices.T  # (R, t)
+def _probe(q, a, cols, best, rows_of, start: int, total: int, kappa: int) -> np.ndarray:
+    """``U`` per query: the exact distances of the ``kappa`` columns of smallest bound in each of
+    its probed blocks ``best`` (R, t); the ``kappa``-th smallest of them bounds the kappa-th
+    nearest distance from above (any ``kappa`` gallery vectors do; float64). Blocks of distinct
+    chunks: the 16 vectors of one block are neighbouring positions of one image, of which only a
+    few are near any query, and the column of smallest bound is not always the nearest; the
+    best of four blocks gives a ``U`` within a few percent of the nearest distance for most
+    queries (on real neighbours, a third fewer re-checks than one block)."""
+    r, t = best.shape
+    k = min(kappa, BLOCK)
     q_idx = torch.arange(r).repeat_interleave(t)
-    y = _bounds(a, cols, q_idx, best.reshape(-1)).view(r, t * BLOCK)
-    col = (best[:, :, None] * BLOCK + torch.arange(BLOCK)).reshape(r, -1)
+    y = _bounds(a, cols, q_idx, best.reshape(-1)).view(r, t, BLOCK)
+    col = best[:, :, None] * BLOCK + torch.arange(BLOCK)
     y = y.masked_fill(col >= total, float("inf"))
-    pick = torch.topk(y, kappa, dim=1, largest=False).indices
-    # A best block that is the partial last one may hold fewer than kappa gallery vectors: the
-    # padding picked instead has no distance, and such a query gets U = inf (no pruning).
-    real = torch.isfinite(torch.gather(y, 1, pick))
-    chosen = torch.gather(col, 1, pick).masked_fill(~real, 0)  # (R, kappa), column 0 as a stand-in
+    pick = torch.topk(y, k, dim=2, largest=False).indices
+    # A probed block that is the partial last one may hold fewer than k gallery vectors: the
+    # padding picked instead has no distance; a query with fewer than kappa gets U = inf.
+    real = torch.isfinite(torch.gather(y, 2, pick)).reshape(r, t * k)
+    chosen = torch.gather(col, 2, pick).reshape(r, t * k).masked_fill(~real, 0)  # column 0 as a stand-in
     rows = (start + torch.arange(r))[:, None].expand_as(chosen)
-    d = pair_distances(q, rows_of, rows.reshape(-1), chosen.reshape(-1)).view(r, kappa)
-    return d.double().masked_fill(~real, float("inf")).amax(dim=1).numpy()
+    d = pair_distances(q, rows_of, rows.reshape(-1), chosen.reshape(-1)).view(r, t * k)
+    d = d.double().masked_fill(~real, float("inf"))
+    if t * k < kappa:
+        return np.full(r, np.inf)
+    return torch.topk(d, kappa, dim=1, largest=False).values.amax(dim=1).numpy()
 
 
 def _candidates(a, cols, block_min, t, total: int):
