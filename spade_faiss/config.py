@@ -41,7 +41,7 @@ VIT_BACKBONES = {"vit_small_patch14_dinov2": ("vit_small_patch14_dinov2.lvd142m"
 VIT_LEVELS = ("block03", "block06", "block09", "block11")
 BACKBONES = CNN_BACKBONES + tuple(VIT_BACKBONES)
 PIXEL_MODES = ("per_level", "concat")
-SEARCHES = ("exact", "window")
+SEARCHES = ("exact", "window", "fast")
 IMAGE_SCORES = ("knn", "map_top1", "map_max")
 STAGE2_ENGINES = ("auto", "pruned", "dense", "faiss")
 INDEX_KINDS = ("auto", "flat", "ivf")
@@ -224,10 +224,13 @@ PARAMETERS: tuple[Param, ...] = (
     Param("nprobe", None, "scoring", _optional(check_int),
           "IVF probes at search time (default: the index's tuned value)", "scoring", cli_type=int),
     Param("search", "exact", "scoring", _choice(SEARCHES),
-          "exact (SPADE) or window: each location compared only with gallery locations within --radius cells "
-          "of its position (faster, an approximation; see benchmarks/README.md)", "scoring", SEARCHES),
+          "exact (SPADE); window: each location compared only with gallery locations within --radius cells "
+          "of its position (faster, an approximation; see benchmarks/README.md); fast: the window at radius 0, "
+          "the same position in every retrieved image (the fastest; its fidelity to exact is in the README)",
+          "scoring", SEARCHES),
     Param("radius", 1, "scoring", lambda n, v: check_int(n, v, minimum=0),
-          "window half-size in cells of each level's grid (search=window only)", "scoring", cli_type=int),
+          "window half-size in cells of each level's grid (search=window only; fast is radius 0)", "scoring",
+          cli_type=int),
     Param("image_score", "knn", "scoring", _choice(IMAGE_SCORES),
           "the image score compared with tau: knn (the paper's: mean squared distance of the pooled vector to "
           "its k_image nearest normal images), map_top1 (mean of the top 1% of the map's pixels) or map_max "
@@ -381,6 +384,11 @@ class SpadeConfig:
     search: str = DEFAULTS["search"]
     radius: int = DEFAULTS["radius"]
     image_score: str = DEFAULTS["image_score"]
+
+    @property
+    def window(self) -> int | None:
+        """The window radius stage 2 searches within (``fast``: 0), or None for the exact search."""
+        return {"exact": None, "window": self.radius, "fast": 0}[self.search]
 
     def __post_init__(self):
         _validate(self, [k for k in FEATURE_KEYS + SCORING_KEYS if k != "weights_sha256"])

@@ -84,7 +84,9 @@ def load_entries(read_level: Callable, keys: list, levels: tuple) -> list[dict]:
     raw = {lv: read_level(lv, ids) for lv in levels}
     out = []
     for j, (mode, _) in enumerate(keys):
-        per = {lv: raw[lv][j] for lv in levels}
+        # each image's own copy: a view would keep the whole read alive while any of its images
+        # stays cached, and the cache (which counts each image's bytes) would exceed its budget
+        per = {lv: raw[lv][j].copy() for lv in levels}
         if mode == "concat":
             per = {"concat": concat_levels([per[lv][None] for lv in levels])[0]}
         out.append(per)

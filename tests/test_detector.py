@@ -228,7 +228,7 @@ def correspondence_oracle(spade, path, ids, levels, radius=None):
     return out
 
 
-@pytest.mark.parametrize("search", ["exact", "window"])
+@pytest.mark.parametrize("search", ["exact", "window", "fast"])
 def test_correspondences_are_the_brute_force_argmin_with_ties_to_the_lowest_image(dataset, tmp_path, search):
     # Two corpus files with the same pixels (other bytes): identical features, exact ties.
     train = [s.path for s in datasets.discover(dataset)][:6]
@@ -242,7 +242,7 @@ def test_correspondences_are_the_brute_force_argmin_with_ties_to_the_lowest_imag
     r = spade.score(queries, correspondences=True)
     for i, path in enumerate(queries):
         want = correspondence_oracle(spade, path, r.neighbour_ids[i], spade.config_.levels,
-                                     1 if search == "window" else None)
+                                     {"window": 1, "fast": 0}.get(search))  # fast: radius 0 whatever --radius says
         for lv in spade.config_.levels:
             np.testing.assert_array_equal(r.correspondences[i][lv], want[lv], err_msg=f"{path} {lv}")
     own = r.correspondences[2]["layer1"]  # the indexed image: each location matches itself, the lower twin

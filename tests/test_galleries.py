@@ -76,3 +76,18 @@ def test_the_memory_budget_gives_the_cache_what_the_process_leaves_and_takes_it_
     free = memory.MemoryBudget(None, cache_bytes=123 << 20)
     free.start(cache)
     assert cache.max_bytes == memory.FLOOR_BYTES  # no budget: nothing is read or changed
+
+
+def test_loaded_entries_own_their_memory_so_evicting_one_frees_its_bytes():
+    """The store reads several images at once; an image kept in the cache must not hold the
+    whole read alive (the cache counts each image's bytes, and obeys its budget only if
+    evicting an image frees them)."""
+    read = {}
+
+    def read_level(lv, ids):
+        read[lv] = np.zeros((len(ids), 3, 3, 4), np.float16)
+        return read[lv]
+    got = load_entries(read_level, [("per_level", i) for i in range(5)], ("layer1", "layer2"))
+    for lv in ("layer1", "layer2"):
+        for entry_ in got:
+            assert entry_[lv].base is None and not np.shares_memory(entry_[lv], read[lv])

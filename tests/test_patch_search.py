@@ -375,8 +375,8 @@ def test_engine_choice_depends_on_the_configuration_only():
     assert patch_search.level_engine("auto", "cpu", layer3, 5, correspondences=True) == "dense"
     assert patch_search.level_engine("auto", "cuda", layer1, 50, correspondences=True) == "pruned"
     assert patch_search.level_engine("faiss", "cuda", layer3, 5, correspondences=True) == "dense"
-    assert patch_search.level_engine("auto", "cpu", layer1, 50, "window", 3) == "window"
-    assert patch_search.level_engine("auto", "cpu", layer1, 50, "window", 55) == "pruned"  # covers the grid
+    assert patch_search.level_engine("auto", "cpu", layer1, 50, 3) == "window"
+    assert patch_search.level_engine("auto", "cpu", layer1, 50, 55) == "pruned"  # covers the grid
     assert patch_search.resolve_engine("auto", "cuda") == "faiss"
     with pytest.raises(ValueError, match="stage2='pruned' runs on the CPU"):
         patch_search.resolve_engine("pruned", "cuda:0")

@@ -127,7 +127,7 @@ class QueryPipeline:
         for r in retrieved:
             groups.setdefault(tuple(sorted(r.neighbour_ids.tolist())), []).append(r)
         mode, levels = config.pixel_mode, config.levels
-        settings = patch_search.SearchSettings(device, options.chunk_bytes, options.gpu_float16, config.radius)
+        settings = patch_search.SearchSettings(device, options.chunk_bytes, options.gpu_float16, config.window or 0)
         for key, members in groups.items():
             engines = self._engines(mode, len(key), options.stage2, device, config, correspondences)
             variant = (tuple(sorted(engines.items())), settings.keep_float16)  # what a prepared image depends on
@@ -181,7 +181,7 @@ class QueryPipeline:
             named = {"concat": (h, w, sum(s[2] for s in shapes.values()))}
         else:
             named = shapes
-        return {name: patch_search.level_engine(stage2, device, shape, k_gallery, config.search, config.radius,
+        return {name: patch_search.level_engine(stage2, device, shape, k_gallery, config.window,
                                                 correspondences) for name, shape in named.items()}
 
     def _load(self, keys: list) -> list[dict]:

@@ -120,16 +120,17 @@ def resolve_engine(stage2: str, device: str) -> str:
     return stage2
 
 
-def level_engine(stage2: str, device: str, shape: tuple, k_gallery: int, search: str = DEFAULTS["search"],
-                 radius: int = DEFAULTS["radius"], correspondences: bool = False) -> str:
+def level_engine(stage2: str, device: str, shape: tuple, k_gallery: int, window: int | None = None,
+                 correspondences: bool = False) -> str:
     """The engine for one level of grid ``shape`` = (h, w, C): ``window`` for a window search
-    whose radius does not cover the grid; else as :func:`resolve_engine`, except that ``auto`` on
+    (``window``: its radius, :attr:`SpadeConfig.window`; None: the exact search) whose radius
+    does not cover the grid; else as :func:`resolve_engine`, except that ``auto`` on
     the CPU leaves small levels (brute force under ``PRUNED_MIN_GFLOP`` per query image) to
     ``dense``, and that correspondences need an engine that finds the nearest vector (pruned or
     dense, on the CPU whatever the device). The choice depends on the configuration only, never
     on the batch."""
     h, w, c = shape
-    if search == "window" and radius < max(h, w) - 1:
+    if window is not None and window < max(h, w) - 1:
         return "window"
     small = 2 * (h * w) ** 2 * k_gallery * c < PRUNED_MIN_GFLOP * 1e9
     if correspondences:
