@@ -13,10 +13,11 @@ Each step is one ``spade-faiss`` process with default settings (maps for every i
 overlays, the HTML report; ``--weights none``: no ImageNet weights can be downloaded here, and
 the random-init model has the same shapes and costs): ``index``, ``calibrate``, ``score``
 (the whole test set), then ``score`` with the default engine and with ``--stage2 faiss`` on the
-first 24 test images, for their ratio in the same run. Per step: wall seconds, seconds per
-image, images/s, peak RSS of that process (``wait4``), and for ``score`` the library's own
-per-stage seconds, bytes read and pruning (run.json). The machine's kernel rates are measured
-in the same run. JSON lines on stdout (and ``--out``/user_run.jsonl), a PNG plot.
+first 24 test images, for their ratio in the same run, and ``--search fast`` on the whole test
+set with its fidelity to the exact maps (pixel AUROC, AU-PRO, per-image map Spearman). Per
+step: wall seconds, seconds per image, images/s, peak RSS of that process (``wait4``), and for
+``score`` the library's own per-stage seconds, bytes read and pruning (run.json). The
+machine's kernel rates are measured in the same run. JSON lines on stdout (and ``--out``/user_run.jsonl), a PNG plot.
 
     python benchmarks/bench_user_run.py --out /tmp/user_run                 # both workloads
     python benchmarks/bench_user_run.py --out /tmp/user_run --workloads magnetic_tile
@@ -101,7 +102,41 @@ def score_details(run: Path) -> dict:
     return {k: last[k] for k in ("stage_seconds", "bytes_read", "pruning") if k in last}
 
 
-STEPS = ("index", "calibrate", "score", "score_subset_default", "score_subset_faiss")
+STEPS = ("index", "calibrate", "score", "score_subset_default", "score_subset_faiss", "score_fast")
+
+
+def fidelity(root: Path, exact_run: Path, fast_run: Path) -> dict:
+    """``--search fast`` against the exact default, both runs over the whole test set: pixel
+    AUROC and AU-PRO of each (ground-truth masks at the maps' crop), and the Spearman rank
+    correlation of each image's fast map with its exact map (median, 5th percentile)."""
+    import h5py
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from spade_faiss import images, metrics
+    from spade_faiss.datasets import discover
+
+    def maps(run):
+        with h5py.File(run / "maps.h5", "r") as f:
+            return {p.decode() if isinstance(p, bytes) else str(p): i for i, p in enumerate(f["path"][:])}, f["maps"][:]
+
+    (rows_e, maps_e), (rows_f, maps_f) = maps(exact_run), maps(fast_run)
+    samples = [s for s in discover(root, split="test") if s.path in rows_e and s.path in rows_f]
+    crop = maps_e.shape[-1]
+    masks, exact, fast = [], [], []
+    for s in samples:
+        img = images.load_image(s.path)
+        masks.append(images.load_mask(s.mask, img.rgb.shape[:2], crop=crop))
+        exact.append(maps_e[rows_e[s.path]])
+        fast.append(maps_f[rows_f[s.path]])
+    masks, exact, fast = np.stack(masks), np.stack(exact), np.stack(fast)
+    rho = np.array([spearmanr(e.ravel(), f.ravel())[0] for e, f in zip(exact, fast)])
+    return {"images": len(samples), "pixel_auroc_exact": round(metrics.pixel_auroc(masks, exact), 4),
+            "pixel_auroc_fast": round(metrics.pixel_auroc(masks, fast), 4),
+            "au_pro_exact": round(metrics.au_pro(masks, exact), 4),
+            "au_pro_fast": round(metrics.au_pro(masks, fast), 4),
+            "map_spearman_median": round(float(np.median(rho)), 4),
+            "map_spearman_p05": round(float(np.percentile(rho, 5)), 4)}
 
 
 def workload(name: str, root: Path, out: Path, n_index: int | None, n_held: int | None, n_test: int | None,
@@ -126,7 +161,9 @@ def workload(name: str, root: Path, out: Path, n_index: int | None, n_held: int 
              ("score_subset_default", spade("score", store, lists["subset"], "--out", work / "run_subset",
                                             "--restart", *common), min(SUBSET, len(test))),
              ("score_subset_faiss", spade("score", store, lists["subset"], "--out", work / "run_faiss", "--restart",
-                                          "--stage2", "faiss", *common), min(SUBSET, len(test)))]
+                                          "--stage2", "faiss", *common), min(SUBSET, len(test))),
+             ("score_fast", spade("score", store, lists["test"], "--out", work / "run_fast", "--restart",
+                                  "--search", "fast", *common), len(test))]
     seconds = {}
     for step, cmd, n in steps:
         if step not in only:
@@ -145,6 +182,10 @@ def workload(name: str, root: Path, out: Path, n_index: int | None, n_held: int 
         ratio = seconds["score_subset_faiss"] / seconds["score_subset_default"]
         emit_to(out / JSONL, bench="user_run", workload=name, step="ratio", faiss_over_default_subset=round(ratio, 2),
              corpus_bytes=store.stat().st_size, corpus_images=len(indexed))
+    if {"score", "score_fast"} <= set(seconds):
+        emit_to(out / JSONL, bench="user_run", workload=name, step="fast_fidelity",
+                fast_over_exact_speedup=round(seconds["score"] / seconds["score_fast"], 2),
+                **fidelity(root, work / "run", work / "run_fast"))
     if not keep:
         store.unlink()
     return seconds
