@@ -236,6 +236,10 @@ PARAMETERS: tuple[Param, ...] = (
           "its k_image nearest normal images), map_top1 (mean of the top 1% of the map's pixels) or map_max "
           "(the map's maximum); map-based scores need maps (not --maps none/auto); both the knn and the map "
           "score are reported", "scoring", IMAGE_SCORES),
+    Param("same_position", False, "scoring", check_bool,
+          "tiles: each test tile retrieves its k_gallery nearest normal tiles among those cut at its own "
+          "position and size only (a whole image among the whole images); default: from any position",
+          "scoring"),
     # --- features (fixed for a corpus) ---
     Param("backbone", "wide_resnet50_2", "feature", _choice(BACKBONES),
           "the feature extractor: " + " | ".join(BACKBONES), "features"),
@@ -384,6 +388,7 @@ class SpadeConfig:
     search: str = DEFAULTS["search"]
     radius: int = DEFAULTS["radius"]
     image_score: str = DEFAULTS["image_score"]
+    same_position: bool = DEFAULTS["same_position"]
 
     @property
     def window(self) -> int | None:

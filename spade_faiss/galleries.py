@@ -1,9 +1,17 @@
-"""GalleryCache: a bounded-bytes LRU of per-image gallery features, so that queries which share
-neighbours do not re-read (or re-convert) them from the store."""
+"""GalleryCache: bounded bytes of per-image gallery features, so that queries which share
+neighbours do not re-read (or re-convert) them from the store.
+
+Eviction is least frequently used first (ties: least recently used), with use counts kept for
+every key ever asked for, cached or not. A query asks for its ``k_gallery`` nearest normal
+images, so over a run each image is asked for at a rate of its own (retrieval has hubs: images
+near many others); when the cache holds most but not all of what a run asks for, least recently
+used eviction throws out images just before they are asked for again (on the user's run, 685
+normals with 92% of them fitting: 20 of each query's 50 images read again), while keeping the
+most asked-for ones misses only the rarely asked."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
@@ -12,7 +20,7 @@ from .resample import concat_levels
 
 
 class GalleryCache:
-    """LRU cache of ``load(keys) -> list of values`` where a value is a dict of arrays.
+    """Cache of ``load(keys) -> list of values`` where a value is a dict of arrays.
 
     Parameters
     ----------
@@ -20,13 +28,15 @@ class GalleryCache:
         Reads the values of several keys at once (hashable keys, e.g. ``(mode, image id)``;
         they arrive sorted ascending).
     max_bytes : int
-        Cached arrays beyond this many bytes are evicted, least recently used first.
+        Cached arrays beyond this many bytes are evicted, least frequently used first (ties:
+        least recently used).
     """
 
     def __init__(self, load: Callable[[list], list], max_bytes: int):
         self.load = load
         self.max_bytes = int(max_bytes)
-        self._items: OrderedDict[Hashable, dict] = OrderedDict()
+        self._items: OrderedDict[Hashable, dict] = OrderedDict()  # least recently used first
+        self._uses: Counter = Counter()  # every key ever asked for
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
@@ -34,6 +44,7 @@ class GalleryCache:
 
     def get(self, keys: Sequence[Hashable]) -> list[dict]:
         """Values for ``keys`` in the given order."""
+        self._uses.update(keys)
         missing = sorted({k for k in keys if k not in self._items})
         self.hits += sum(1 for k in keys if k not in missing)
         self.misses += len(missing)
@@ -42,6 +53,7 @@ class GalleryCache:
         out = [fresh[k] if k in fresh else self._touch(k) for k in keys]
         for k, v in fresh.items():
             self._put(k, v)
+        self._evict()  # once per call: the fresh values compete with the cached ones
         return out
 
     def _touch(self, key: Hashable) -> dict:
@@ -54,17 +66,20 @@ class GalleryCache:
             return
         self._items[i] = value
         self.nbytes += size
-        self._evict()
 
     def resize(self, max_bytes: int) -> None:
-        """A new bound (the memory budget's, ``memory.py``): least recently used values go first."""
+        """A new bound (the memory budget's, ``memory.py``): least frequently used values go first."""
         self.max_bytes = int(max_bytes)
         self._evict()
 
     def _evict(self) -> None:
-        while self.nbytes > self.max_bytes and self._items:
-            _, old = self._items.popitem(last=False)
-            self.nbytes -= _size(old)
+        if self.nbytes <= self.max_bytes:
+            return
+        recency = {k: i for i, k in enumerate(self._items)}
+        for key in sorted(self._items, key=lambda k: (self._uses[k], recency[k])):
+            if self.nbytes <= self.max_bytes:
+                break
+            self.nbytes -= _size(self._items.pop(key))
 
     @property
     def hit_rate(self) -> float:

@@ -204,8 +204,16 @@ class ImageIndex:
         batch = faiss.IDSelectorBatch(self.excluded) if len(self.excluded) else None
         self._selector = (faiss.IDSelectorNot(batch), batch) if batch is not None else None  # batch kept alive
 
-    def _params(self, probes: int | None = None):
-        sel = {"sel": self._selector[0]} if self._selector else {}
+    def _selection(self, within: np.ndarray | None):
+        """The faiss selector of a search (None: every image) and how many images it lets
+        through: the searchable images, or those of ``within`` among them."""
+        if within is None:
+            return (self._selector[0] if self._selector else None), self.searchable
+        allowed = np.setdiff1d(np.asarray(within, dtype=np.int64), self.excluded)
+        return faiss.IDSelectorBatch(allowed), len(allowed)
+
+    def _params(self, selector, probes: int | None = None):
+        sel = {"sel": selector} if selector is not None else {}
         if self.ivf is None:
             return faiss.SearchParameters(**sel) if sel else None
         return faiss.SearchParametersIVF(nprobe=probes, **sel)
@@ -219,8 +227,9 @@ class ImageIndex:
 
     # --- searching -----------------------------------------------------------------------
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None):
-        """The ``k`` nearest stored images of each query.
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None, within: np.ndarray | None = None):
+        """The ``k`` nearest stored images of each query (``within``: among those ids only, e.g.
+        the tiles of one position; faiss skips the others during the search itself).
 
         Returns
         -------
@@ -228,20 +237,22 @@ class ImageIndex:
         ids : int64 (Q, k), ties ordered by lower id
         """
         queries = _as_f32(queries)
-        if not 1 <= k <= self.searchable:
-            raise ValueError(f"k={k}: expected 1 <= k <= {self.searchable} (images in the index"
+        selector, searchable = self._selection(within)
+        if not 1 <= k <= searchable:
+            where = " of those searched" if within is not None else ""
+            raise ValueError(f"k={k}: expected 1 <= k <= {searchable} (images in the index{where}"
                              f"{f', {len(self.excluded)} removed' if len(self.excluded) else ''})")
-        wide = min(self.searchable, k + RERANK_MARGIN)
+        wide = min(searchable, k + RERANK_MARGIN)
         if self.ivf is None:
-            _, ids = self.index.search(queries, wide, params=self._params())
+            _, ids = self.index.search(queries, wide, params=self._params(selector))
         else:
             probes = int(nprobe or self.nprobe or 1)
-            _, ids = self.index.search(queries, wide, params=self._params(probes))
+            _, ids = self.index.search(queries, wide, params=self._params(selector, probes))
             while (ids < 0).any() and probes < self.ivf.nlist:
                 # Too few vectors in the probed lists: probe more for those rows.
                 short = np.flatnonzero((ids < 0).any(axis=1))
                 probes = min(self.ivf.nlist, 2 * probes)
-                ids[short] = self.index.search(queries[short], wide, params=self._params(probes))[1]
+                ids[short] = self.index.search(queries[short], wide, params=self._params(selector, probes))[1]
         return self._rerank(queries, ids, k)
 
     def _rerank(self, queries: np.ndarray, ids: np.ndarray, k: int):

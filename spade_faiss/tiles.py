@@ -52,6 +52,13 @@ def parse_ref(path: str) -> TileRef | None:
     return TileRef(m.group("image"), *(int(m.group(k)) for k in ("x", "y", "w", "h")))
 
 
+def position(path: str) -> tuple[int, int, int, int] | None:
+    """Where an item was cut: ``(x, y, w, h)`` of a tile reference, None for a whole image (or
+    frame): what ``same_position`` retrieval matches."""
+    ref = parse_ref(path)
+    return None if ref is None else (ref.x, ref.y, ref.w, ref.h)
+
+
 @dataclasses.dataclass(frozen=True)
 class Tiling:
     """How images are cut: ``size`` (None: not at all) and the ``overlap`` of neighbours."""

@@ -24,18 +24,38 @@ def test_hits_misses_and_load_order():
     assert (cache.hits, cache.misses) == (2, 4) and cache.hit_rate == 2 / 6
 
 
-def test_eviction_by_bytes_least_recently_used_first():
+def test_eviction_by_bytes_least_frequently_used_first_ties_least_recently_used():
     cache = GalleryCache(lambda keys: [entry(100) for _ in keys], max_bytes=350)
     cache.get([1, 2, 3])                  # 300 bytes
-    cache.get([1])                        # 1 is now the most recent
-    cache.get([4])                        # 400 > 350: evicts 2, the least recently used
+    cache.get([1])                        # 1 asked twice, and the most recent
+    cache.get([4])                        # 400 > 350: evicts 2 (asked once, least recently)
     assert list(cache._items) == [3, 1, 4] and cache.nbytes == 300
-    cache.get([5, 6])                     # evicts 3 and 1
-    assert list(cache._items) == [4, 5, 6] and cache.nbytes == 300
+    cache.get([5, 6])                     # evicts 3 and 4 (asked once); 1 (twice) stays
+    assert list(cache._items) == [1, 5, 6] and cache.nbytes == 300
     too_big = GalleryCache(lambda keys: [entry(1000) for _ in keys], max_bytes=350)
     too_big.get([1])
     assert too_big.nbytes == 0 and not too_big._items  # never cached, still returned
     assert too_big.bytes_read == 1000
+
+
+def test_what_queries_ask_for_often_stays_cached_through_a_stream_of_rarely_asked_images():
+    """Each query asks for several images; a few are asked by many queries (retrieval's hubs).
+    With room for 3 images, least recently used eviction would read a hub again after every
+    two queries that miss it; counting uses keeps the hubs, and counts outlive eviction."""
+    loads = []
+    cache = GalleryCache(lambda keys: loads.extend(keys) or [entry(100) for _ in keys], max_bytes=300)
+    hubs = lambda q: [0, 1] if q % 3 == 0 else [100 + q]  # noqa: E731
+    for q in range(4):                                   # until the hubs have been asked twice
+        cache.get(hubs(q))
+    known = len(loads)
+    for q in range(4, 30):
+        cache.get(hubs(q))
+    assert not {0, 1} & set(loads[known:])               # then never read again (LRU: every 3rd query)
+    cache.get([7])
+    cache.get([8])                                       # 7 was evicted by 8 (both asked once) ...
+    cache.get([7])
+    cache.get([9])                                       # ... asked again it outranks 9: 9 goes
+    assert 7 in cache._items and 9 not in cache._items
 
 
 def test_load_entries_per_level_and_concatenated():

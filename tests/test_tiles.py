@@ -128,3 +128,32 @@ def test_tile_options_are_checked_before_any_work(tmp_path, capsys):
     code = cli.main(["index", str(tmp_path), "--out", str(tmp_path / "c.h5"), *FEAT, "--tile", "8"])
     assert code == cli.EXIT_ERROR and "tile=8" in capsys.readouterr().err
     assert not (tmp_path / "c.h5").exists()
+
+
+def test_same_position_retrieves_the_nearest_normal_tiles_cut_at_the_tile_s_own_place(parts):
+    """``same_position``: a test tile's neighbours are the k_gallery nearest of the corpus tiles at
+    its own (x, y, w, h), with the distances of an unrestricted search over the whole corpus (the
+    oracle: that full ranking filtered by position); too few tiles at a place is one clear error."""
+    from spade_faiss import Spade
+    from spade_faiss.scoring import image_scores
+
+    root, _ = parts
+    corpus = root / "tiled.h5"
+    queries = [r.path for p in sorted((root / "test").iterdir())
+               for r in tiles.list_tiles(str(p), tiles.Tiling(64, OVERLAP))]
+    with Spade.open(corpus, k_gallery=48, k_image=2) as everything:
+        paths = list(everything.paths_)
+        full = everything.score(queries, maps=False)
+    with Spade.open(corpus, k_gallery=3, k_image=2, same_position=True) as placed:
+        got = placed.score(queries, maps=False)
+    for i, q in enumerate(queries):
+        keep = [j for j, c in enumerate(full.neighbour_ids[i]) if tiles.position(paths[c]) == tiles.position(q)]
+        want_ids, want_d = full.neighbour_ids[i][keep][:3], full.neighbour_distances[i][keep][:3]
+        np.testing.assert_array_equal(got.neighbour_ids[i], want_ids, err_msg=q)
+        np.testing.assert_array_equal(got.neighbour_distances[i], want_d, err_msg=q)
+        assert got.image_scores[i] == image_scores(want_d[None], 2)[0]
+    assert not np.array_equal(got.neighbour_ids, full.neighbour_ids[:, :3])  # the restriction changed answers
+    with Spade.open(corpus, k_gallery=5, same_position=True) as too_many:
+        with pytest.raises(ValueError, match=r"same_position: the corpus has 4 tiles at x=0, y=0, 64x64, "
+                                             r"k_gallery=5 needs at least 5"):
+            too_many.score(queries[:1], maps=False)

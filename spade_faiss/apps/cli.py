@@ -94,6 +94,8 @@ def add_params(group, names, defaults: bool = True, note: str = ""):
             kw["choices"] = list(p.choices)
         if p.cli_type:
             kw["type"] = p.cli_type
+        if p.default is False:  # a switch
+            kw["action"] = "store_true"
         if defaults:
             kw["default"] = p.default
         else:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .. import metrics, patch_search, scoring
+from .. import metrics, patch_search, scoring, tiles
 from ..galleries import GalleryCache, load_entries
 from ..image_index import ImageIndex
 from ..images import Prepared
@@ -61,6 +61,7 @@ class QueryPipeline:
         self.timings = Counter()
         self.stats: dict[str, patch_search.SearchStats] = {}
         self.projections: dict[str, patch_search.Projection] = {}
+        self._by_position: tuple[int, dict] | None = None  # (corpus size, ids by position)
 
     def pruning_stats(self) -> dict:
         return {name: {"pairs": s.pairs, "exact": s.exact, "pruned": round(s.pruned, 6)}
@@ -77,10 +78,40 @@ class QueryPipeline:
         with self.timed("backbone"):
             feats = self.extractor()(np.stack([p.tensor for p in prepared]))
         with self.timed("stage1"):
-            dist, ids = self.index.search(feats["pool"], k_gallery, config.nprobe)
+            dist, ids = self._stage1(feats["pool"], [p.path for p in prepared], k_gallery, config)
             scores = scoring.image_scores(dist, k_image)
         return [Retrieved(p, {lv: feats[lv][i] for lv in config.levels}, float(scores[i]), ids[i], dist[i])
                 for i, p in enumerate(prepared)]
+
+    def _stage1(self, pool: np.ndarray, paths: list[str], k_gallery: int, config):
+        """The ``k_gallery`` nearest corpus images of each query: from the whole corpus, or with
+        ``same_position`` from the corpus items cut at the query's own position and size (a tile
+        among the tiles at its place, a whole image among the whole images)."""
+        if not config.same_position:
+            return self.index.search(pool, k_gallery, config.nprobe)
+        dist = np.empty((len(paths), k_gallery), np.float32)
+        ids = np.empty((len(paths), k_gallery), np.int64)
+        at = [tiles.position(p) for p in paths]
+        for key in dict.fromkeys(at):
+            rows = [i for i, a in enumerate(at) if a == key]
+            within = self._positions().get(key, np.empty(0, np.int64))
+            if len(within) < k_gallery:
+                where = "whole images" if key is None else "tiles at x={}, y={}, {}x{}".format(*key)
+                raise ValueError(f"same_position: the corpus has {len(within)} {where}, k_gallery={k_gallery} "
+                                 f"needs at least {k_gallery}: index more normals or lower --k-gallery")
+            dist[rows], ids[rows] = self.index.search(pool[rows], k_gallery, config.nprobe, within=within)
+        return dist, ids
+
+    def _positions(self) -> dict:
+        """Corpus ids by position (:func:`tiles.position` of their paths), read again when the
+        corpus has grown."""
+        n = len(self.store)
+        if self._by_position is None or self._by_position[0] != n:
+            groups: dict = {}
+            for i, path in enumerate(self.store.paths()):
+                groups.setdefault(tiles.position(path), []).append(i)
+            self._by_position = (n, {k: np.array(v, np.int64) for k, v in groups.items()})
+        return self._by_position[1]
 
     def leave_one_out_theta(self, n_images: int, fpr: float, config, options, device: str) -> float:
         """A pixel threshold at ``fpr`` without held-out images: up to ``n_images`` corpus images

@@ -66,7 +66,7 @@ class Spade(Parameters):
     def __init__(self, *, k_image=DEFAULTS["k_image"], k_gallery=DEFAULTS["k_gallery"], kappa=DEFAULTS["kappa"],
                  pixel_mode=DEFAULTS["pixel_mode"], sigma=DEFAULTS["sigma"], nprobe=DEFAULTS["nprobe"],
                  search=DEFAULTS["search"], radius=DEFAULTS["radius"], image_score=DEFAULTS["image_score"],
-                 backbone=DEFAULTS["backbone"],
+                 same_position=DEFAULTS["same_position"], backbone=DEFAULTS["backbone"],
                  weights=DEFAULTS["weights"], seed=DEFAULTS["seed"], resize=DEFAULTS["resize"],
                  crop=DEFAULTS["crop"], levels=DEFAULTS["levels"], storage=DEFAULTS["storage"],
                  device=DEFAULTS["device"], batch_size=DEFAULTS["batch_size"], workers=DEFAULTS["workers"],
@@ -83,6 +83,7 @@ class Spade(Parameters):
         self.search = search
         self.radius = radius
         self.image_score = image_score
+        self.same_position = same_position
         self.backbone = backbone
         self.weights = weights
         self.seed = seed

@@ -4,7 +4,7 @@ location, with fewer and cheaper products than brute force.
 **Bound.** Let ``V`` hold the top ``d`` principal directions of the corpus features (orthonormal
 columns) and ``mu`` their mean. For a vector ``x`` let ``p(x) = V^T (x - mu)`` and
 ``r(x) = ||(I - V V^T)(x - mu)||``, and call ``a(x) = [p(x), r(x)]`` its augmented vector
-(``d + 1`` values; ``d`` from 57 to 249 by level and operand type, see ``patch_search.WIDTHS``). For any query
+(``d + 1`` values; ``d`` from 73 to 249 by level and operand type, see ``patch_search.WIDTHS``). For any query
 ``q`` and gallery vector ``g``::
 
     ||q - g||^2 = ||p(q) - p(g)||^2 + ||(I - V V^T)(q - g)||^2 >= ||a(q) - a(g)||^2     (1)
