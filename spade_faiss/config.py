@@ -270,11 +270,13 @@ PARAMETERS: tuple[Param, ...] = (
     Param("batch_size", 8, "option", check_int, "images per backbone batch", "run", cli_type=int),
     Param("workers", 2, "option", check_int, "image decoding threads (they run ahead of the backbone)", "run",
           cli_type=int),
-    Param("cache_bytes", 1 << 30, "option", check_int,
-          "bound of the gallery cache (features of retrieved images, reused across queries)"),
+    Param("cache_bytes", None, "option", _optional(check_int),
+          "bound of the gallery cache (features of retrieved images, reused across queries); default: what "
+          "memory_gb leaves, or 1 GiB without a budget"),
     Param("memory_gb", 4.0, "option", _optional(lambda n, v: check_number(n, v, 0.0, low_open=True)),
           "resident memory budget in GiB: the gallery cache gets what the process leaves of it and shrinks "
-          "when the process is over it after a batch (Linux; none: the cache keeps cache_bytes). A larger budget "
+          "when the process is over it after a batch (Linux; none: the cache keeps cache_bytes, 1 GiB by default). "
+          "A larger budget "
           "keeps more galleries in memory (fewer reads on large corpora)", "run", cli_type=_float_or_none),
     Param("chunk_bytes", 64 << 20, "option", check_int, "gallery bytes searched at once by the faiss engine"),
     Param("stage2", "auto", "option", _choice(STAGE2_ENGINES),
@@ -468,7 +470,7 @@ class RunOptions:
     device: str = DEFAULTS["device"]
     batch_size: int = DEFAULTS["batch_size"]
     workers: int = DEFAULTS["workers"]
-    cache_bytes: int = DEFAULTS["cache_bytes"]
+    cache_bytes: int | None = DEFAULTS["cache_bytes"]
     memory_gb: float | None = DEFAULTS["memory_gb"]
     chunk_bytes: int = DEFAULTS["chunk_bytes"]
     stage2: str = DEFAULTS["stage2"]

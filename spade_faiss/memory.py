@@ -7,8 +7,10 @@ and schedulers measure) stays under ``memory_gb``: before the first batch the ca
 the budget leaves above the process's resident set (less a reserve for one batch's temporaries),
 and after each batch, when the resident set is over that mark, freed memory is handed back to
 the OS and the cache shrinks (least recently used first) by the excess; when there is room again
-it may grow back, up to ``cache_bytes``. Reading RSS needs Linux (``/proc/self/statm``);
-elsewhere the cache keeps ``cache_bytes``.
+it may grow back, up to ``cache_bytes`` when one is given (by default the budget alone bounds it:
+at 685 normals, Wide-ResNet50-2, 4 GiB hold every prepared gallery). Reading RSS needs Linux
+(``/proc/self/statm``); elsewhere, or without a budget, the cache keeps ``cache_bytes`` (1 GiB by
+default).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ GIB = 2**30
 # was 0.3-0.5 GB above its settled resident set (benchmarks/README.md, "The user's run").
 RESERVE_BYTES = 512 << 20
 FLOOR_BYTES = 64 << 20  # the cache never gets less (one query's galleries at small crops)
+UNBUDGETED_CACHE_BYTES = 1 << 30  # the cache's bound without a budget (memory_gb None) or cache_bytes
 
 
 def resident_bytes() -> int | None:
@@ -57,9 +60,10 @@ class MemoryBudget:
     """Caps a :class:`~spade_faiss.galleries.GalleryCache` so that the process stays under
     ``memory_gb`` GiB resident (None: no budget, the cache keeps its own bound)."""
 
-    def __init__(self, memory_gb: float | None, cache_bytes: int):
+    def __init__(self, memory_gb: float | None, cache_bytes: int | None = None):
         self.limit = None if memory_gb is None else int(memory_gb * GIB)
-        self.cache_bytes = int(cache_bytes)
+        # The cache's own bound: the one given, else none beyond the budget (what it leaves), else 1 GiB
+        self.cache_bytes = int(cache_bytes if cache_bytes is not None else self.limit or UNBUDGETED_CACHE_BYTES)
         self.started = False
 
     @property
