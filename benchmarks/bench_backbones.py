@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, emit_to, machine, process, real_images  # noqa: E402
+from common import DATA, begin, emit_to, process, real_images  # noqa: E402
 
 JSONL = "backbones.jsonl"
 
@@ -35,9 +35,7 @@ def main() -> None:
     ap.add_argument("--normals", type=int, default=60)
     ap.add_argument("--tests", type=int, default=12)
     args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    emit_to(out / JSONL, bench="backbones", step="machine", **machine())
+    out = begin(args.out, JSONL, "backbones")
     lists = {}
     for name, paths in (("normals", real_images("train", args.normals, DATA)),
                         ("tests", real_images("test", args.tests, DATA))):

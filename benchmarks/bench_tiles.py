@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, emit_to, machine, process  # noqa: E402
+from common import DATA, begin, emit_to, process  # noqa: E402
 
 JSONL = "tiles.jsonl"
 SPADE = [sys.executable, "-m", "spade_faiss"]
@@ -58,9 +58,7 @@ def main() -> None:
     from spade_faiss import tiles
     from spade_faiss.datasets import discover
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    emit_to(out / JSONL, bench="tiles", step="machine", **machine())
+    out = begin(args.out, JSONL, "tiles")
     train = sorted(s.path for s in discover(Path(args.data), split="train"))
     step = max(1, len(train) // args.normals)
     normals = upscaled(train[::step][:args.normals], out / "normal", args.size)

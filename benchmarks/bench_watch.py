@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, emit_to, machine, process, real_images  # noqa: E402
+from common import DATA, begin, emit_to, process, real_images  # noqa: E402
 
 JSONL = "watch.jsonl"
 
@@ -46,9 +46,7 @@ def main() -> None:
     ap.add_argument("--normals", type=int, default=200, help="normal images indexed")
     ap.add_argument("--frames", type=int, default=60, help="test images in the watched video")
     args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    emit_to(out / JSONL, bench="watch", step="machine", **machine())
+    out = begin(args.out, JSONL, "watch")
     train = real_images("train", args.normals + args.normals // 9 + 1, DATA)
     held = train[::10]
     normals = [p for p in train if p not in set(held)][:args.normals]

@@ -27,6 +27,14 @@ def emit_to(path: Path, **record) -> None:
         f.write(line + "\n")
 
 
+def begin(out: str | Path, jsonl: str, bench: str) -> Path:
+    """A benchmark's output folder (made) with the machine's line written first in its raw lines."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    emit_to(out / jsonl, bench=bench, step="machine", **machine())
+    return out
+
+
 def process(cmd: list, log: Path, env: dict | None = None, stdout: bool = False) -> dict:
     """Run one process to its end: its wall seconds and its own peak RSS (MB, ``wait4``); its
     output goes to ``log`` (with ``stdout``: its stderr only, and its stdout's last line is
