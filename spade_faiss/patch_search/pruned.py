@@ -15,7 +15,8 @@ whose bound can still win need the full product.
 
 **Rounding, rigorously.** The augmented vectors are computed in float64 (error below
 ``PROJ_EPS * ||x - mu||``) and rounded to the operand type (bfloat16 where the CPU multiplies
-it natively, else float32) as ``a~(x)`` (``bounds.py``), and
+it natively, else float32; a gallery vector then to float16, whose values are float32 values:
+``bounds.GalleryOperands``) as ``a~(x)`` (``bounds.py``), and
 ``rho(x) = ||a~(x) - a(x)|| + PROJ_EPS * ||x - mu||`` is computed per vector. By the triangle
 inequality in ``R^(d+1)``::
 
