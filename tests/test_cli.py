@@ -391,3 +391,18 @@ def test_a_resumed_run_scores_again_an_input_whose_content_changed(tmp_path, dat
         np.testing.assert_array_equal(h["maps"][last], want.maps[0])
     code, stdout, _ = run(capsys, *args)
     assert json.loads(stdout)["scored"] == 0 and json.loads(stdout)["skipped_done"] == 3
+
+
+def test_every_command_prints_its_help():
+    """``spade-faiss COMMAND --help`` for every command: argparse formats help texts with ``%``
+    (a table help saying "top 1% of" once made ``score --help`` a traceback)."""
+    import argparse
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"index", "score", "serve", "watch"} <= set(commands)
+    for name, sub in commands.items():
+        text = sub.format_help()
+        assert text.startswith("usage:"), name
+    assert "top 1% of" in commands["score"].format_help()
+    assert "--same-position" in commands["score"].format_help()

@@ -89,7 +89,7 @@ def add_params(group, names, defaults: bool = True, note: str = ""):
     given (an existing corpus keeps its own value; the table's default is still shown)."""
     for name in names:
         p = PARAM[name]
-        kw = {"help": p.help + note, "dest": name}
+        kw = {"help": (p.help + note).replace("%", "%%"), "dest": name}  # argparse formats help with %
         if p.choices:
             kw["choices"] = list(p.choices)
         if p.cli_type:
