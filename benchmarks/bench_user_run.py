@@ -113,7 +113,7 @@ def fidelity(root: Path, exact_run: Path, fast_run: Path) -> dict:
     import numpy as np
     from scipy.stats import spearmanr
 
-    from spade_faiss import images, metrics
+    from spade_faiss import images, metrics, tiles
     from spade_faiss.datasets import discover
 
     def maps(run):
@@ -125,8 +125,7 @@ def fidelity(root: Path, exact_run: Path, fast_run: Path) -> dict:
     crop = maps_e.shape[-1]
     masks, exact, fast = [], [], []
     for s in samples:
-        img = images.load_image(s.path)
-        masks.append(images.load_mask(s.mask, img.rgb.shape[:2], crop=crop))
+        masks.append(images.load_mask(s.mask, tiles.image_size(s.path), crop=crop))  # the header's size
         exact.append(maps_e[rows_e[s.path]])
         fast.append(maps_f[rows_f[s.path]])
     masks, exact, fast = np.stack(masks), np.stack(exact), np.stack(fast)

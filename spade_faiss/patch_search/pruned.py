@@ -288,12 +288,14 @@ def _probe(q, a, cols, best, rows_of, start: int, total: int, kappa: int) -> np.
     """``U`` per query: the exact distances of the ``kappa`` columns of smallest bound in each of
     its probed blocks ``best`` (R, t); the ``kappa``-th smallest of them bounds the kappa-th
     nearest distance from above (any ``kappa`` gallery vectors do; float64). Blocks of distinct
-    chunks: the 16 vectors of one block are neighbouring positions of one image, of which only a
+    groups: the 16 vectors of one block are neighbouring positions of one image, of which only a
     few are near any query, and the column of smallest bound is not always the nearest; the
-    best of four blocks gives a ``U`` within a few percent of the nearest distance for most
+    best of eight blocks gives a ``U`` within a few percent of the nearest distance for most
     queries (on real neighbours, a third fewer re-checks than one block)."""
     r, t = best.shape
     k = min(kappa, BLOCK)
+    if t * k < kappa:  # fewer probed vectors than kappa: no upper bound
+        return np.full(r, np.inf)
     q_idx = torch.arange(r).repeat_interleave(t)
     y = _bounds(a, cols, q_idx, best.reshape(-1)).view(r, t, BLOCK)
     col = best[:, :, None] * BLOCK + torch.arange(BLOCK)
@@ -306,8 +308,6 @@ def _probe(q, a, cols, best, rows_of, start: int, total: int, kappa: int) -> np.
     rows = (start + torch.arange(r))[:, None].expand_as(chosen)
     d = pair_distances(q, rows_of, rows.reshape(-1), chosen.reshape(-1)).view(r, t * k)
     d = d.double().masked_fill(~real, float("inf"))
-    if t * k < kappa:
-        return np.full(r, np.inf)
     return torch.topk(d, kappa, dim=1, largest=False).values.amax(dim=1).numpy()
 
 
