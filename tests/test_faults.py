@@ -248,3 +248,4 @@ def test_damaged_sha256_values_are_listed_not_a_crash(store):
         h["images/sha256"][2] = b"\x9c" * 64
     problems = verify(store, deep=True)
     assert any("malformed sha256" in p for p in problems), problems
+    assert any("sha256 of 1 images differs from its digest (first: row 2)" in p for p in problems), problems

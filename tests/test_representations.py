@@ -209,7 +209,7 @@ def _as_format_v1(src, dst):
         attrs.update(format_version=1, config=json.dumps(config, sort_keys=True))
         n = int(a.attrs["n_committed"])
         levels = {lv: (a["levels"][lv].shape[1:], a["levels"][lv].dtype, {}) for lv in a["levels"]}
-        write_layout(b, attrs, levels, a["images/pool"].shape[1], n, checksums=False)
+        write_layout(b, attrs, levels, a["images/pool"].shape[1], n)
         for name in ["images/path", "images/sha256", "images/pool"] + [f"levels/{lv}" for lv in levels]:
             b[name][:] = a[name][:n]
         b["index"].create_dataset("faiss", data=a["index/faiss"][()])

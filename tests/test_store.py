@@ -40,9 +40,12 @@ def test_layout_matches_spec(tmp_path, rng):
         assert h["images/path"][1].decode() == "b/ü.png"
         assert h["images/sha256"].shape == (3,)
         assert h["images/pool"].dtype == np.float32 and h["images/pool"].shape == (3, 16)
-        assert h["images/pool"].fletcher32 and h["images/sha256"].fletcher32
-        for part in ("pool", *SHAPES):  # the sha256 of each image's stored bytes, per part
+        # chunks of many images' rows are rewritten in place by every append: no chunk checksum
+        # there (a torn rewrite would break it: test_a_torn_chunk_rewrite_loses_no_committed_row)
+        assert not any(h[name].fletcher32 for name in ("images/pool", "images/sha256", "digests/pool"))
+        for part in ("pool", "names", *SHAPES):  # the sha256 of each image's stored bytes, per part
             assert h[f"digests/{part}"].shape == (3, 32) and h[f"digests/{part}"].dtype == np.uint8
+        assert bytes(h["digests/names"][1]) == hashlib.sha256("b/ü.png".encode() + b"\0" + b"1" * 64).digest()
         assert bytes(h["digests/layer1"][1]) == hashlib.sha256(h["levels/layer1"][1].tobytes()).digest()
         for lv, s in SHAPES.items():
             d = h["levels"][lv]
@@ -151,3 +154,67 @@ def test_a_killed_writer_s_temporary_is_removed_by_the_next_one_and_a_live_one_s
     assert names.abandoned_temporaries(dst) == [str(left)]
     FeatureStore.create(dst, SpadeConfig(levels=("layer1",), storage="float16"), {"layer1": (2, 2, 4)}, 8).close()
     assert not left.exists() and live.exists()
+
+
+SHARED = ("images/sha256", "images/pool", "digests/pool", "digests/names", "digests/layer1")
+
+
+def _legacy_checksums(path):
+    """Give an empty corpus the layout of 0.3.1 and before: fletcher32 on the chunks of many rows."""
+    with h5py.File(path, "r+") as h:
+        for name in SHARED[:-2] + ("digests/layer1",):
+            ds = h[name]
+            spec = dict(shape=ds.shape, maxshape=ds.maxshape, dtype=ds.dtype, chunks=ds.chunks)
+            del h[name]
+            h.create_dataset(name, fletcher32=True, **spec)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_torn_chunk_rewrite_loses_no_committed_row(tmp_path, rng, legacy):
+    """An append rewrites in place each chunk that holds committed rows and new ones; SIGKILL can
+    stop that write between pages (the kernel checks for it per page), leaving the new bytes
+    up to a page boundary and the old after it. Committed bytes are the same in both, so every
+    committed row must read as written: in the layout of 0.3.2 directly (no chunk checksum on
+    such chunks), in a corpus of 0.3.1 (fletcher32 there: the torn chunk fails it) after the
+    next writer's rebuild. The tear is made exactly: the file before the append's writes, with
+    the page-aligned prefix of each shared chunk taken from the file after them."""
+    store, _ = _create(tmp_path)
+    store.close()
+    if legacy:
+        _legacy_checksums(tmp_path / "c.h5")
+    store = FeatureStore.open(tmp_path / "c.h5", "a")
+    first = _feats(rng, 3)
+    store.append(["a.png", "b.png", "c.png"], ["0" * 64, "1" * 64, "2" * 64], first)
+    before = (tmp_path / "c.h5").read_bytes()  # committed, writer still open: as a crash finds it
+    store.append(["d.png", "e.png"], ["3" * 64, "4" * 64], _feats(rng, 2))
+    store.close()
+    after = (tmp_path / "c.h5").read_bytes()
+    torn = bytearray(before)
+    with h5py.File(tmp_path / "c.h5", "r") as h:
+        for name in SHARED if not legacy else SHARED[:-2]:
+            info = h[name].id.get_chunk_info(0)
+            row_bytes = h[name].dtype.itemsize * int(np.prod(h[name].shape[1:]))
+            end = ((info.byte_offset + 5 * row_bytes) // 4096 + 1) * 4096  # the new rows' page, then stop
+            assert end < info.byte_offset + info.size  # the chunk's tail (its checksum) stays old
+            torn[info.byte_offset:end] = after[info.byte_offset:end]
+    assert bytes(torn) != before
+    (tmp_path / "torn.h5").write_bytes(bytes(torn))
+    with h5py.File(tmp_path / "torn.h5", "r") as t, h5py.File(tmp_path / "c.h5", "r") as h:
+        for name in SHARED if not legacy else SHARED[:-2]:  # the premise: rewritten in place, not moved
+            assert t[name].id.get_chunk_info(0).byte_offset == h[name].id.get_chunk_info(0).byte_offset
+
+    def committed_rows_read(store):
+        assert len(store) == 3 and store.paths() == ["a.png", "b.png", "c.png"]
+        assert store.sha256s() == ["0" * 64, "1" * 64, "2" * 64] and store.mismatched_names() == []
+        np.testing.assert_array_equal(store.pool(), first["pool"])
+        np.testing.assert_array_equal(store.level("layer1", [0, 1, 2]), first["layer1"].astype(np.float16))
+
+    if not legacy:
+        with FeatureStore.open(tmp_path / "torn.h5") as s:
+            assert s.last_writer_died
+            committed_rows_read(s)
+    else:
+        with FeatureStore.open(tmp_path / "torn.h5") as s, pytest.raises(StoreError, match="cannot be read"):
+            s.pool()  # the chunk checksum no longer matches
+    with FeatureStore.open(tmp_path / "torn.h5", "a") as s:  # the next writer rebuilds from the committed rows
+        committed_rows_read(s)

@@ -115,7 +115,10 @@ def _check_names(store) -> list[str]:
     bad = [s for s in shas if len(s) != 64 or any(c not in "0123456789abcdef" for c in s)]
     if bad:
         problems.append(f"{store.path}: {len(bad)} malformed sha256 values, first {bad[0]!r}")
-    store.paths()  # read, not checked: a damaged chunk of images/path is a finding (StoreError)
+    bad = store.mismatched_names()  # a damaged chunk of images/path: StoreError, a finding
+    if bad:
+        problems.append(f"{store.path}: the path or sha256 of {len(bad)} images differs from its digest "
+                        f"(first: row {bad[0]}): the file is damaged")
     return problems
 
 

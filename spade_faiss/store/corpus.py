@@ -4,8 +4,9 @@ torch here.
 
 Format v2 adds, per level, a stored representation (``representations.py``: float16/float32,
 lossless, or pca codes with their fitted arrays under ``representations/<level>``), the
-features' shape per level (``feature_shapes``), and a fletcher32 checksum on every chunk of
-every numeric dataset.
+features' shape per level (``feature_shapes``), and a fletcher32 checksum on every level
+row (and per-image digests of every part: ``digests.py``; ``layout.py`` says which chunks carry
+no checksum, and why).
 
 Crash safety: an append resizes the datasets, writes the rows, flushes, and only then bumps
 ``n_committed``. Rows past ``n_committed`` are leftovers of a crash: ignored by readers and
@@ -264,6 +265,10 @@ class FeatureStore:
     def sha256s(self) -> list[str]:
         return [s.decode("ascii", "replace") for s in self._read(names.SHA256, np.s_[: len(self)])]
 
+    def mismatched_names(self) -> list[int]:
+        """Rows whose stored path or sha256 differs from its recorded digest (``digests.py``)."""
+        return digests.names_mismatched(self.h5, self.paths(), self.sha256s())
+
     def pool(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Pooled vectors of rows ``start:stop`` (default all committed), float32 (n, D)."""
         stop = len(self) if stop is None else min(stop, len(self))
@@ -366,6 +371,7 @@ class FeatureStore:
                 ds.resize(n + b, axis=0)
         self.h5[names.PATHS][n:n + b] = list(paths)
         self.h5[names.SHA256][n:n + b] = np.array([s.encode("ascii") for s in sha256s], dtype=SHA_DTYPE)
+        digests.write_names(self.h5, n, paths, sha256s)
         self._write_rows(names.POOL, names.POOL_PART, n, feats["pool"])
         for lv, rep in self.representations.items():
             if rep.needs_fit:
@@ -396,7 +402,8 @@ class FeatureStore:
         if bad:
             i = int(ids[bad[0]])
             where = self.paths()[i] if i < len(self) else "?"
-            raise StoreError(f"{self.path}: {part} of image {i} ({where}) does not match its digest "
+            dataset = names.POOL if part == names.POOL_PART else names.level(part)
+            raise StoreError(f"{self.path}: {dataset} of image {i} ({where}) does not match its digest "
                              f"({len(bad)} of {len(ids)} rows read): the file is damaged; "
                              f"`spade-faiss verify --deep {self.path}` lists what")
 

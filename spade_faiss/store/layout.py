@@ -17,24 +17,29 @@ STRING_CHUNK_ROWS = 1024
 DIGEST_BYTES = 32
 
 
-def write_layout(h5: h5py.File, attrs: dict, levels: dict, pool_dim: int, n: int = 0, checksums: bool = True,
-                 digests: bool = True) -> None:
+def write_layout(h5: h5py.File, attrs: dict, levels: dict, pool_dim: int, n: int = 0, digests: bool = True) -> None:
     """The attributes and the (empty, resizable) datasets of a corpus, ``n`` rows long.
 
     ``levels``: per level, ``(stored shape (h, w, c), stored dtype, h5py filter keywords)`` or an
-    ``h5py.VirtualLayout`` (a joined corpus: rows live in shard files). ``checksums``: fletcher32
-    on the numeric image datasets (format v2). ``digests``: the per-image sha256 of each part's
-    stored bytes (``digests/pool``, ``digests/<level>``; ``store/digests.py``)."""
+    ``h5py.VirtualLayout`` (a joined corpus: rows live in shard files). ``digests``: the per-image
+    sha256 of each part's stored bytes (``digests/pool``, ``digests/names``, ``digests/<level>``;
+    ``store/digests.py``).
+
+    No chunk checksum (fletcher32) on a dataset whose chunks hold many images' rows (paths,
+    sha256, pool, digests): each append rewrites such a chunk in place, committed rows included,
+    and a process killed during that write (the kernel stops a write between pages on SIGKILL)
+    leaves a chunk whose committed bytes are intact but whose checksum no longer matches, so the
+    committed images could not be read. The per-image digests cover those bytes instead (a torn
+    write leaves every committed row's bytes, and so its digest, as they were). A level row is a
+    chunk of its own, written once: its filters (``representations.py``) keep fletcher32."""
     h5.attrs.update(attrs)
     h5.attrs[names.N_COMMITTED] = n
-    check = {"fletcher32": True} if checksums else {}
     h5.create_group(names.IMAGES)
     h5.create_dataset(names.PATHS, (n,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"),
                       chunks=(STRING_CHUNK_ROWS,))
-    h5.create_dataset(names.SHA256, (n,), maxshape=(None,), dtype=SHA_DTYPE, chunks=(STRING_CHUNK_ROWS,),
-                      **check)
+    h5.create_dataset(names.SHA256, (n,), maxshape=(None,), dtype=SHA_DTYPE, chunks=(STRING_CHUNK_ROWS,))
     h5.create_dataset(names.POOL, (n, pool_dim), maxshape=(None, pool_dim), dtype=np.float32,
-                       chunks=(POOL_CHUNK_ROWS, pool_dim), **check)
+                       chunks=(POOL_CHUNK_ROWS, pool_dim))
     group = h5.create_group(names.LEVELS)
     for name, spec in levels.items():
         if isinstance(spec, h5py.VirtualLayout):
@@ -45,9 +50,9 @@ def write_layout(h5: h5py.File, attrs: dict, levels: dict, pool_dim: int, n: int
                                  **filters)
     h5.create_group(names.INDEX)
     if digests:
-        for part in (names.POOL_PART, *levels):
+        for part in (names.POOL_PART, names.NAMES_PART, *levels):
             h5.create_dataset(names.digest(part), (n, DIGEST_BYTES), maxshape=(None, DIGEST_BYTES), dtype=np.uint8,
-                              chunks=(STRING_CHUNK_ROWS, DIGEST_BYTES), **check)
+                              chunks=(STRING_CHUNK_ROWS, DIGEST_BYTES))
 
 
 def level_specs(representations: dict[str, Representation], feature_shapes: dict) -> dict:

@@ -23,6 +23,7 @@ INDEX_BLOB = "index/faiss"
 PROJECTIONS = "projections"
 DIGESTS = "digests"
 POOL_PART = "pool"  # the pooled vectors' digests are digests/pool, a level's digests/<level>
+NAMES_PART = "names"  # digests/names: each image's path and sha256 (``store/digests.py``; since 0.3.2)
 
 # --- inside the file: attributes of the root --------------------------------------------------
 FORMAT_VERSION = "format_version"

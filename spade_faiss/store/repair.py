@@ -5,6 +5,12 @@ committed rows read fine but whose next write fails ("bad heap index", "addr ove
 writer therefore marks the file while it has it open; the next writer that finds the mark
 rewrites the corpus from its committed rows under a temporary name and renames it over the old
 one (the rows past ``n_committed`` were never part of the corpus anyway).
+
+A corpus written before 0.3.2 keeps a fletcher32 checksum on chunks that hold many images' rows
+(sha256, pool, digests; ``layout.py``): an append killed while it rewrote such a chunk in place
+leaves the committed rows' bytes intact and the checksum wrong. The rewrite reads such a chunk's
+stored bytes without the checksum (``_rows``); the pooled vectors are then checked against their
+digests like any read.
 """
 
 from __future__ import annotations
@@ -52,19 +58,21 @@ def rewrite(path: str, drop=()) -> int:
                       Representation(storage[lv], 1).filters() if v2 else {}) for lv in levels}
         with h5py.File(tmp, "w") as dst:
             digests = names.DIGESTS in src
-            write_layout(dst, attrs, specs, src[names.POOL].shape[1], len(keep), checksums=v2, digests=digests)
+            write_layout(dst, attrs, specs, src[names.POOL].shape[1], len(keep), digests=digests)
             if names.REPRESENTATIONS in src:
                 src.copy(names.REPRESENTATIONS, dst)
             if names.PROJECTIONS in src:
                 src.copy(names.PROJECTIONS, dst)
             copied = [names.PATHS, names.SHA256, names.POOL] + [names.level(lv) for lv in levels]
-            copied += [names.digest(p) for p in (names.POOL_PART, *levels)] if digests else []
+            copied += [names.digest(p) for p in (names.POOL_PART, names.NAMES_PART, *levels)] if digests else []
             for name in copied:
+                if name not in src:  # digests/names: written since 0.3.2 (left unset: unchecked)
+                    continue
                 have = keep[keep < src[name].shape[0]]  # digests may be shorter (rows written without)
                 for start in range(0, len(have), COPY_ROWS):
                     rows = have[start:start + COPY_ROWS]
-                    dst[name][start:start + len(rows)] = src[name][rows] if len(drop) else \
-                        src[name][int(rows[0]):int(rows[-1]) + 1]
+                    block = _rows(src[name], int(rows[0]), int(rows[-1]) + 1)
+                    dst[name][start:start + len(rows)] = block[rows - rows[0]] if len(drop) else block
             index = src[names.INDEX]
             if not len(drop) and int(index.attrs.get("ntotal", n + 1)) <= n:  # saved after its rows: still valid
                 if "faiss" in index:
@@ -72,3 +80,25 @@ def rewrite(path: str, drop=()) -> int:
                 dst[names.INDEX].attrs.update(dict(index.attrs))
     os.replace(tmp, path)
     return len(keep)
+
+
+def _rows(ds: h5py.Dataset, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of ``ds``; a chunk whose fletcher32 (its only filter) fails is read
+    as stored, without its checksum (a torn in-place rewrite: see the module's docstring)."""
+    try:
+        return ds[start:stop]
+    except OSError:
+        plist = ds.id.get_create_plist()
+        if not (plist.get_nfilters() == 1 and plist.get_filter(0)[0] == h5py.h5z.FILTER_FLETCHER32):
+            raise
+    out = np.empty((stop - start, *ds.shape[1:]), ds.dtype)
+    per = ds.chunks[0]
+    for c0 in range(start - start % per, stop, per):
+        lo, hi = max(start, c0), min(stop, c0 + per)
+        try:
+            out[lo - start:hi - start] = ds[lo:hi]
+        except OSError:
+            _, raw = ds.id.read_direct_chunk((c0,) + (0,) * (ds.ndim - 1))
+            chunk = np.frombuffer(raw[:-4], ds.dtype).reshape(ds.chunks)  # fletcher32: 4 bytes at the end
+            out[lo - start:hi - start] = chunk[lo - c0:hi - c0]
+    return out
