@@ -64,6 +64,7 @@ OPTION_CHECKS = {
     "metrics_host": lambda n, v: PARAM["host"].check_value(v),
     "train_frames": lambda n, v: check_int(n, v, 1),
     "test_stride": lambda n, v: check_int(n, v, 1),
+    "generation": lambda n, v: check_int(n, v, 1),
 }
 
 
@@ -207,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="corpus file")
     p.add_argument("images", nargs="*", help="paths as indexed (absolute, or relative to here) or sha256 values")
     p.add_argument("--list", help="a text file of more paths or sha256 values, one per line (default: none)")
+
+    p = command("rollback", "restore a corpus as it was at one of its generations (`spade-faiss info` lists them: "
+                            "each index run, merge, removal and rollback is one); the corpus is rewritten whole, the "
+                            "state it replaces is kept (the rollback is a generation too) and the image index rebuilt; "
+                            "needs the corpus to itself", _index_args)
+    p.add_argument("store", help="corpus file")
+    p.add_argument("--generation", type=int, required=True, metavar="G", help="the generation to restore")
+    add_params(p.add_argument_group("seed"), ("seed",))
 
     p = command("reindex", "rebuild and retrain the image index of a corpus", _index_args)
     p.add_argument("store", help="corpus file")

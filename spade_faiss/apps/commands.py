@@ -117,10 +117,14 @@ def _has_images(path) -> bool:
         return False
 
 
+def _image_index_params(args) -> dict:
+    """The image index's parameters given to ``reindex`` and ``rollback`` (which rebuild it)."""
+    return dict(index=args.index, nlist=args.nlist, nprobe=args.nprobe, encoding=args.encoding,
+                target_recall=args.target_recall, seed=args.seed)
+
+
 def cmd_reindex(args) -> int:
-    params = dict(index=args.index, nlist=args.nlist, nprobe=args.nprobe, encoding=args.encoding,
-                  target_recall=args.target_recall, seed=args.seed)
-    with Spade.open(args.store, mode="a", **params) as spade:
+    with Spade.open(args.store, mode="a", **_image_index_params(args)) as spade:
         t = time.perf_counter()
         attrs = spade.reindex()
     print(json.dumps({"store": args.store, **attrs, "seconds": round(time.perf_counter() - t, 2)}))
@@ -140,6 +144,16 @@ def cmd_remove(args) -> int:
     if info["thresholds_stale"]:
         print(f"spade-faiss: warning: {args.store}: its thresholds were calibrated with the removed images in the "
               f"corpus: recalibrate (`spade-faiss calibrate`)", file=sys.stderr)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    with Spade.open(args.store, mode="a", device="cpu", **_image_index_params(args)) as spade:
+        info = spade.rollback(args.generation)
+    if info["thresholds_stale"]:
+        print(f"spade-faiss: warning: {args.store}: its thresholds were calibrated on another state of the corpus: "
+              f"recalibrate (`spade-faiss calibrate`)", file=sys.stderr)
     print(json.dumps(info, indent=2))
     return 0
 
@@ -390,7 +404,7 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"index": cmd_index, "remove": cmd_remove,
+COMMANDS = {"index": cmd_index, "remove": cmd_remove, "rollback": cmd_rollback,
             "reindex": cmd_reindex, "convert": cmd_convert, "info": cmd_info, "score": cmd_score,
             "calibrate": cmd_calibrate, "evaluate": cmd_evaluate, "explain": cmd_explain, "report": cmd_report,
             "bench": cmd_bench, "verify": cmd_verify, "serve": cmd_serve,

@@ -25,7 +25,9 @@ from .run_writer import RunWriter, read_rows, shard_suffix, write_csv_whole
 
 # What must be equal for two invocations to write into one run directory.
 FRAME_FIELDS = ["video", "frame", "time_s", "image_path", "score", "smoothed_score", "is_anomalous"]
-MANIFEST_KEYS = ("corpus", "corpus_created", "corpus_images", "weights_sha256", "scoring", "maps", "tau", "theta")
+MANIFEST_KEYS = ("corpus", "corpus_created", "corpus_images", "corpus_generation", "weights_sha256", "scoring", "maps",
+                 "tau", "theta")
+SINCE_0_3_2 = ("corpus_generation",)  # a run made before has none: not compared when resumed
 
 
 class RunDir:
@@ -112,7 +114,7 @@ class RunDir:
             raise ValueError(f"{self.path} holds results of a run without {self.MANIFEST} (an older version): "
                              f"choose another --out, or pass --restart to replace them")
         if old is not None:
-            diff = [k for k in MANIFEST_KEYS if old.get(k) != manifest.get(k)]
+            diff = [k for k in MANIFEST_KEYS if (k in old or k not in SINCE_0_3_2) and old.get(k) != manifest.get(k)]
             if diff:
                 shown = "; ".join(f"{k}: {old.get(k)!r} -> {manifest.get(k)!r}" for k in diff)
                 raise ValueError(f"{self.path} holds a run made differently ({shown}): choose another --out, "
@@ -172,9 +174,12 @@ class RunDir:
 
 def run_manifest(spade, corpus, source, maps: str) -> dict:
     """The manifest of a run scoring ``source`` against the opened ``spade`` (``corpus``: its
-    file), with ``maps`` the CLI's spelling of the maps choice."""
+    file), with ``maps`` the CLI's spelling of the maps choice. ``corpus_generation``: the
+    corpus file's generation and the segments read beside it (``Spade.open(corpus,
+    generation=segments)`` after ``rollback --generation`` reproduces that state)."""
     info = spade.info()
     return {"corpus": os.path.abspath(corpus), "corpus_created": info["created"], "corpus_images": info["images"],
+            "corpus_generation": [info["generations"][-1]["generation"], info["segments"]],
             "weights_sha256": info["config"]["weights_sha256"], "weights": info["weights_source"],
             "scoring": info["scoring"], "maps": maps, "tau": spade.tau_, "theta": spade.theta_,
             "source": os.path.abspath(source), "started": utc_now(),

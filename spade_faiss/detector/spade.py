@@ -22,7 +22,7 @@ from ..config import DEFAULTS, PARAM, Maps, Parameters, make_configs, parameters
 from ..memory import MemoryBudget
 from ..representations import FIT_IMAGES
 from ..results import IndexReport, Retrieved, ScoredImage, SpadeResult
-from ..store import CorpusView, FeatureStore, join_shards, open_corpus, remove_rows, resolve
+from ..store import CorpusView, FeatureStore, join_shards, open_corpus, remove_rows, resolve, roll_back
 from ..store import convert as convert_store
 from ..store.appends import clear_removed, write_removed
 from . import thresholds
@@ -296,6 +296,23 @@ class Spade(Parameters):
         self.reopen("a")
         self.reindex()
         return {**info, "images": left, "pending": False}
+
+    def rollback(self, generation: int) -> dict:
+        """Restore the corpus as it was at ``generation`` (``spade-faiss info`` lists them;
+        ``store/generations.py``): rewritten whole from the rows that generation held (a kill
+        leaves the old file or the new one), a new generation itself (so it can be rolled back
+        too), its image index rebuilt. Needs the corpus to itself (``mode="a"``, nobody reading
+        it). Thresholds calibrated since stay and are flagged as possibly stale."""
+        store = self.store_
+        if store.beside or not store.writable:
+            raise ValueError(f"{store.path}: a rollback rewrites the corpus and needs it to itself: open it with "
+                             f"mode='a' while no other process (a service) reads it")
+        path, calibrated = store.path, self.tau_ is not None
+        self.close()
+        info = roll_back(path, int(generation))
+        self.reopen("a")
+        self.reindex()
+        return {"store": path, **info, "thresholds_stale": calibrated}
 
     def _compact(self) -> None:
         """Rewrite the corpus without the images removed beside it while it was read, when this

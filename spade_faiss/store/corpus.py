@@ -30,7 +30,7 @@ from ..clock import utc_now
 from ..config import SpadeConfig, feature_mismatch, upgrade_feature_dict
 from ..representations import Representation
 from ..version import __version__
-from . import appends, digests, errors, names
+from . import appends, digests, errors, generations, names
 from .errors import CorpusLocked, StoreError
 from .layout import SHA_DTYPE, level_specs, write_layout, write_representations
 from .records import Records
@@ -108,7 +108,7 @@ class FeatureStore:
                      corpus_id=uuid.uuid4().hex,
                      config=json.dumps(config.feature_dict(), sort_keys=True),
                      weights_source=json.dumps(weights_source or {}, sort_keys=True),
-                     feature_shapes=json.dumps(shapes, sort_keys=True))
+                     feature_shapes=json.dumps(shapes, sort_keys=True), generations="[]")
         reps = {lv: Representation(name, shapes[lv][2]) for lv, name in config.storage_per_level().items()}
         specs = level_specs(reps, shapes)
         if in_memory:
@@ -160,6 +160,9 @@ class FeatureStore:
         except Exception as e:  # h5py raises KeyError/OSError/... on damaged metadata
             h5.close()
             raise StoreError(f"{path}: damaged HDF5 structure ({type(e).__name__}: {e})") from None
+        if mode == "a":  # the writer now: what a killed rewrite of this corpus left is nobody's
+            for left in names.abandoned_temporaries(path):
+                os.remove(left)
         if mode == "a" and store.last_writer_died:
             store.close()
             rebuild(path)
@@ -228,6 +231,8 @@ class FeatureStore:
     def close(self):
         if self.h5.id.valid:
             if self.h5.mode == "r+":
+                if self.h5.driver != "core":
+                    generations.record_current(self.h5)  # what this writer committed: a generation
                 self._mark_writer(False)
             self.h5.close()
 
@@ -335,7 +340,7 @@ class FeatureStore:
                 "config": self.config.feature_dict(),
                 "weights_source": self.weights_source(), "levels": {k: list(v) for k, v in self.level_shapes.items()},
                 "pool_dim": self.pool_dim, "index": _plain(dict(self.h5[names.INDEX].attrs)) or None,
-                "thresholds": self.records.thresholds()}
+                "thresholds": self.records.thresholds(), "generations": generations.current(self.h5)}
 
     def bytes_per_image(self) -> dict:
         """Stored bytes of one image: per level, the pooled vector, and their total."""

@@ -36,6 +36,7 @@ N_COMMITTED = "n_committed"
 WRITER = "writer"
 THRESHOLDS = "thresholds"
 LEAVE_ONE_OUT_THETA = "leave_one_out_theta"
+GENERATIONS = "generations"  # JSON list of the file's generations (``generations.py``; since 0.3.2)
 CORPUS_ID = "corpus_id"  # a random id written at creation (a segment has its own too)
 SEGMENT_OF = "segment_of"  # a segment's: the corpus_id of the corpus it extends
 SEGMENT_NUMBER = "segment_number"  # a segment's: its number in that corpus's sequence

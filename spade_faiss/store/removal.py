@@ -1,5 +1,5 @@
 """Removing normal images from a corpus (a defective image found among the normals is the most
-common way a corpus goes wrong in production).
+common way a corpus goes wrong in production), and rolling a corpus back to a generation.
 
 The corpus is rewritten without those rows by the one writer that has it to itself (segments
 merged first), under a temporary name and renamed (``repair.rewrite``): a kill leaves the old
@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import os
 
+import h5py
+
+from . import generations
 from .repair import rewrite
 
 SHA256_HEX = 64
@@ -35,5 +38,18 @@ def resolve(targets: list[str], paths: list[str], sha256s: list[str]) -> tuple[l
 
 
 def remove_rows(path: str, rows: list[int]) -> int:
-    """Rewrite corpus ``path`` without ``rows`` (nobody may have it open); returns the images left."""
-    return rewrite(path, drop=rows)
+    """Rewrite corpus ``path`` without ``rows`` (nobody may have it open); returns the images
+    left. The rewrite is a generation: the file before it is kept (``generations.py``)."""
+    return rewrite(path, drop=rows, change=f"remove {len(rows)}")
+
+
+def roll_back(path: str, generation: int) -> dict:
+    """Rewrite corpus ``path`` as it was at ``generation`` (nobody may have it open), itself a
+    new generation; returns ``{"generation", "images", "restored"}``. The image index is left
+    out (the caller rebuilds it)."""
+    with h5py.File(path, "r") as h:
+        past = generations.current(h)
+    source, images = generations.source(path, past, generation)
+    kept = rewrite(path, source=None if source == os.path.abspath(path) else source, stop=images,
+                   change=f"rollback to {generation}")
+    return {"generation": past[-1]["generation"] + 1, "images": kept, "restored": generation}

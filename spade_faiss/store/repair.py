@@ -24,7 +24,7 @@ import numpy as np
 
 from ..config import upgrade_feature_dict
 from ..representations import Representation, per_level
-from . import names
+from . import generations, names
 from .layout import write_layout
 
 log = logging.getLogger(__name__)
@@ -40,19 +40,32 @@ def rebuild(path: str) -> int:
     return n
 
 
-def rewrite(path: str, drop=()) -> int:
+def rewrite(path: str, drop=(), source: str | None = None, stop: int | None = None, change: str | None = None) -> int:
     """Rewrite the corpus at ``path`` from its committed rows except the rows ``drop`` (written
     under a temporary name, then renamed: a kill leaves the old file or the new one, never half);
     returns the rows kept. With rows dropped, the ids after them shift down: the image index
-    and the leave-one-out colour scale are left out (rebuild the index: ``reindex``)."""
+    and the leave-one-out colour scale are left out (rebuild the index: ``reindex``).
+
+    ``source``: read the rows from that file instead (a snapshot: ``generations.py``);
+    ``stop``: keep only the first ``stop`` committed rows; ``change``: the rewrite is a new
+    generation (``remove``, ``rollback``): the file it replaces is kept as the snapshot of its
+    generation, and the new file's record says so."""
     tmp = names.temporary(path)
-    with h5py.File(path, "r") as src:
-        n = int(src.attrs[names.N_COMMITTED])
+    record = None
+    if change:
+        with h5py.File(path, "r") as now:
+            past = generations.current(now)
+        before = generations.snapshot_name(past[-1]["generation"])
+    with h5py.File(source or path, "r") as src:
+        n = int(src.attrs[names.N_COMMITTED]) if stop is None else min(stop, int(src.attrs[names.N_COMMITTED]))
         keep = np.setdiff1d(np.arange(n), np.fromiter(drop, np.int64)) if len(drop) else np.arange(n)
+        if change:
+            record = generations.entry(past, change, len(keep), before)
         config = upgrade_feature_dict(json.loads(src.attrs[names.CONFIG]))
         levels, v2 = config["levels"], int(src.attrs[names.FORMAT_VERSION]) >= 2
         storage = per_level(config["storage"], levels)
-        left_out = {names.N_COMMITTED, names.WRITER} | ({names.LEAVE_ONE_OUT_THETA} if len(drop) else set())
+        shifted = len(drop) or source is not None or stop is not None
+        left_out = {names.N_COMMITTED, names.WRITER} | ({names.LEAVE_ONE_OUT_THETA} if shifted else set())
         attrs = {k: v for k, v in src.attrs.items() if k not in left_out}
         specs = {lv: (src[names.level(lv)].shape[1:], src[names.level(lv)].dtype,
                       Representation(storage[lv], 1).filters() if v2 else {}) for lv in levels}
@@ -74,10 +87,14 @@ def rewrite(path: str, drop=()) -> int:
                     block = _rows(src[name], int(rows[0]), int(rows[-1]) + 1)
                     dst[name][start:start + len(rows)] = block[rows - rows[0]] if len(drop) else block
             index = src[names.INDEX]
-            if not len(drop) and int(index.attrs.get("ntotal", n + 1)) <= n:  # saved after its rows: still valid
+            if not shifted and int(index.attrs.get("ntotal", n + 1)) <= n:  # saved after its rows: still valid
                 if "faiss" in index:
                     dst[names.INDEX].create_dataset("faiss", data=index["faiss"][()])
                 dst[names.INDEX].attrs.update(dict(index.attrs))
+            if record is not None:
+                dst.attrs[names.GENERATIONS] = json.dumps(record)
+    if record is not None:
+        generations.keep_snapshot(path, past[-1]["generation"])
     os.replace(tmp, path)
     return len(keep)
 
