@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from spade_faiss import datasets
 from spade_faiss.config import SpadeConfig
-from spade_faiss.detector import Spade
+from spade_faiss.detector import Spade, convert
 from spade_faiss.patch_search import exact
 from spade_faiss.representations import CODE_MAX, Representation, per_level
 from spade_faiss.store import FeatureStore, StoreError
@@ -71,9 +71,10 @@ def test_pca_codes_are_the_nearest_int8_steps_of_the_projection(rng):
     basis, mean, step = rep.state["basis"], rep.state["mean"], rep.state["step"]
     np.testing.assert_allclose(basis.T @ basis, np.eye(5), atol=1e-12)
     codes = rep.encode(x.astype(np.float32))
-    assert codes.dtype == np.int8 and np.abs(codes).max() == CODE_MAX
+    assert codes.dtype == np.int8 and codes.shape == (4000, 6) and np.abs(codes[:, :5]).max() == CODE_MAX
+    assert not codes[:, 5].any()  # within the fitted range: exponent 0
     coords = (x.astype(np.float32).astype(np.float64) - mean) @ basis
-    assert np.abs(codes * step.astype(np.float64) - coords).max() <= step.max() / 2 * (1 + 1e-6)
+    assert np.abs(codes[:, :5] * step.astype(np.float64) - coords).max() <= step.max() / 2 * (1 + 1e-6)
     # The query side: distance in the search space = distance to the decoded features.
     q = rng.standard_normal((7, 12)).astype(np.float32)
     g = rep.decoded_features(codes[:9])
@@ -81,6 +82,29 @@ def test_pca_codes_are_the_nearest_int8_steps_of_the_projection(rng):
     qs, gs = rep.query(q), rep.decode(codes[:9])
     got = ((qs[:, None, :].astype(np.float64) - gs[None]) ** 2).sum(-1)
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_pca_codes_never_clip_a_location_beyond_the_fitted_range(rng):
+    """Steps are fitted on the first images; a later location with coordinates 40x larger gets
+    an exponent (codes of step 2^e) and decodes within half a step 2^e of its projection on
+    every coordinate. Without the exponent (files of 0.3.1) it was clipped at 127 steps and
+    decoded far away: the 46x map outlier of compact storage."""
+    x = rng.standard_normal((2000, 12)) @ rng.standard_normal((12, 12))
+    rep = Representation("pca5", 12)
+    rep.fit(x, seed=0)
+    far = np.concatenate([x[:50], 40 * x[50:100]]).astype(np.float32)
+    coords = (far.astype(np.float64) - rep.state["mean"]) @ rep.state["basis"]
+    codes = rep.encode(far)
+    e = codes[:, 5].astype(int)
+    assert (e[:50] == 0).all() and (e[50:] >= 1).all() and np.abs(codes[:, :5]).max() <= CODE_MAX
+    half_step = rep.state["step"].astype(np.float64) * 2.0 ** e[:, None] / 2
+    assert (np.abs(rep.decode(codes)[:, :5] - coords) <= half_step * (1 + 1e-5)).all()
+    proj = rep.state["mean"] + coords @ rep.state["basis"].T
+    size = np.linalg.norm(coords, axis=1)
+    exact = np.linalg.norm(rep.decoded_features(codes) - proj, axis=1) / size
+    legacy = Representation("pca5", 12, rep.state, exponent=False)
+    clipped = np.linalg.norm(legacy.decoded_features(legacy.encode(far)) - proj, axis=1) / size
+    assert exact[50:].max() < 0.02 and clipped[50:].min() > 0.3  # relative error of the far locations
 
 
 def test_pca_query_encoding_does_not_depend_on_the_thread_count(rng):
@@ -375,3 +399,56 @@ def test_rows_written_without_digests_are_read_unchecked(dataset, tmp_path):
         del h["digests"]
     with Spade.open(path, k_gallery=4) as spade:
         np.testing.assert_array_equal(spade.score(train[4:6]).maps, want)
+
+
+def _without_exponents(path) -> None:
+    """Make a pca corpus as 0.3.1 wrote it: codes without the exponent channel (the old
+    encoder's: clipped at 127 steps), their digests recomputed."""
+    from spade_faiss.store.digests import row_digests
+
+    with h5py.File(path, "r+") as h:
+        for lv in list(h["levels"]):
+            ds = h["levels"][lv]
+            stored = ds[:]
+            scaled = stored[..., :-1].astype(np.int64) << stored[..., -1:].astype(np.int64)
+            legacy = np.clip(scaled, -CODE_MAX, CODE_MAX).astype(np.int8)
+            spec = dict(maxshape=(None, *legacy.shape[1:]), chunks=(1, *legacy.shape[1:]), fletcher32=True)
+            del h["levels"][lv]
+            h["levels"].create_dataset(lv, data=legacy, **spec)
+            h[f"digests/{lv}"][: len(legacy)] = row_digests(legacy)
+
+
+def test_a_pca_corpus_of_0_3_1_reads_grows_and_converts_as_before(dataset, tmp_path):
+    """Without the exponent channel: read with the old decoding, grown while served (segments
+    like it, merged by the next lone writer), and converted into the new layout (codes copied
+    with a zero exponent) scoring bitwise the same."""
+    train = [s.path for s in datasets.discover(dataset)]
+    test = [s.path for s in datasets.discover(dataset, "test")]
+    old = tmp_path / "old.h5"
+    with Spade.create(old, storage="pca12", **SMALL, k_gallery=4) as spade:
+        spade.add(train[:8])
+    _without_exponents(old)
+    with FeatureStore.open(old) as s:
+        assert not any(r.exponent for r in s.representations.values())
+    reader = Spade.open(old, k_gallery=4)  # a service: the next images go beside it, as segments
+    try:
+        with Spade.open(old, "a", k_gallery=4) as writer:
+            writer.add(train[8:10])
+        assert reader.refresh()["added"] == 2
+        served = reader.score(test)
+    finally:
+        reader.close()
+    with Spade.open(old, "a", k_gallery=4) as writer:  # the lone writer merges the segment
+        assert len(writer.paths_) == 10
+    from spade_faiss.apps.verify import verify
+
+    assert verify(str(old), deep=True) == []
+    new = tmp_path / "new.h5"
+    convert(old, new, "pca12")
+    with FeatureStore.open(new) as s:
+        assert all(r.exponent for r in s.representations.values())
+    with Spade.open(old, k_gallery=4) as a, Spade.open(new, k_gallery=4) as b:
+        got, want = a.score(test), b.score(test)
+    np.testing.assert_array_equal(got.image_scores, want.image_scores)
+    np.testing.assert_array_equal(got.maps, want.maps)
+    np.testing.assert_array_equal(got.image_scores, served.image_scores)

@@ -92,16 +92,20 @@ class FeatureStore:
             state = None
             if fitted is not None and lv in fitted:
                 state = {k: self._read(names.representation(lv, k), ()) for k in ("mean", "basis", "step")}
-            out[lv] = Representation(name, self.feature_shapes[lv][2], state)
+            rep = Representation(name, self.feature_shapes[lv][2], state)
+            if rep.is_pca:  # the exponent channel: written since 0.3.2 (representations.py)
+                rep.exponent = self.h5[names.LEVELS][lv].shape[-1] == rep.dims + 1
+            out[lv] = rep
         return out
 
     # --- opening -------------------------------------------------------------------------
 
     @classmethod
     def create(cls, path, config: SpadeConfig, level_shapes: dict, pool_dim: int, in_memory: bool = False,
-               weights_source: dict | None = None) -> FeatureStore:
+               weights_source: dict | None = None, like: FeatureStore | None = None) -> FeatureStore:
         """A new, empty corpus; ``in_memory`` keeps it in RAM only (for ``Spade.fit``).
-        ``weights_source`` records where the backbone weights came from (for later opens)."""
+        ``weights_source`` records where the backbone weights came from (for later opens).
+        ``like``: store rows as that corpus does (a segment of it: the same stored channels)."""
         path = str(path)
         shapes = {lv: tuple(int(x) for x in level_shapes[lv]) for lv in config.levels}
         attrs = dict(format_version=FORMAT_VERSION, library_version=__version__, created=utc_now(),
@@ -110,6 +114,9 @@ class FeatureStore:
                      weights_source=json.dumps(weights_source or {}, sort_keys=True),
                      feature_shapes=json.dumps(shapes, sort_keys=True), generations="[]")
         reps = {lv: Representation(name, shapes[lv][2]) for lv, name in config.storage_per_level().items()}
+        for lv, r in reps.items():
+            if like is not None and lv in like.representations:
+                r.exponent = like.representations[lv].exponent
         specs = level_specs(reps, shapes)
         if in_memory:
             h5 = h5py.File(path, "w", driver="core", backing_store=False)
@@ -383,7 +390,7 @@ class FeatureStore:
                 raise StoreError(f"{self.path}: {lv} is stored as {rep.name}, which is not fitted yet "
                                  f"(fit_representations first)")
             stored = lv in encoded if isinstance(encoded, (set, frozenset)) else encoded
-            self._write_rows(names.level(lv), lv, n, feats[lv] if stored else rep.encode(feats[lv]))
+            self._write_rows(names.level(lv), lv, n, _as_stored(rep, feats[lv]) if stored else rep.encode(feats[lv]))
         self.h5.flush()
         self.h5.attrs[names.N_COMMITTED] = n + b
         self.h5.flush()
@@ -469,3 +476,14 @@ class FeatureStore:
             return os.path.getsize(self.path)
         except OSError:
             return 0
+
+
+def _as_stored(rep: Representation, rows: np.ndarray) -> np.ndarray:
+    """Copied stored rows in ``rep``'s layout: pca codes of a file without the exponent channel
+    gain a zero one (the same decoded values); the reverse is refused (it could clip)."""
+    if rep.is_pca and rows.shape[-1] != rep.stored_channels:
+        if rep.exponent and rows.shape[-1] == rep.dims:
+            return np.concatenate([rows, np.zeros((*rows.shape[:-1], 1), rows.dtype)], axis=-1)
+        raise StoreError(f"stored rows of {rows.shape[-1]} channels cannot be copied into a {rep.name} level of "
+                         f"{rep.stored_channels} (a corpus written by a newer version: convert it there)")
+    return rows

@@ -68,6 +68,9 @@ def _check_same_representations(a: FeatureStore, b: FeatureStore) -> None:
         if not same:
             raise ValueError(f"{b.path}: its {lv} representation was fitted apart from {a.path}'s; shards of "
                              f"one corpus must share it (adopt_representations)")
+        if rep.stored_channels != b.representations[lv].stored_channels:
+            raise ValueError(f"{b.path}: its {lv} rows have {b.representations[lv].stored_channels} channels, "
+                             f"{a.path}'s {rep.stored_channels} (written by different versions): index them again")
 
 
 def _virtual_layout(stores, keep, level: str, base: str) -> h5py.VirtualLayout:

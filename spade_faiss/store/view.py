@@ -227,7 +227,7 @@ class CorpusView:
         final = appends.next_segment_path(self.base.path)
         tmp = names.temporary(final)
         seg = FeatureStore.create(tmp, self.base.config, self.base.feature_shapes, self.base.pool_dim,
-                                  weights_source=self.base.weights_source())
+                                  weights_source=self.base.weights_source(), like=self.base)
         try:
             seg.mark_segment(self.base.corpus_id, names.segment_number(final), len(self.base))
             seg.adopt_representations(self.base)
