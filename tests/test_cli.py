@@ -222,7 +222,7 @@ def test_convert_and_info_show_the_bytes_per_image(tmp_path, dataset, capsys):
     assert cli.main(["info", str(small)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["bytes_per_image"] == out["bytes_per_image"] and info["format_version"] == 2
-    assert info["bytes_per_image"]["layer1"] == 16 * 16 * 64  # int8 codes: one byte per direction
+    assert info["bytes_per_image"]["layer1"] == 16 * 16 * 65  # int8 codes: a byte per direction, one exponent
     assert cli.main(["convert", str(store), "--out", str(small)]) == cli.EXIT_ERROR  # exists: refused
 
 

@@ -34,6 +34,7 @@ def join_shards(shards: list[str], out: str) -> int:
         attrs = {k: v for k, v in first.h5.attrs.items() if k not in (names.N_COMMITTED, names.THRESHOLDS)}
         attrs["shards"] = [os.path.relpath(p, base) for p in shards]
         attrs[names.CORPUS_ID] = uuid.uuid4().hex  # a corpus of its own, not its first shard
+        attrs[names.GENERATIONS] = "[]"  # its own record (its first generation: the joined rows)
         layouts = {lv: _virtual_layout(stores, keep, lv, base) for lv in first.config.levels}
         with h5py.File(out, "w") as h:
             write_layout(h, attrs, layouts, first.pool_dim, n)
