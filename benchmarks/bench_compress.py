@@ -6,8 +6,9 @@ image scores and the retrieved images, are the same in every representation) and
 2 once per representation. Reported per representation, as JSON lines: bytes per image (per
 level), stage-2 and gallery-read seconds per image, the maps' relative difference from the
 corpus's own representation (the reference: a float32 corpus for the truest comparison), their
-Spearman correlation, and with an MVTec category's ``test/`` (masks): pixel AUROC, AU-PRO and
-image AUROC.
+Spearman correlation, the range over images of each map's maximum over the reference's (a
+location decoded far from its feature shows there), and with an MVTec category's ``test/``
+(masks): pixel AUROC, AU-PRO and image AUROC.
 
     spade-faiss bench compress CORPUS HELD_OUT            # or:
     python benchmarks/bench_compress.py --corpus indexes/tile.h5 --held-out DATA/tile --out DIR
@@ -97,6 +98,7 @@ def main() -> None:
         m = np.stack(maps[name])
         rel = np.abs(m - ref_maps) / np.maximum(np.abs(ref_maps), 1e-12)
         per_image = [spearmanr(a.ravel(), b.ravel())[0] for a, b in zip(m, ref_maps)]
+        peak_ratio = m.reshape(len(m), -1).max(1) / np.maximum(ref_maps.reshape(len(m), -1).max(1), 1e-12)
         record = dict(bench="compress", storage=name if name != "reference" else spade.config_.storage,
                       reference=name == "reference", images=n,
                       bytes_per_image=spade.info()["bytes_per_image"],
@@ -106,7 +108,8 @@ def main() -> None:
                       max_rel_map_diff=float(rel.max()), median_rel_map_diff=float(np.median(rel)),
                       spearman_pooled=float(spearmanr(m.ravel()[pick], ref_maps.ravel()[pick])[0]),
                       spearman_per_image_min=float(np.min(per_image)),
-                      spearman_per_image_median=float(np.median(per_image)))
+                      spearman_per_image_median=float(np.median(per_image)),
+                      map_max_ratio_min=float(peak_ratio.min()), map_max_ratio_max=float(peak_ratio.max()))
         if has_masks:
             gt = np.stack(masks)
             record.update(pixel_auroc=metrics.pixel_auroc(gt, m), au_pro=metrics.au_pro(gt, m),
