@@ -297,6 +297,10 @@ PARAMETERS: tuple[Param, ...] = (
     Param("fpr", 0.01, "calibration", lambda n, v: check_number(n, v, 0.0, 1.0, low_open=True),
           "false-positive rate of the calibrated thresholds on held-out normal images and their pixels",
           "calibration", cli_type=float),
+    Param("event_s", 1.0, "calibration", lambda n, v: check_number(n, v, 0.0, 1e6, low_open=True),
+          "of held-out normal videos: the shortest anomalous event to catch (seconds); calibrate chooses the "
+          "temporal smoothing width with which such an event needs the smallest score increase to clear the "
+          "smoothed normal frames' threshold", "calibration", cli_type=float),
     # --- inputs: which frames of a video are items (index, calibrate, score; datasets.discover) ---
     Param("frame_stride", 1, "input", lambda n, v: check_int(n, v, 1),
           "of a video, every N-th frame is an item (the paper's STC protocol: 5)", "input", cli_type=int),
@@ -304,10 +308,10 @@ PARAMETERS: tuple[Param, ...] = (
           "of a video, frames from this time (seconds)", "input", cli_type=float),
     Param("end_s", None, "input", _optional(lambda n, v: check_number(n, v, 0.0, 1e7, low_open=True)),
           "of a video, frames before this time (seconds; default: to the end)", "input", cli_type=_float_or_none),
-    Param("temporal_sigma", 0.0, "input", lambda n, v: check_number(n, v, 0.0, 10_000.0),
+    Param("temporal_sigma", None, "input", _optional(lambda n, v: check_number(n, v, 0.0, 10_000.0)),
           "of videos: Gaussian smoothing of each video's frame scores along its sampled frames (sigma in frames; "
-          "0: none): frames.csv holds raw and smoothed scores, the decision uses the smoothed one", "input",
-          cli_type=float),
+          "0: none): frames.csv holds raw and smoothed scores, the decision uses the smoothed one (default: the "
+          "width calibrate chose on held-out normal videos, else 0)", "input", cli_type=_float_or_none),
     # --- inputs: which tiles of an image are items (index, calibrate, score; tiles.py) ---
     Param("tile", None, "input", _optional(lambda n, v: check_int(n, v, 16, 100_000)),
           "cut every image into TILE x TILE tiles, each an item (high-resolution parts: index the normals' "

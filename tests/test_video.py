@@ -246,3 +246,75 @@ def test_a_run_killed_mid_video_resumes_from_the_next_frame_with_the_same_bits(t
     assert [r["score"] for r in resumed] == [r["score"] for r in whole]
     with h5py.File(tmp_path / "run" / "maps.h5") as a, h5py.File(tmp_path / "whole" / "maps.h5") as b:
         np.testing.assert_array_equal(a["maps"][:], b["maps"][:])
+
+
+def _oracle_choice(videos: list[np.ndarray], fpr: float, event: int, sigmas) -> tuple[float, float]:
+    """The documented choice of the smoothing width, computed independently: explicit Gaussian
+    kernels, frames within the kernel's reach of a video's end left out, the threshold by
+    sorting, the event's response by convolving an explicit box."""
+    best = None
+    for sigma in sigmas:
+        r = int(4 * sigma + 0.5)
+        kernel = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2) if sigma else np.ones(1)
+        kernel /= kernel.sum()
+        inner = []
+        for raw in videos:
+            padded = np.concatenate([np.full(r, raw[0]), raw, np.full(r, raw[-1])])
+            inner.extend(np.convolve(padded, kernel, mode="valid")[r:len(raw) - r])
+        if len(inner) < 20:
+            continue
+        s = np.sort(inner)
+        tau = s[len(s) - 1 - int(np.floor(fpr * len(s)))]
+        box = np.zeros(event + 2 * r + 2)
+        box[r + 1:r + 1 + event] = 1
+        peak = np.convolve(box, kernel, mode="same")[r + 1 + (event - 1) // 2]
+        need = (tau - np.median(inner)) / peak
+        if best is None or need < best[0] - 1e-12:
+            best = (need, sigma, tau)
+    return best[1], best[2]
+
+
+def test_the_smoothing_width_is_chosen_on_held_out_normal_frames_only_and_used_by_score(tmp_path, capsys):
+    """calibrate on held-out normal videos chooses the temporal width (the documented rule,
+    recomputed here from those frames' scores alone: no test frame or label is an input), and
+    score uses it with the smoothed frames' threshold unless --temporal-sigma is given."""
+    from spade_faiss import Spade
+    from spade_faiss.temporal import SIGMAS
+
+    for name, content in (("normals", [("n.avi", scene(30, 10))]),
+                          ("held", [("h1.avi", scene(50, 36)), ("h2.avi", scene(51, 36))]),
+                          ("tests", [("a.avi", scene(31, 24, defect_from=10))])):
+        (tmp_path / name).mkdir()
+        for file, frames in content:
+            write_video(tmp_path / name / file, frames)
+    corpus = str(tmp_path / "c.h5")
+    assert cli.main(["index", str(tmp_path / "normals"), "--out", corpus, *FEAT]) == 0
+    assert cli.main(["calibrate", corpus, str(tmp_path / "held"), *RUN, "--k-gallery", "3", "--fpr", "0.05",
+                     "--event-s", "0.6"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["temporal"]
+    assert record["event_frames"] == 6 and record["frames"] == 72 and len(record["tried"]) >= 6
+
+    held = datasets.discover(str(tmp_path / "held"), split="train")
+    with Spade.open(corpus, k_gallery=3, device="cpu") as spade:
+        spade.load_backbone()
+        scored = list(spade.iter_score(held, maps=False))
+    by_video = {}
+    for r in scored:
+        ref = video.parse_ref(r.path)
+        by_video.setdefault(ref.video, []).append((ref.frame, r.score))
+    sequences = [np.array([s for _, s in sorted(v)]) for _, v in sorted(by_video.items())]
+    sigma, tau = _oracle_choice(sequences, 0.05, 6, SIGMAS)
+    assert record["sigma"] == sigma and record["tau"] == pytest.approx(tau, rel=1e-12)
+
+    assert cli.main(["score", corpus, str(tmp_path / "tests"), "--out", str(tmp_path / "run"), *RUN,
+                     "--k-gallery", "3", "--no-report"]) == 0
+    last = json.loads((tmp_path / "run" / "run.json").read_text())["runs"][-1]
+    assert (last["temporal_sigma"], last["temporal_sigma_from"], last["frames_tau"]) == \
+        (record["sigma"], "calibration", record["tau"])
+    rows = read_rows(tmp_path / "run" / "frames.csv")
+    assert [int(r["is_anomalous"]) for r in rows] == [int(float(r["smoothed_score"]) > record["tau"]) for r in rows]
+    assert cli.main(["score", corpus, str(tmp_path / "tests"), "--out", str(tmp_path / "run2"), *RUN,
+                     "--k-gallery", "3", "--no-report", "--temporal-sigma", "0"]) == 0
+    last = json.loads((tmp_path / "run2" / "run.json").read_text())["runs"][-1]
+    assert (last["temporal_sigma"], last["temporal_sigma_from"]) == (0.0, "--temporal-sigma")
+    assert last["frames_tau"] == json.loads((tmp_path / "run2" / "run.json").read_text())["tau"]

@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set aside about this fraction of the normals (a seeded choice per image, stable as the "
                         "set grows; listed in NAME.held_out.txt beside the corpus), index the rest and calibrate "
                         "on them: one command instead of index + calibrate (0: index every image)")
-    add_params(p, ("fpr",), note=" (with --hold-out)")
+    add_params(p, ("fpr", "event_s"), note=" (with --hold-out)")
 
     p = command("remove", "remove normal images from a corpus (by path as indexed, or sha256): the corpus is "
                           "rewritten whole and its image index rebuilt; while it is read (a service), the removal is "
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="corpus file")
     p.add_argument("src", help="held-out normal images: a folder, a list file, a video, or an MVTec category "
                                "(train/good; its images must not be indexed)")
-    add_params(p, ("fpr",))
+    add_params(p, ("fpr", "event_s"))
 
     p = command("score", "score images against a corpus into a run directory (resumable)",
                 _model_args, _scoring_args, _run_args, _backend_args, _input_args, _temporal_args)

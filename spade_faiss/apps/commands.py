@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .. import datasets
+from .. import datasets, temporal
 from ..clock import utc_now
 from ..config import PARAMS, SERVICE_DEFAULTS, Maps, check_values
 from ..detector import Spade, describe, held_out_list
@@ -105,7 +105,7 @@ def cmd_index(args) -> int:
         return EXIT_ERROR
     status = report_errors(report.errors, "skipped")
     if held:
-        calibrated = _calibrate(args.out, held, args.fpr, spade_params(args))
+        calibrated = _calibrate(args.out, held, args.fpr, spade_params(args), args.event_s)
         status = max(status, calibrated)
     return status
 
@@ -178,18 +178,23 @@ def cmd_calibrate(args) -> int:
     check_fpr(args.fpr)  # before the model loads
     samples = datasets.discover(args.src, split="train", sampling=sampling(args), tiling=tiling(args))
     describe_source(args.src, "train", samples)
-    return _calibrate(args.store, samples, args.fpr, spade_params(args))
+    return _calibrate(args.store, samples, args.fpr, spade_params(args), args.event_s)
 
 
-def _calibrate(store, samples, fpr: float, params: dict) -> int:
+def _calibrate(store, samples, fpr: float, params: dict, event_s: float) -> int:
     with Spade.open(store, mode="a", **params) as spade:
         spade.load_backbone()
         with Progress(len(samples), "calibrating") as bar:
-            th = spade.calibrate(samples, fpr, on_progress=bar.update)
+            th = spade.calibrate(samples, fpr, on_progress=bar.update, event_s=event_s)
     spread = th["held_out_scores"]
     print(f"spade-faiss: held-out scores min {spread['min']:.4g}, quartiles {spread['q25']:.4g} / "
           f"{spread['median']:.4g} / {spread['q75']:.4g}, max {spread['max']:.4g}; tau {th['tau']:.4g}",
           file=sys.stderr)
+    if "temporal" in th:
+        t = th["temporal"]
+        print(f"spade-faiss: temporal smoothing chosen on {t['frames']} held-out normal frames for events of "
+              f"{t['event_s']:g} s ({t['event_frames']} sampled frames): sigma {t['sigma']:g} frames, "
+              f"smoothed-score threshold {t['tau']:.4g}", file=sys.stderr)
     print(json.dumps({"store": str(store), **{k: v for k, v in th.items() if k != "skipped"}}))
     return report_errors([(None, e) for e in th["skipped"]], "skipped")
 
@@ -216,7 +221,7 @@ def cmd_score(args) -> int:
             raise ValueError("--maps auto needs an image threshold: run `spade-faiss calibrate` or pass --tau")
         spade.load_backbone()
         run.open(run_manifest(spade, args.store, args.src, args.maps), args.restart)
-        tau, theta, resize = spade.tau_, spade.theta_, spade.resize
+        tau, theta, resize, calibration = spade.tau_, spade.theta_, spade.resize, spade.calibration_
         scale = None if args.no_overlays or maps is Maps.NONE else colour_scale(spade)
         writer = run.writer(spade.crop, spade.resize, args.shard_index, args.num_shards, colour_max=scale,
                             theta=spade.theta_)
@@ -238,10 +243,12 @@ def cmd_score(args) -> int:
     release_freed_memory()
     summary = {"run": args.out, "scored": len(todo) - len(errors), "skipped_done": len(samples) - len(todo),
                "errors": len(errors)}
-    frames = run.write_frames(args.temporal_sigma, tau)  # video frames: scores along each video, smoothed
+    sigma, frames_tau, sigma_from = temporal.in_force(args.temporal_sigma, calibration, tau, args.tau is not None)
+    frames = run.write_frames(sigma, frames_tau)  # video frames: scores along each video, smoothed
     tiled = write_tiled(run, resize, tau, scale, theta)  # tiles: each image's largest tile score, stitched map
     run.record_invocation({**summary, **work, "seconds": round(time.perf_counter() - start, 2), "finished": utc_now(),
-                           **({"frames": frames, "temporal_sigma": args.temporal_sigma} if frames else {}),
+                           **({"frames": frames, "temporal_sigma": sigma, "temporal_sigma_from": sigma_from,
+                               "frames_tau": frames_tau} if frames else {}),
                            **({"tiled_images": tiled, "tile": args.tile, "tile_overlap": args.tile_overlap}
                               if tiled else {})})
     if not args.no_report:

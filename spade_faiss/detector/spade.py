@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import images, patch_search, scoring
 from ..backbone import FeatureExtractor, check_weights, load_extractor
-from ..config import DEFAULTS, PARAM, Maps, Parameters, make_configs, parameters_doc
+from ..config import DEFAULTS, PARAM, Maps, Parameters, check_values, make_configs, parameters_doc
 from ..memory import MemoryBudget
 from ..representations import FIT_IMAGES
 from ..results import IndexReport, Retrieved, ScoredImage, SpadeResult
@@ -347,14 +347,18 @@ class Spade(Parameters):
 
     # --- thresholds (detector/thresholds.py) ------------------------------------------------
 
-    def calibrate(self, normals: Iterable, fpr: float = DEFAULTS["fpr"], on_progress=None) -> dict:
+    def calibrate(self, normals: Iterable, fpr: float = DEFAULTS["fpr"], on_progress=None,
+                  event_s: float = DEFAULTS["event_s"]) -> dict:
         """Set ``tau_`` and ``theta_`` at false-positive rate ``fpr`` over held-out normal
-        images and their pixels, store them in the corpus and return the record.
+        images and their pixels, store them in the corpus and return the record. Frames of
+        held-out normal videos also choose the temporal smoothing width for events of ``event_s``
+        seconds (``record["temporal"]``, :func:`spade_faiss.temporal.choose_sigma`).
 
         Images already in the corpus are refused: their distances to themselves are 0, which
         would give thresholds that flag every new normal image."""
+        check_values({"fpr": fpr, "event_s": event_s})
         results = self.iter_score(normals, maps=True, on_progress=on_progress)
-        record = thresholds.calibrate(self.corpus_, results, fpr, self.config_.scoring_dict())
+        record = thresholds.calibrate(self.corpus_, results, fpr, self.config_.scoring_dict(), event_s)
         self.corpus_ = self.corpus_.with_thresholds(record)
         return record
 

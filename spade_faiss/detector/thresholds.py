@@ -10,9 +10,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from .. import metrics
+from .. import metrics, temporal
 from .. import scoring as scoring_lib
-from ..config import K_IMAGE_DEFAULT
+from ..config import DEFAULTS, K_IMAGE_DEFAULT
 from ..results import ScoredImage
 from .attached import AttachedCorpus
 from .pipeline import spread_rows
@@ -23,15 +23,18 @@ OUTLIER_RATIO = 10.0
 CORPUS_SAMPLE = 256
 
 
-def calibrate(corpus: AttachedCorpus, results: Iterable[ScoredImage], fpr: float, scoring: dict) -> dict:
+def calibrate(corpus: AttachedCorpus, results: Iterable[ScoredImage], fpr: float, scoring: dict,
+              event_s: float = DEFAULTS["event_s"]) -> dict:
     """The thresholds at ``fpr`` over held-out normal images (``results``: their scored
-    images, maps included), stored in the corpus; returns the record.
+    images, maps included), stored in the corpus; returns the record. Held-out frames of videos
+    also choose the temporal smoothing width (``record["temporal"]``, ``temporal.choose_sigma``
+    for events of ``event_s`` seconds).
 
     Images already in the corpus are refused: their distances to themselves are 0, which would
     give thresholds that flag every new normal image."""
     metrics.check_fpr(fpr)
     indexed = set(corpus.store.sha256s())
-    scores, stage1, maps, errors = [], [], [], []
+    paths, scores, stage1, maps, errors = [], [], [], [], []
     for r in results:
         if r.error:
             errors.append(r.error)
@@ -39,6 +42,7 @@ def calibrate(corpus: AttachedCorpus, results: Iterable[ScoredImage], fpr: float
         if r.image.sha256 in indexed:
             raise ValueError(f"{r.path} is in the corpus: calibrate on held-out normal images that "
                              f"were not indexed (e.g. hold out every 10th image before `index`)")
+        paths.append(r.path)
         scores.append(r.score)
         stage1.append(r.score if r.knn_score is None else r.knn_score)  # what the corpus's own scores compare with
         maps.append(r.map)
@@ -51,6 +55,11 @@ def calibrate(corpus: AttachedCorpus, results: Iterable[ScoredImage], fpr: float
     record = {"tau": tau, "theta": metrics.threshold_at_fpr(np.stack(maps), fpr), "fpr": fpr,
               "n_images": len(scores), "images_above_tau": above, "held_out_scores": spread,
               "corpus_scores": corpus_spread, "skipped": errors, "scoring": scoring}
+    if temporal.sequences(paths, scores):
+        try:
+            record["temporal"] = temporal.choose_sigma(paths, scores, fpr, event_s)
+        except ValueError as e:
+            warnings.warn(f"calibrate: {e}", stacklevel=3)
     for message in diagnose(scores, tau, above, fpr, corpus_spread, stage1):
         warnings.warn(f"calibrate: {message}", stacklevel=3)
     corpus.store.write_thresholds(record)
