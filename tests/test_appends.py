@@ -223,6 +223,41 @@ def test_a_new_corpus_never_adopts_the_segments_of_a_deleted_one(tmp_path, data)
         assert np.isfinite(fresh.score(test).maps).all()
 
 
+def test_a_corpus_moved_without_its_segments_is_refused_and_a_copy_warned(tmp_path, data, capsys):
+    """Issue 36, class 3: a corpus file moved away from the ``.appends/`` holding some of its
+    images is refused by readers, writers and ``verify`` (naming the folder and the way out),
+    before a writer could record the new place; moved with it, it works; a copy (the original
+    still in place) says it lacks them."""
+    from spade_faiss.apps import cli
+    from spade_faiss.store import StoreError
+
+    train, test = data
+    path = tmp_path / "c.h5"
+    _grown_beside(path, train[:6], train[6:10])
+    want = scores(Spade.open(path, k_gallery=4), test)
+    away = tmp_path / "moved"
+    away.mkdir()
+    moved = away / "c.h5"
+    os.replace(path, moved)
+    for mode in ("r", "a"):
+        with pytest.raises(StoreError, match=r"4 image\(s\) of this corpus .*c\.h5\.appends.*: move that folder"):
+            Spade.open(moved, mode, k_gallery=4)
+    assert cli.main(["verify", str(moved)]) != 0
+    assert "were appended beside it" in capsys.readouterr().err
+    os.replace(f"{path}.appends", f"{moved}.appends")
+    with Spade.open(moved, k_gallery=4) as spade:
+        assert len(spade.store_) == 10
+        for got, expected in zip(scores(spade, test), want):
+            np.testing.assert_array_equal(got, expected)
+    os.replace(f"{moved}.appends", f"{path}.appends")
+    os.replace(moved, path)
+    copy = away / "copy.h5"
+    copy.write_bytes(path.read_bytes())
+    with pytest.warns(UserWarning, match=r"a copy of .*c\.h5 without the 4 image\(s\)"):
+        with Spade.open(copy, k_gallery=4) as spade:
+            assert len(spade.store_) == 6
+
+
 def test_a_segment_written_for_a_newer_copy_of_the_corpus_is_refused(tmp_path, data):
     """Issue 36, class 3: the corpus file restored from an older copy (fewer committed images)
     under its segments: they were written after rows it no longer has, and are refused."""

@@ -15,7 +15,7 @@ from ..images import content_sha256
 from ..store import FeatureStore
 from ..store.appends import segment_paths
 from ..store.names import quarantined
-from ..store.view import segment_problem
+from ..store.view import check_left_behind, segment_problem
 from ..video import parse_ref
 
 BLOCK_ROWS = 4096
@@ -65,6 +65,7 @@ def verify(path, rehash: bool = False, deep: bool = False, repair: bool = False)
         problems += _guarded(_check_pool, store, n)
         problems += _guarded(_check_names, store)
         problems += _check_segments(store, repair)
+        problems += _guarded(lambda s: check_left_behind(s) or [], store)  # moved without its segments
         rows = range(n) if deep else (sorted({0, n - 1}) if n else [])
         for lv in store.config.levels:
             for i in rows:

@@ -240,6 +240,9 @@ class FeatureStore:
             if self.h5.mode == "r+":
                 if self.h5.driver != "core":
                     generations.record_current(self.h5)  # what this writer committed: a generation
+                    here = os.path.realpath(names.final_name(self.path))  # where its segments go
+                    if self.h5.attrs.get(names.WRITTEN_AT) != here:
+                        self.h5.attrs[names.WRITTEN_AT] = here
                 self._mark_writer(False)
             self.h5.close()
 

@@ -41,6 +41,7 @@ CORPUS_ID = "corpus_id"  # a random id written at creation (a segment has its ow
 SEGMENT_OF = "segment_of"  # a segment's: the corpus_id of the corpus it extends
 SEGMENT_NUMBER = "segment_number"  # a segment's: its number in that corpus's sequence
 BASE_ROWS = "base_rows"  # a segment's: the corpus file's committed rows when it was written
+WRITTEN_AT = "written_at"  # the file's real path when its last writer closed it (finds a `.appends/` left behind)
 
 # --- beside the file --------------------------------------------------------------------------
 APPENDS_SUFFIX = ".appends"
@@ -119,6 +120,12 @@ def temporary(path) -> str:
 
 
 TEMPORARY = ".tmp-"
+
+
+def final_name(path) -> str:
+    """The name a temporary file (:func:`temporary`) is renamed into; other names as they are."""
+    head, sep, pid = str(path).rpartition(TEMPORARY)
+    return head if sep and pid.isdigit() else str(path)
 
 
 def abandoned_temporaries(path) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 import numpy as np
 
@@ -312,12 +313,60 @@ def merge_segments(base: FeatureStore) -> int:
     return added
 
 
+def left_behind(base: FeatureStore) -> tuple[str, int] | None:
+    """Segments of ``base`` committed beside the path its last writer closed it at, while
+    nothing is beside it here: ``(that path, how many images they hold)`` (None: none seen).
+    A corpus file moved (or copied) without its ``.appends/`` finds them this way."""
+    recorded, here = base.attrs.get(names.WRITTEN_AT), os.path.realpath(base.path)
+    if not recorded or str(recorded) == here or base.corpus_id is None or appends.segment_paths(here):
+        return None
+    images = 0
+    for path in appends.segment_paths(str(recorded)):
+        try:
+            with FeatureStore.open(path, "r") as seg:
+                if seg.segment_identity().get(names.SEGMENT_OF) == base.corpus_id:
+                    images += len(seg)
+        except (OSError, StoreError, CorpusLocked):
+            continue  # not readable now: not counted
+    return (str(recorded), images) if images else None
+
+
+def check_left_behind(base: FeatureStore) -> None:
+    """Refuse a corpus file moved away from the segments holding some of its images (the
+    original gone: they would be lost for good once a writer records the new place); warn for a
+    copy (the original still has them)."""
+    found = left_behind(base)
+    if found is None:
+        return
+    old, images = found
+    folder = names.appends_dir(old)
+    try:
+        with FeatureStore.open(old, "r") as original:
+            copy = original.corpus_id == base.corpus_id
+    except (OSError, StoreError, CorpusLocked):
+        copy = False
+    if copy:
+        warnings.warn(f"{base.path}: a copy of {old} without the {images} image(s) appended beside it ({folder}): "
+                      f"it holds the corpus as it was before them", stacklevel=3)
+        return
+    raise StoreError(f"{base.path}: {images} image(s) of this corpus were appended beside it at {old} and are "
+                     f"still in {folder}, which was not moved with it: move that folder beside it "
+                     f"(mv {folder} {names.appends_dir(base.path)})")
+
+
 def open_corpus(path, mode: str = "r", generation: int | None = None) -> CorpusView:
     """Open corpus ``path`` with its segments (the first ``generation`` of them: a state a
     service reported). ``mode="a"``: append into the file when this process can have it to
-    itself (merging the segments first), else beside it."""
+    itself (merging the segments first), else beside it. A corpus file moved without the
+    segments holding some of its images is refused (:func:`left_behind`)."""
     if mode != "a":
-        return CorpusView(FeatureStore.open(path, mode), generation=generation)
+        base = FeatureStore.open(path, mode)
+        try:
+            check_left_behind(base)
+        except BaseException:
+            base.close()
+            raise
+        return CorpusView(base, generation=generation)
     try:
         base = FeatureStore.open(path, "a")
     except CorpusLocked as busy:
@@ -329,6 +378,7 @@ def open_corpus(path, mode: str = "r", generation: int | None = None) -> CorpusV
             if not len(base):  # its first append fits the representations and builds the image index
                 raise StoreError(f"{path}: an empty corpus cannot grow while it is read elsewhere; stop the "
                                  f"readers for its first append")
+            check_left_behind(base)
             lock = appends.WriterLock(path)
         except BaseException:
             base.close()
@@ -336,6 +386,7 @@ def open_corpus(path, mode: str = "r", generation: int | None = None) -> CorpusV
         appends.remove_temporaries(path)
         return CorpusView(base, beside=True, lock=lock)
     try:
+        check_left_behind(base)
         merge_segments(base)
     except BaseException:
         base.close()
