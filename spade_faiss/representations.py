@@ -173,9 +173,8 @@ class Representation:
             return np.clip(np.rint(coords / s["step"]), -CODE_MAX, CODE_MAX).astype(np.int8)
         units = coords / s["step"]
         top = np.abs(units).max(axis=-1)
-        _, e = np.frexp(np.maximum(top, 1.0) / (CODE_MAX + 0.5))  # top / 2^e < 127.5: rounds to |k| <= 127
-        e = np.maximum(e, 0)
-        e[(top < CODE_MAX + 0.5)] = 0
+        _, e = np.frexp(top / (CODE_MAX + 0.5))  # the smallest e with top / 2^e < 127.5: rounds to |k| <= 127
+        e = np.maximum(e, 0)  # no finer than the fitted step
         k = np.rint(np.ldexp(units, -e[..., None]))
         return np.concatenate([k, e[..., None]], axis=-1).astype(np.int8)
 

@@ -50,7 +50,7 @@ def write_layout(h5: h5py.File, attrs: dict, levels: dict, pool_dim: int, n: int
                                  **filters)
     h5.create_group(names.INDEX)
     if digests:
-        for part in (names.POOL_PART, names.NAMES_PART, *levels):
+        for part in names.digest_parts(levels):
             h5.create_dataset(names.digest(part), (n, DIGEST_BYTES), maxshape=(None, DIGEST_BYTES), dtype=np.uint8,
                               chunks=(STRING_CHUNK_ROWS, DIGEST_BYTES))
 

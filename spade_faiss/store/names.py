@@ -55,6 +55,11 @@ QUARANTINED = ".quarantined"  # a refused segment renamed by `verify --repair` (
 ORPHANED = ".orphaned-"  # a segments folder found beside a new corpus (its own was deleted) is renamed so
 
 
+def digest_parts(levels) -> tuple[str, ...]:
+    """The parts of a corpus whose rows carry per-image digests (``digests/<part>``)."""
+    return (POOL_PART, NAMES_PART, *levels)
+
+
 def level(name: str) -> str:
     """The dataset of level ``name``'s stored rows."""
     return f"{LEVELS}/{name}"

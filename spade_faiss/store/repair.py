@@ -77,7 +77,7 @@ def rewrite(path: str, drop=(), source: str | None = None, stop: int | None = No
             if names.PROJECTIONS in src:
                 src.copy(names.PROJECTIONS, dst)
             copied = [names.PATHS, names.SHA256, names.POOL] + [names.level(lv) for lv in levels]
-            copied += [names.digest(p) for p in (names.POOL_PART, names.NAMES_PART, *levels)] if digests else []
+            copied += [names.digest(p) for p in names.digest_parts(levels)] if digests else []
             for name in copied:
                 if name not in src:  # digests/names: written since 0.3.2 (left unset: unchecked)
                     continue

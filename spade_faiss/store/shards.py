@@ -46,7 +46,7 @@ def join_shards(shards: list[str], out: str) -> int:
                     h[names.PATHS][row:row + len(k)] = list(np.array(s.paths(), dtype=object)[k])
                     h[names.SHA256][row:row + len(k)] = np.array(s.sha256s(), dtype=SHA_DTYPE)[k]
                     h[names.POOL][row:row + len(k)] = s.pool()[k]
-                    for part in (names.POOL_PART, names.NAMES_PART, *first.config.levels) if s.has_digests else ():
+                    for part in names.digest_parts(first.config.levels) if s.has_digests else ():
                         if names.digest(part) not in s.h5:  # digests/names: since 0.3.2
                             continue
                         recorded = s.h5[names.digest(part)][:]
