@@ -40,9 +40,9 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-# Room an append asks for besides twice its raw rows: B-tree nodes, heaps, the commit flush.
+# Room an append asks for besides its rows: per image (its path, B-tree nodes), per batch (heaps, the flush).
 ROW_OVERHEAD_BYTES = 4096
-METADATA_MARGIN_BYTES = 8 << 20
+METADATA_MARGIN_BYTES = 1 << 20
 
 
 def _plain(attrs: dict) -> dict:
@@ -428,10 +428,7 @@ class FeatureStore:
         file that no command could open, though its committed rows were intact)."""
         if self.h5.driver == "core":
             return
-        per_image = 2 * (self.pool_dim * 4 + sum(int(np.prod(self.h5[names.LEVELS][lv].shape[1:]))
-                                                 * self.h5[names.LEVELS][lv].dtype.itemsize
-                                                 for lv in self.config.levels)) + ROW_OVERHEAD_BYTES
-        need = b * per_image + METADATA_MARGIN_BYTES
+        need = self.room_needed(b)
         stats = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
         free = stats.f_bavail * stats.f_frsize
         if need > free:
@@ -444,6 +441,28 @@ class FeatureStore:
             raise StoreError(f"{self.path}: the process may write files of at most {limit} bytes (ulimit -f), the "
                              f"corpus would grow to about {size + need}: nothing was written (the committed images "
                              f"are intact)")
+
+    def room_needed(self, b: int) -> int:
+        """Bytes an append of ``b`` images may add to the file, never less than it adds: each
+        level's rows at the size the file stores them so far on average (compressed rows vary:
+        25% more), or raw before any row; one new chunk of each dataset whose chunks hold many
+        images' rows per chunk boundary the batch crosses; the paths and HDF5's records per
+        image; and a margin for HDF5's own metadata."""
+        n = len(self)
+        need = METADATA_MARGIN_BYTES + b * ROW_OVERHEAD_BYTES
+        for lv in self.config.levels:
+            ds = self.h5[names.LEVELS][lv]
+            raw = int(np.prod(ds.shape[1:])) * ds.dtype.itemsize + 64  # 64: a filter's own bytes
+            stored = ds.id.get_storage_size() / n if n and not ds.is_virtual else raw
+            need += int(b * min(raw, 1.25 * stored + 64))
+        for name in (names.PATHS, names.SHA256, names.POOL,
+                     *(names.digest(p) for p in names.digest_parts(self.config.levels))):
+            if name in self.h5 and self.h5[name].chunks:
+                ds = self.h5[name]
+                rows = ds.chunks[0]
+                chunk = int(np.prod(ds.chunks)) * ds.dtype.itemsize
+                need += (-(-(n + b) // rows) - -(-n // rows)) * chunk
+        return need
 
     @property
     def needs_fit(self) -> bool:

@@ -227,15 +227,22 @@ class CorpusView:
             return ids
         final = appends.next_segment_path(self.base.path)
         tmp = names.temporary(final)
-        seg = FeatureStore.create(tmp, self.base.config, self.base.feature_shapes, self.base.pool_dim,
-                                  weights_source=self.base.weights_source(), like=self.base)
         try:
-            seg.mark_segment(self.base.corpus_id, names.segment_number(final), len(self.base))
-            seg.adopt_representations(self.base)
-            seg.append(paths, sha256s, feats, encoded)
-        finally:
-            seg.close()
-        os.replace(tmp, final)
+            seg = FeatureStore.create(tmp, self.base.config, self.base.feature_shapes, self.base.pool_dim,
+                                      weights_source=self.base.weights_source(), like=self.base)
+            try:
+                seg.mark_segment(self.base.corpus_id, names.segment_number(final), len(self.base))
+                seg.adopt_representations(self.base)
+                seg.append(paths, sha256s, feats, encoded)
+            finally:
+                seg.close()
+            os.replace(tmp, final)
+        except (OSError, StoreError) as e:  # a full disk, a file-size limit: say which corpus, leave nothing
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise StoreError(f"{self.base.path}: a batch of {len(paths)} image(s) could not be committed beside it "
+                             f"as {final} ({e}); nothing was committed (the corpus and its other segments are "
+                             f"intact)") from None
         start = len(self)
         self.refresh()
         return np.arange(start, len(self), dtype=np.int64)
