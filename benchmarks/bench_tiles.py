@@ -12,6 +12,8 @@ ones). JSON lines on stdout and ``--out``/tiles.jsonl.
 
     python benchmarks/bench_tiles.py --out /tmp/bt                       # 4 normals, 2 test images
     python benchmarks/bench_tiles.py --out /tmp/bt --normals 8 --tests 4 --size 4096 --tile 512 --overlap 64
+    python benchmarks/bench_tiles.py --out /tmp/bt5 --normals 761 --tests 4 --size 2304 --tile 256 --overlap 64 \
+        --extra --backbone resnet18 --resize 128 --crop 112 --storage compact      # >= 10^5 tiles
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--overlap", type=int, default=64)
+    ap.add_argument("--index-only", action="store_true", help="build the corpus, then score no image")
+    ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                    help="options passed to every command (e.g. --backbone resnet18 --storage compact)")
     args = ap.parse_args()
     from bench_user_run import interleaved_test
 
@@ -64,7 +69,7 @@ def main() -> None:
     normals = upscaled(train[::step][:args.normals], out / "normal", args.size)
     tests = upscaled(interleaved_test(Path(args.data))[:args.tests], out / "test", args.size)
     per_image = len(tiles.list_tiles(normals[0], tiles.Tiling(args.tile, args.overlap)))
-    tiling = ["--tile", args.tile, "--tile-overlap", args.overlap, "--weights", "none"]
+    tiling = ["--tile", args.tile, "--tile-overlap", args.overlap, "--weights", "none", *args.extra]
     store = out / "tiles.h5"
     if store.exists():
         store.unlink()
@@ -72,9 +77,10 @@ def main() -> None:
     rec = process([*SPADE, "index", out / "normals.txt", "--out", store, *tiling], out / "index.log")
     n = len(normals) * per_image
     emit_to(out / JSONL, bench="tiles", step="index", images=len(normals), tiles=n, tile=args.tile,
-            overlap=args.overlap, size=args.size, **rec, s_per_image=round(rec["seconds"] / len(normals), 2),
+            overlap=args.overlap, size=args.size, extra=" ".join(args.extra), **rec,
+            s_per_image=round(rec["seconds"] / len(normals), 2),
             s_per_tile=round(rec["seconds"] / n, 3), corpus_bytes=store.stat().st_size)
-    for count in sorted({1, len(tests)}):
+    for count in [] if args.index_only else sorted({1, len(tests)}):
         listing = out / f"tests_{count}.txt"
         listing.write_text("\n".join(tests[:count]) + "\n")
         run = out / f"run_{count}"
