@@ -350,7 +350,9 @@ def check_left_behind(base: FeatureStore) -> None:
     try:
         with FeatureStore.open(old, "r") as original:
             copy = original.corpus_id == base.corpus_id
-    except (OSError, StoreError, CorpusLocked):
+    except CorpusLocked:
+        copy = True  # being written: the original is there
+    except (OSError, StoreError):
         copy = False
     if copy:
         warnings.warn(f"{base.path}: a copy of {old} without the {images} image(s) appended beside it ({folder}): "
