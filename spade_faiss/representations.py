@@ -15,9 +15,9 @@ stored features (in real arithmetic), and stage 2 computes it exactly there:
   every ``|k| <= 127``, so no coordinate is ever clipped. The decoded feature is
   ``g = mu + V (s k 2^e)``. (The steps are fitted on the first images; before the exponent, a
   later location with a larger coordinate was clipped to 127 steps and decoded far from its
-  feature: on magnetic_tile 1-6% of the locations of 60% of the images; whether that made
-  compact's 46x map maximum is not measured. Files without the exponent channel are read as
-  before.) Because ``V`` is orthonormal,
+  feature: on magnetic_tile 1-6% of the locations of 60% of the images, which made compact's
+  outlying map maxima: up to 91x the float16 corpus's on the 583 test images against 685
+  normals, 4.5x with the exponent. Files without the exponent channel are read as before.) Because ``V`` is orthonormal,
   ``||q - g||^2 = ||V^T (q - mu) - s k||^2 + ||(I - V V^T)(q - mu)||^2``, so the search space
   has ``d + 1`` dimensions: a gallery row is ``[s k 2^e, 0]`` and a query row is
   ``[V^T (q - mu), ||(I - V V^T)(q - mu)||]``; the query's distance to the subspace of normal
