@@ -55,8 +55,9 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--overlap", type=int, default=64)
     ap.add_argument("--index-only", action="store_true", help="build the corpus, then score no image")
+    ap.add_argument("--score-only", action="store_true", help="score with the corpus a run before built")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
-                    help="options passed to every command (e.g. --backbone resnet18 --storage compact)")
+                    help="options passed to `index` (e.g. --backbone resnet18 --storage compact)")
     args = ap.parse_args()
     from bench_user_run import interleaved_test
 
@@ -69,17 +70,10 @@ def main() -> None:
     normals = upscaled(train[::step][:args.normals], out / "normal", args.size)
     tests = upscaled(interleaved_test(Path(args.data))[:args.tests], out / "test", args.size)
     per_image = len(tiles.list_tiles(normals[0], tiles.Tiling(args.tile, args.overlap)))
-    tiling = ["--tile", args.tile, "--tile-overlap", args.overlap, "--weights", "none", *args.extra]
+    tiling = ["--tile", args.tile, "--tile-overlap", args.overlap, "--weights", "none"]
     store = out / "tiles.h5"
-    if store.exists():
-        store.unlink()
-    (out / "normals.txt").write_text("\n".join(normals) + "\n")
-    rec = process([*SPADE, "index", out / "normals.txt", "--out", store, *tiling], out / "index.log")
-    n = len(normals) * per_image
-    emit_to(out / JSONL, bench="tiles", step="index", images=len(normals), tiles=n, tile=args.tile,
-            overlap=args.overlap, size=args.size, extra=" ".join(args.extra), **rec,
-            s_per_image=round(rec["seconds"] / len(normals), 2),
-            s_per_tile=round(rec["seconds"] / n, 3), corpus_bytes=store.stat().st_size)
+    if not args.score_only:
+        index(args, out, store, normals, per_image, tiling)
     for count in [] if args.index_only else sorted({1, len(tests)}):
         listing = out / f"tests_{count}.txt"
         listing.write_text("\n".join(tests[:count]) + "\n")
@@ -90,6 +84,18 @@ def main() -> None:
         emit_to(out / JSONL, bench="tiles", step="score", images=count, tiles=n, **rec,
                 s_per_image=round(rec["seconds"] / count, 2), s_per_tile=round(rec["seconds"] / n, 3),
                 stage_s_per_tile={k: round(v / n, 4) for k, v in last.get("stage_seconds", {}).items()})
+
+
+def index(args, out: Path, store: Path, normals: list[str], per_image: int, tiling: list) -> None:
+    if store.exists():
+        store.unlink()
+    (out / "normals.txt").write_text("\n".join(normals) + "\n")
+    rec = process([*SPADE, "index", out / "normals.txt", "--out", store, *tiling, *args.extra], out / "index.log")
+    n = len(normals) * per_image
+    emit_to(out / JSONL, bench="tiles", step="index", images=len(normals), tiles=n, tile=args.tile,
+            overlap=args.overlap, size=args.size, extra=" ".join(args.extra), **rec,
+            s_per_image=round(rec["seconds"] / len(normals), 2),
+            s_per_tile=round(rec["seconds"] / n, 3), corpus_bytes=store.stat().st_size)
 
 
 if __name__ == "__main__":
