@@ -4,6 +4,7 @@ from collections import deque
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from spade_faiss.regions import find_regions
 
@@ -47,6 +48,9 @@ def test_regions_equal_a_flood_fill(seed):
     assert [g[:5] for g in got] == [x[:5] for x in want]
     np.testing.assert_allclose([g[5:] for g in got], [x[5:] for x in want], rtol=1e-6)
     assert len(got) > 0 or not (amap > threshold).any()
+    labels, n = ndimage.label(np.nan_to_num(amap, nan=-np.inf) > threshold, structure=np.ones((3, 3)))
+    areas = sorted((int((labels == i).sum()) for i in range(1, n + 1)), reverse=True)
+    assert [g[4] for g in got] == areas  # the named oracle too: scipy's labelling, 8-connected
 
 
 def test_diagonal_pixels_are_one_region_and_nothing_above_is_none():
