@@ -224,7 +224,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = Path(args.data)
+    data = Path(args.data).resolve()  # a list's relative paths are read from its own folder
     if not data.is_dir():
         sys.exit(f"{data}: no magnetic_tile data here (this benchmark runs on real images only)")
     sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "magnetic_tile"
+DATA = Path(os.environ.get("SPADE_FAISS_DATA", ROOT.parent / "shared" / "data" / "magnetic_tile"))
 
 
 def emit(**record) -> None:
@@ -65,7 +65,20 @@ def machine() -> dict:
     import torch
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "faiss": faiss.__version__, "torch": torch.__version__,
-            "python": sys.version.split()[0], "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE")}
+            "python": sys.version.split()[0], "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+            "cpu_model": cpu_model(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "faiss_gpus": faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0}
+
+
+def cpu_model() -> str | None:
+    """The processor's name from /proc/cpuinfo (Linux), for the machine a figure came from."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def real_images(split: str, n: int, data: Path = DATA) -> list[str]:
