@@ -12,6 +12,7 @@ cublas13=$(find /opt /usr /lib* \( -path /proc -o -path /sys \) -prune -o -name 
 export LD_LIBRARY_PATH="$PWD/$DEV/lib:$(dirname "$cublas13")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export CUDA_MODULE_LOADING=LAZY   # faiss's wheel holds compute_80 PTX: JIT only the kernels used
+export _FAISS_WHEEL_DISABLE_CUDA_PRELOAD=1   # its loader looks for the cu12 wheels; LD_LIBRARY_PATH has them
 export SPADE_FAISS_DATA="$PWD/$DEV/data/magnetic_tile"
 echo "cublas 13: $cublas13"
 GPU_PYTHON=python3 bash scripts/gpu-check.sh
