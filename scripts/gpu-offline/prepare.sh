@@ -4,7 +4,10 @@
 #   bash scripts/gpu-offline/prepare.sh [.dev]     # here, with network: ~60 MB into .dev/
 #   bash scripts/gpu-offline/run.sh                # there, from the repository root
 # What travels (the device tool carries at most 64 MiB with the working tree):
-# - faiss-gpu-cu12's wheel (48 MB) and CUDA 12's runtime (libcudart.so.12, 0.8 MB);
+# - faiss-gpu 1.15.1 (Meta's wheel: CUDA 12, SASS for sm_70-sm_90) with every kernel image but
+#   sm_90's blanked by keep_arch.py (a 200 MB library -> 13 MB compressed; H100/H200 only), its
+#   preload of the nvidia-*-cu12 wheels off (FAISS_SKIP_GPU_PRELOAD: LD_LIBRARY_PATH has them);
+# - CUDA 12's runtime (libcudart.so.12 from nvidia-cuda-runtime-cu12, 0.7 MB);
 # - libcublas.so.12 built from cublas12_shim.c: faiss imports eight cuBLAS 12 functions, which it
 #   forwards to the machine's libcublas.so.13 (cuBLAS 12's own wheel is ~600 MB), and an empty
 #   libcublasLt.so.12 (faiss names it, imports nothing from it);
@@ -13,6 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DEV=${1:-.dev}
+REPO=$PWD
 PYTHON=${PYTHON:-.venv/bin/python}
 mkdir -p "$DEV/wheels" "$DEV/lib"
 get() {
@@ -20,17 +24,22 @@ get() {
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform manylinux1_x86_64 -d "$1" "$2"
 }
-get "$DEV/wheels" faiss-gpu-cu12==1.14.1.post1
 get "$DEV/wheels" simplejpeg==1.9.0
 tmp=$(mktemp -d)
 get "$tmp" hdf5plugin==7.1.0
-get "$tmp" nvidia-cuda-runtime-cu12==12.1.105
+get "$tmp" nvidia-cuda-runtime-cu12==12.9.79
+get "$tmp" faiss-gpu==1.15.1
 # only its library: the wheel's nvidia/__init__.py would hide the machine's own nvidia.* packages
 unzip -q -j -o "$tmp"/nvidia_cuda_runtime_cu12-*.whl "nvidia/cuda_runtime/lib/libcudart.so.12" -d "$DEV/lib"
 (cd "$tmp" && unzip -q hdf5plugin-*.whl && rm -f hdf5plugin/test.py \
   && find hdf5plugin/plugins -type f ! -name libh5blosc2.so -delete \
   && tar czf hdf5plugin.tgz hdf5plugin hdf5plugin-*.dist-info)
 mv "$tmp/hdf5plugin.tgz" "$DEV/"
+(cd "$tmp" && mkdir faiss_gpu && cd faiss_gpu && unzip -q ../faiss_gpu-*.whl \
+  && python3 "$REPO/scripts/gpu-offline/keep_arch.py" faiss/libfaiss.so 90 \
+  && sed -i 's/^_preload_gpu_libs()$/import os as _os\nif not _os.environ.get("FAISS_SKIP_GPU_PRELOAD"):\n    _preload_gpu_libs()/' faiss/__init__.py \
+  && grep -q FAISS_SKIP_GPU_PRELOAD faiss/__init__.py && tar cf - faiss faiss_gpu.libs faiss_gpu-*.dist-info | xz -T0 -6 > ../faiss_gpu.tar.xz)
+mv "$tmp/faiss_gpu.tar.xz" "$DEV/"
 rm -rf "$tmp"
 S=scripts/gpu-offline
 gcc -O2 -shared -fPIC -Wl,-soname,libcublas.so.12 -Wl,--version-script=$S/cublas12.map \
