@@ -2,27 +2,36 @@
 
 The gallery cache is the one structure that grows with the corpus a run touches; everything
 else a scoring process holds is fixed (the libraries, the model) or lives for one batch (stage-2
-temporaries). A :class:`MemoryBudget` caps the cache so that the resident set (RSS, what users
-and schedulers measure) stays under ``memory_gb``: before the first batch the cache gets what
-the budget leaves above the process's resident set (less a reserve for one batch's temporaries),
-and after each batch, when the resident set is over that mark, freed memory is handed back to
-the OS and the cache shrinks (least recently used first) by the excess; when there is room again
-it may grow back, up to ``cache_bytes`` when one is given (by default the budget alone bounds it:
-at 685 normals, Wide-ResNet50-2, 4 GiB hold every prepared gallery). Reading RSS needs Linux
-(``/proc/self/statm``); elsewhere, or without a budget, the cache keeps ``cache_bytes`` (1 GiB by
-default).
+temporaries: the batch's galleries as read and prepared, the bound GEMM's blocks). A
+:class:`MemoryBudget` caps the cache so that the resident set (RSS, what users and schedulers
+measure) stays under ``memory_gb``: the cache gets what the budget leaves above the process's
+settled resident set, less one batch's work. That work is learned as the run goes: it starts at
+``RESERVE_BYTES`` and becomes the largest rise above a batch's starting resident set seen in a
+batch that raised the process's peak (``VmHWM``; the cache's own growth in that batch left out).
+After each batch, when the resident set is over its mark, freed memory is handed back to the OS
+and the cache shrinks (least frequently used first) by the excess; when there is room again it
+may grow back, up to ``cache_bytes`` when one is given (by default the budget alone bounds it).
+A budget smaller than the process without a cache plus one batch's work cannot be kept: the
+cache keeps its floor and the run warns once, with the figures (``held``). Reading RSS needs
+Linux (``/proc/self``); elsewhere, or without a budget, the cache keeps ``cache_bytes`` (1 GiB
+by default).
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import sys
 
+log = logging.getLogger(__name__)
+
 GIB = 2**30
-# One batch's temporaries above the settled resident set (stage 2 over 50 galleries, decoding
-# ahead, what the allocator keeps): the peak of a 48-image run at 685 normals, 224 px, Wide-ResNet50-2
-# was 0.3-0.5 GB above its settled resident set (benchmarks/README.md, "The user's run").
+# One batch's work above the settled resident set before the first batch has been measured
+# (stage 2 over 50 galleries, decoding ahead, what the allocator keeps): the peak of a 48-image run
+# at 685 normals, 224 px, Wide-ResNet50-2 was 0.3-0.5 GB above its settled resident set with a
+# full cache (benchmarks/README.md, "The user's run"); with a small one a batch reads and prepares
+# its galleries itself, ~1 GB more (fifteenth wave).
 RESERVE_BYTES = 512 << 20
 FLOOR_BYTES = 64 << 20  # the cache never gets less (one query's galleries at small crops)
 UNBUDGETED_CACHE_BYTES = 1 << 30  # the cache's bound without a budget (memory_gb None) or cache_bytes
@@ -35,6 +44,18 @@ def resident_bytes() -> int | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def peak_resident_bytes() -> int | None:
+    """This process's largest resident set so far (``VmHWM``), in bytes (None without /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def glibc():
@@ -65,22 +86,43 @@ class MemoryBudget:
         # The cache's own bound: the one given, else none beyond the budget (what it leaves), else 1 GiB
         self.cache_bytes = int(cache_bytes if cache_bytes is not None else self.limit or UNBUDGETED_CACHE_BYTES)
         self.started = False
+        self.work = RESERVE_BYTES  # one batch's work above its starting resident set: learned per batch
+        self.held: dict | None = None  # set when the budget cannot be kept (the figures of the warning)
+        self._mark: tuple | None = None
 
     @property
     def target(self) -> int | None:
-        return None if self.limit is None else self.limit - RESERVE_BYTES
+        """The resident set a batch may start from: the budget less one batch's work."""
+        return None if self.limit is None else self.limit - self.work
 
     def start(self, cache) -> None:
-        """Before the first batch: the cache gets what the budget leaves."""
-        if self.started:
+        """Before the first batch: the cache gets what the budget leaves, and the marks its work
+        is measured from are set (later batches are measured from the settle before them)."""
+        if self.limit is None or self.started:
             return
         self.started = True
         self._fit(cache, trim=False)
+        self._mark = (resident_bytes(), peak_resident_bytes(), cache.nbytes)
 
     def settle(self, cache) -> None:
-        """After a batch: back under the mark (freed memory handed back, the cache shrunk by the
-        excess), or the cache allowed to grow into the room left."""
+        """After a batch: its work learned when it raised the process's peak; then back under the
+        mark (freed memory handed back, the cache shrunk by the excess), or the cache allowed to
+        grow into the room left; then the marks the next batch is measured from."""
+        if self.limit is None:
+            return
+        self._learn(cache)
         self._fit(cache, trim=True)
+        self._mark = (resident_bytes(), peak_resident_bytes(), cache.nbytes)
+
+    def _learn(self, cache) -> None:
+        """A batch's work: how far it raised the resident set above where it started, less the
+        cache's own growth, when it set the process's peak (otherwise its peak is not known)."""
+        peak = peak_resident_bytes()
+        if self._mark is None or peak is None or None in self._mark:
+            return
+        rss, peak_before, cached = self._mark
+        if peak > peak_before:
+            self.work = max(self.work, peak - rss - max(0, cache.nbytes - cached))
 
     def _fit(self, cache, trim: bool) -> None:
         rss = resident_bytes() if self.limit is not None else None
@@ -90,6 +132,28 @@ class MemoryBudget:
             release_freed_memory()
             rss = resident_bytes()
         room = self.target - rss  # negative: over the mark
-        cache.resize(max(FLOOR_BYTES, min(self.cache_bytes, cache.nbytes + room)))
+        wanted = cache.nbytes + room
+        without_cache = rss - cache.nbytes
+        cache.resize(max(FLOOR_BYTES, min(self.cache_bytes, wanted)))
         if room < 0 and trim:
             release_freed_memory()
+        if trim and wanted < FLOOR_BYTES and self.held is None:
+            self._warn(without_cache)
+
+    def summary(self, cache) -> dict:
+        """What a run records (``run.json``): the budget, one batch's work as learned, the cache's
+        bound and size now, and whether the budget could be kept."""
+        gib = lambda b: None if b is None else round(b / GIB, 3)  # noqa: E731
+        return {"memory_gb": gib(self.limit), "batch_work_gb": gib(self.work), "cache_bound_gb": gib(cache.max_bytes),
+                "cache_gb": gib(cache.nbytes), "kept": self.held is None}
+
+    def _warn(self, without_cache: int) -> None:
+        """Once: the budget is below what the process needs with an empty cache."""
+        self.held = {"memory_gb": self.limit / GIB, "without_cache_gb": without_cache / GIB,
+                     "batch_work_gb": self.work / GIB}
+        log.warning("memory_gb=%.3g cannot be kept: this process holds %.2f GiB without a gallery cache and one "
+                    "batch's work needs %.2f GiB more (about %.1f GiB in all); the cache keeps its floor (%d MiB), "
+                    "so each batch reads most of its galleries from the corpus. Fewer images per batch "
+                    "(--batch-size) or a smaller k_gallery need less; a larger budget is faster",
+                    self.limit / GIB, without_cache / GIB, self.work / GIB, (without_cache + self.work) / GIB,
+                    FLOOR_BYTES >> 20)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
+from .config import check_values
 from .metrics import threshold_at_fpr
 from .video import parse_ref
 
@@ -36,11 +37,6 @@ from .video import parse_ref
 SIGMAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
 # Fewest normal frames (away from the videos' ends) a width's threshold may rest on.
 MIN_FRAMES = 20
-
-
-def _check_sigma(sigma: float) -> None:
-    if not (np.isfinite(sigma) and sigma >= 0):
-        raise ValueError(f"temporal_sigma={sigma!r}: expected a number of frames >= 0")
 
 
 def sequences(paths: list[str], scores: list[float]) -> dict[str, list[tuple[int, str, float, float | None]]]:
@@ -70,7 +66,7 @@ def radius(sigma: float) -> int:
 def smooth_frames(paths: list[str], scores: list[float], sigma: float) -> dict[str, float]:
     """``{frame path: smoothed score}`` for the frame references among ``paths`` (other paths
     are left out), each video smoothed along its own frame order."""
-    _check_sigma(sigma)
+    check_values({"temporal_sigma": sigma})
     out = {}
     for frames in sequences(paths, scores).values():
         smoothed = smooth([f[2] for f in frames], sigma)
@@ -105,8 +101,7 @@ def choose_sigma(paths: list[str], scores: list[float], fpr: float, event_s: flo
     record ``{"sigma", "tau", "event_s", "event_frames", "frame_period_s", "frames", "fpr",
     "tried": [{"sigma", "tau", "median", "need", "frames"}, ...]}``; ``tau`` is the threshold
     of the smoothed normal frames at ``fpr`` (what a smoothed frame score is compared with)."""
-    if not (np.isfinite(event_s) and event_s > 0):
-        raise ValueError(f"event_s={event_s!r}: expected seconds > 0")
+    check_values({"event_s": event_s})
     videos = sequences(paths, scores)
     if not videos:
         raise ValueError("no video frames among the held-out normals")
@@ -114,7 +109,7 @@ def choose_sigma(paths: list[str], scores: list[float], fpr: float, event_s: flo
     event = max(1, int(round(event_s / period)))
     tried = []
     for sigma in sigmas:
-        _check_sigma(sigma)
+        check_values({"temporal_sigma": sigma})
         r = radius(sigma)
         inner = [smooth([f[2] for f in frames], sigma)[r:len(frames) - r] for frames in videos.values()]
         values = np.concatenate(inner)
@@ -139,7 +134,7 @@ def in_force(sigma: float | None, calibration: dict | None, tau: float | None,
     none."""
     chosen = (calibration or {}).get("temporal")
     if sigma is not None:
-        _check_sigma(sigma)
+        check_values({"temporal_sigma": sigma})
         return float(sigma), tau, "--temporal-sigma"
     if chosen:
         return chosen["sigma"], tau if tau_given else chosen["tau"], "calibration"

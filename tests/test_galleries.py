@@ -111,3 +111,54 @@ def test_loaded_entries_own_their_memory_so_evicting_one_frees_its_bytes():
     for lv in ("layer1", "layer2"):
         for entry_ in got:
             assert entry_[lv].base is None and not np.shares_memory(entry_[lv], read[lv])
+
+
+LEARN = r"""
+import json, logging, sys
+import numpy as np
+from spade_faiss import memory
+from spade_faiss.galleries import GalleryCache
+
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+MIB = 1 << 20
+cache = GalleryCache(lambda keys: [{"x": np.ones(MIB, np.uint8)} for _ in keys], max_bytes=1 << 40)
+rss = memory.resident_bytes()
+budget = memory.MemoryBudget((rss + 2048 * MIB) / memory.GIB, cache_bytes=1 << 40)
+budget.start(cache)
+first = budget.target
+work = np.ones(int(sys.argv[1]) * MIB, np.uint8)  # one batch's work: touched pages, a new peak
+del work
+budget.settle(cache)
+learned = budget.work
+small = np.ones(8 * MIB, np.uint8)  # a batch below the peak: nothing new is learned
+del small
+budget.settle(cache)
+tight = memory.MemoryBudget((rss + 128 * MIB) / memory.GIB, cache_bytes=1 << 40)
+tight.start(cache)
+np.ones(int(sys.argv[1]) * MIB, np.uint8)  # no new peak: the prior work (RESERVE_BYTES) stands
+tight.settle(cache)
+print(json.dumps({"first": first, "learned": learned, "after_small": budget.work, "target": budget.target,
+                  "limit": budget.limit, "tight_held": tight.held, "summary": tight.summary(cache)}))
+"""
+
+
+def test_the_budget_learns_one_batchs_work_from_the_peak_and_says_when_it_cannot_be_kept():
+    """In a fresh process (its peak resident set is this test's own): a batch that raises the peak
+    by 900 MiB makes the budget's work 900 MiB (the target falls by it), a smaller batch changes
+    nothing, and a budget below the process plus one batch's work keeps the cache's floor and
+    warns once with the figures."""
+    import json
+    import subprocess
+    import sys
+
+    from spade_faiss import memory
+
+    done = subprocess.run([sys.executable, "-c", LEARN, "900"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    mib = 1 << 20
+    assert got["first"] == got["limit"] - memory.RESERVE_BYTES
+    assert 880 * mib <= got["learned"] <= 940 * mib, got  # 900 MiB of pages, give or take the interpreter's
+    assert got["after_small"] == got["learned"] and got["target"] == got["limit"] - got["learned"]
+    assert got["tight_held"] and got["summary"]["kept"] is False and got["summary"]["cache_bound_gb"] == 0.062
+    assert done.stderr.count("cannot be kept") == 1, done.stderr

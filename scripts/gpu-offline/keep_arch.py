@@ -18,7 +18,8 @@ PTX, SASS = 1, 2
 
 
 def fatbin_section(path: str) -> tuple[int, int]:
-    for line in subprocess.run(["readelf", "-S", "-W", path], capture_output=True, text=True, check=True).stdout.splitlines():
+    sections = subprocess.run(["readelf", "-S", "-W", path], capture_output=True, text=True, check=True).stdout
+    for line in sections.splitlines():
         if ".nv_fatbin" in line:
             fields = line.split("]", 1)[1].split()
             return int(fields[3], 16), int(fields[4], 16)

@@ -237,7 +237,8 @@ def cmd_score(args) -> int:
             errors = score_into_run(results, writer, top.offer, on_progress=bar.update, check_stop=stop.check)
         top.write(run.explain, spade.paths_, spade.resize, spade.crop)
         work = {"stage_seconds": {k: round(v, 3) for k, v in spade.timings_.items()},
-                "bytes_read": spade.bytes_read_, "pruning": spade.pruning_stats_} if args.backend == "local" else {}
+                "bytes_read": spade.bytes_read_, "pruning": spade.pruning_stats_,
+                "memory": spade.memory_} if args.backend == "local" else {}
     del spade, results  # the model and galleries: the report's plotting reuses their memory
     gc.collect()
     release_freed_memory()

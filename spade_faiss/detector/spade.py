@@ -61,6 +61,9 @@ class Spade(Parameters):
         Per level: pairs covered, re-checked exactly, and the fraction skipped (``pruned``).
     bytes_read_ : int
         Stored gallery bytes read from the corpus so far.
+    memory_ : dict
+        The memory budget: ``memory_gb``, one batch's work as learned, the gallery cache's bound
+        and size, and whether the budget could be kept.
     """
 
     def __init__(self, *, k_image=DEFAULTS["k_image"], k_gallery=DEFAULTS["k_gallery"], kappa=DEFAULTS["kappa"],
@@ -126,6 +129,12 @@ class Spade(Parameters):
         """Per level (or ``concat``), accumulated over calls: the (query, gallery) pairs stage 2
         covered, those the ``pruned`` engine re-checked exactly, and the fraction it skipped."""
         return self.pipeline_.pruning_stats()
+
+    @property
+    def memory_(self) -> dict:
+        """The memory budget as it stands: ``memory_gb``, one batch's work as learned, the gallery
+        cache's bound and size (GiB), and whether the budget could be kept (``memory.py``)."""
+        return self.pipeline_.budget.summary(self.pipeline_.cache)
 
     @property
     def bytes_read_(self) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import uuid
@@ -461,7 +462,7 @@ class FeatureStore:
                 ds = self.h5[name]
                 rows = ds.chunks[0]
                 chunk = int(np.prod(ds.chunks)) * ds.dtype.itemsize
-                need += (-(-(n + b) // rows) - -(-n // rows)) * chunk
+                need += (math.ceil((n + b) / rows) - math.ceil(n / rows)) * chunk  # chunks begun
         return need
 
     @property
