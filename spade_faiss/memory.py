@@ -5,9 +5,10 @@ else a scoring process holds is fixed (the libraries, the model) or lives for on
 temporaries: the batch's galleries as read and prepared, the bound GEMM's blocks). A
 :class:`MemoryBudget` caps the cache so that the resident set (RSS, what users and schedulers
 measure) stays under ``memory_gb``: the cache gets what the budget leaves above the process's
-settled resident set, less one batch's work. That work is learned as the run goes: it starts at
-``RESERVE_BYTES`` and becomes the largest rise above a batch's starting resident set seen in a
-batch that raised the process's peak (``VmHWM``; the cache's own growth in that batch left out).
+settled resident set, less one batch's work. That work is learned as the run goes: the first
+batch runs with the cache at its floor, and the work is the largest rise above a batch's
+starting resident set seen in a batch that raised the process's peak (``VmHWM``; the cache's own
+growth in that batch left out), at least ``RESERVE_BYTES``.
 After each batch, when the resident set is over its mark, freed memory is handed back to the OS
 and the cache shrinks (least frequently used first) by the excess; when there is room again it
 may grow back, up to ``cache_bytes`` when one is given (by default the budget alone bounds it).
@@ -96,12 +97,13 @@ class MemoryBudget:
         return None if self.limit is None else self.limit - self.work
 
     def start(self, cache) -> None:
-        """Before the first batch: the cache gets what the budget leaves, and the marks its work
-        is measured from are set (later batches are measured from the settle before them)."""
-        if self.limit is None or self.started:
+        """Before the first batch: the cache keeps its floor until one batch's work is known (the
+        first batch reads every gallery anyway), and the marks that work is measured from are
+        set (later batches are measured from the settle before them)."""
+        if self.limit is None or self.started or resident_bytes() is None:
             return
         self.started = True
-        self._fit(cache, trim=False)
+        cache.resize(FLOOR_BYTES)
         self._mark = (resident_bytes(), peak_resident_bytes(), cache.nbytes)
 
     def settle(self, cache) -> None:
@@ -153,7 +155,7 @@ class MemoryBudget:
                      "batch_work_gb": self.work / GIB}
         log.warning("memory_gb=%.3g cannot be kept: this process holds %.2f GiB without a gallery cache and one "
                     "batch's work needs %.2f GiB more (about %.1f GiB in all); the cache keeps its floor (%d MiB), "
-                    "so each batch reads most of its galleries from the corpus. Fewer images per batch "
-                    "(--batch-size) or a smaller k_gallery need less; a larger budget is faster",
+                    "so each batch reads most of its galleries from the corpus. Fewer retrieved normal "
+                    "images (k_gallery) need less; a larger budget is faster",
                     self.limit / GIB, without_cache / GIB, self.work / GIB, (without_cache + self.work) / GIB,
                     FLOOR_BYTES >> 20)
