@@ -5,7 +5,8 @@
 #   bash scripts/gpu-offline/user_run.sh pack     # here, after prepare.sh: .dev-normals, .dev-tests
 #                                                 # (puts .dev/data and hdf5plugin aside for room)
 #   bash scripts/gpu-offline/user_run.sh index    # there, carry .dev .dev-normals: install, index on cuda
-#   bash scripts/gpu-offline/user_run.sh score    # there, carry .dev-tests: calibrate, score on cuda
+#   bash scripts/gpu-offline/user_run.sh score    # there, carry .dev-tests .dev/lib: calibrate, score on cuda
+# (a folder carried by the first call is gone in the second; what was installed under /tmp stays)
 # The first call leaves empty stand-ins for the images of the second, so that the benchmark's
 # split by name is the user run's. The corpus is stored float16 (see index). JSON lines:
 # $OUT_DIR/user_run.jsonl.
