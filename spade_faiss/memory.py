@@ -5,10 +5,11 @@ else a scoring process holds is fixed (the libraries, the model) or lives for on
 temporaries: the batch's galleries as read and prepared, the bound GEMM's blocks). A
 :class:`MemoryBudget` caps the cache so that the resident set (RSS, what users and schedulers
 measure) stays under ``memory_gb``: the cache gets what the budget leaves above the process's
-settled resident set, less one batch's work. That work is learned as the run goes: the first
-batch runs with the cache at its floor, and the work is the largest rise above a batch's
+settled resident set, less one batch's work. That work is learned as the run goes: assumed
+``RESERVE_BYTES`` until the first batch is measured, then the largest rise above a batch's
 starting resident set seen in a batch that raised the process's peak (``VmHWM``; the cache's own
-growth in that batch left out), at least ``RESERVE_BYTES``.
+growth in that batch left out). That rise includes what the allocator keeps of freed memory,
+which grows with the cache's churn: the estimate errs large, so the peak stays under the budget.
 After each batch, when the resident set is over its mark, freed memory is handed back to the OS
 and the cache shrinks (least frequently used first) by the excess; when there is room again it
 may grow back, up to ``cache_bytes`` when one is given (by default the budget alone bounds it).
@@ -28,12 +29,11 @@ import sys
 log = logging.getLogger(__name__)
 
 GIB = 2**30
-# One batch's work above the settled resident set before the first batch has been measured
-# (stage 2 over 50 galleries, decoding ahead, what the allocator keeps): the peak of a 48-image run
-# at 685 normals, 224 px, Wide-ResNet50-2 was 0.3-0.5 GB above its settled resident set with a
-# full cache (benchmarks/README.md, "The user's run"); with a small one a batch reads and prepares
-# its galleries itself, ~1 GB more (fifteenth wave).
-RESERVE_BYTES = 512 << 20
+# One batch's work above its starting resident set, assumed until the first batch has been
+# measured: at 685 normals, 224 px, Wide-ResNet50-2, K=50, a batch that reads its galleries
+# itself measured 0.97-1.0 GiB, one served by the cache 0.58 (fifteenth wave; the fixed 512 MiB
+# of earlier waves let a 2 GiB budget peak at 2.9 GiB).
+RESERVE_BYTES = 1 << 30
 FLOOR_BYTES = 64 << 20  # the cache never gets less (one query's galleries at small crops)
 UNBUDGETED_CACHE_BYTES = 1 << 30  # the cache's bound without a budget (memory_gb None) or cache_bytes
 
@@ -88,6 +88,7 @@ class MemoryBudget:
         self.cache_bytes = int(cache_bytes if cache_bytes is not None else self.limit or UNBUDGETED_CACHE_BYTES)
         self.started = False
         self.work = RESERVE_BYTES  # one batch's work above its starting resident set: learned per batch
+        self.measured = False  # whether a batch has replaced the assumed work with a measured one
         self.held: dict | None = None  # set when the budget cannot be kept (the figures of the warning)
         self._mark: tuple | None = None
 
@@ -97,13 +98,13 @@ class MemoryBudget:
         return None if self.limit is None else self.limit - self.work
 
     def start(self, cache) -> None:
-        """Before the first batch: the cache keeps its floor until one batch's work is known (the
-        first batch reads every gallery anyway), and the marks that work is measured from are
-        set (later batches are measured from the settle before them)."""
-        if self.limit is None or self.started or resident_bytes() is None:
+        """Before the first batch: the cache gets what the budget leaves (one batch's work as
+        assumed), and the marks that work is measured from are set (later batches are measured
+        from the settle before them)."""
+        if self.limit is None or self.started:
             return
         self.started = True
-        cache.resize(FLOOR_BYTES)
+        self._fit(cache, trim=False)
         self._mark = (resident_bytes(), peak_resident_bytes(), cache.nbytes)
 
     def settle(self, cache) -> None:
@@ -123,8 +124,10 @@ class MemoryBudget:
         if self._mark is None or peak is None or None in self._mark:
             return
         rss, peak_before, cached = self._mark
-        if peak > peak_before:
-            self.work = max(self.work, peak - rss - max(0, cache.nbytes - cached))
+        if peak > peak_before:  # the first measured batch replaces the assumption; then the largest
+            work = peak - rss - max(0, cache.nbytes - cached)
+            self.work = max(self.work, work) if self.measured else work
+            self.measured = True
 
     def _fit(self, cache, trim: bool) -> None:
         rss = resident_bytes() if self.limit is not None else None
