@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepares the GPU check for a GPU machine that cannot reach a package registry and has CUDA 13
 # only (this workplace's device machine: Python 3.12, torch with CUDA 13, no faiss):
-#   bash scripts/gpu-offline/prepare.sh [.dev]     # here, with network: ~60 MB into .dev/
+#   bash scripts/gpu-offline/prepare.sh [.dev]     # here, with network: ~34 MB into .dev/
 #   bash scripts/gpu-offline/run.sh                # there, from the repository root
 # What travels (the device tool carries at most 64 MiB with the working tree):
 # - faiss-gpu 1.15.1 (Meta's wheel: CUDA 12, SASS for sm_70-sm_90) with every kernel image but
