@@ -348,16 +348,21 @@ def _tree_oracle(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("width", [1, 2, 7, 256, 300])
 @pytest.mark.parametrize("stored", [torch.float16, torch.float32])
 def test_pair_distances_are_the_exact_distance_bit_for_bit(rng, width, stored):
-    """The re-checking path (gallery rows read per image, the tree summed in place) gives the
-    contract's bits, for columns in ascending or any order."""
+    """The re-checking path (gallery rows gathered per image into steps that span images, the
+    tree summed in place) gives the contract's bits, for columns in ascending or any order, in
+    one step or in several that cut images' runs (at least 256 pairs a step), and for images
+    stored in different types."""
     sizes = [5, 1, 9, 6]
     feats = [torch.from_numpy(rng.standard_normal((n, width)).astype(np.float32)).to(stored) for n in sizes]
     offsets = exact.gallery_offsets(sizes, 1)
-    rows_of = exact.row_reader(feats, offsets)
     q = torch.from_numpy(rng.standard_normal((8, width)).astype(np.float32))
     gallery = torch.cat(feats).float()
     ascending = torch.arange(int(offsets[-1])).repeat_interleave(3)
-    for g_idx in (ascending, torch.from_numpy(rng.integers(0, offsets[-1], 200))):
+    many = torch.sort(torch.from_numpy(rng.integers(0, offsets[-1], 1500))).values
+    mixed = exact.row_reader(feats[:2] + [f.float() for f in feats[2:]], offsets)
+    for g_idx, rows_of in ((ascending, exact.row_reader(feats, offsets)), (many, exact.row_reader(feats, offsets)),
+                           (many, mixed), (torch.from_numpy(rng.integers(0, offsets[-1], 200)),
+                                           exact.row_reader(feats, offsets))):
         q_idx = torch.from_numpy(rng.integers(0, len(q), len(g_idx)))
         np.testing.assert_array_equal(rows_of(g_idx).numpy(), gallery[g_idx].numpy())
         want = _tree_oracle(q[q_idx], gallery[g_idx]).numpy().view(np.int32)
@@ -540,3 +545,47 @@ def test_recomputed_bounds_are_each_pair_s_products_within_the_float32_bound(rng
     assert y.shape == (len(blocks), pruned.BLOCK) and y.dtype == torch.float32
     assert bool(((y.double() - want).abs() <= slack * 1.0001).all())
     assert pruned._bounds(a, cols, q_idx[:0], blocks[:0]).shape == (0, pruned.BLOCK)
+
+
+def _bound_lemma_holds(proj, q, g) -> tuple[bool, np.ndarray]:
+    """Whether every (query, gallery) pair's GEMM output is within the threshold's bound of the
+    true squared distance (float64), and the queries' rho."""
+    qo = bounds.make_operands(proj, q, torch.bfloat16)
+    go = bounds.make_gallery_operands(proj, g, torch.bfloat16)
+    cols = bounds.gallery_matrix([go], 0, pruned.PAD_NORM)
+    split = bounds.split_columns(torch.bfloat16, proj.basis.shape[1] + 1)
+    assert go.split == split and cols.shape[1] == qo.rows.shape[1] == proj.basis.shape[1] + 1 + 2 * split + 6
+    y = torch.mm(cols, qo.rows.T).double().numpy().T  # (queries, gallery)
+    d = ((q.astype(np.float64)[:, None] - g.astype(np.float64)[None]) ** 2).sum(-1)
+    m = cols.shape[1]
+    gamma = 1.01 * m * 2.0**-24 / (1 - m * 2.0**-24) + 2.0**-24
+    bound = (1 + 2.0**-8) * ((np.sqrt(d) + qo.rho[:, None] + go.rho[None]) ** 2
+                             + gamma * (qo.norm[:, None] + go.norm[None]) ** 2 + 2 * qo.low[:, None] * go.low[None])
+    return bool((y <= bound).all()), qo.rho
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_split_bfloat16_operands_keep_every_pair_s_bound_and_shrink_rho(seed, monkeypatch):
+    """Oracle (float64) for the lemma the threshold rests on, with bfloat16 operands whose
+    leading columns are two parts (``a~ = hi + lo``) and without: for every (query, gallery
+    vector) pair the GEMM's output is at most ``(1 + 2^-8) [(sqrt(D) + rho(q) + rho(g))^2
+    + gamma (N(q) + N(g))^2 + 2 L(q) L(g)]``, D the true squared distance, on features far from
+    their mean (large norms: bfloat16 rounds far coarser than the gaps); with rho taken as 0 it
+    fails (the test can fail). And the split is what makes rho small: the columns kept as two
+    parts carry most of ||a||^2, rho shrinks several times."""
+    rng = np.random.default_rng(seed)
+    c = 48
+    scale = np.geomspace(100.0, 0.1, c)  # a few dominant directions, as real features have
+    x = (1e3 * rng.standard_normal(c) + scale * rng.standard_normal((600, c))).astype(np.float32)
+    x[200:210] = x[:10] + 1e-3 * rng.standard_normal((10, c)).astype(np.float32)  # near neighbours
+    proj = pruned.Projection.fit(x[:400], 24)
+    assert bounds.split_columns(torch.bfloat16, 25) == 16 and bounds.split_columns(torch.float32, 25) == 0
+    holds, rho_split = _bound_lemma_holds(proj, x[:200], x[200:])
+    assert holds
+    monkeypatch.setattr(bounds, "SPLIT", 0)
+    holds, rho_whole = _bound_lemma_holds(proj, x[:200], x[200:])
+    assert holds
+    assert np.median(rho_whole / rho_split) > 4
+    original = bounds._rounded
+    monkeypatch.setattr(bounds, "_rounded", lambda *a: (*original(*a)[:5], 0 * original(*a)[5]))
+    assert not _bound_lemma_holds(proj, x[:200], x[200:])[0]

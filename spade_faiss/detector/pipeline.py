@@ -16,7 +16,7 @@ from .. import metrics, patch_search, scoring, tiles
 from ..galleries import GalleryCache, load_entries
 from ..image_index import ImageIndex
 from ..images import Prepared
-from ..memory import FLOOR_BYTES, MemoryBudget
+from ..memory import FLOOR_BYTES, MemoryBudget, release_freed_memory
 from ..resample import concat_levels
 from ..results import Retrieved
 from ..store import FeatureStore, StoreError
@@ -119,7 +119,7 @@ class QueryPipeline:
         corpus (each one's own row left out of its neighbours). Their galleries go through a
         cache of their own that keeps none (``FLOOR_BYTES``): spread rows share few neighbours
         (8 rows of the user's 685-image corpus: 351 distinct of 408), and the run's cache,
-        filled with them, took `index` from 1.8 to 3.7 GB at 685 normals (sixteenth wave)."""
+        filled with them, took ``index`` to 3.7 GB at 685 normals (sixteenth wave)."""
         alive = np.setdiff1d(np.arange(len(self.store)), self.index.excluded)  # removed images left out
         n = len(alive)
         if n < 2:
@@ -136,7 +136,10 @@ class QueryPipeline:
             feats = {lv: f.astype(np.float32) for lv, f in read[("per_level", int(row))].items()}
             retrieved.append(Retrieved(Prepared(None, ""), feats, 0.0,
                                        ids[j][keep][:k_gallery], dist[j][keep][:k_gallery], encoded=True))
-        self._segment(retrieved, config, options, device, False, GalleryCache(self._load, FLOOR_BYTES))
+        cache = GalleryCache(self._load, FLOOR_BYTES)
+        for r in retrieved:  # one at a time, handing freed memory back after each: an index run
+            self._segment([r], config, options, device, False, cache)  # ends here, at its peak
+            release_freed_memory()
         sound = [r for r in retrieved if r.error is None]
         damaged = next((r.error for r in retrieved if r.error), None)
         if not sound:

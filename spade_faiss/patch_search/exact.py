@@ -50,18 +50,21 @@ def pair_distances(queries: torch.Tensor, gallery_rows, q_idx: torch.Tensor, g_i
     """Distances of the pairs ``(queries[q_idx[i]], gallery_rows(g_idx[i]))``, in steps of
     about ``STEP_BYTES`` of temporaries. ``gallery_rows(idx)`` returns those gallery vectors as
     a float32 tensor (N, C); a :class:`GalleryRows` given columns in ascending order (as the
-    engines ask for them) is read one image at a time, each step from one image's rows (the
-    bits do not depend on the steps: each pair's distance is computed alone)."""
+    engines ask for them) is gathered image by image into each step's buffer, a step spanning
+    as many images as its pairs reach (the bits do not depend on the steps: each pair's distance
+    is computed alone)."""
     out = torch.empty(len(q_idx), dtype=torch.float32)
     step = max(256, STEP_BYTES // (4 * queries.shape[1]))
-    if isinstance(gallery_rows, GalleryRows) and gallery_rows.ascending(g_idx):
-        for image, lo, hi in gallery_rows.runs(g_idx):
-            feats, first = gallery_rows.feats[image], int(gallery_rows.offsets[image])
-            for start in range(lo, hi, step):
-                stop = min(hi, start + step)
-                rows = feats.index_select(0, g_idx[start:stop] - first)
-                out[start:stop] = squared_distances(queries.index_select(0, q_idx[start:stop]), rows.float(),
-                                                    overwrite=True)  # the gather is a fresh copy
+    if isinstance(gallery_rows, GalleryRows) and gallery_rows.dtype is not None and gallery_rows.ascending(g_idx):
+        buffer = None
+        for start, stop, pieces in gallery_rows.steps(g_idx, step):
+            if buffer is None:
+                buffer = torch.empty(min(step, len(g_idx)), queries.shape[1], dtype=gallery_rows.dtype)
+            for image, lo, hi in pieces:  # one gather per image present in the step
+                torch.index_select(gallery_rows.feats[image], 0, g_idx[lo:hi] - int(gallery_rows.offsets[image]),
+                                   out=buffer[lo - start:hi - start])
+            out[start:stop] = squared_distances(queries.index_select(0, q_idx[start:stop]),
+                                                buffer[:stop - start].float(), overwrite=True)
         return out
     for start in range(0, len(q_idx), step):
         stop = start + step
@@ -93,6 +96,28 @@ class GalleryRows:
     def __init__(self, feats: list[torch.Tensor], offsets: np.ndarray):
         self.feats, self.offsets = feats, offsets
         self._bounds = torch.from_numpy(offsets)
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The images' one stored type (None where they differ)."""
+        kinds = {f.dtype for f in self.feats}
+        return kinds.pop() if len(kinds) == 1 else None
+
+    def steps(self, sorted_idx: torch.Tensor, step: int):
+        """``(start, stop, pieces)`` over ascending columns in steps of at most ``step`` pairs,
+        ``pieces`` the ``(image, lo, hi)`` runs of the step (``sorted_idx[lo:hi]`` in image)."""
+        runs = list(self.runs(sorted_idx))
+        at = 0
+        for start in range(0, len(sorted_idx), step):
+            stop = min(len(sorted_idx), start + step)
+            pieces = []
+            while at < len(runs) and runs[at][1] < stop:
+                image, lo, hi = runs[at]
+                pieces.append((image, max(lo, start), min(hi, stop)))
+                if hi > stop:
+                    break
+                at += 1
+            yield start, stop, pieces
 
     @staticmethod
     def ascending(idx: torch.Tensor) -> bool:

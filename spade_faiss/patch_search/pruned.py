@@ -22,12 +22,17 @@ inequality in ``R^(d+1)``::
 
     sqrt(||q - g||^2) >= ||a~(q) - a~(g)|| - rho(q) - rho(g)                            (2)
 
-One GEMM gives ``y`` ~ ``||a~(q) - a~(g)||^2 = ||a~(q)||^2 + ||a~(g)||^2 - 2 a~(q).a~(g)``
-(the squared norms enter as extra columns, each float32 norm split exactly into three
-bfloat16 parts; products of bfloat16 values are exact in float32). With float32 accumulation
-of ``m`` terms the accumulated value is within ``gamma * (N(q) + N(g))^2`` of that
-(``N = ||a~||``, ``gamma = m u / (1 - m u) + u``, ``u = 2^-24``; the code takes 1% more on the
-first term, a margin the argument does not need), and the output rounding adds
+With bfloat16 operands the first ``s`` (16) columns of ``a~`` are two bfloat16 parts each,
+``a~ = hi + lo`` (``bounds.split_columns``: they hold most of ``||a||^2``, and one part per value
+made ``rho`` the threshold's largest term); ``lo`` is 0 elsewhere and with float32 operands.
+One GEMM gives ``y`` ~ ``||a~(q)||^2 + ||a~(g)||^2 - 2 (hi(q).hi(g) + lo(q).hi(g) + hi(q).lo(g))
+= ||a~(q) - a~(g)||^2 + 2 lo(q).lo(g)`` (the squared norms enter as extra columns, each float32
+norm split exactly into three bfloat16 parts; products of bfloat16 values are exact in
+float32); the product of the low parts left out is at most ``2 L(q) L(g)`` (``L = ||lo||``).
+With float32 accumulation of ``m`` terms the accumulated value is within
+``gamma * (N(q) + N(g))^2`` of the exact sum (``N = ||hi|| + ||lo|| >= ||a~||``, which bounds the
+sum of the terms' magnitudes; ``gamma = m u / (1 - m u) + u``, ``u = 2^-24``; the code takes 1%
+more on the first term, which covers the norm parts' signs), and the output rounding adds
 a relative ``2^-8`` (bfloat16) or ``2^-24``. The only assumption is that the GEMM accumulates
 in float32 or better (oneDNN's bfloat16 kernels do; the tests are adversarial about it).
 
@@ -35,7 +40,8 @@ in float32 or better (oneDNN's bfloat16 kernels do; the tests are adversarial ab
 ``kappa`` gallery vectors (an upper bound of its ``kappa``-th nearest distance). A gallery
 vector whose exact distance could be ``<= U(q)`` has, by (2) and the rounding bounds::
 
-    y <= T(q) = (1 + 2^-8) [ (sqrt(U(q) / (1 - SUM_EPS)) + rho(q) + rho_max)^2 + gamma (N(q) + N_max)^2 ]
+    y <= T(q) = (1 + 2^-8) [ (sqrt(U(q) / (1 - SUM_EPS)) + rho(q) + rho_max)^2 + gamma (N(q) + N_max)^2
+                             + 2 L(q) L_max ]
 
 where the maxima run over the gallery. Every gallery vector with ``y > T(q)`` is skipped;
 every other one is re-checked with the exact distance of ``exact.py``; the ``kappa`` smallest
@@ -140,6 +146,7 @@ def search(query: np.ndarray, gallery: list[PreparedImage], kappa: int, projecti
     out_eps = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-24
     rho_max = max(float(g.ops.rho.max()) for g in images)
     norm_max = max(float(g.ops.norm.max()) for g in images)
+    low_max = max(float(g.ops.low.max(initial=0.0)) for g in images)
     dist = np.empty(len(q), np.float32)
     nearest = np.empty(len(q), np.int64)
     rows = _pass_rows(len(q))
@@ -149,7 +156,8 @@ def search(query: np.ndarray, gallery: list[PreparedImage], kappa: int, projecti
         block_min, best = _block_minima(a, cols)
         upper = _probe(q, a, cols, best, rows_of, start, total, kappa)
         t = (1 + out_eps) * ((np.sqrt(upper / (1 - SUM_EPS)) + ops.rho[start:stop] + rho_max) ** 2
-                             + gamma * (ops.norm[start:stop] + norm_max) ** 2) + TINY
+                             + gamma * (ops.norm[start:stop] + norm_max) ** 2
+                             + 2 * ops.low[start:stop] * low_max) + TINY
         t = torch.from_numpy(np.nextafter(t.astype(np.float32), np.float32(np.inf)))
         q_idx, g_idx = _candidates(a, cols, block_min, t, total)
         by_column = torch.argsort(g_idx)  # each step of re-checks then reads a few images only
