@@ -5,11 +5,15 @@ else a scoring process holds is fixed (the libraries, the model) or lives for on
 temporaries: the batch's galleries as read and prepared, the bound GEMM's blocks). A
 :class:`MemoryBudget` caps the cache so that the resident set (RSS, what users and schedulers
 measure) stays under ``memory_gb``: the cache gets what the budget leaves above the process's
-settled resident set, less one batch's work. That work is learned as the run goes: assumed
-``RESERVE_BYTES`` until the first batch is measured, then the largest rise above a batch's
-starting resident set seen in a batch that raised the process's peak (``VmHWM``; the cache's own
-growth in that batch left out). That rise includes what the allocator keeps of freed memory,
-which grows with the cache's churn: the estimate errs large, so the peak stays under the budget.
+settled resident set, less one batch's work. That work is at least
+``RESERVE_BYTES``, and the largest rise above a batch's starting resident set seen in a batch
+that raised the process's peak (``VmHWM``; the cache's own growth in that batch left out) when
+that is more. That rise includes what the allocator keeps of freed memory, which grows with the
+cache's churn: the estimate errs large, so the peak stays under the budget. ``RESERVE_BYTES`` is
+a floor, not a first guess: a first batch that its cache served measures little work, and a
+later batch that reads its galleries itself needs more (with the first measurement taken as the
+work, the user's run peaked at 4.28 GiB under a 4 GiB budget, sixteenth wave: each larger batch
+overshot before it was learned).
 After each batch, when the resident set is over its mark, freed memory is handed back to the OS
 and the cache shrinks (least frequently used first) by the excess; when there is room again it
 may grow back, up to ``cache_bytes`` when one is given (by default the budget alone bounds it).
@@ -29,10 +33,10 @@ import sys
 log = logging.getLogger(__name__)
 
 GIB = 2**30
-# One batch's work above its starting resident set, assumed until the first batch has been
-# measured: at 685 normals, 224 px, Wide-ResNet50-2, K=50, a batch that reads its galleries
-# itself measured 0.97-1.0 GiB, one served by the cache 0.58 (fifteenth wave; the fixed 512 MiB
-# of earlier waves let a 2 GiB budget peak at 2.9 GiB).
+# One batch's work above its starting resident set, at least: at 685 normals, 224 px,
+# Wide-ResNet50-2, K=50, a batch that reads its galleries itself measured 0.97-1.0 GiB, one
+# served by the cache 0.58 (fifteenth wave; the fixed 512 MiB of earlier waves let a 2 GiB budget
+# peak at 2.9 GiB).
 RESERVE_BYTES = 1 << 30
 FLOOR_BYTES = 64 << 20  # the cache never gets less (one query's galleries at small crops)
 UNBUDGETED_CACHE_BYTES = 1 << 30  # the cache's bound without a budget (memory_gb None) or cache_bytes
@@ -87,8 +91,7 @@ class MemoryBudget:
         # The cache's own bound: the one given, else none beyond the budget (what it leaves), else 1 GiB
         self.cache_bytes = int(cache_bytes if cache_bytes is not None else self.limit or UNBUDGETED_CACHE_BYTES)
         self.started = False
-        self.work = RESERVE_BYTES  # one batch's work above its starting resident set: learned per batch
-        self.measured = False  # whether a batch has replaced the assumed work with a measured one
+        self.work = RESERVE_BYTES  # one batch's work above its starting resident set: at least this, learned
         self.held: dict | None = None  # set when the budget cannot be kept (the figures of the warning)
         self._mark: tuple | None = None
 
@@ -98,8 +101,8 @@ class MemoryBudget:
         return None if self.limit is None else self.limit - self.work
 
     def start(self, cache) -> None:
-        """Before the first batch: the cache gets what the budget leaves (one batch's work as
-        assumed), and the marks that work is measured from are set (later batches are measured
+        """Before the first batch: the cache gets what the budget leaves (less ``RESERVE_BYTES``
+        for one batch's work), and the marks that work is measured from are set (later batches are measured
         from the settle before them)."""
         if self.limit is None or self.started:
             return
@@ -124,10 +127,8 @@ class MemoryBudget:
         if self._mark is None or peak is None or None in self._mark:
             return
         rss, peak_before, cached = self._mark
-        if peak > peak_before:  # the first measured batch replaces the assumption; then the largest
-            work = peak - rss - max(0, cache.nbytes - cached)
-            self.work = max(self.work, work) if self.measured else work
-            self.measured = True
+        if peak > peak_before:  # the largest measured, never below RESERVE_BYTES
+            self.work = max(self.work, peak - rss - max(0, cache.nbytes - cached))
 
     def _fit(self, cache, trim: bool) -> None:
         rss = resident_bytes() if self.limit is not None else None

@@ -129,6 +129,10 @@ budget = memory.MemoryBudget((rss + 2048 * MIB) / memory.GIB, cache_bytes=1 << 4
 budget.start(cache)
 first = budget.target
 room = cache.max_bytes
+work = np.ones(300 * MIB, np.uint8)  # a batch of less work than the floor: a new peak, nothing learned
+del work
+budget.settle(cache)
+floor = budget.work
 work = np.ones(int(sys.argv[1]) * MIB, np.uint8)  # one batch's work: touched pages, a new peak
 del work
 budget.settle(cache)
@@ -140,7 +144,7 @@ tight = memory.MemoryBudget((rss + 128 * MIB) / memory.GIB, cache_bytes=1 << 40)
 tight.start(cache)
 np.ones(int(sys.argv[1]) * MIB, np.uint8)  # no new peak: the prior work (RESERVE_BYTES) stands
 tight.settle(cache)
-print(json.dumps({"first": first, "room": room, "learned": learned, "after_small": budget.work,
+print(json.dumps({"first": first, "room": room, "floor": floor, "learned": learned, "after_small": budget.work,
                   "target": budget.target, "limit": budget.limit, "tight_held": tight.held,
                   "summary": tight.summary(cache)}))
 """
@@ -148,23 +152,25 @@ print(json.dumps({"first": first, "room": room, "learned": learned, "after_small
 
 def test_the_budget_learns_one_batchs_work_from_the_peak_and_says_when_it_cannot_be_kept():
     """In a fresh process (its peak resident set is this test's own): the first batch's cache is
-    the budget less the assumed work; a batch that raises the peak by 900 MiB makes the budget's
-    work 900 MiB (the measured work replaces the assumed 1 GiB; the target moves by it), a smaller
-    batch changes nothing, and a budget below the process plus one batch's work keeps the cache's
-    floor and warns once with the figures."""
+    the budget less the reserved work (1 GiB); a batch that raises the peak by 300 MiB leaves the
+    work at that floor (a first batch served by the cache must not shrink it: later ones that read
+    their galleries overshot the budget), one that raises it by 1400 MiB makes the budget's work
+    1400 MiB (the target moves by it), a smaller batch changes nothing, and a budget below the
+    process plus one batch's work keeps the cache's floor and warns once with the figures."""
     import json
     import subprocess
     import sys
 
     from spade_faiss import memory
 
-    done = subprocess.run([sys.executable, "-c", LEARN, "900"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", LEARN, "1400"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout)
     mib = 1 << 20
     assert got["first"] == got["limit"] - memory.RESERVE_BYTES  # assumed until measured
     assert abs(got["room"] - (2048 * mib - memory.RESERVE_BYTES)) < 64 * mib  # the first batch's cache
-    assert 880 * mib <= got["learned"] <= 940 * mib, got  # 900 MiB of pages, give or take the interpreter's
+    assert got["floor"] == memory.RESERVE_BYTES, got
+    assert 1380 * mib <= got["learned"] <= 1440 * mib, got  # 1400 MiB of pages, give or take the interpreter's
     assert got["after_small"] == got["learned"] and got["target"] == got["limit"] - got["learned"]
     assert got["tight_held"] and got["summary"]["kept"] is False and got["summary"]["cache_bound_gb"] == 0.062
     assert done.stderr.count("cannot be kept") == 1, done.stderr

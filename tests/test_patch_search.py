@@ -522,12 +522,15 @@ def test_pruned_takes_any_number_of_query_images_as_dense_does(rng, operand, sma
 
 
 @pytest.mark.parametrize("group", [1, 3, 8])
-def test_recomputed_bounds_are_each_pair_s_products_within_the_float32_bound(rng, operand, group, monkeypatch):
+@pytest.mark.parametrize("step_bytes", [pruned.STEP_BYTES, 1], ids=["one-step", "steps"])
+def test_recomputed_bounds_are_each_pair_s_products_within_the_float32_bound(rng, operand, group, step_bytes,
+                                                                               monkeypatch):
     """Oracle: float64 products of each (query, block) pair, pairs in random order with blocks
     asked by one query and by many more than a group; every value within the accumulation bound
     the thresholds assume (module doc: gamma times the sum of the terms' magnitudes, and the
-    output's rounding), in the pairs' order."""
+    output's rounding), in the pairs' order; in one step of segments or in several (64 each)."""
     monkeypatch.setattr(pruned, "GROUP", group)
+    monkeypatch.setattr(pruned, "STEP_BYTES", step_bytes)
     width, n_blocks, n_queries = 40, 12, 30
     cols = torch.from_numpy(rng.standard_normal((n_blocks * pruned.BLOCK, width)).astype(np.float32)).to(operand)
     a = torch.from_numpy(rng.standard_normal((n_queries, width)).astype(np.float32)).to(operand)

@@ -258,18 +258,22 @@ def _bounds(a: torch.Tensor, cols: torch.Tensor, q_idx: torch.Tensor, blocks: to
 
     A block is gathered once for up to ``GROUP`` of its queries (pairs grouped by block, see
     :func:`_segments`), not once per pair: a candidate block has about 7 queries at layer1, and
-    gathering it (4 KiB at width 64) cost more than the product."""
+    gathering it (4 KiB at width 64) cost more than the product. The products of a step of
+    segments are written out before the next step: the temporaries stay a few MiB whatever the
+    number of pairs (a segment per pair, as a test image far from its gallery has, had made one
+    array of ``GROUP`` times the output: 512 MiB at ``CANDIDATE_BLOCKS``)."""
     out = torch.empty(len(q_idx), BLOCK, dtype=torch.float32)
     order, seg, slot, seg_block, seg_query = _segments(q_idx, blocks)
     width = cols.shape[1]
     flat = cols.view(-1, BLOCK, width)
-    y = torch.empty(len(seg_block), BLOCK, GROUP, dtype=torch.float32)
     step = max(64, STEP_BYTES // ((BLOCK + GROUP) * width * cols.element_size()))  # reused temporaries
-    for s in range(0, len(seg_block), step):
+    first_pair = torch.searchsorted(seg, torch.arange(0, len(seg_block) + step, step).clamp(max=len(seg_block)))
+    for k, s in enumerate(range(0, len(seg_block), step)):
         g = flat.index_select(0, seg_block[s:s + step])
         q = a.index_select(0, seg_query[s:s + step].reshape(-1)).view(-1, GROUP, width)
-        y[s:s + step] = torch.bmm(g, q.transpose(1, 2))
-    out[order] = y[seg, :, slot]
+        y = torch.bmm(g, q.transpose(1, 2))  # in the operand type, as the GEMM's output
+        p0, p1 = int(first_pair[k]), int(first_pair[k + 1])
+        out[order[p0:p1]] = y[seg[p0:p1] - s, :, slot[p0:p1]].float()
     return out
 
 
