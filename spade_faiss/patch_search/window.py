@@ -39,7 +39,7 @@ def search(query: np.ndarray, gallery: list[np.ndarray], kappa: int, radius: int
     if window < kappa:
         raise ValueError(f"kappa={kappa} needs at least {kappa} gallery vectors in every window, "
                          f"the corners have {window}: use a larger radius")
-    gal = torch.from_numpy(np.stack(gallery))  # (K, h, w, C)
+    gal = [torch.from_numpy(g) for g in gallery]  # each (h, w, C): no stacked copy of the gallery
     step = max(1, STEP_BYTES // (4 * h * w * c))  # gallery images per pass
     dist = np.empty((b, h, w), np.float32)
     nearest = np.empty((b, h, w, 2), np.int64)
@@ -53,7 +53,7 @@ def search(query: np.ndarray, gallery: list[np.ndarray], kappa: int, radius: int
                 if ys.start >= ys.stop or xs.start >= xs.stop:
                     continue
                 gy, gx = slice(ys.start + dy, ys.stop + dy), slice(xs.start + dx, xs.stop + dx)
-                d = torch.cat([squared_distances(q[ys, xs], gal[k0:k0 + step, gy, gx].float())
+                d = torch.cat([squared_distances(q[ys, xs], torch.stack([g[gy, gx] for g in gal[k0:k0 + step]]).float())
                                for k0 in range(0, len(gallery), step)])  # (K, hh, ww)
                 pos = torch.arange(h * w).view(h, w)[gy, gx]
                 cols = torch.arange(len(gallery))[:, None, None] * (h * w) + pos  # (K, hh, ww)
