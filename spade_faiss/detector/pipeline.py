@@ -137,8 +137,8 @@ class QueryPipeline:
             retrieved.append(Retrieved(Prepared(None, ""), feats, 0.0,
                                        ids[j][keep][:k_gallery], dist[j][keep][:k_gallery], encoded=True))
         cache = GalleryCache(self._load, FLOOR_BYTES)
-        for r in retrieved:  # one at a time, handing freed memory back after each: an index run
-            self._segment([r], config, options, device, False, cache)  # ends here, at its peak
+        for r in retrieved:  # one at a time, freed memory handed back after each (an index run peaks here)
+            self._segment([r], config, options, device, correspondences=False, cache=cache)
             release_freed_memory()
         sound = [r for r in retrieved if r.error is None]
         damaged = next((r.error for r in retrieved if r.error), None)

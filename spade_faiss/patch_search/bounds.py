@@ -105,10 +105,11 @@ def _rounded(aug: torch.Tensor, dtype: torch.dtype, split: int = 0):
     back = hi.double()
     lo = (aug[:, :split] - back[:, :split]).to(dtype)
     low = lo.double()
+    low_norm = low.norm(dim=1)
+    magnitude = back.norm(dim=1) + low_norm  # ||hi|| + ||lo||, before back becomes a~
     back[:, :split] += low  # exact in float64: a~
     norm = back.norm(dim=1)
-    magnitude = hi.double().norm(dim=1) + low.norm(dim=1)
-    return hi, lo, (norm * norm).float(), magnitude.numpy(), low.norm(dim=1).numpy(), (back - aug).norm(dim=1).numpy()
+    return hi, lo, (norm * norm).float(), magnitude.numpy(), low_norm.numpy(), (back - aug).norm(dim=1).numpy()
 
 
 # float16 holds a~ exactly enough below this magnitude (its largest finite value is 65504)

@@ -56,10 +56,8 @@ def pair_distances(queries: torch.Tensor, gallery_rows, q_idx: torch.Tensor, g_i
     out = torch.empty(len(q_idx), dtype=torch.float32)
     step = max(256, STEP_BYTES // (4 * queries.shape[1]))
     if isinstance(gallery_rows, GalleryRows) and gallery_rows.dtype is not None and gallery_rows.ascending(g_idx):
-        buffer = None
+        buffer = torch.empty(min(step, len(g_idx)), queries.shape[1], dtype=gallery_rows.dtype)
         for start, stop, pieces in gallery_rows.steps(g_idx, step):
-            if buffer is None:
-                buffer = torch.empty(min(step, len(g_idx)), queries.shape[1], dtype=gallery_rows.dtype)
             for image, lo, hi in pieces:  # one gather per image present in the step
                 torch.index_select(gallery_rows.feats[image], 0, g_idx[lo:hi] - int(gallery_rows.offsets[image]),
                                    out=buffer[lo - start:hi - start])
