@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 # name -> (block, blocks per stage, width of the bottleneck per 64 planes)
 ARCHITECTURES = {
@@ -90,6 +91,20 @@ class ResNet(nn.Module):
             setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(cin, 1000)  # unused; kept so that classifier state_dicts load strictly
+
+    def fold_batchnorm(self) -> ResNet:
+        """This module (in eval mode) with every batch norm folded into the convolution before
+        it (its scale into the weights, its shift as the bias) and replaced by the identity: the
+        same function up to rounding, two fewer passes over each activation. In place; returns
+        ``self``."""
+        for module in self.modules():
+            if isinstance(module, nn.Sequential) and len(module) == 2 and isinstance(module[1], nn.BatchNorm2d):
+                module[0], module[1] = fuse_conv_bn_eval(module[0], module[1]), nn.Identity()
+            for conv, bn in (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")):
+                if isinstance(getattr(module, bn, None), nn.BatchNorm2d):
+                    setattr(module, conv, fuse_conv_bn_eval(getattr(module, conv), getattr(module, bn)))
+                    setattr(module, bn, nn.Identity())
+        return self
 
     def forward(self, x) -> dict[str, torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -1,5 +1,7 @@
 """Features equal a direct torchvision forward, bit for bit; weights resolution and its errors."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -121,3 +123,66 @@ def test_float16_levels_are_the_rounded_float32_levels(rng):
         assert b[lv].dtype == np.float16
         np.testing.assert_array_equal(b[lv], a[lv].astype(np.float16))
     np.testing.assert_array_equal(a["pool"], b["pool"])
+
+
+def _trained_like_batchnorms(model, seed):
+    """Batch norms with the spread of trained ones (a random init's are the identity, which
+    folding could not get wrong)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.data = 0.5 + torch.rand(n, generator=g)
+            m.bias.data = 0.2 * torch.randn(n, generator=g)
+            m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_folded_batchnorms_compute_the_same_function(rng, name):
+    """``ResNet.fold_batchnorm`` (the bfloat16 copy's first step) against the unfolded module,
+    both float32: equal up to float32 rounding, and every batch norm is gone."""
+    ext = FeatureExtractor(name, weights=None, device="cpu", seed=2)
+    _trained_like_batchnorms(ext.model, 5)
+    x = torch.from_numpy(rng.standard_normal((1, 3, 64, 64)).astype(np.float32))
+    with torch.inference_mode():
+        want = ext.model(x)
+        folded = copy.deepcopy(ext.model).fold_batchnorm()
+        got = folded(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    for lv in ("layer1", "layer2", "layer3", "pool"):
+        err = float((got[lv] - want[lv]).norm() / want[lv].norm())
+        assert err < 1e-5, (lv, err)
+
+
+def test_bfloat16_compute_is_float32_s_features_within_bfloat16_rounding(rng):
+    """The fast search's queries (``compute="bfloat16"``): the same features as float32 up to a
+    relative difference of a few bfloat16 roundings (2^-8 each), in the float32 layout; the
+    float32 model is left as it was."""
+    ext = FeatureExtractor("resnet50", weights=None, device="cpu", seed=2)
+    _trained_like_batchnorms(ext.model, 6)
+    x = rng.standard_normal((2, 3, 64, 64)).astype(np.float32)
+    want = ext(x)
+    got = ext(x, compute="bfloat16")
+    for lv in ("layer1", "layer2", "layer3", "pool"):
+        assert got[lv].dtype == np.float32 and got[lv].shape == want[lv].shape
+        err = np.linalg.norm(got[lv] - want[lv]) / np.linalg.norm(want[lv])
+        assert 1e-4 < err < 0.05, (lv, err)  # rounded, yet the same function
+    again = ext(x)
+    for lv in want:
+        np.testing.assert_array_equal(again[lv], want[lv])
+    with pytest.raises(ValueError, match="compute='float16'"):
+        ext(x, compute="float16")
+
+
+def test_only_the_fast_search_computes_queries_in_bfloat16(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for search in ("exact", "window"):
+        assert backbone.query_compute(search, cpu) == backbone.query_compute(search, cuda) == "float32"
+    assert backbone.query_compute("fast", cuda) == "bfloat16"
+    from spade_faiss.patch_search import bounds
+
+    for operand in ("float32", "bfloat16"):
+        monkeypatch.setattr(bounds, "operand_dtype", lambda o=operand: getattr(torch, o))
+        assert backbone.query_compute("fast", cpu) == operand

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from spade_faiss import datasets, images
-from spade_faiss.backbone import WeightsError
+from spade_faiss.backbone import WeightsError, query_compute
 from spade_faiss.detector import Spade
 from spade_faiss.metrics import threshold_at_fpr
 
@@ -206,8 +206,9 @@ def correspondence_oracle(spade, path, ids, levels, radius=None):
     """For each level and location, the nearest stored vector by the exact distance (ties: lowest
     image id, then lowest position), among the retrieved images (within the window)."""
     from spade_faiss.patch_search import exact
-    feats = spade.load_backbone().extractor_(images.preprocess(images.load_image(path).rgb, spade.resize,
-                                                                spade.crop)[None])
+    extractor = spade.load_backbone().extractor_
+    feats = extractor(images.preprocess(images.load_image(path).rgb, spade.resize, spade.crop)[None],
+                      compute=query_compute(spade.config_.search, extractor.device))  # the search's own queries
     out = {}
     for lv in levels:
         q = feats[lv][0]

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .. import metrics, patch_search, scoring, tiles
+from ..backbone import query_compute
 from ..galleries import GalleryCache, load_entries
 from ..image_index import ImageIndex
 from ..images import Prepared
@@ -76,7 +77,9 @@ class QueryPipeline:
     def retrieve(self, prepared: list[Prepared], k_image: int, k_gallery: int, config) -> list[Retrieved]:
         """Backbone and stage 1 for prepared (decodable) inputs."""
         with self.timed("backbone"):
-            feats = self.extractor()(np.stack([p.tensor for p in prepared]))
+            extractor = self.extractor()
+            feats = extractor(np.stack([p.tensor for p in prepared]),
+                              compute=query_compute(config.search, extractor.device))
         with self.timed("stage1"):
             dist, ids = self._stage1(feats["pool"], [p.path for p in prepared], k_gallery, config)
             scores = scoring.image_scores(dist, k_image)
