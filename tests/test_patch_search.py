@@ -509,6 +509,31 @@ def test_a_projection_s_leading_directions_are_the_projection_fitted_narrower(rn
     assert narrow.basis.flags.c_contiguous and wide.leading(20) is wide
 
 
+def test_augmented_vectors_are_within_proj_eps_of_the_exact_ones(rng):
+    """``Projection.augment`` (float64) against an extended-precision oracle that takes the
+    residual directly (``||(I - V V^T)(x - mu)||``, no cancellation): within
+    ``PROJ_EPS * ||x - mu||`` for ordinary rows, rows in the basis's span (the residual
+    cancels to nothing) and rows of large norm far from the mean. Taken in float32 the error
+    is ~2^-12 and the test fails."""
+    c, d = 256, 89
+    sample = (rng.standard_normal((2000, c)) @ rng.standard_normal((c, c)) * 0.1 + 3).astype(np.float32)
+    proj = pruned.Projection.fit(sample, d)
+    in_span = (proj.mean + rng.standard_normal((50, d)) @ proj.basis.T * 5).astype(np.float32)
+    far = (sample[:50] * 1e3).astype(np.float32)
+    x = np.concatenate([sample[:200], in_span, far]).astype(np.float16).astype(np.float32)
+    aug, norm = proj.augment(x)
+    xl = x.astype(np.longdouble) - proj.mean.astype(np.longdouble)
+    basis = proj.basis.astype(np.longdouble)
+    p = xl @ basis
+    r = np.sqrt(((xl - p @ basis.T) ** 2).sum(1))
+    want = np.concatenate([p, r[:, None]], axis=1)
+    exact_norm = np.sqrt((xl ** 2).sum(1))
+    err = np.sqrt(((aug.numpy().astype(np.longdouble) - want) ** 2).sum(1))
+    assert (err <= bounds.PROJ_EPS * exact_norm).all(), float((err / exact_norm).max())
+    assert np.allclose(norm.numpy(), exact_norm.astype(np.float64), rtol=2.0**-40)
+    assert (r[200:250] < 1e-3 * exact_norm[200:250]).all()  # the cancelling rows are there
+
+
 @pytest.mark.parametrize("images", [0, 1])
 def test_pruned_takes_any_number_of_query_images_as_dense_does(rng, operand, small_steps, images):
     """Zero query images included (an empty batch): the same result as the dense engine."""
