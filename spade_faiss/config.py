@@ -226,7 +226,8 @@ PARAMETERS: tuple[Param, ...] = (
     Param("search", "exact", "scoring", _choice(SEARCHES),
           "exact (SPADE); window: each location compared only with gallery locations within --radius cells "
           "of its position (faster, an approximation; see benchmarks/README.md); fast: the window at radius 0, "
-          "the same position in every retrieved image (the fastest; its fidelity to exact is in the README)",
+          "the same position in every retrieved image, queries through a bfloat16 backbone where the device "
+          "multiplies it natively (the fastest; its fidelity to exact is in the README)",
           "scoring", SEARCHES),
     Param("radius", 1, "scoring", lambda n, v: check_int(n, v, minimum=0),
           "window half-size in cells of each level's grid (search=window only; fast is radius 0)", "scoring",
