@@ -262,7 +262,7 @@ class FeatureExtractor:
             float16 store costs no extra pass.
         compute : {"float32", "bfloat16"}
             The model's arithmetic. ``bfloat16`` (the ``fast`` search's queries, where the
-            device multiplies it natively: :func:`fast_compute`) runs a copy with folded batch
+            device multiplies it natively: :func:`query_compute`) runs a copy with folded batch
             norms, ~3x faster on AMX; its features differ from float32's by ~1% (relative norm
             of the difference), so they are never stored.
 

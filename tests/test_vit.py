@@ -122,3 +122,15 @@ def test_vit_weights_from_a_local_file_are_identified_by_their_tensors(tmp_path,
         s.add(train[:3])
     with pytest.raises(WeightsError, match="differ from those the corpus was built with"):
         Spade.open(corpus, weights=None, k_gallery=2).score(train[3:4])
+
+
+def test_a_vit_s_bfloat16_queries_are_its_float32_features_within_bfloat16_rounding(vit_fitted):
+    """The fast search's bfloat16 copy of a ViT (no batch norms to fold; cast whole): every block
+    and the image embedding within a few bfloat16 roundings of float32's."""
+    ext = vit_fitted.load_backbone().extractor_
+    x = np.random.default_rng(0).standard_normal((1, 3, vit_fitted.crop, vit_fitted.crop)).astype(np.float32)
+    want, got = ext(x), ext(x, compute="bfloat16")
+    for lv in want:
+        assert got[lv].dtype == np.float32 and got[lv].shape == want[lv].shape
+        err = np.linalg.norm(got[lv] - want[lv]) / np.linalg.norm(want[lv])
+        assert 1e-4 < err < 0.05, (lv, err)

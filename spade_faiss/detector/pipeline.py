@@ -12,7 +12,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import torch
 
 from .. import metrics, patch_search, scoring, tiles
 from ..backbone import query_compute
@@ -27,8 +26,8 @@ from ..store import FeatureStore, StoreError
 log = logging.getLogger(__name__)
 
 PROJECTION_IMAGES = 16
-READ_GROUP = 4  # gallery images read per call of the store while the ones before are prepared (QueryPipeline._load)
 PROJECTION_VECTORS = 16384
+READ_GROUP = 4  # gallery images read per call of the store while the ones before are prepared (QueryPipeline._load)
 
 
 def spread_rows(n: int, count: int) -> np.ndarray:
@@ -235,10 +234,10 @@ class QueryPipeline:
         Reading (decompression and digests, one core: HDF5 holds the interpreter) and preparing
         (the pruned engine's float64 projection, torch, which lets it go) overlap: groups of
         ``READ_GROUP`` images are read here while a worker thread prepares those read before
-        (a gallery miss cost ~22 ms, 12 reading and 10 preparing, on the user's run). The
-        worker runs torch on one thread; the projection's rounding may differ from a two-thread
-        one in its last bits, which moves no result: the bounds account for whatever rounding
-        they are given (``patch_search/pruned.py``) and the exact distances use the stored rows."""
+        (a gallery miss cost ~22 ms, 12 reading and 10 preparing, on the user's run). Should the
+        projection's rounding depend on the thread that computes it, no result moves: the bounds
+        account for whatever rounding they are given (``patch_search/pruned.py``) and the exact
+        distances use the stored rows."""
         mode, (engines, keep16), _ = keys[0]
         engines = dict(engines)
         for name, engine in engines.items():
@@ -250,9 +249,10 @@ class QueryPipeline:
                     for name, f in entry.items()}
 
         ids = [(m, i) for m, _, i in keys]
-        # one thread of torch's in the worker (a per-thread setting): the reading thread has the other core
-        with ThreadPoolExecutor(1, thread_name_prefix="prepare", initializer=torch.set_num_threads,
-                                initargs=(1,)) as worker:
+        # torch's thread count is left alone here: torch.set_num_threads(1) in the worker was 7%
+        # faster on gallery reads, but it sets the count every thread started later takes (the
+        # service's request threads then ran the backbone on one thread: other bits than the library's)
+        with ThreadPoolExecutor(1, thread_name_prefix="prepare") as worker:
             pending = []
             for s in range(0, len(ids), READ_GROUP):
                 raw = load_entries(self.store.level, ids[s:s + READ_GROUP], self.store.config.levels)
