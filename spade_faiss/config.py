@@ -279,6 +279,10 @@ PARAMETERS: tuple[Param, ...] = (
           "when the process is over it after a batch (Linux; none: the cache keeps cache_bytes, 1 GiB by default). "
           "A larger budget "
           "keeps more galleries in memory (fewer reads on large corpora)", "run", cli_type=_float_or_none),
+    Param("spill_gb", 8.0, "option", lambda n, v: check_number(n, v, 0.0),
+          "disk in GiB for the gallery entries memory_gb evicts: a private temporary file (TMPDIR, deleted with "
+          "the process; never on tmpfs, at most a quarter of the free space) that a later miss reads back instead "
+          "of reading and preparing the image again; 0: none", "run", cli_type=float),
     Param("chunk_bytes", 64 << 20, "option", check_int, "gallery bytes searched at once by the faiss engine"),
     Param("stage2", "auto", "option", _choice(STAGE2_ENGINES),
           "exact stage-2 engine: pruned (bounds, CPU), dense (every pair, CPU), faiss (brute force, CPU/GPU); "
@@ -477,6 +481,7 @@ class RunOptions:
     workers: int = DEFAULTS["workers"]
     cache_bytes: int | None = DEFAULTS["cache_bytes"]
     memory_gb: float | None = DEFAULTS["memory_gb"]
+    spill_gb: float = DEFAULTS["spill_gb"]
     chunk_bytes: int = DEFAULTS["chunk_bytes"]
     stage2: str = DEFAULTS["stage2"]
     gpu_float16: bool = DEFAULTS["gpu_float16"]

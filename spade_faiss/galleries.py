@@ -7,7 +7,10 @@ images, so over a run each image is asked for at a rate of its own (retrieval ha
 near many others); when the cache holds most but not all of what a run asks for, least recently
 used eviction throws out images just before they are asked for again (on the user's run, 685
 normals with 92% of them fitting: 20 of each query's 50 images read again), while keeping the
-most asked-for ones misses only the rarely asked."""
+most asked-for ones misses only the rarely asked.
+
+What the bound evicts goes to the spill (``spill.py``) when there is one: a private file that a
+later miss reads back, a copy, instead of reading and preparing the image again."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from collections.abc import Callable, Hashable, Sequence
 import numpy as np
 
 from .resample import concat_levels
+from .spill import Spill
 
 
 class GalleryCache:
@@ -30,16 +34,20 @@ class GalleryCache:
     max_bytes : int
         Cached arrays beyond this many bytes are evicted, least frequently used first (ties:
         least recently used).
+    spill : Spill, optional
+        Where evicted values go, to be read back by a later miss (``spill.py``).
     """
 
-    def __init__(self, load: Callable[[list], list], max_bytes: int):
+    def __init__(self, load: Callable[[list], list], max_bytes: int, spill: Spill | None = None):
         self.load = load
         self.max_bytes = int(max_bytes)
+        self.spill = spill
         self._items: OrderedDict[Hashable, dict] = OrderedDict()  # least recently used first
         self._uses: Counter = Counter()  # every key ever asked for
         self.nbytes = 0
         self.hits = 0
-        self.misses = 0
+        self.misses = 0  # values loaded (read from the corpus and prepared)
+        self.restored = 0  # values read back from the spill
         self.bytes_read = 0
 
     def get(self, keys: Sequence[Hashable]) -> list[dict]:
@@ -47,13 +55,28 @@ class GalleryCache:
         self._uses.update(keys)
         missing = sorted({k for k in keys if k not in self._items})
         self.hits += sum(1 for k in keys if k not in missing)
-        self.misses += len(missing)
-        fresh = dict(zip(missing, self.load(missing))) if missing else {}
-        self.bytes_read += sum(_size(v) for v in fresh.values())
+        fresh = self._restore([k for k in missing if self.spill is not None and k in self.spill])
+        unread = [k for k in missing if k not in fresh]
+        self.misses += len(unread)
+        loaded = dict(zip(unread, self.load(unread))) if unread else {}
+        self.bytes_read += sum(_size(v) for v in loaded.values())
+        fresh.update(loaded)
         out = [fresh[k] if k in fresh else self._touch(k) for k in keys]
         for k, v in fresh.items():
             self._put(k, v)
         self._evict()  # once per call: the fresh values compete with the cached ones
+        return out
+
+    def _restore(self, keys: list) -> dict:
+        """Values of ``keys`` read back from the spill (a key whose read fails is loaded instead)."""
+        out = {}
+        for k in keys:
+            try:
+                out[k] = self.spill.get(k)
+            except OSError as e:
+                self.spill.stop(f"a read failed: {e}")
+                break
+        self.restored += len(out)
         return out
 
     def _touch(self, key: Hashable) -> dict:
@@ -62,7 +85,9 @@ class GalleryCache:
 
     def _put(self, i: Hashable, value: dict) -> None:
         size = _size(value)
-        if size > self.max_bytes:
+        if size > self.max_bytes:  # never cached: straight to the spill
+            if self.spill is not None:
+                self.spill.put(i, value)
             return
         self._items[i] = value
         self.nbytes += size
@@ -79,7 +104,10 @@ class GalleryCache:
         for key in sorted(self._items, key=lambda k: (self._uses[k], recency[k])):
             if self.nbytes <= self.max_bytes:
                 break
-            self.nbytes -= _size(self._items.pop(key))
+            value = self._items.pop(key)
+            self.nbytes -= _size(value)
+            if self.spill is not None:
+                self.spill.put(key, value)
 
     @property
     def hit_rate(self) -> float:

@@ -100,9 +100,11 @@ class AttachedCorpus:
         self.store.close()
 
 
-def attach(store: CorpusView, extractor: Callable, budget: MemoryBudget, seed: int) -> AttachedCorpus:
+def attach(store: CorpusView, extractor: Callable, budget: MemoryBudget, seed: int,
+           spill_bytes: int = 0) -> AttachedCorpus:
     """The attached state of ``store``: its image index loaded (and brought up to the committed
-    rows and the segments' when behind), the query pipeline, the paths and the thresholds."""
+    rows and the segments' when behind), the query pipeline (its gallery cache spilling up to
+    ``spill_bytes`` to disk), the paths and the thresholds."""
     index = ImageIndex.load(store)
     problem, ahead = None, False
     if index is None and len(store):
@@ -123,6 +125,6 @@ def attach(store: CorpusView, extractor: Callable, budget: MemoryBudget, seed: i
     store.removed_changed()
     if index is not None:
         index.exclude(store.removed_ids())  # images removed beside the corpus and not compacted yet
-    pipeline = QueryPipeline(store, index, extractor, budget, seed)
+    pipeline = QueryPipeline(store, index, extractor, budget, seed, spill_bytes)
     state = AttachedCorpus(store, index, pipeline, store.paths(), None, None, None, problem, ahead)
     return state.with_thresholds(store.thresholds())

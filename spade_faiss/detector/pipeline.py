@@ -21,6 +21,7 @@ from ..images import Prepared
 from ..memory import FLOOR_BYTES, MemoryBudget, release_freed_memory
 from ..resample import concat_levels
 from ..results import Retrieved
+from ..spill import Spill
 from ..store import FeatureStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -54,13 +55,15 @@ class QueryPipeline:
         Bounds the gallery cache (``cache_bytes``, and the process's memory budget).
     seed : int
         Seed of the sample the pruned engine's projections are fitted on (any sample is exact).
+    spill_bytes : int
+        Disk for the entries the cache evicts (``spill.py``; 0: none).
     """
 
     def __init__(self, store: FeatureStore, index: ImageIndex | None, extractor: Callable, budget: MemoryBudget,
-                 seed: int):
+                 seed: int, spill_bytes: int = 0):
         self.store, self.index, self.extractor, self.seed = store, index, extractor, seed
         self.budget = budget
-        self.cache = GalleryCache(self._load, budget.cache_bytes)
+        self.cache = GalleryCache(self._load, budget.cache_bytes, Spill(spill_bytes) if spill_bytes > 0 else None)
         self.timings = Counter()
         self.stats: dict[str, patch_search.SearchStats] = {}
         self.projections: dict[str, patch_search.Projection] = {}
@@ -170,36 +173,43 @@ class QueryPipeline:
         groups: dict[tuple, list[Retrieved]] = {}
         for r in retrieved:
             groups.setdefault(tuple(sorted(r.neighbour_ids.tolist())), []).append(r)
-        mode, levels = config.pixel_mode, config.levels
         settings = patch_search.SearchSettings(device, options.chunk_bytes, options.gpu_float16, config.window or 0)
         for key, members in groups.items():
-            engines = self._engines(mode, len(key), options.stage2, device, config, correspondences)
-            variant = (tuple(sorted(engines.items())), settings.keep_float16)  # what a prepared image depends on
-            with self.timed("gallery_io"):
-                try:
-                    galleries = cache.get([(mode, variant, i) for i in key])
-                except StoreError as e:  # a damaged gallery image: these queries fail, the others go on
-                    for m in members:
-                        m.error = str(e)
-                    continue
-            encoded = [self._search_space(m, mode, levels) for m in members]
-            query = {name: np.stack([e[name] for e in encoded]) for name in encoded[0]}
-            per_level, nearest = [], {}
-            for name, q in query.items():
-                with self.timed("stage2"), self.timed(f"stage2.{name}"):
-                    request = patch_search.LevelSearch(q, [g[name] for g in galleries], config.kappa,
-                                                       self.projections.get(name),
-                                                       self.stats.setdefault(name, patch_search.SearchStats()))
-                    dist, nearest[name] = patch_search.search_level(engines[name], request, settings)
-                per_level.append(dist)
-            with self.timed("post"):
-                maps = scoring.smooth(scoring.assemble_maps(per_level, config.crop), config.sigma)
-            for j, (m, amap) in enumerate(zip(members, maps)):
-                m.map = amap
-                if correspondences:
-                    m.correspondences = {name: _located(n[j], np.array(key), query[name].shape[2])
-                                         for name, n in nearest.items()}
-                    m.level_scores = {name: d[j] for name, d in zip(query, per_level)}
+            self._segment_group(key, members, cache, settings, config, options, device, correspondences)
+
+    def _segment_group(self, key: tuple, members: list[Retrieved], cache: GalleryCache, settings, config, options,
+                       device: str, correspondences: bool) -> None:
+        """Stage 2 of the queries that retrieved the images ``key``, one search over their gallery
+        (a function of its own: the gallery is let go before the next group's is read)."""
+        mode, levels = config.pixel_mode, config.levels
+        engines = self._engines(mode, len(key), options.stage2, device, config, correspondences)
+        variant = (tuple(sorted(engines.items())), settings.keep_float16)  # what a prepared image depends on
+        with self.timed("gallery_io"):
+            try:
+                galleries = cache.get([(mode, variant, i) for i in key])
+            except StoreError as e:  # a damaged gallery image: these queries fail, the others go on
+                for m in members:
+                    m.error = str(e)
+                return
+        encoded = [self._search_space(m, mode, levels) for m in members]
+        query = {name: np.stack([e[name] for e in encoded]) for name in encoded[0]}
+        per_level, nearest = [], {}
+        for name, q in query.items():
+            with self.timed("stage2"), self.timed(f"stage2.{name}"):
+                request = patch_search.LevelSearch(q, [g[name] for g in galleries], config.kappa,
+                                                   self.projections.get(name),
+                                                   self.stats.setdefault(name, patch_search.SearchStats()))
+                dist, nearest[name] = patch_search.search_level(engines[name], request, settings)
+            per_level.append(dist)
+        del galleries, request
+        with self.timed("post"):
+            maps = scoring.smooth(scoring.assemble_maps(per_level, config.crop), config.sigma)
+        for j, (m, amap) in enumerate(zip(members, maps)):
+            m.map = amap
+            if correspondences:
+                m.correspondences = {name: _located(n[j], np.array(key), query[name].shape[2])
+                                     for name, n in nearest.items()}
+                m.level_scores = {name: d[j] for name, d in zip(query, per_level)}
 
     def _search_space(self, r: Retrieved, mode: str, levels: tuple) -> dict:
         """One query's features in the stored representations' search space (per level, or

@@ -19,7 +19,7 @@ import numpy as np
 from .. import images, patch_search, scoring
 from ..backbone import FeatureExtractor, check_weights, load_extractor
 from ..config import DEFAULTS, PARAM, Maps, Parameters, check_values, make_configs, parameters_doc
-from ..memory import MemoryBudget
+from ..memory import GIB, MemoryBudget
 from ..representations import FIT_IMAGES
 from ..results import IndexReport, Retrieved, ScoredImage, SpadeResult
 from ..store import CorpusView, FeatureStore, join_shards, open_corpus, remove_rows, resolve, roll_back
@@ -73,7 +73,7 @@ class Spade(Parameters):
                  weights=DEFAULTS["weights"], seed=DEFAULTS["seed"], resize=DEFAULTS["resize"],
                  crop=DEFAULTS["crop"], levels=DEFAULTS["levels"], storage=DEFAULTS["storage"],
                  device=DEFAULTS["device"], batch_size=DEFAULTS["batch_size"], workers=DEFAULTS["workers"],
-                 cache_bytes=DEFAULTS["cache_bytes"], memory_gb=DEFAULTS["memory_gb"],
+                 cache_bytes=DEFAULTS["cache_bytes"], memory_gb=DEFAULTS["memory_gb"], spill_gb=DEFAULTS["spill_gb"],
                  chunk_bytes=DEFAULTS["chunk_bytes"], stage2=DEFAULTS["stage2"],
                  gpu_float16=DEFAULTS["gpu_float16"], index=DEFAULTS["index"], nlist=DEFAULTS["nlist"],
                  encoding=DEFAULTS["encoding"], target_recall=DEFAULTS["target_recall"]):
@@ -99,6 +99,7 @@ class Spade(Parameters):
         self.workers = workers
         self.cache_bytes = cache_bytes
         self.memory_gb = memory_gb
+        self.spill_gb = spill_gb
         self.chunk_bytes = chunk_bytes
         self.stage2 = stage2
         self.gpu_float16 = gpu_float16
@@ -242,7 +243,8 @@ class Spade(Parameters):
 
     def _attach(self, store: CorpusView) -> Spade:
         o = self.options_
-        self.corpus_ = attach(store, self._extractor, MemoryBudget(o.memory_gb, o.cache_bytes), o.seed)
+        self.corpus_ = attach(store, self._extractor, MemoryBudget(o.memory_gb, o.cache_bytes), o.seed,
+                              int(o.spill_gb * GIB))
         return self
 
     def close(self):
