@@ -274,7 +274,7 @@ PARAMETERS: tuple[Param, ...] = (
     Param("cache_bytes", None, "option", _optional(check_int),
           "bound of the gallery cache (features of retrieved images, reused across queries); default: what "
           "memory_gb leaves, or 1 GiB without a budget"),
-    Param("memory_gb", 4.0, "option", _optional(lambda n, v: check_number(n, v, 0.0, low_open=True)),
+    Param("memory_gb", 2.0, "option", _optional(lambda n, v: check_number(n, v, 0.0, low_open=True)),
           "resident memory budget in GiB: the gallery cache gets what the process leaves of it and shrinks "
           "when the process is over it after a batch (Linux; none: the cache keeps cache_bytes, 1 GiB by default). "
           "A larger budget "

@@ -323,6 +323,35 @@ def test_bf16_norm_parts_are_exact(rng):
     np.testing.assert_array_equal(parts.sum(1).numpy(), values.double().numpy())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_gallery_matrix_is_the_bound_operands_whatever_its_buffer_held(rng, dtype):
+    """Every value of a reused buffer is written (no zeroing): a buffer of NaN bytes and one of
+    zeros give the same matrix, and a query row times it is ||a~(q) - a~(g)||^2 + 2 lo(q).lo(g)
+    (the pad rows: at least the pad norm)."""
+    feats = [rng.standard_normal((3, 4, 20)).astype(np.float32) * s for s in (1.0, 3.0)]
+    proj = pruned.Projection.fit(np.concatenate([f.reshape(-1, 20) for f in feats]), 7)
+    ops = [pruned.prepare_image(proj, f, dtype).ops for f in feats]
+    width = ops[0].values.shape[1] + ops[0].split + 6
+    size = (24 + 5) * width * dtype.itemsize
+    made = [bounds.gallery_matrix(ops, 5, 2.0**40, torch.full((size + 64,), fill, dtype=torch.uint8))
+            for fill in (0xFF, 0x00)]
+    assert torch.equal(made[0].view(torch.uint8), made[1].view(torch.uint8)) and not made[0].isnan().any()
+    q = rng.standard_normal((6, 20)).astype(np.float32)
+    rows = pruned.make_operands(proj, q, dtype)
+    y = rows.rows.double() @ made[0].double().T
+    a_q, _ = proj.augment(q)
+    hi_q, lo_q, *_ = bounds._rounded(a_q, dtype, ops[0].split)
+    g_vals = torch.cat([o.values for o in ops]).double()
+    s = ops[0].split
+    a_tilde_g = g_vals[:, :g_vals.shape[1] - s].clone()
+    a_tilde_g[:, :s] += g_vals[:, g_vals.shape[1] - s:]
+    a_tilde_q = hi_q.double()
+    a_tilde_q[:, :s] += lo_q.double()
+    want = torch.cdist(a_tilde_q, a_tilde_g) ** 2 + 2 * lo_q.double() @ g_vals[:, g_vals.shape[1] - s:].T
+    np.testing.assert_allclose(y[:, :24].numpy(), want.numpy(), rtol=0.02, atol=1e-3 * float(want.max()))
+    assert (y[:, 24:] >= 2.0**40 * 0.99).all()
+
+
 def test_exact_distances_do_not_depend_on_the_batch(rng):
     q = torch.from_numpy(rng.standard_normal((50, 300)).astype(np.float32))
     g = torch.from_numpy(rng.standard_normal((50, 300)).astype(np.float32))

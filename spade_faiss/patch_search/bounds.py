@@ -8,8 +8,10 @@ call and slow the torch GEMMs that follow on a small machine (the engine's layer
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import threading
 import time
 
 import numpy as np
@@ -71,7 +73,7 @@ def split_columns(dtype: torch.dtype, width: int) -> int:
 @dataclasses.dataclass
 class Operands:
     """Query rows of the bound GEMM and their rounding bounds:
-    ``[-2 hi, -2 lo, -2 hi[:s], n1, n2, n3, 1, 1, 1]`` (``a~ = hi + lo``, ``lo`` on the first ``s``
+    ``[-2 hi, -2 hi[:s], -2 lo, n1, n2, n3, 1, 1, 1]`` (``a~ = hi + lo``, ``lo`` on the first ``s``
     columns, :func:`split_columns`)."""
 
     rows: torch.Tensor  # (n, m) in the operand dtype
@@ -87,7 +89,7 @@ class GalleryOperands:
     so the GEMM's error bound is unchanged and only ``rho`` grows, by about 2^-12 of ``||a||``;
     the operand type itself otherwise, bfloat16 as ``hi`` and the ``split`` leading columns'
     ``lo``) and ``fl32(||a~||^2)``; :func:`gallery_matrix` makes the GEMM rows
-    ``[hi, hi[:s], lo, 1, 1, 1, n1, n2, n3]`` of the images a search needs."""
+    ``[hi, lo, hi[:s], 1, 1, 1, n1, n2, n3]`` of the images a search needs (``values`` first, as kept)."""
 
     values: torch.Tensor  # (n, d + 1 + split): hi, then lo of the first split columns, in the storage type
     sqnorm: torch.Tensor  # (n,) float32, fl32(||a~||^2)
@@ -122,13 +124,13 @@ FLOAT16_SAFE = 2.0**15
 
 
 def make_operands(projection: Projection, x: np.ndarray, dtype: torch.dtype) -> Operands:
-    """Query rows ``[-2 hi, -2 lo, -2 hi[:s], n1, n2, n3, 1, 1, 1]`` (``n1 + n2 + n3 =
+    """Query rows ``[-2 hi, -2 hi[:s], -2 lo, n1, n2, n3, 1, 1, 1]`` (``n1 + n2 + n3 =
     fl32(||a~||^2)`` exactly), so that a row times a gallery row of :func:`gallery_matrix` is
     ``||a~(q) - a~(g)||^2 + 2 lo(q).lo(g)`` (the one product of low parts left out)."""
     aug, centred_norm = projection.augment(x)
     split = split_columns(dtype, aug.shape[1])
     hi, lo, sq, norm, low, err = _rounded(aug, dtype, split)
-    rows = torch.cat([-2 * hi, -2 * lo, -2 * hi[:, :split], norm_parts(sq, dtype),
+    rows = torch.cat([-2 * hi, -2 * hi[:, :split], -2 * lo, norm_parts(sq, dtype),
                       torch.ones(len(aug), 3, dtype=dtype)], dim=1)
     return Operands(rows.contiguous(), err + PROJ_EPS * centred_norm.numpy(), norm, low)
 
@@ -143,25 +145,58 @@ def make_gallery_operands(projection: Projection, x: np.ndarray, dtype: torch.dt
                            low, dtype, split)
 
 
-def gallery_matrix(ops: list[GalleryOperands], pad: int, pad_norm: float) -> torch.Tensor:
-    """The gallery rows ``[hi, hi[:s], lo, 1, 1, 1, n1, n2, n3]`` of ``ops`` stacked in the
-    operand type, and ``pad`` rows whose squared norm is ``pad_norm`` (they never pass a threshold)."""
+def gallery_matrix(ops: list[GalleryOperands], pad: int, pad_norm: float, buffer: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """The gallery rows ``[hi, lo, hi[:s], 1, 1, 1, n1, n2, n3]`` of ``ops`` stacked in the
+    operand type, and ``pad`` rows whose squared norm is ``pad_norm`` (they never pass a
+    threshold); in ``buffer`` (uint8, large enough: :func:`workspace`) when given. Every value is
+    written: a reused buffer needs no zeroing, and a fresh one no page faults of its own (a new
+    40 MB matrix per layer1 search cost ~8 ms of faults; the layout with ``values`` first copies
+    each image once)."""
     dtype, split = ops[0].operand, ops[0].split
     n = sum(len(o.values) for o in ops)
-    full = ops[0].values.shape[1] - split  # d + 1
+    kept = ops[0].values.shape[1]  # d + 1 + split: hi, then lo
+    full = kept - split
     width = full + 2 * split + 6
-    out = torch.zeros(n + pad, width, dtype=dtype)
+    if buffer is None:
+        out = torch.empty(n + pad, width, dtype=dtype)
+    else:
+        out = buffer[: (n + pad) * width * dtype.itemsize].view(dtype).view(n + pad, width)
     at = 0
     for o in ops:
-        rows = out[at:at + len(o.values)]
-        rows[:, :full] = o.values[:, :full]  # float16 -> float32 is exact
-        rows[:, full:full + split] = o.values[:, :split]
-        rows[:, full + split:full + 2 * split] = o.values[:, full:]
+        out[at:at + len(o.values), :kept] = o.values  # float16 -> float32 is exact
         at += len(o.values)
+    out[:n, kept:kept + split] = out[:n, :split]
     out[:, width - 6:width - 3] = 1
     out[:n, width - 3:] = norm_parts(torch.cat([o.sqnorm for o in ops]), dtype)
-    out[n:, width - 3] = pad_norm
+    if pad:
+        out[n:, :width - 6] = 0
+        out[n:, width - 3] = pad_norm
+        out[n:, width - 2:] = 0
     return out
+
+
+_free: list[torch.Tensor] = []  # buffers given back (at most KEPT_BUFFERS, the largest)
+_free_lock = threading.Lock()
+KEPT_BUFFERS = 2
+
+
+@contextlib.contextmanager
+def workspace(nbytes: int):
+    """A uint8 buffer of at least ``nbytes`` for one search's gallery matrix, reused from one
+    search to the next (a pool: concurrent searches, e.g. a service's corpora, take one each)."""
+    with _free_lock:
+        fits = [i for i, b in enumerate(_free) if b.numel() >= nbytes]
+        buffer = _free.pop(min(fits, key=lambda i: _free[i].numel())) if fits else None
+    if buffer is None:
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+    try:
+        yield buffer
+    finally:
+        with _free_lock:
+            _free.append(buffer)
+            _free.sort(key=torch.Tensor.numel, reverse=True)
+            del _free[KEPT_BUFFERS:]
 
 
 def norm_parts(n32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -81,6 +81,7 @@ from .bounds import (
     make_operands,
     operand_dtype,
     prepare_image,
+    workspace,
 )
 from .exact import STEP_BYTES, SUM_EPS, gallery_offsets, kappa_smallest, locate, pair_distances, row_reader
 
@@ -139,7 +140,20 @@ def search(query: np.ndarray, gallery: list[PreparedImage], kappa: int, projecti
     q = torch.from_numpy(np.ascontiguousarray(query.reshape(b * h * w, c), dtype=np.float32))
     dtype = images[0].ops.operand
     ops = make_operands(projection, q.numpy(), dtype)
-    cols = gallery_matrix([g.ops for g in images], -total % (BLOCK * SUPER), PAD_NORM)
+    pad = -total % (BLOCK * SUPER)
+    with workspace((total + pad) * ops.rows.shape[1] * ops.rows.element_size()) as buffer:
+        cols = gallery_matrix([g.ops for g in images], pad, PAD_NORM, buffer)
+        dist, nearest = _search_passes(q, ops, cols, images, offsets, kappa, stats)
+    image, position = locate(nearest, offsets)
+    located = np.stack([images_of[image], position], axis=-1)
+    return dist.reshape(b, h, w), located.reshape(b, h, w, 2)
+
+
+def _search_passes(q, ops, cols, images, offsets, kappa, stats):
+    """The kappa smallest exact distances (float32) and the nearest column (int64) of every
+    query row, in passes of rows (:func:`search`)."""
+    total = int(offsets[-1])
+    dtype = ops.rows.dtype
     rows_of = row_reader([g.feats for g in images], offsets)
     m = cols.shape[1]
     gamma = 1.01 * m * 2.0**-24 / (1 - m * 2.0**-24) + 2.0**-24
@@ -168,9 +182,7 @@ def search(query: np.ndarray, gallery: list[PreparedImage], kappa: int, projecti
             stats.exact += len(d) + (stop - start) * kappa
         dist[start:stop], nearest[start:stop] = kappa_smallest(q_idx.numpy(), g_idx.numpy(), d.numpy(),
                                                                 stop - start, kappa)
-    image, position = locate(nearest, offsets)
-    located = np.stack([images_of[image], position], axis=-1)
-    return dist.reshape(b, h, w), located.reshape(b, h, w, 2)
+    return dist, nearest
 
 
 def _unique(gallery: list[PreparedImage]):
