@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import enum
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -108,12 +109,14 @@ def _check_text(name, value):
 
 
 def check_number(name, value, low: float, high: float | None = None, low_open: bool = False):
-    """A real number in ``[low, high]`` (``(low, high]`` when ``low_open``)."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and \
+    """A finite real number in ``[low, high]`` (``(low, high]`` when ``low_open``; no ``high``:
+    any finite number above ``low``: an infinite budget, width or size is no setting, and one
+    reached ``int()`` and failed there)."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and \
         (value > low if low_open else value >= low) and (high is None or value <= high)
     if not ok:
-        span = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]"
-        raise ValueError(f"{name}={value!r}: expected a number in {span}")
+        span = f"{'(' if low_open else '['}{low}, " + (f"{high}]" if high is not None else "inf)")
+        raise ValueError(f"{name}={value!r}: expected a finite number in {span}")
 
 
 def check_encoding(name, encoding) -> None:
@@ -279,7 +282,7 @@ PARAMETERS: tuple[Param, ...] = (
           "when the process is over it after a batch (Linux; none: the cache keeps cache_bytes, 1 GiB by default). "
           "A larger budget "
           "keeps more galleries in memory (fewer reads on large corpora)", "run", cli_type=_float_or_none),
-    Param("spill_gb", 8.0, "option", lambda n, v: check_number(n, v, 0.0),
+    Param("spill_gb", 8.0, "option", lambda n, v: check_number(n, v, 0.0, 1e6),
           "disk in GiB for the gallery entries memory_gb evicts: a private temporary file (TMPDIR, deleted with "
           "the process; never on tmpfs, at most a quarter of the free space) that a later miss reads back instead "
           "of reading and preparing the image again; 0: none", "run", cli_type=float),

@@ -9,7 +9,8 @@ written once, as they are, and read back with one ``preadv`` (the interpreter is
 
 The file is this process's own: created in the temporary folder (``TMPDIR``) and unlinked at
 once, so nothing is left behind by a crash and no other process can see or change it; what is
-read back is what this process wrote, as from memory. The operating system's page cache holds
+read back is what this process wrote, as from memory (a forked child sees none of it: it would
+write over its parent's entries). The operating system's page cache holds
 it while memory is free (none of it is this process's resident set; the kernel writes it out
 and drops it under pressure, and a read then costs a disk read). Not on a memory file system
 (tmpfs, ramfs: there the file would be memory that cannot be reclaimed), and at most
@@ -108,9 +109,10 @@ class Spill:
         self.writes = 0
         self.off = self.max_bytes <= 0
         self.why_off: str | None = None
+        self._pid = os.getpid()
 
     def __contains__(self, key: Hashable) -> bool:
-        return key in self._where
+        return key in self._where and self._pid == os.getpid()  # a forked child has none: the file is its parent's
 
     def __len__(self) -> int:
         return len(self._where)
@@ -141,6 +143,8 @@ class Spill:
 
     def put(self, key: Hashable, value) -> bool:
         """Write ``value`` once (a key already there is kept); False when it was not written."""
+        if self._pid != os.getpid():  # a forked child writes nothing into its parent's file
+            return False
         if self.off or key in self._where:
             return key in self._where
         arrays: list[np.ndarray] = []

@@ -65,6 +65,17 @@ def test_entries_come_back_bitwise_and_the_file_is_private(tmp_path, rng):
     assert len(spill) == 0
 
 
+def test_a_forked_child_neither_reads_nor_writes_its_parents_spill(tmp_path):
+    spill = Spill(1 << 20, folder=str(tmp_path))
+    assert spill.put(1, {"x": np.arange(10)})
+    pid = os.fork()
+    if pid == 0:  # the child: the file is its parent's
+        os._exit(0 if 1 not in spill and not spill.put(2, {"x": np.zeros(10)}) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert same(spill.get(1), {"x": np.arange(10)}) and 2 not in spill and spill.size == 128
+
+
 def test_the_bound_is_kept_and_what_does_not_fit_is_dropped(tmp_path):
     value = {"x": np.arange(1000, dtype=np.float32)}  # 4000 bytes: 4032 with alignment
     spill = Spill(10_000, folder=str(tmp_path))
