@@ -281,10 +281,11 @@ PARAMETERS: tuple[Param, ...] = (
           "resident memory budget in GiB: the gallery cache gets what the process leaves of it and shrinks "
           "when the process is over it after a batch (Linux; none: the cache keeps cache_bytes, 1 GiB by default). "
           "A larger budget "
-          "keeps more galleries in memory (fewer reads on large corpora)", "run", cli_type=_float_or_none),
+          "keeps more galleries in memory (fewer read back from the spill, spill_gb)", "run", cli_type=_float_or_none),
     Param("spill_gb", 8.0, "option", lambda n, v: check_number(n, v, 0.0, 1e6),
           "disk in GiB for the gallery entries memory_gb evicts: a private temporary file (TMPDIR, deleted with "
-          "the process; never on tmpfs, at most a quarter of the free space) that a later miss reads back instead "
+          "the process; never on tmpfs, at most a quarter of the free space, never below 2 GiB free) that a later "
+          "miss reads back instead "
           "of reading and preparing the image again; 0: none", "run", cli_type=float),
     Param("chunk_bytes", 64 << 20, "option", check_int, "gallery bytes searched at once by the faiss engine"),
     Param("stage2", "auto", "option", _choice(STAGE2_ENGINES),

@@ -13,9 +13,11 @@ read back is what this process wrote, as from memory (a forked child sees none o
 write over its parent's entries). The operating system's page cache holds
 it while memory is free (none of it is this process's resident set; the kernel writes it out
 and drops it under pressure, and a read then costs a disk read). Not on a memory file system
-(tmpfs, ramfs: there the file would be memory that cannot be reclaimed), and at most
-``max_bytes`` and a quarter of the folder's free space when the spill is created; an entry that
-does not fit, or any error of the file, is dropped as before (a warning, once).
+(tmpfs, ramfs: there the file would be memory that cannot be reclaimed); at most ``max_bytes``
+and a quarter of the folder's free space when the spill is created, and no write that would
+leave the file system less than ``KEEP_FREE_BYTES`` free (the spills of a service's corpora and
+whatever else writes there share the disk). An entry that does not fit is dropped as before; an
+error of the file stops the spill (a warning, once).
 
 An entry is any structure of dicts, tuples and dataclasses whose arrays are numpy arrays or
 torch tensors (``PreparedImage``, ``DenseImage``, plain arrays): it is pickled with its arrays
@@ -41,7 +43,10 @@ log = logging.getLogger(__name__)
 
 GIB = 2**30
 ALIGN = 64
-FREE_SHARE = 0.25  # at most this share of the folder's free space
+FREE_SHARE = 0.25  # at most this share of the folder's free space when the spill starts
+# and never a write that leaves the file system with less free than this (several spills, one per
+# attached corpus of a service, and whatever else writes there, share the disk)
+KEEP_FREE_BYTES = 2 * GIB
 MEMORY_FILE_SYSTEMS = {"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"}
 
 
@@ -134,6 +139,14 @@ class Spill:
         self._closer = weakref.finalize(self, os.close, fd)  # the file goes with the spill
         return True
 
+    def _room_for(self, nbytes: int) -> bool:
+        """Whether writing ``nbytes`` leaves the file system ``KEEP_FREE_BYTES`` free (a full
+        spill is one that cannot grow: what does not fit is dropped, no warning)."""
+        try:
+            return shutil.disk_usage(self.folder).free - nbytes >= KEEP_FREE_BYTES
+        except OSError:
+            return False
+
     def stop(self, why: str) -> bool:
         """Spill no more (the file closed, what it held forgotten), with a warning saying why."""
         self.off, self.why_off = True, why
@@ -152,7 +165,7 @@ class Spill:
         _Writer(skeleton, arrays).dump(value)
         sizes = [a.nbytes for a in arrays]
         total = sum(-(-n // ALIGN) * ALIGN for n in sizes)
-        if self.size + total > self.max_bytes or not self._open():
+        if self.size + total > self.max_bytes or not self._open() or not self._room_for(total):
             return False
         views, pad = [], bytes(ALIGN)
         for a, n in zip(arrays, sizes):

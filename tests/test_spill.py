@@ -84,6 +84,21 @@ def test_the_bound_is_kept_and_what_does_not_fit_is_dropped(tmp_path):
     assert same(spill.get(2), value)
 
 
+def test_no_write_leaves_the_disk_less_than_its_free_reserve(tmp_path, monkeypatch):
+    """Several spills (a service's corpora) and other writers share a disk: a write that would
+    leave less than KEEP_FREE_BYTES free is not made (the entry is dropped, the spill goes on)."""
+    import shutil
+
+    from spade_faiss import spill as spill_module
+
+    free = shutil.disk_usage(tmp_path).free
+    spill = Spill(1 << 30, folder=str(tmp_path))
+    monkeypatch.setattr(spill_module, "KEEP_FREE_BYTES", free + (1 << 30))  # no room at all
+    assert not spill.put(1, {"x": np.zeros(1000, np.float32)}) and 1 not in spill and not spill.off
+    monkeypatch.setattr(spill_module, "KEEP_FREE_BYTES", 0)
+    assert spill.put(1, {"x": np.zeros(1000, np.float32)}) and 1 in spill
+
+
 def test_no_spill_on_a_memory_file_system(tmp_path, caplog):
     shm = "/dev/shm"
     if file_system(shm) != "tmpfs":
