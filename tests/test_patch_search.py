@@ -604,6 +604,30 @@ def test_recomputed_bounds_are_each_pair_s_products_within_the_float32_bound(rng
     assert pruned._bounds(a, cols, q_idx[:0], blocks[:0]).shape == (0, pruned.BLOCK)
 
 
+def test_recomputed_bounds_come_in_few_product_shapes_whatever_the_number_of_pairs(rng, monkeypatch):
+    """Each shape of a bfloat16 bmm is a oneDNN primitive kept in its cache with its own code:
+    one per number of pairs had grown the resident set ~3 MB per image (eighteenth wave). Over
+    200 different pair counts the products take a handful of shapes (powers of two from 64 up to
+    a step; the padding's values are never read: the bitwise oracle tests above run through it)."""
+    shapes = set()
+    real_bmm = torch.bmm
+
+    def bmm(x, y):  # the real product; its shape recorded
+        shapes.add((tuple(x.shape), tuple(y.shape)))
+        return real_bmm(x, y)
+    width, n_blocks, n_queries = 40, 12, 30
+    cols = torch.from_numpy(rng.standard_normal((n_blocks * pruned.BLOCK, width)).astype(np.float32)).bfloat16()
+    a = torch.from_numpy(rng.standard_normal((n_queries, width)).astype(np.float32)).bfloat16()
+    step = max(64, pruned.STEP_BYTES // ((pruned.BLOCK + pruned.GROUP) * width * 2))
+    monkeypatch.setattr(torch, "bmm", bmm)
+    for pairs in range(1, 2 * step * pruned.GROUP, 2 * step * pruned.GROUP // 200):
+        blocks = torch.from_numpy(rng.integers(0, n_blocks, pairs))
+        q_idx = torch.from_numpy(rng.permutation(pairs) % n_queries)
+        assert pruned._bounds(a, cols, q_idx, blocks).shape == (pairs, pruned.BLOCK)
+    sizes = sorted({x[0] for x, _ in shapes})
+    assert len(sizes) <= 8 and all(n == step or (n >= 64 and n & (n - 1) == 0) for n in sizes), sizes
+
+
 def _bound_lemma_holds(proj, q, g) -> tuple[bool, np.ndarray]:
     """Whether every (query, gallery) pair's GEMM output is within the threshold's bound of the
     true squared distance (float64), and the queries' rho."""
