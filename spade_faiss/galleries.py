@@ -111,7 +111,8 @@ class GalleryCache:
 
     @property
     def hit_rate(self) -> float:
-        total = self.hits + self.misses
+        """Share of the values asked for that were in memory (neither loaded nor read back)."""
+        total = self.hits + self.misses + self.restored
         return self.hits / total if total else 0.0
 
 

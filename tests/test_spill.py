@@ -137,6 +137,7 @@ def test_the_cache_reads_evicted_entries_back_instead_of_loading_them(tmp_path):
         assert [int(v["x"][0]) for v in got] == keys and all(v["x"].shape == (100,) for v in got)
     assert sorted(loads) == [1, 2, 3, 4, 5]  # each loaded once
     assert cache.misses == 5 and cache.restored == 3 and cache.hits == 1 and cache.nbytes <= 250
+    assert cache.hit_rate == 1 / 9
 
 
 @pytest.fixture(scope="module")
