@@ -36,17 +36,21 @@ def resolve_device(device: str = DEFAULTS["device"]) -> torch.device:
     return dev
 
 
-def imagenet_weights(backbone: str):
-    """The torchvision ImageNet weights enum member used for ``backbone`` (IMAGENET1K_V1)."""
-    import torchvision  # only where its weights registry is needed (see resnets.py)
-
-    return torchvision.models.get_model_weights(backbone).IMAGENET1K_V1
+# The CNNs' ImageNet weights: torchvision's IMAGENET1K_V1 files, by URL (the 8 hex digits in each
+# name are the start of its sha256, checked on download by torch.hub). Reading them this way needs
+# no torchvision, whose import (torch._dynamo's) took ~1.5 s of every command's start
+# (eighteenth wave; ``tests/test_backbone.py`` checks the table against torchvision's registry).
+IMAGENET_URLS = {
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "wide_resnet50_2": "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
+    "wide_resnet101_2": "https://download.pytorch.org/models/wide_resnet101_2-32ee1156.pth",
+}
 
 
 def imagenet_cache_path(backbone: str) -> Path:
     """Where the torch hub cache (``TORCH_HOME``) keeps the ImageNet file of ``backbone``."""
-    url = imagenet_weights(backbone).url
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(IMAGENET_URLS[backbone])
 
 
 PUBLISHED = ("imagenet", "pretrained")  # the published weights: ImageNet for the CNNs, the hub's for ViTs
@@ -77,12 +81,12 @@ def load_state_dict(backbone: str, weights) -> dict | None:
     if weights in PUBLISHED and backbone in VIT_BACKBONES:
         return _hub_state_dict(backbone)
     if weights in PUBLISHED:
-        w = imagenet_weights(backbone)
-        try:
-            return w.get_state_dict(progress=True, check_hash=True)
+        url = IMAGENET_URLS[backbone]
+        try:  # what torchvision's Weights.get_state_dict does, from the hub cache when the file is there
+            return torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True, weights_only=True)
         except Exception as e:  # urllib/OSError/hash errors all mean "could not obtain"
             raise WeightsError(
-                f"could not obtain ImageNet weights for {backbone} from {w.url} ({e}). "
+                f"could not obtain ImageNet weights for {backbone} from {url} ({e}). "
                 f"Without network, copy that file to {imagenet_cache_path(backbone)} or pass "
                 f"a local state_dict with weights=PATH (CLI: --weights PATH)") from None
     path = Path(weights)

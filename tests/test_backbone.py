@@ -1,6 +1,9 @@
 """Features equal a direct torchvision forward, bit for bit; weights resolution and its errors."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ import torchvision
 
 from spade_faiss import backbone
 from spade_faiss.backbone import FeatureExtractor, WeightsError
+from spade_faiss.config import CNN_BACKBONES
 
 
 def _direct_forward(model, x):
@@ -108,11 +112,24 @@ def test_imagenet_failure_says_how_to_pass_a_local_file(monkeypatch, tmp_path):
     assert str(tmp_path) in msg and "resnet18-f37072fd.pth" in msg
 
 
-def test_imagenet_weights_are_v1_from_the_hub_cache(monkeypatch, tmp_path):
+def test_imagenet_weights_are_torchvisions_v1_files_from_the_hub_cache(monkeypatch, tmp_path):
+    """The URL table is torchvision's registry (IMAGENET1K_V1) for every CNN, and the file in the
+    hub cache is what a model loads, in a process that never imports torchvision."""
+    for name in backbone.IMAGENET_URLS:
+        assert backbone.IMAGENET_URLS[name] == torchvision.models.get_model_weights(name).IMAGENET1K_V1.url
+    assert set(backbone.IMAGENET_URLS) == set(CNN_BACKBONES)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    w = backbone.imagenet_weights("wide_resnet50_2")
-    assert w.name == "IMAGENET1K_V1"
-    assert backbone.imagenet_cache_path("wide_resnet50_2") == tmp_path / "hub" / "checkpoints" / w.url.rsplit("/", 1)[1]
+    cached = backbone.imagenet_cache_path("resnet18")
+    assert cached == tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    state = FeatureExtractor("resnet18", weights=None, device="cpu", seed=3).model.state_dict()
+    torch.save(state, cached)  # stands for the published file (the download is the network boundary)
+    code = ("import sys; from spade_faiss.backbone import FeatureExtractor; "
+            "e = FeatureExtractor('resnet18', 'imagenet', 'cpu'); "
+            "print(e.weights_sha256, 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "TORCH_HOME": str(tmp_path)}).stdout.split()
+    assert out == [FeatureExtractor("resnet18", weights=None, device="cpu", seed=3).weights_sha256, "False"]
 
 
 def test_float16_levels_are_the_rounded_float32_levels(rng):
