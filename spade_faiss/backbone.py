@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .config import BACKBONES, DEFAULTS, VIT_BACKBONES
-from .resnets import ResNet
+from .resnets import ResNet, random_init
 
 log = logging.getLogger(__name__)
 
@@ -180,9 +180,7 @@ def _random_init(backbone: str, seed: int) -> dict:
             from .vits import ViT
 
             return ViT(backbone).state_dict()
-        import torchvision
-
-        return torchvision.models.get_model(backbone, weights=None).state_dict()
+        return random_init(backbone)  # torchvision's, drawn without importing it
 
 
 COMPUTES = ("float32", "bfloat16")  # the backbone's arithmetic (FeatureExtractor.__call__'s ``compute``)

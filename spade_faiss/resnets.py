@@ -4,11 +4,14 @@ architecture of He et al. (2016) and Zagoruyko & Komodakis (2016) as torchvision
 unchanged), cut where SPADE reads it: ``layer1..3`` and the pooled ``layer4``.
 
 Why not torchvision's own: importing ``torchvision`` imports ``torch._dynamo`` (1.7 of its
-1.9 s here), more than building and loading the model. torchvision is still what draws a
-seeded random init and downloads the ImageNet weights (``backbone.py``), imported only then.
+1.9 s here), more than building and loading the model. Its seeded random init is drawn here as
+its constructor draws it (:func:`random_init`, equal bit for bit: ``tests/test_backbone.py``), and
+its ImageNet files are read by URL (``backbone.IMAGENET_URLS``): no command imports it.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -112,3 +115,32 @@ class ResNet(nn.Module):
         l2 = self.layer2(l1)
         l3 = self.layer3(l2)
         return {"layer1": l1, "layer2": l2, "layer3": l3, "pool": torch.flatten(self.avgpool(self.layer4(l3)), 1)}
+
+
+def random_init(name: str) -> dict[str, torch.Tensor]:
+    """torchvision's random init of ``name`` as a state_dict, drawn from torch's global random
+    state exactly as its constructor draws it: every module's own init at construction, in
+    torchvision's order (a stage's shortcut convolution before its first block's), which
+    ``kaiming_normal_`` then overwrites for every convolution in module order; the classifier
+    keeps its construction draws; batch norms are ones and zeros."""
+    with torch.device("meta"):
+        model = ResNet(name)
+    model = model.to_empty(device="cpu")
+    uniform = lambda shape: nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5))  # noqa: E731
+    uniform(model.conv1.weight.shape)
+    for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in stage:
+            if block.downsample is not None:
+                uniform(block.downsample[0].weight.shape)
+            for conv in ("conv1", "conv2", "conv3"):
+                if hasattr(block, conv):
+                    uniform(getattr(block, conv).weight.shape)
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(model.fc.weight, a=math.sqrt(5))
+        nn.init.uniform_(model.fc.bias, -1 / math.sqrt(model.fc.in_features), 1 / math.sqrt(model.fc.in_features))
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                m.reset_parameters()  # weight 1, bias 0, running mean 0 and variance 1, no batches
+    return model.state_dict()

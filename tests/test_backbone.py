@@ -112,9 +112,24 @@ def test_imagenet_failure_says_how_to_pass_a_local_file(monkeypatch, tmp_path):
     assert str(tmp_path) in msg and "resnet18-f37072fd.pth" in msg
 
 
+@pytest.mark.parametrize("name", CNN_BACKBONES)
+def test_the_seeded_random_init_is_torchvisions_bit_for_bit(name):
+    """The identity of every random-init corpus: drawn without torchvision, the same tensors
+    (names, dtypes, bits) as its constructor draws from the same seed."""
+    from spade_faiss.resnets import random_init
+
+    torch.manual_seed(5)
+    ours = random_init(name)
+    torch.manual_seed(5)
+    theirs = torchvision.models.get_model(name, weights=None).state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_imagenet_weights_are_torchvisions_v1_files_from_the_hub_cache(monkeypatch, tmp_path):
     """The URL table is torchvision's registry (IMAGENET1K_V1) for every CNN, and the file in the
-    hub cache is what a model loads, in a process that never imports torchvision."""
+    hub cache is what a model loads, in a process that never imports torchvision (nor does a
+    random init)."""
     for name in backbone.IMAGENET_URLS:
         assert backbone.IMAGENET_URLS[name] == torchvision.models.get_model_weights(name).IMAGENET1K_V1.url
     assert set(backbone.IMAGENET_URLS) == set(CNN_BACKBONES)
@@ -126,10 +141,12 @@ def test_imagenet_weights_are_torchvisions_v1_files_from_the_hub_cache(monkeypat
     torch.save(state, cached)  # stands for the published file (the download is the network boundary)
     code = ("import sys; from spade_faiss.backbone import FeatureExtractor; "
             "e = FeatureExtractor('resnet18', 'imagenet', 'cpu'); "
-            "print(e.weights_sha256, 'torchvision' in sys.modules)")
+            "r = FeatureExtractor('resnet18', None, 'cpu', seed=3); "
+            "print(e.weights_sha256, r.weights_sha256, 'torchvision' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "TORCH_HOME": str(tmp_path)}).stdout.split()
-    assert out == [FeatureExtractor("resnet18", weights=None, device="cpu", seed=3).weights_sha256, "False"]
+    random_init = FeatureExtractor("resnet18", weights=None, device="cpu", seed=3).weights_sha256
+    assert out == [random_init, random_init, "False"]  # neither ImageNet weights nor a random init import it
 
 
 def test_float16_levels_are_the_rounded_float32_levels(rng):
