@@ -5,6 +5,7 @@ in test_distributed.py, the evaluation plots also in test_evaluation.py)."""
 import json
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -148,8 +149,15 @@ def test_bench_quick_writes_only_to_its_folder(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 0 and (tmp_path / "bench" / "image_index.png").is_file()
     assert tracked_state() == before  # nothing in the repository was written
-    code, _, err = run(capsys, "bench", "nope")
-    assert code == cli.EXIT_ERROR and "unknown benchmark(s) ['nope']" in errors(err)[0]
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(tempfile, "tempdir", str(temp))  # where a bench without --out puts its files
+        code, _, err = run(capsys, "bench", "nope")
+        assert code == cli.EXIT_ERROR and "unknown benchmark(s) ['nope']" in errors(err)[0]
+        code, _, err = run(capsys, "bench", "compress", "only-one")
+        assert code == cli.EXIT_ERROR and "needs CORPUS HELD_OUT" in errors(err)[0]
+    assert list(temp.iterdir()) == []  # a refused request leaves no folder behind
 
 
 def test_messages_say_what_to_do(tmp_path, corpus, dataset, capsys, monkeypatch):

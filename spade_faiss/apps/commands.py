@@ -385,22 +385,22 @@ def cmd_bench(args) -> int:
     folder = Path(__file__).resolve().parents[2] / "benchmarks"
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: benchmarks/ ships with the source tree; run from a checkout")
-    if args.out is None:
+    which = args.which or list(BENCHES)
+    if which[0] == "compress" and len(which) != 3:
+        raise ValueError("bench compress needs CORPUS HELD_OUT: a corpus file and held-out images "
+                         "(an MVTec category's test/ gives AUROC and AU-PRO too)")
+    unknown = sorted(set(which) - set(BENCHES)) if which[0] != "compress" else []
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}: expected any of {list(BENCHES)}")
+    if args.out is None:  # made once the request is known to be sound: a refused one leaves nothing behind
         import tempfile
 
         args.out = tempfile.mkdtemp(prefix="spade-bench-")
         print(f"spade-faiss: benchmark files go to {args.out}", file=sys.stderr)
-    which = args.which or list(BENCHES)
     if which[0] == "compress":
-        if len(which) != 3:
-            raise ValueError("bench compress needs CORPUS HELD_OUT: a corpus file and held-out images "
-                             "(an MVTec category's test/ gives AUROC and AU-PRO too)")
         cmd = [sys.executable, str(folder / "bench_compress.py"), "--corpus", which[1], "--held-out", which[2],
                "--out", args.out]
         return subprocess.call(cmd)
-    unknown = sorted(set(which) - set(BENCHES))
-    if unknown:
-        raise ValueError(f"unknown benchmark(s) {unknown}: expected any of {list(BENCHES)}")
     os.makedirs(args.out, exist_ok=True)
     for name in which:
         script, quick = BENCHES[name]
