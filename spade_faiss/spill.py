@@ -39,15 +39,21 @@ from collections.abc import Hashable
 import numpy as np
 import torch
 
+from .memory import GIB
+
 log = logging.getLogger(__name__)
 
-GIB = 2**30
 ALIGN = 64
 FREE_SHARE = 0.25  # at most this share of the folder's free space when the spill starts
 # and never a write that leaves the file system with less free than this (several spills, one per
 # attached corpus of a service, and whatever else writes there, share the disk)
 KEEP_FREE_BYTES = 2 * GIB
 MEMORY_FILE_SYSTEMS = {"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"}
+
+
+def _aligned(nbytes: int) -> int:
+    """The bytes an array of ``nbytes`` takes in the file: up to the next multiple of ``ALIGN``."""
+    return -(-nbytes // ALIGN) * ALIGN
 
 
 def file_system(path: str) -> str | None:
@@ -164,14 +170,14 @@ class Spill:
         skeleton = io.BytesIO()
         _Writer(skeleton, arrays).dump(value)
         sizes = [a.nbytes for a in arrays]
-        total = sum(-(-n // ALIGN) * ALIGN for n in sizes)
+        total = sum(_aligned(n) for n in sizes)
         if self.size + total > self.max_bytes or not self._open() or not self._room_for(total):
             return False
         views, pad = [], bytes(ALIGN)
         for a, n in zip(arrays, sizes):
             views.append(memoryview(a))
-            if n % ALIGN:
-                views.append(pad[: ALIGN - n % ALIGN])
+            if _aligned(n) > n:
+                views.append(pad[: _aligned(n) - n])
         try:
             written = os.pwritev(self._fd, views, self.size) if views else 0
             if written != total:
@@ -188,7 +194,7 @@ class Spill:
         """The value written under ``key`` (a ``KeyError`` when there is none): one read into
         one buffer, whose aligned parts are the value's arrays."""
         offset, skeleton, sizes = self._where[key]
-        total = sum(-(-n // ALIGN) * ALIGN for n in sizes)
+        total = sum(_aligned(n) for n in sizes)
         buffer = np.empty(total, np.uint8)
         read = os.preadv(self._fd, [memoryview(buffer)], offset) if total else 0
         if read != total:
@@ -196,7 +202,7 @@ class Spill:
         arrays, at = [], 0
         for n in sizes:
             arrays.append(buffer[at:at + n])
-            at += -(-n // ALIGN) * ALIGN
+            at += _aligned(n)
         self.reads += 1
         return _Reader(io.BytesIO(skeleton), arrays).load()
 
