@@ -1,5 +1,9 @@
 """Shared fixtures: tiny seeded datasets written as real PNG files, and small-backbone params."""
 
+import contextlib
+import os
+import subprocess
+
 import numpy as np
 import pytest
 
@@ -25,3 +29,19 @@ def rng():
 # open a corpus (they take its features and weights from the corpus).
 FEAT = ["--backbone", "resnet18", "--weights", "none", "--resize", "72", "--crop", "64", "--device", "cpu"]
 RUN = ["--device", "cpu"]
+
+
+@contextlib.contextmanager
+def small_disk(tmp_path, kib: int):
+    """A real file system of ``kib`` KiB (tmpfs; needs root, which CI has)."""
+    disk = tmp_path / "small_disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        if os.environ.get("CI"):  # CI runs as root: there the test must run, not skip
+            pytest.fail("cannot mount a small tmpfs")
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

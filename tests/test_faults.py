@@ -1,7 +1,6 @@
 """Crashes and corruption: SIGKILL during indexing at seeded points, truncated and bit-flipped
 files, a stale index, changed sources. Real subprocesses, real files."""
 
-import contextlib
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ from spade_faiss.apps.verify import verify
 from spade_faiss.store import FeatureStore
 from spade_faiss.synthetic import texture, write_png
 
-from .conftest import FEAT, RUN
+from .conftest import FEAT, RUN, small_disk
 
 KILL_POINTS = 10
 
@@ -224,20 +223,6 @@ def test_a_file_size_limit_during_an_append_is_a_clean_error_and_the_corpus_stay
     _intact(store, 12)
 
 
-@contextlib.contextmanager
-def small_disk(tmp_path, kib: int):
-    """A real file system of ``kib`` KiB (tmpfs; needs root, which CI has)."""
-    disk = tmp_path / "small_disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(disk)],
-                      capture_output=True).returncode:
-        if os.environ.get("CI"):  # CI runs as root: there the test must run, not skip
-            pytest.fail("cannot mount a small tmpfs")
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
 
 
 def test_a_full_disk_during_an_append_is_a_clean_error_and_the_corpus_stays_readable(store, many_images, tmp_path):
