@@ -5,15 +5,18 @@ else a scoring process holds is fixed (the libraries, the model) or lives for on
 temporaries: the batch's galleries as read and prepared, the bound GEMM's blocks). A
 :class:`MemoryBudget` caps the cache so that the resident set (RSS, what users and schedulers
 measure) stays under ``memory_gb``: the cache gets what the budget leaves above the process's
-settled resident set, less one batch's work. That work is at least
-``RESERVE_BYTES``, and the largest rise above a batch's starting resident set seen in a batch
-that raised the process's peak (``VmHWM``; the cache's own growth in that batch left out) when
-that is more. That rise includes what the allocator keeps of freed memory, which grows with the
-cache's churn: the estimate errs large, so the peak stays under the budget. ``RESERVE_BYTES`` is
-a floor, not a first guess: a first batch that its cache served measures little work, and a
-later batch that reads its galleries itself needs more (with the first measurement taken as the
-work, the user's run peaked at 4.28 GiB under a 4 GiB budget, sixteenth wave: each larger batch
-overshot before it was learned).
+settled resident set, less one batch's work. That work is at least ``RESERVE_BYTES``, and
+the largest rise above a batch's starting resident set seen in a batch that raised the
+process's peak (``VmHWM``; the cache's own growth in that batch left out) when that is more.
+The first batch runs with the cache at its floor: every gallery it reads is then its own work
+(held for its search, not counted as cache), the most a batch can hold beyond the cache, and it
+is measured before the cache takes any of the budget. A batch whose galleries the cache serves
+measures less: with the first measurement taken from such a batch, the user's run peaked at
+4.28 GiB under a 4 GiB budget (sixteenth wave), and with the cache given the budget less
+``RESERVE_BYTES`` from the start, ``calibrate`` peaked at 2.01 GiB and ``--stage2 faiss`` (float32
+galleries) at 2.13 under 2 GiB (nineteenth wave). The rise includes what the allocator keeps of
+freed memory, which grows with the cache's churn: the estimate errs large, so the peak stays
+under the budget.
 After each batch, when the resident set is over its mark, freed memory is handed back to the OS
 and the cache shrinks (least frequently used first) by the excess; when there is room again it
 may grow back, up to ``cache_bytes`` when one is given (by default the budget alone bounds it).
@@ -108,13 +111,14 @@ class MemoryBudget:
         return None if self.limit is None else self.limit - self.work
 
     def start(self, cache) -> None:
-        """Before the first batch: the cache gets what the budget leaves (less ``RESERVE_BYTES``
-        for one batch's work), and the marks that work is measured from are set (later batches are measured
-        from the settle before them)."""
+        """Before the first batch: the cache is held at its floor for that batch (its work is
+        measured with nothing cached, module doc), and the marks that work is measured from are
+        set (later batches are measured from the settle before them). The first batch of a cold
+        process reads its galleries from the corpus anyway."""
         if self.limit is None or self.started:
             return
         self.started = True
-        self._fit(cache, trim=False)
+        cache.resize(min(cache.max_bytes, FLOOR_BYTES))
         self._mark = (resident_bytes(), peak_resident_bytes(), cache.nbytes)
 
     def settle(self, cache) -> None:

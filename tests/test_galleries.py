@@ -87,9 +87,9 @@ def test_the_memory_budget_gives_the_cache_what_the_process_leaves_and_takes_it_
     room = 256 << 20
     budget = memory.MemoryBudget((rss + memory.RESERVE_BYTES + room) / memory.GIB, cache_bytes=1 << 40)
     budget.start(cache)
-    assert abs(cache.max_bytes - room) < 64 << 20  # what the process leaves (its RSS moves a little)
+    assert cache.max_bytes == memory.FLOOR_BYTES  # the first batch's work is measured with nothing cached
     budget.settle(cache)  # this "batch" raised no peak: the work stays RESERVE_BYTES
-    assert abs(cache.max_bytes - room) < 64 << 20
+    assert abs(cache.max_bytes - room) < 64 << 20  # what the process leaves (its RSS moves a little)
     cache.get(list(range(400)))  # 400 MiB asked: the bound holds
     assert cache.nbytes <= cache.max_bytes
     tight = memory.MemoryBudget(rss / memory.GIB / 2, cache_bytes=1 << 40)
@@ -128,11 +128,12 @@ rss = memory.resident_bytes()
 budget = memory.MemoryBudget((rss + 2048 * MIB) / memory.GIB, cache_bytes=1 << 40)
 budget.start(cache)
 first = budget.target
-room = cache.max_bytes
+first_cache = cache.max_bytes
 work = np.ones(300 * MIB, np.uint8)  # a batch of less work than the floor: a new peak, nothing learned
 del work
 budget.settle(cache)
 floor = budget.work
+room = cache.max_bytes
 work = np.ones(int(sys.argv[1]) * MIB, np.uint8)  # one batch's work: touched pages, a new peak
 del work
 budget.settle(cache)
@@ -144,7 +145,8 @@ tight = memory.MemoryBudget((rss + 128 * MIB) / memory.GIB, cache_bytes=1 << 40)
 tight.start(cache)
 np.ones(int(sys.argv[1]) * MIB, np.uint8)  # no new peak: the prior work (RESERVE_BYTES) stands
 tight.settle(cache)
-print(json.dumps({"first": first, "room": room, "floor": floor, "learned": learned, "after_small": budget.work,
+print(json.dumps({"first": first, "first_cache": first_cache, "room": room, "floor": floor, "learned": learned,
+                  "after_small": budget.work,
                   "target": budget.target, "limit": budget.limit, "tight_held": tight.held,
                   "summary": tight.summary(cache)}))
 """
@@ -152,9 +154,10 @@ print(json.dumps({"first": first, "room": room, "floor": floor, "learned": learn
 
 def test_the_budget_learns_one_batchs_work_from_the_peak_and_says_when_it_cannot_be_kept():
     """In a fresh process (its peak resident set is this test's own): the first batch's cache is
-    the budget less the reserved work (1 GiB); a batch that raises the peak by 300 MiB leaves the
-    work at that floor (a first batch served by the cache must not shrink it: later ones that read
-    their galleries overshot the budget), one that raises it by 1400 MiB makes the budget's work
+    its floor (that batch's work is measured with nothing cached); a batch that raises the peak by
+    300 MiB leaves the work at ``RESERVE_BYTES`` and the cache then gets the budget less that work
+    (a first batch served by the cache must not shrink it: later ones that read their galleries
+    overshot the budget), one that raises it by 1400 MiB makes the budget's work
     1400 MiB (the target moves by it), a smaller batch changes nothing, and a budget below the
     process plus one batch's work keeps the cache's floor and warns once with the figures."""
     import json
@@ -168,7 +171,8 @@ def test_the_budget_learns_one_batchs_work_from_the_peak_and_says_when_it_cannot
     got = json.loads(done.stdout)
     mib = 1 << 20
     assert got["first"] == got["limit"] - memory.RESERVE_BYTES  # assumed until measured
-    assert abs(got["room"] - (2048 * mib - memory.RESERVE_BYTES)) < 64 * mib  # the first batch's cache
+    assert got["first_cache"] == memory.FLOOR_BYTES  # the first batch's cache
+    assert abs(got["room"] - (2048 * mib - memory.RESERVE_BYTES)) < 64 * mib  # after it
     assert got["floor"] == memory.RESERVE_BYTES, got
     assert 1380 * mib <= got["learned"] <= 1440 * mib, got  # 1400 MiB of pages, give or take the interpreter's
     assert got["after_small"] == got["learned"] and got["target"] == got["limit"] - got["learned"]
