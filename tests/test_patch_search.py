@@ -716,3 +716,19 @@ def test_a_far_image_of_large_norm_adds_no_re_checks_to_the_others(operand):
         results.append((dist, stats.exact))
     np.testing.assert_array_equal(results[0][0], results[1][0])
     assert results[1][1] == results[0][1]
+
+
+def test_the_last_level_cache_is_read_from_sysfs(tmp_path):
+    """The schedule of the bound GEMM follows the last-level cache (``pruned.ROWS``,
+    ``CHUNK_BYTES``): its size is the highest level's, in sysfs's units; none without sysfs."""
+    for index, level, size in (("index0", 1, "48K"), ("index1", 1, "32K"), ("index2", 2, "2048K"),
+                               ("index3", 3, "491520K")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "level").write_text(f"{level}\n")
+        (tmp_path / index / "size").write_text(f"{size}\n")
+    assert pruned.last_level_cache_bytes(str(tmp_path)) == 491520 << 10
+    (tmp_path / "index3" / "size").write_text("32M\n")
+    assert pruned.last_level_cache_bytes(str(tmp_path)) == 32 << 20
+    assert pruned.last_level_cache_bytes(str(tmp_path / "none")) is None
+    large = (pruned.last_level_cache_bytes() or 0) >= pruned.LARGE_CACHE_BYTES
+    assert (pruned.ROWS, pruned.CHUNK_BYTES) == ((2048, 16 << 20) if large else (1024, 4 << 20))

@@ -77,6 +77,7 @@ reported in the first of them).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -99,15 +100,34 @@ SUPER = 4  # blocks per super-block, screened first
 PROBE = 8  # groups whose best block gives each query's first exact distances (its U)
 GROUP_BLOCKS = 16  # blocks per probed group (256 columns: a twelfth of a 56 x 56 image)
 GROUP = 8  # queries of one block per batched product when bounds are recomputed (4-16: the same speed)
-# Output bytes per GEMM call: the product is read back at once for its block minima, so it
-# should stay in the last-level cache (4 MiB: 1280 float32 or 2624 bfloat16 gallery columns at
-# 784 query rows; 27% faster than 16 MiB on a 32 MiB-L3 EPYC, the same on a Xeon, benchmarks/README.md).
-CHUNK_BYTES = 4 * 2**20
 # Candidate (query, block) pairs whose bounds are recomputed at once: at most 64 MiB of bounds
 # (and a few times that in indices), whatever the image; a test image far from its gallery can
 # pass millions of blocks (the user's run: about 1.2 M re-checked pairs per image on average).
 CANDIDATE_BLOCKS = 1 << 20
-ROWS = 1024  # most query rows per pass (bounds the block-minimum array: N/16 x ROWS values)
+
+
+def last_level_cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """The size of CPU 0's last-level cache (sysfs; None where it cannot be read)."""
+    sizes = {}
+    try:
+        for entry in Path(root).glob("index*"):
+            text = (entry / "size").read_text().strip().upper()
+            unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            sizes[int((entry / "level").read_text())] = int(text.rstrip("KMG")) * unit
+    except (OSError, ValueError):
+        return None
+    return sizes[max(sizes)] if sizes else None
+
+
+# A last-level cache at least this large takes the large schedule below.
+LARGE_CACHE_BYTES = 64 << 20
+# Output bytes per GEMM call (``CHUNK_BYTES``) and most query rows per pass (``ROWS``; the
+# block-minimum array is N/16 x ROWS values). The product is read back at once for its block
+# minima, so it should stay in the last-level cache: with a 32 MiB one (an EPYC's), 4 MiB per
+# call at 784 rows was 27% faster than 16 MiB; with a large one (an Intel Xeon's 480 MiB, as a
+# VM reports it), 16 MiB at 1568 rows makes layer1 9% faster than that (nineteenth wave,
+# benchmarks/README.md). Any schedule gives the same results.
+ROWS, CHUNK_BYTES = (2048, 16 << 20) if (last_level_cache_bytes() or 0) >= LARGE_CACHE_BYTES else (1024, 4 << 20)
 PAD_NORM = 2.0**100  # squared norm of padding columns: they never pass a threshold
 TINY = 2.0**-100  # absolute slack for flushed subnormals
 PAIR_SLACK = 1 + 2.0**-20  # covers the float32 rounding of a pair's threshold (module doc)
