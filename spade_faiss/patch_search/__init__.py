@@ -102,7 +102,7 @@ WIDTHS = ((2048, 96), (512, 192), (0, 256))
 # With float32 operands (a CPU without native bfloat16) the bound GEMM is bound by its FLOPs,
 # not by writing its output as with AMX bfloat16, so a large grid is fastest with a narrower
 # bound than WIDTHS: layer1 at width 80 (73 dimensions), 10% faster than 64 and 96 once each
-# query's U comes from eight probed blocks (pruned.PROBE; real magnetic_tile neighbours, 12
+# query's U came from eight probed blocks (pruned.PROBE, now 2; real magnetic_tile neighbours, 12
 # queries, interleaved same-process rounds on a 2-core AVX2 EPYC: 15.5 s against 17.1 at 64;
 # before the probe, 64 was the fastest: benchmarks/README.md); layer2 at 112 (105 dimensions)
 # 0.067-0.070 s against 0.089-0.096 at 192 (96-128 within noise of 112). Never wider than

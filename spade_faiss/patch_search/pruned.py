@@ -65,7 +65,8 @@ any negative value is an integer below every non-negative one. The integer minim
 therefore its float minimum when the block has no negative value, and a negative value when it
 has one; either way ``minimum <= T(q)`` (``T > 0``) reads the same as for the float minimum.
 Each query's ``U`` is the ``kappa``-th smallest exact distance of the ``kappa`` vectors of
-smallest bound in each of ``PROBE`` (8) blocks: the best block of each of its ``PROBE`` best groups of 16 blocks
+smallest bound in each of ``max(PROBE, kappa)`` blocks (``PROBE`` = 2): the best block of each
+of its as many best groups of 16 blocks
 (any ``kappa`` gallery vectors give a valid ``U``; these give a tight one); candidate blocks
 are those whose minimum passes ``T(q)`` (screened by super-blocks of 4 first, as integers: each
 query's threshold becomes the bit pattern of the largest operand value ``<= T(q)``), and within
@@ -97,7 +98,13 @@ from .exact import STEP_BYTES, SUM_EPS, gallery_offsets, kappa_smallest, locate,
 
 BLOCK = 16  # gallery columns per block: the GEMM output is kept only as minima over blocks
 SUPER = 4  # blocks per super-block, screened first
-PROBE = 8  # groups whose best block gives each query's first exact distances (its U)
+# Groups whose best block gives each query's first exact distances (its U). Eight had been the
+# best while each pair was held to the gallery's maxima; with the pair's own threshold, probing
+# costs more than the re-checks a tighter U saves: on the user's run (AMX) layer1 7% and layer2
+# 28% faster with 2 than with 8 (10% more re-checks at layer1, 1% at layer2), float32 operands
+# 3% (nineteenth wave). One: 20% more re-checks than 2 and slower. A query probes at least
+# ``kappa`` groups: its kappa nearest vectors are often in as many images (noisy copies of one).
+PROBE = 2
 GROUP_BLOCKS = 16  # blocks per probed group (256 columns: a twelfth of a 56 x 56 image)
 GROUP = 8  # queries of one block per batched product when bounds are recomputed (4-16: the same speed)
 # Candidate (query, block) pairs whose bounds are recomputed at once: at most 64 MiB of bounds
@@ -199,7 +206,7 @@ def _search_passes(q, ops, cols, images, offsets, kappa, stats):
     for start in range(0, len(q), rows):
         stop = min(len(q), start + rows)
         a = ops.rows[start:stop]
-        block_min, best = _block_minima(a, cols)
+        block_min, best = _block_minima(a, cols, max(PROBE, kappa))
         upper = _probe(q, a, cols, best, rows_of, start, total, kappa)
         t = (1 + out_eps) * ((np.sqrt(upper / (1 - SUM_EPS)) + ops.rho[start:stop] + rho_max) ** 2
                              + gamma * (ops.norm[start:stop] + norm_max) ** 2
@@ -326,11 +333,11 @@ def _chunk_columns(rows: int, dtype: torch.dtype) -> int:
     return max(group, CHUNK_BYTES // (rows * dtype.itemsize) // group * group)
 
 
-def _block_minima(a: torch.Tensor, cols: torch.Tensor):
+def _block_minima(a: torch.Tensor, cols: torch.Tensor, probe: int = PROBE):
     """Minimum of the bound over each block of ``BLOCK`` consecutive gallery columns, per query
     ((N / BLOCK, R), as integer bit patterns: ``.view(a.dtype)`` reads them as values, see the
-    module doc), and per query the block of smallest minimum in each of its ``PROBE`` best
-    groups of ``GROUP_BLOCKS`` blocks ((R, t) int64, ``t = min(PROBE, groups)``: distinct blocks,
+    module doc), and per query the block of smallest minimum in each of its ``probe`` best
+    groups of ``GROUP_BLOCKS`` blocks ((R, t) int64, ``t = min(probe, groups)``: distinct blocks,
     of different parts of the gallery). The GEMM is computed transposed (gallery x queries) so
     that the block minimum is an elementwise one over contiguous rows, as fast as a copy."""
     n, r = cols.shape[0], a.shape[0]
@@ -349,7 +356,7 @@ def _block_minima(a: torch.Tensor, cols: torch.Tensor):
         if len(dest) > full * GROUP_BLOCKS:  # the last chunk's partial group
             torch.amin(dest[full * GROUP_BLOCKS:], dim=0, out=group_min[g0 + full])
     # A group's best block lies in that group: search only there.
-    best_groups = torch.topk(group_min, min(PROBE, len(group_min)), dim=0, largest=False).indices.T  # (R, t)
+    best_groups = torch.topk(group_min, min(probe, len(group_min)), dim=0, largest=False).indices.T  # (R, t)
     cand = (best_groups[:, :, None] * GROUP_BLOCKS + torch.arange(GROUP_BLOCKS)).clamp(max=n_blocks - 1)
     vals = out[cand, torch.arange(r)[:, None, None]]  # (R, t, GROUP_BLOCKS)
     return out, torch.gather(cand, 2, torch.min(vals, dim=2).indices[..., None])[..., 0]
@@ -420,8 +427,8 @@ def _probe(q, a, cols, best, rows_of, start: int, total: int, kappa: int) -> np.
     nearest distance from above (any ``kappa`` gallery vectors do; float64). Blocks of distinct
     groups: the 16 vectors of one block are neighbouring positions of one image, of which only a
     few are near any query, and the column of smallest bound is not always the nearest; the
-    best of eight blocks gives a ``U`` within a few percent of the nearest distance for most
-    queries (on real neighbours, a third fewer re-checks than one block)."""
+    best of two blocks gives a ``U`` close enough to the nearest distance that probing more costs
+    more than the re-checks it saves (``PROBE``)."""
     r, t = best.shape
     k = min(kappa, BLOCK)
     if t * k < kappa:  # fewer probed vectors than kappa: no upper bound
