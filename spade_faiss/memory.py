@@ -16,7 +16,8 @@ measures less: with the first measurement taken from such a batch, the user's ru
 ``RESERVE_BYTES`` from the start, ``calibrate`` peaked at 2.01 GiB and ``--stage2 faiss`` (float32
 galleries) at 2.13 under 2 GiB (nineteenth wave). The rise includes what the allocator keeps of
 freed memory, which grows with the cache's churn: the estimate errs large, so the peak stays
-under the budget.
+under the budget. A batch starts from the budget less that work and ``WORK_MARGIN`` of it
+more (batches' rises vary around the largest seen).
 After each batch, when the resident set is over its mark, freed memory is handed back to the OS
 and the cache shrinks (least frequently used first) by the excess; when there is room again it
 may grow back, up to ``cache_bytes`` when one is given (by default the budget alone bounds it).
@@ -48,6 +49,10 @@ GIB = 2**30
 # included the primitive cache's growth (~3 MB per image) and measured 0.97-1.0 GiB, and a
 # 0.5 GiB floor let a 4 GiB budget peak at 4.13 GiB (seventeenth wave).
 RESERVE_BYTES = 1 << 29
+# A batch's rise varies around the largest learned (the user's run, nineteenth wave: the fast
+# mode's batches, the floor their work, rose to 0.514 GiB once, 14 MiB over a 2 GiB budget): a
+# batch may start from the budget less the work and this share of it more.
+WORK_MARGIN = 0.15
 FLOOR_BYTES = 64 << 20  # the cache never gets less (one query's galleries at small crops)
 UNBUDGETED_CACHE_BYTES = 1 << 30  # the cache's bound without a budget (memory_gb None) or cache_bytes
 
@@ -107,8 +112,9 @@ class MemoryBudget:
 
     @property
     def target(self) -> int | None:
-        """The resident set a batch may start from: the budget less one batch's work."""
-        return None if self.limit is None else self.limit - self.work
+        """The resident set a batch may start from: the budget less one batch's work and its
+        margin (``WORK_MARGIN``)."""
+        return None if self.limit is None else self.limit - int(self.work * (1 + WORK_MARGIN))
 
     def start(self, cache) -> None:
         """Before the first batch: the cache is held at its floor for that batch (its work is
