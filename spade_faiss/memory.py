@@ -28,7 +28,7 @@ by default).
 
 What the cache evicts goes to the spill (``spill.py``), from which a later miss reads it back
 in ~2 ms instead of ~15-20 to read and prepare it: a small budget costs little speed (the
-user's run: 0.61 s per image under the default 2 GiB, eighteenth wave; without a spill, 1.04 s
+user's run: 0.53 s per image under the default 2 GiB, nineteenth wave; without a spill, 1.04 s
 under 4 GiB).
 """
 
