@@ -676,7 +676,8 @@ def test_pair_and_block_thresholds_are_never_below_the_exact_ones():
     """Oracle: ``T(q, g)`` in float64 from the unrounded terms (module doc of ``pruned``). The
     float32 thresholds the engine screens blocks and columns with are never below it, for terms
     over twenty orders of magnitude (a block's, never below any of its columns'), and within a
-    few parts in a million of it (they are the pair's own, not the gallery's maxima)."""
+    few parts in a million of it (they are the pair's own, not the gallery's maxima); ``T(q)``,
+    against the gallery's maxima, is never below any of them nor below its own float64 value."""
     rng = np.random.default_rng(0)
     n_q, n_g = 64, 16 * 40
     scale = lambda n: rng.random(n) * 10.0 ** rng.uniform(-10, 10, n)  # noqa: E731
@@ -696,6 +697,10 @@ def test_pair_and_block_thresholds_are_never_below_the_exact_ones():
     assert np.median(column_t / exact_t - 1) < 4e-6
     block_t = pairs.block(q, g // pruned.BLOCK).double().numpy()
     assert (block_t >= column_t).all()
+    query_t = pairs.query().double().numpy()  # T(q): against the gallery's maxima
+    assert (query_t[qn] >= block_t).all()
+    assert (query_t >= (1 + out_eps) * ((np.sqrt(upper / (1 - exact.SUM_EPS)) + q_rho + g_rho.max()) ** 2
+                        + gamma * (q_norm + g_norm.max()) ** 2 + 2 * q_low * g_low.max())).all()
 
 
 def test_a_far_image_of_large_norm_adds_no_re_checks_to_the_others(operand):

@@ -49,8 +49,9 @@ the same expression with the maxima over the block's columns, and a vector of a 
 its own ``T(q, g)``, with ``rho(g)``, ``N(g)`` and ``L(g)`` (the bound of each pair, of which
 the others are maxima: a few vectors of large norm or rounding set the gallery's, and with them
 a median ``T`` 7-10% above ``U`` on the user's run, against 1.6-1.8% for the pair's own; 32%
-fewer blocks recomputed and 36% fewer re-checks, nineteenth wave). ``T(q, B)`` and ``T(q, g)``
-are evaluated in float32 from terms rounded up from float64 (``_Terms``); their nine
+fewer blocks recomputed and 36% fewer re-checks, nineteenth wave). ``T(q)``, ``T(q, B)`` and
+``T(q, g)`` are one expression (``_Thresholds``), evaluated in float32 from terms rounded up
+from float64 (``_Terms``); its nine
 operations on non-negative values and the conversions of ``gamma`` and of the last factor round
 to nearest, eleven relative errors of at most ``u = 2^-24`` each, so a computed value is at
 least ``(1 - 11u)`` of the exact one, and the factor ``1 + 2^-20 = 1 + 16u`` (``PAIR_SLACK``)
@@ -197,9 +198,6 @@ def _search_passes(q, ops, cols, images, offsets, kappa, stats):
     m = cols.shape[1]
     gamma = 1.01 * m * 2.0**-24 / (1 - m * 2.0**-24) + 2.0**-24
     out_eps = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-24
-    rho_max = max(float(g.ops.rho.max()) for g in images)
-    norm_max = max(float(g.ops.norm.max()) for g in images)
-    low_max = max(float(g.ops.low.max(initial=0.0)) for g in images)
     columns = _Terms.of_columns(images)
     blocks = columns.block_maxima(len(cols) // BLOCK)
     dist = np.empty(len(q), np.float32)
@@ -210,12 +208,8 @@ def _search_passes(q, ops, cols, images, offsets, kappa, stats):
         a = ops.rows[start:stop]
         block_min, best = _block_minima(a, cols, max(PROBE, kappa))
         upper = _probe(q, a, cols, best, rows_of, start, total, kappa)
-        t = (1 + out_eps) * ((np.sqrt(upper / (1 - SUM_EPS)) + ops.rho[start:stop] + rho_max) ** 2
-                             + gamma * (ops.norm[start:stop] + norm_max) ** 2
-                             + 2 * ops.low[start:stop] * low_max) + TINY
-        t = torch.from_numpy(np.nextafter(t.astype(np.float32), np.float32(np.inf)))
         pairs = _Thresholds(_Terms.of_queries(upper, ops, start, stop), columns, blocks, gamma, out_eps)
-        q_idx, g_idx = _candidates(a, cols, block_min, t, total, pairs)
+        q_idx, g_idx = _candidates(a, cols, block_min, pairs.query(), total, pairs)
         by_column = torch.argsort(g_idx)  # each step of re-checks then reads a few images only
         q_idx, g_idx = q_idx[by_column], g_idx[by_column]
         d = pair_distances(q, rows_of, q_idx + start, g_idx)
@@ -263,15 +257,22 @@ class _Terms:
 
 @dataclasses.dataclass
 class _Thresholds:
-    """``T(q, g)`` of a pass's query rows against gallery columns, and against blocks (the
+    """``T(q, g)`` of a pass's query rows against gallery columns, against blocks (the
     largest over a block's columns: a block whose minimum bound is above it has no column that
-    passes), float32, never below the exact value (module doc)."""
+    passes) and against the whole gallery (``T(q)``), float32, never below the exact value
+    (module doc)."""
 
     rows: _Terms
     columns: _Terms
     blocks: _Terms
     gamma: float
     out_eps: float
+
+    def query(self) -> torch.Tensor:
+        """``T(q)`` of every query row of the pass: against the gallery's maxima (its blocks')."""
+        top = _Terms(*(x.max().reshape(1) for x in (self.blocks.reach, self.blocks.norm, self.blocks.low)))
+        q = torch.arange(len(self.rows.reach))
+        return self._of(top, q, torch.zeros_like(q))
 
     def column(self, q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return self._of(self.columns, q, g)
