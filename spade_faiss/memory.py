@@ -114,7 +114,12 @@ class MemoryBudget:
     def target(self) -> int | None:
         """The resident set a batch may start from: the budget less one batch's work and its
         margin (``WORK_MARGIN``)."""
-        return None if self.limit is None else self.limit - int(self.work * (1 + WORK_MARGIN))
+        return None if self.limit is None else self.limit - self.reserve
+
+    @property
+    def reserve(self) -> int:
+        """What a batch is given above where it starts: its work and ``WORK_MARGIN`` of it more."""
+        return int(self.work * (1 + WORK_MARGIN))
 
     def start(self, cache) -> None:
         """Before the first batch: the cache is held at its floor for that batch (its work is
@@ -134,7 +139,7 @@ class MemoryBudget:
         if self.limit is None:
             return
         self._learn(cache)
-        self._fit(cache, trim=True)
+        self._fit(cache)
         self._mark = (resident_bytes(), peak_resident_bytes(), cache.nbytes)
 
     def _learn(self, cache) -> None:
@@ -147,20 +152,20 @@ class MemoryBudget:
         if peak > peak_before:  # the largest measured, never below RESERVE_BYTES
             self.work = max(self.work, peak - rss - max(0, cache.nbytes - cached))
 
-    def _fit(self, cache, trim: bool) -> None:
+    def _fit(self, cache) -> None:
         rss = resident_bytes() if self.limit is not None else None
         if rss is None:
             return
-        if trim and rss > self.target:
+        if rss > self.target:
             release_freed_memory()
             rss = resident_bytes()
         room = self.target - rss  # negative: over the mark
         wanted = cache.nbytes + room
         without_cache = rss - cache.nbytes
         cache.resize(max(FLOOR_BYTES, min(self.cache_bytes, wanted)))
-        if room < 0 and trim:
+        if room < 0:
             release_freed_memory()
-        if trim and wanted < FLOOR_BYTES and self.held is None:
+        if wanted < FLOOR_BYTES and self.held is None:
             self._warn(without_cache)
 
     def summary(self, cache) -> dict:
@@ -179,8 +184,9 @@ class MemoryBudget:
         self.held = {"memory_gb": self.limit / GIB, "without_cache_gb": without_cache / GIB,
                      "batch_work_gb": self.work / GIB}
         log.warning("memory_gb=%.3g cannot be kept: this process holds %.2f GiB without a gallery cache and one "
-                    "batch's work needs %.2f GiB more (about %.1f GiB in all); the cache keeps its floor (%d MiB), "
+                    "batch's work needs %.2f GiB more, with its margin about %.1f GiB in all; the cache keeps its "
+                    "floor (%d MiB), "
                     "so each batch reads most of its galleries from the corpus. Fewer retrieved normal "
                     "images (k_gallery) need less; a larger budget is faster",
-                    self.limit / GIB, without_cache / GIB, self.work / GIB, (without_cache + self.work) / GIB,
+                    self.limit / GIB, without_cache / GIB, self.work / GIB, (without_cache + self.reserve) / GIB,
                     FLOOR_BYTES >> 20)
