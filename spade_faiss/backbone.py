@@ -184,6 +184,10 @@ def _random_init(backbone: str, seed: int) -> dict:
 
 
 COMPUTES = ("float32", "bfloat16")  # the backbone's arithmetic (FeatureExtractor.__call__'s ``compute``)
+# Images per forward where batching is proven bitwise (FeatureExtractor._batched): on 2 cores
+# (Xeon, AMX) a Wide-ResNet50-2 at 224 px took 0.145 s per image alone, 0.117 in pairs, 0.096 in
+# fours and eights, its transient memory 48, 95, 135 and 297 MB (twentieth wave).
+FORWARD_BATCH = 4
 
 
 def query_compute(search: str, device: torch.device) -> str:
@@ -233,6 +237,7 @@ class FeatureExtractor:
         self.weights_sha256 = state_dict_sha256(model)
         self.model = model.to(self.device).eval()
         self._bfloat16_model: torch.nn.Module | None = None
+        self._batch_proven: dict[tuple, bool] = {}  # batch shape -> batched forwards give what images alone do
 
     def _model(self, compute: str) -> torch.nn.Module:
         """The float32 model, or (``compute="bfloat16"``) a bfloat16 copy made on first use:
@@ -250,11 +255,14 @@ class FeatureExtractor:
 
     def __call__(self, batch: np.ndarray, level_dtype: str = "float32",
                  compute: str = "float32") -> dict[str, np.ndarray]:
-        """Features of a preprocessed batch.
+        """Features of a preprocessed batch, each image's bitwise the same whatever batch it
+        arrives in.
 
-        Each image runs through the model alone: oneDNN and cuDNN choose kernels by batch
-        shape, so this is what makes an image's features (and so its scores) bitwise the same
-        whatever batch it arrives in (a few percent of throughput on CPU).
+        oneDNN and cuDNN choose kernels by batch shape, and a kernel with another summation order
+        would give an image other features in another batch. Images therefore run through the
+        model alone, except in groups of ``FORWARD_BATCH`` whose batched forward has been proven
+        to compute what the images alone compute (:meth:`_batched`): ~1.5x the throughput of
+        one image at a time on 2 CPU cores (twentieth wave).
 
         Parameters
         ----------
@@ -282,13 +290,36 @@ class FeatureExtractor:
         parts = []
         # float32 math: no TF32 in cuDNN convolutions (it is on by default for convs).
         with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-            for i in range(x.shape[0]):
-                out = model(x[i:i + 1])
-                feats = {lv: t.permute(0, 2, 3, 1).to(dtype=dtype, memory_format=torch.contiguous_format)
-                         for lv, t in out.items() if lv != "pool"}
-                feats["pool"] = out["pool"].flatten(1).float()
-                parts.append({k: v.cpu().numpy() for k, v in feats.items()})
+            for at in range(0, x.shape[0], FORWARD_BATCH):
+                for out in self._batched(model, x[at:at + FORWARD_BATCH], compute):
+                    feats = {lv: t.permute(0, 2, 3, 1).to(dtype=dtype, memory_format=torch.contiguous_format)
+                             for lv, t in out.items() if lv != "pool"}
+                    feats["pool"] = out["pool"].flatten(1).float()
+                    parts.append({k: v.cpu().numpy() for k, v in feats.items()})
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+    def _batched(self, model: torch.nn.Module, x: torch.Tensor, compute: str) -> list[dict]:
+        """The model's outputs for ``x``: one forward when this batch shape is proven to give
+        each image what it gets alone, else a forward per image.
+
+        The proof is the first batch of its shape (and thread count, arithmetic, device): its
+        images run alone (those are its results), then together, and the two must agree bit for
+        bit in every output. A kernel is chosen by shapes, not values, so another summation order
+        would show in millions of outputs; images that are constant (nothing to sum in another
+        order) prove nothing and the next batch tries again."""
+        n = x.shape[0]
+        key = (tuple(x.shape[1:]), n, compute, str(self.device), torch.get_num_threads())
+        if n > 1 and self._batch_proven.get(key):
+            return [model(x)]
+        alone = [model(x[i:i + 1]) for i in range(n)]
+        if n > 1 and key not in self._batch_proven and bool((x.flatten(1).float().std(dim=1) > 0).all()):
+            together = model(x)
+            self._batch_proven[key] = all(torch.equal(together[k], torch.cat([a[k] for a in alone]))
+                                          for k in together)
+            if not self._batch_proven[key]:
+                log.info("batched forwards of %s differ from single images' on %s: one image at a time", key,
+                         self.device)
+        return alone
 
 
 def load_extractor(backbone: str, weights, device: str, seed: int, expected_sha256: str | None) -> FeatureExtractor:

@@ -220,3 +220,79 @@ def test_only_the_fast_search_computes_queries_in_bfloat16(monkeypatch):
     for operand in ("float32", "bfloat16"):
         monkeypatch.setattr(bounds, "operand_dtype", lambda o=operand: getattr(torch, o))
         assert backbone.query_compute("fast", cpu) == operand
+
+
+class _Counted(torch.nn.Module):
+    """A model's stand-in that counts forwards and their batch sizes; ``skew`` adds a value that
+    depends on the batch size (a kernel chosen by batch shape with another summation order)."""
+
+    def __init__(self, inner, skew=0.0):
+        super().__init__()
+        self.inner, self.skew, self.sizes = inner, skew, []
+
+    def forward(self, x):
+        self.sizes.append(x.shape[0])
+        out = self.inner(x)
+        return {k: v + self.skew * (x.shape[0] - 1) for k, v in out.items()}
+
+
+class _Imagewise(torch.nn.Module):
+    """Levels computed pixel by pixel (no sums): any batch gives each image what it gets alone."""
+
+    def forward(self, x):
+        return {"layer1": 2 * x + 1, "layer2": x[:, :, ::2, ::2] ** 2, "layer3": torch.tanh(x[:, :, ::4, ::4]),
+                "pool": x[:, :, 0, 0]}
+
+
+def _alone(ext, x):
+    parts = [ext(x[i:i + 1]) for i in range(len(x))]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def test_batches_run_together_once_proven_bitwise_and_images_alone_otherwise(rng):
+    """The first batch of a shape runs image by image (its results) and then together (the
+    proof); a proven shape then takes one forward per ``FORWARD_BATCH`` images, a refuted one
+    stays image by image. Either way every image's features are bitwise those it gets alone."""
+    x = rng.standard_normal((9, 3, 64, 64)).astype(np.float32)
+    ext = FeatureExtractor("resnet18", weights=None, device="cpu", seed=1)
+    ext.model = _Imagewise()
+    want = _alone(ext, x)  # batches of one: never proven, never batched
+    # batched forwards exactly the images': proven, then batched
+    ext.model = counted = _Counted(_Imagewise())
+    got = ext(x)
+    assert counted.sizes == [1, 1, 1, 1, 4, 4, 1]  # 4 alone and their proof, 4 together, the 9th alone
+    assert ext(x) and counted.sizes[7:] == [4, 4, 1]
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    # a model whose batched forwards differ: refuted, image by image from then on
+    ext = FeatureExtractor("resnet18", weights=None, device="cpu", seed=1)
+    ext.model = skewed = _Counted(_Imagewise(), skew=1e-3)
+    got = ext(x)
+    assert skewed.sizes == [1, 1, 1, 1, 4] + [1] * 5
+    assert ext(x) and skewed.sizes[10:] == [1] * 9
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_constant_images_prove_nothing(rng):
+    """A batch of constant images cannot show another summation order: no verdict, the next
+    batch of that shape is the proof."""
+    ext = FeatureExtractor("resnet18", weights=None, device="cpu", seed=1)
+    ext.model = counted = _Counted(_Imagewise())
+    ext(np.zeros((4, 3, 64, 64), np.float32))
+    assert counted.sizes == [1, 1, 1, 1] and not ext._batch_proven
+    ext(rng.standard_normal((4, 3, 64, 64)).astype(np.float32))
+    assert counted.sizes[4:] == [1, 1, 1, 1, 4] and list(ext._batch_proven.values()) == [True]
+
+
+@pytest.mark.parametrize("name, size", [("resnet18", 64), ("wide_resnet50_2", 96), ("wide_resnet50_2", 224)])
+def test_a_real_model_s_batches_are_the_images_alone(rng, name, size):
+    """Whatever this machine's kernels decide (resnet18 at 64 px: refuted on a Xeon with AMX,
+    where a batch of four sums in another order), batches of a real ResNet's forwards give each
+    image its features alone, bit for bit."""
+    ext = FeatureExtractor(name, weights=None, device="cpu", seed=0)
+    x = rng.standard_normal((6, 3, size, size)).astype(np.float32)
+    ext(x)  # the proof
+    got, want = ext(x), _alone(ext, x)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
