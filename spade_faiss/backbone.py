@@ -115,7 +115,8 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        a = t.detach().cpu().contiguous().numpy()
+        h.update(a.reshape(-1).view(np.uint8) if a.size else b"")  # the raw bytes, without a copy
     return h.hexdigest()
 
 

@@ -43,13 +43,34 @@ def test_overlay_colours_only_the_seen_region_and_adds_bar_and_caption():
     assert (out[:band] < 128).any()                              # caption text drawn
 
 
-def test_curves_histogram_and_worst_cases_are_png_files(tmp_path):
+def test_the_histogram_svg_draws_numpy_s_counts_and_tau(rng):
+    """One bar per bin, each as high as its count against the tallest (numpy.histogram's
+    counts), and tau's line where its value falls on the axis; a real XML document."""
+    import xml.etree.ElementTree as ET
+
+    scores = rng.gamma(2.0, 1.0, 203)
+    svg = ET.fromstring(pictures.histogram_svg(scores, tau=3.5))
+    ns = "{http://www.w3.org/2000/svg}"
+    bars = [r for r in svg.iter(ns + "rect") if r.get("class") == "bin"]
+    counts, edges = np.histogram(scores, bins=50)
+    assert [int(b.get("data-count")) for b in bars] == counts.tolist()
+    heights = np.array([float(b.get("height")) for b in bars])
+    np.testing.assert_allclose(heights / heights.max(), counts / counts.max(), atol=1e-3)
+    xs = np.array([float(b.get("x")) for b in bars])
+    assert (np.diff(xs) > 0).all()
+    (tau,) = [line for line in svg.iter(ns + "line") if line.get("class") == "tau"]
+    x_of = lambda v: xs[0] + (v - edges[0]) / (edges[1] - edges[0]) * (xs[1] - xs[0])  # noqa: E731
+    assert float(tau.get("x1")) == pytest.approx(x_of(3.5), abs=0.05)
+    assert not [line for line in ET.fromstring(pictures.histogram_svg([1.0, 1.0, 1.0])).iter(ns + "line")
+                if line.get("class") == "tau"]
+
+
+def test_curves_and_worst_cases_are_png_files(tmp_path):
     pictures.curve_png(tmp_path / "roc.png", {"image (AUROC 0.9)": ([0, 0.5, 1], [0, 0.9, 1])}, "fpr", "tpr", "ROC")
-    pictures.histogram_png(tmp_path / "h.png", [0.1, 0.2, 0.3, 2.0], tau=1.0)
     row = {"image": np.zeros((20, 20, 3), np.uint8), "neighbour": np.zeros((20, 20, 3), np.uint8),
            "map": np.ones((20, 20), np.float32), "mask": np.eye(20, dtype=bool), "title": "crack/x.png"}
     pictures.worst_cases_png(tmp_path / "w.png", [row, row], hi=2.0, theta=0.5, size=40)
-    for name in ("roc.png", "h.png", "w.png"):
+    for name in ("roc.png", "w.png"):
         img = cv2.imread(str(tmp_path / name))
         assert img is not None and img.shape[0] > 20, name
     assert cv2.imread(str(tmp_path / "w.png")).shape[1] == 4 * 40

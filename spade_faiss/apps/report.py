@@ -89,10 +89,8 @@ def _plots(run: RunDir, rows: list[dict], tau) -> list[tuple[str, str]]:
     plots = [(name, _file_uri(run.plot(name))) for name in run.PLOTS]
     scores = [float(r["score"]) for r in rows if r["score"]]
     if scores:
-        tmp = run.path / ".histogram.png"
-        pictures.histogram_png(tmp, scores, tau)
-        plots.append(("score histogram", _file_uri(tmp)))
-        tmp.unlink()
+        svg = pictures.histogram_svg(scores, tau).encode()
+        plots.append(("score histogram", "data:image/svg+xml;base64," + base64.b64encode(svg).decode()))
     return [(n, uri) for n, uri in plots if uri]
 
 
