@@ -118,6 +118,62 @@ def test_score_into_run_writes_observes_and_returns_the_failures(tmp_path):
     assert [r["image_path"] for r in run.error_rows()] == ["/d/bad.png"]
 
 
+def test_scoring_runs_ahead_of_writing_by_at_most_one_batch_and_every_handed_result_is_committed(tmp_path):
+    """The writer thread commits rows in input order, behind the scoring loop by at most
+    WRITE_BEHIND results; when the loop stops (here a scoring error after 11 results) the
+    results handed over are all committed before the error comes out."""
+    import threading
+
+    run = RunDir(tmp_path)
+    writer = run.writer(8, 10)
+    gate, ahead, written = threading.Event(), [], []
+    real_write = writer.write
+
+    def slow_write(results):  # the first write waits until the loop has run as far ahead as it may
+        gate.wait(timeout=60)
+        real_write(results)
+        written.extend(r.path for r in results)
+
+    writer.write = slow_write
+
+    def scored():
+        for i in range(11):
+            ahead.append(i - len(written))  # results handed over and not yet written, before this one
+            if i == runs.WRITE_BEHIND + 1:
+                gate.set()  # the queue is full and the writer holds one: the loop had to wait
+            yield result(f"/d/good/{i:02d}.png", float(i))
+        raise RuntimeError("scoring failed")
+
+    with pytest.raises(RuntimeError, match="scoring failed"):
+        runs.score_into_run(scored(), writer)
+    assert max(ahead) == runs.WRITE_BEHIND + 1  # the queue and the one being written
+    assert [r["image_path"] for r in run.score_rows()] == [f"/d/good/{i:02d}.png" for i in range(11)]
+
+
+def test_a_failed_write_stops_the_run_and_nothing_is_written_after_it(tmp_path):
+    run = RunDir(tmp_path)
+    writer = run.writer(8, 10)
+    real_write = writer.write
+
+    def write(results):
+        if results[0].path.endswith("03.png"):
+            raise OSError("disk full")
+        real_write(results)
+
+    writer.write = write
+    handed = []
+
+    def scored():
+        for i in range(40):
+            handed.append(i)
+            yield result(f"/d/good/{i:02d}.png", float(i))
+
+    with pytest.raises(OSError, match="disk full"):
+        runs.score_into_run(scored(), writer)
+    assert [r["image_path"] for r in run.score_rows()] == [f"/d/good/{i:02d}.png" for i in range(3)]
+    assert len(handed) < 40  # the loop stopped
+
+
 def test_only_the_run_directory_names_its_files():
     """Every other module asks RunDir for a run's paths (one owner for each file name)."""
     import re
