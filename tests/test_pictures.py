@@ -63,6 +63,10 @@ def test_the_histogram_svg_draws_numpy_s_counts_and_tau(rng):
     assert float(tau.get("x1")) == pytest.approx(x_of(3.5), abs=0.05)
     assert not [line for line in ET.fromstring(pictures.histogram_svg([1.0, 1.0, 1.0])).iter(ns + "line")
                 if line.get("class") == "tau"]
+    for odd in ([], [float("nan"), 2.0, float("inf")]):  # no score, or some not finite: still a picture
+        bars = [r for r in ET.fromstring(pictures.histogram_svg(odd, tau=1.0)).iter(ns + "rect")
+                if r.get("class") == "bin"]
+        assert sum(int(b.get("data-count")) for b in bars) == sum(np.isfinite(odd))
 
 
 def test_curves_and_worst_cases_are_png_files(tmp_path):

@@ -165,8 +165,9 @@ def curve_png(path, curves: dict, xlabel: str, ylabel: str, title: str, xmax: fl
 
 def histogram_bins(scores) -> tuple[np.ndarray, np.ndarray]:
     """(counts, edges) of the image scores' histogram: between 5 and 50 equal bins, about four
-    scores per bin."""
+    scores per bin (scores that are not finite left out)."""
     scores = np.asarray(scores, dtype=np.float64)
+    scores = scores[np.isfinite(scores)]
     return np.histogram(scores, bins=min(50, max(5, len(scores) // 4)))
 
 
