@@ -208,8 +208,8 @@ def plot(out: Path) -> None:
     rows = [r for r in rows if r.get("bench") == "user_run" and "s_per_image" in r]
     if not rows:
         return
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    labels = [f"{r['workload']}\n{r['step']}" for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 1.2 + 0.32 * len(rows)))  # a readable line per bar
+    labels = [f"{r['workload']}: {r['step']}" for r in rows]
     a.barh(labels, [r["s_per_image"] for r in rows])
     a.set_xlabel("seconds per image (whole process)")
     b.barh(labels, [r["peak_rss_mb"] / 1024 for r in rows])
